@@ -1,0 +1,27 @@
+r"""calopc: calorimeter showers as point clouds and sparse data.
+
+Light at import: numpy only. Subpackages (``calopc.converters``, ``calopc.eval``,
+``calopc.models``) load on first use; torch is imported only when a model is used.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_geometry", "models"]
+
+import importlib
+
+from ._version import __version__
+from .geometry import DATASETS, Geometry, load_geometry
+
+_LAZY = {"converters", "eval", "models", "synth", "io"}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    msg = f"module 'calopc' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,29 @@
+r"""Voxel showers ⇄ ragged awkward point clouds, in memory and file to file.
+
+No torch here: converting files works on machines without it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "COLLISION_POLICIES",
+    "PointsFile",
+    "VoxelizeStats",
+    "convert_file",
+    "file_info",
+    "neighbour_table",
+    "open_points",
+    "points_to_voxels",
+    "points_writer",
+    "read_points",
+    "voxelize_file",
+    "voxels_to_points",
+    "write_points",
+]
+
+from .core import COLLISION_POLICIES, VoxelizeStats, neighbour_table, points_to_voxels, voxels_to_points
+from .files import PointsFile, convert_file, file_info, open_points, points_writer, read_points, voxelize_file, write_points
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
