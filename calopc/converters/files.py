@@ -35,7 +35,7 @@ _META_INFO = b"calopc.info"
 def _progress(total: int, desc: str, enabled: bool, unit: str = "shower"):  # noqa: ANN202
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True, leave=False)
 
 
 class PointsWriter:
@@ -131,9 +131,25 @@ class PointsFile:
         self._pf.close()
 
     def iterate(self, step_size: int = 10_000) -> Iterator[ak.Array]:
-        """Yield chunks of at most ``step_size`` events."""
-        for batch in self._pf.iter_batches(batch_size=step_size):
-            yield ak.from_arrow(batch, highlevel=True)
+        """Yield chunks of ``step_size`` events (the last one may be shorter).
+
+        Reads one row group at a time (pyarrow's ``iter_batches`` holds on to memory
+        across batches, so it is not used): memory stays bounded by a row group plus a chunk.
+        """
+        step_size = max(1, int(step_size))
+        pending: list[ak.Array] = []
+        n_pending = 0
+        for i in range(self._pf.metadata.num_row_groups):
+            group = ak.from_arrow(self._pf.read_row_group(i), highlevel=True)
+            pending.append(group)
+            n_pending += len(group)
+            while n_pending >= step_size:
+                buf = pending[0] if len(pending) == 1 else ak.concatenate(pending)
+                yield buf[:step_size]
+                rest = buf[step_size:]
+                pending, n_pending = ([rest] if len(rest) else []), len(rest)
+        if n_pending:
+            yield pending[0] if len(pending) == 1 else ak.concatenate(pending)
 
     def read(self) -> ak.Array:
         return ak.from_arrow(self._pf.read(), highlevel=True)
