@@ -1,0 +1,119 @@
+r"""Loading a sample for evaluation: voxel HDF5 or point-cloud Parquet, thresholded, in chunks."""
+
+from __future__ import annotations
+
+__all__ = ["Sample", "load_sample"]
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..converters import VoxelizeStats
+from ..geometry import Geometry
+from .features import Features, apply_threshold, compute_features
+
+
+@dataclass
+class Sample:
+    """What the metrics need from one sample, gathered in one streaming pass."""
+
+    path: Path
+    kind: str  # "voxels" or "points"
+    geometry: Geometry
+    features: Features
+    voxel_energies: np.ndarray  # every cell energy above threshold (for the spectrum), float32
+    mean_shower: np.ndarray  # (n_voxels,) average thresholded shower
+    low: np.ndarray | None = None  # (N, n_voxels) thresholded voxels, float32, if kept
+    collisions: VoxelizeStats | None = None
+    point_energies: np.ndarray | None = None  # energies of the points as stored (Parquet input), float32
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def _is_parquet(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PAR1"
+
+
+def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geometry: Geometry | None = None,
+                keep_voxels: bool = True, max_showers: int | None = None, collisions: str = "sum",
+                progress: bool = False) -> Sample:
+    """Read ``path`` chunk by chunk, threshold it and compute its features.
+
+    Args:
+        threshold: per-cell threshold (MeV); defaults to the geometry's official one.
+        keep_voxels: keep the thresholded voxels (float32) for the low-level classifiers.
+        max_showers: read only the first ``max_showers`` showers.
+        collisions: policy used to re-voxelize a point-cloud file.
+    """
+    import awkward as ak
+    from tqdm.auto import tqdm
+
+    from ..converters import open_points, points_to_voxels
+    from ..io import open_showers
+
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: no such file"
+        raise FileNotFoundError(msg)
+    feats, spectra, lows, pes = [], [], [], []
+    sum_sh = None
+    stats = None
+    if _is_parquet(path):
+        kind = "points"
+        f = open_points(path)
+        chunks_of = lambda: f.iterate(2000)  # noqa: E731
+        stats = VoxelizeStats()
+    else:
+        kind = "voxels"
+        f = open_showers(path, geometry=geometry)
+        chunks_of = lambda: f.iterate("128 MB")  # noqa: E731
+    with f:
+        g = f.geometry
+        if geometry is not None and geometry != g:
+            msg = f"{path}: geometry {g.name!r} ({g.n_voxels} voxels) does not match the expected {geometry.name!r} ({geometry.n_voxels} voxels)"
+            raise ValueError(msg)
+        thr = g.threshold if threshold is None else threshold
+        total = len(f) if max_showers is None else min(len(f), max_showers)
+        if total == 0:
+            msg = f"{path}: the sample is empty (0 showers)"
+            raise ValueError(msg)
+        done = 0
+        with tqdm(total=total, desc=f"read {path.name}", disable=None if progress else True, leave=False) as bar:
+            for chunk in chunks_of():
+                if kind == "points":
+                    sh, st = points_to_voxels(chunk, g, collisions=collisions, dtype=np.float64, return_stats=True)
+                    stats += st
+                    inc = np.asarray(chunk["incident_energy"], dtype=np.float64)
+                    pes.append(np.asarray(ak.flatten(chunk["points", "E"], axis=None), dtype=np.float32))
+                else:
+                    inc, sh = chunk
+                take = min(len(inc), total - done)
+                inc, sh = inc[:take], sh[:take]
+                sh = apply_threshold(np.asarray(sh, dtype=np.float64), thr)
+                feats.append(compute_features(sh, inc, g))
+                sum_sh = sh.sum(axis=0) if sum_sh is None else sum_sh + sh.sum(axis=0)
+                spectra.append(sh[sh > 0].astype(np.float32))
+                if keep_voxels:
+                    lows.append(sh.astype(np.float32))
+                done += take
+                bar.update(take)
+                if done >= total:
+                    break
+    bad = ~np.isfinite(np.concatenate([x.e_inc for x in feats])) | (np.concatenate([x.e_inc for x in feats]) <= 0)
+    if bad.any():
+        msg = f"{path}: {int(bad.sum())} showers have no valid incident energy (NaN or <= 0); evaluation needs E_inc"
+        raise ValueError(msg)
+    return Sample(
+        path=path, kind=kind, geometry=g, features=Features.concatenate(feats),
+        voxel_energies=np.concatenate(spectra) if spectra else np.zeros(0, np.float32),
+        mean_shower=sum_sh / max(done, 1),
+        low=np.concatenate(lows) if keep_voxels else None,
+        collisions=stats,
+        point_energies=np.concatenate(pes) if pes else None,
+        extra={"threshold": thr},
+    )
