@@ -237,7 +237,7 @@ def write_synthetic(path: str | os.PathLike, *, dataset: str = "2", n: int = 100
     path = Path(path)
     with shower_writer(path, geometry.n_voxels, dtype=np.float64,
                        attrs={"generator": "calopc.synth", "dataset": geometry.name, "seed": seed}) as w, \
-            tqdm(total=n, desc=f"synth {path.name}", unit="shower", disable=not progress, leave=False) as bar:
+            tqdm(total=n, desc=f"synth {path.name}", unit="shower", disable=None if progress else True, leave=False) as bar:
         for i in range(0, n, rows):
             j = min(i + rows, n)
             inc, sh = _generate_range(geometry, i, j, seed)
