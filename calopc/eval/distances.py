@@ -55,11 +55,11 @@ def fpd(real: np.ndarray, gen: np.ndarray, *, min_samples: int = 10_000, max_sam
     """
     real, gen = _normalise(real, gen)
     n_max = min(len(real), len(gen))
-    if n_max < min_samples:
-        warnings.warn(f"FPD: only {n_max} samples, fewer than min_samples={min_samples}; using batch sizes up to {n_max}",
-                      RuntimeWarning, stacklevel=2)
-        min_samples = max(2, n_max // 5)
     max_samples = min(max_samples, n_max)
+    if min_samples >= max_samples:
+        warnings.warn(f"FPD: only {n_max} samples for min_samples={min_samples}; using batch sizes "
+                      f"{max(2, max_samples // 5)}–{max_samples}", RuntimeWarning, stacklevel=2)
+        min_samples = max(2, max_samples // 5)
     rng = np.random.default_rng(seed)
     inv = np.linspace(1 / min_samples, 1 / max_samples, num_points)
     sizes = np.unique((1 / inv).astype(int))
@@ -99,9 +99,11 @@ def kpd(real: np.ndarray, gen: np.ndarray, *, num_batches: int = 10, batch_size:
     """Kernel physics distance: median over batches of the unbiased MMD², and half the 16–84 % range."""
     real, gen = _normalise(real, gen)
     n_max = min(len(real), len(gen))
-    if n_max < batch_size:
-        warnings.warn(f"KPD: only {n_max} samples, fewer than batch_size={batch_size}", RuntimeWarning, stacklevel=2)
-        batch_size = n_max
+    if n_max < 2 * batch_size:
+        # batches must differ for the spread to mean anything: at most half of the smaller sample each
+        warnings.warn(f"KPD: only {n_max} samples for batch_size={batch_size}; using batches of {max(2, n_max // 2)}",
+                      RuntimeWarning, stacklevel=2)
+        batch_size = max(2, min(batch_size, n_max // 2))
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(num_batches):

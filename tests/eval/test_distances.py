@@ -43,3 +43,14 @@ def test_distance_input_errors():
         fpd(np.zeros((10, 2)), np.zeros((10, 3)))
     with pytest.raises(ValueError, match="at least 2"):
         kpd(np.zeros((1, 2)), np.zeros((10, 2)))
+
+
+def test_small_samples_still_extrapolate_and_spread():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, (600, 3)), rng.normal(0, 1, (600, 3))
+    with pytest.warns(RuntimeWarning, match="FPD: only 600"):
+        v, e = fpd(a, b, min_samples=10_000)
+    assert np.isfinite(e) and abs(v) < 0.01
+    with pytest.warns(RuntimeWarning, match="KPD: only 600"):
+        _, err = kpd(a, b, batch_size=10_000)
+    assert err > 0
