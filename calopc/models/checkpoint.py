@@ -1,0 +1,126 @@
+r"""Checkpoints as directories: ``config.json`` + ``model.safetensors`` (+ EMA, optimizer state).
+
+Layout of a run directory::
+
+    config.json            {"model", "config", "geometry", "preprocessing", "train", "calopc_version"}
+    model.safetensors      state_dict of the unwrapped module
+    model_ema.safetensors  EMA weights (used by default for generation)
+    training_state.pt      optimizer state + step, for --resume (loads with weights_only=True)
+    training_options.json  the resolved training options
+    stats.jsonl            one JSON record per logged step
+
+Every file is written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "LoadedModel", "load", "load_training_state", "save", "save_training_state"]
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._version import __version__
+from ..geometry import Geometry
+from ..io import atomic_output
+from .preprocess import Preprocessor
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+STATE = "training_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A run directory is missing files or does not match the model."""
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load` returns."""
+
+    name: str
+    model: nn.Module
+    preprocessor: Preprocessor
+    geometry: Geometry
+    meta: dict
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save(run_dir: str | os.PathLike, name: str, model: nn.Module, preprocessor: Preprocessor, *,
+         ema: nn.Module | None = None, train: dict | None = None) -> Path:
+    """Write ``config.json`` and the weights of ``model`` (and ``ema``) into ``run_dir``."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model, "module", model).config
+    meta = {"model": name, "config": asdict(cfg), "geometry": preprocessor.geometry.to_dict(),
+            "preprocessing": preprocessor.to_dict(), "train": train or {}, "calopc_version": __version__}
+    with atomic_output(run / WEIGHTS) as tmp:
+        save_file(_state(model), str(tmp), metadata={"model": name})
+    if ema is not None:
+        with atomic_output(run / EMA_WEIGHTS) as tmp:
+            save_file(_state(ema), str(tmp), metadata={"model": name, "ema": "1"})
+    with atomic_output(run / CONFIG) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    return run
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    p = Path(run_dir) / CONFIG
+    if not p.exists():
+        msg = f"{run_dir}: not a run directory (no {CONFIG}); train one with 'calopc train'"
+        raise CheckpointError(msg)
+    return json.loads(p.read_text())
+
+
+def load(run_dir: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a model from a run directory.
+
+    Args:
+        run_dir: directory written by :func:`save` / ``calopc train``.
+        ema: use the EMA weights when present. Defaults to True.
+        device: where to put the model.
+    """
+    from . import get_model
+
+    run = Path(run_dir)
+    meta = read_config(run)
+    model_cls, cfg_cls = get_model(meta["model"])
+    model = model_cls(cfg_cls.from_dict(meta["config"]))
+    path = run / (EMA_WEIGHTS if ema and (run / EMA_WEIGHTS).exists() else WEIGHTS)
+    if not path.exists():
+        msg = f"{run}: no weights file {path.name}"
+        raise CheckpointError(msg)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        msg = f"{path}: weights do not match the {meta['model']} config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        raise CheckpointError(msg)
+    geometry = Geometry.from_dict(meta["geometry"])
+    prep = Preprocessor.from_dict(meta["preprocessing"], geometry)
+    return LoadedModel(meta["model"], model.to(device).eval(), prep, geometry, meta)
+
+
+def save_training_state(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+                        extra: dict[str, Any] | None = None) -> None:
+    """Optimizer state and counters (plain tensors/numbers: loadable with ``weights_only=True``)."""
+    state = {"optimizer": optimizer.state_dict(), "step": int(step), "epoch": int(epoch), **(extra or {})}
+    with atomic_output(Path(run_dir) / STATE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(run_dir: str | os.PathLike) -> dict | None:
+    p = Path(run_dir) / STATE
+    if not p.exists():
+        return None
+    return torch.load(p, map_location="cpu", weights_only=True)

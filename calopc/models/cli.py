@@ -1,0 +1,175 @@
+r"""``calopc train`` and ``calopc generate``: argparse front-ends over :mod:`.train` and :mod:`.generate`.
+
+Importing this module does not import torch (``calopc --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+_MODELS = ("calopointflow",)
+_TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
+    "--steps": ("steps", int, "optimizer steps in total"),
+    "--batch-size": ("batch_size", int, "showers per step (per process under torchrun)"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--ema-decay": ("ema_decay", float, "EMA decay of the weights (0: off)"),
+    "--time-limit": ("time_limit", float, "stop after this many seconds of training"),
+    "--max-showers": ("max_showers", int, "use only the first N training showers"),
+    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--log-every": ("log_every", int, "steps between stats.jsonl records"),
+}
+
+
+def _parse_value(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def _load_config_file(path: Path) -> dict:
+    if not path.exists():
+        msg = f"--config {path}: no such file"
+        raise ValueError(msg)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict) or set(d) - {"model", "train"}:
+        msg = f"--config {path}: expected a mapping with keys 'model' and/or 'train', got {list(d) if isinstance(d, dict) else type(d).__name__}"
+        raise ValueError(msg)
+    return d
+
+
+def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(model config dict, train config dict) from defaults < --config < flags < --set."""
+    from ..models import get_model  # no torch: get_model imports the model module only when called
+    from .train import TrainConfig
+
+    _, cfg_cls = get_model(args.model)
+    model_cfg: dict = {}
+    train_cfg: dict = {}
+    if args.config is not None:
+        d = _load_config_file(args.config)
+        model_cfg.update(d.get("model") or {})
+        train_cfg.update(d.get("train") or {})
+    for flag, (name, _, _) in _TRAIN_FLAGS.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None:
+            train_cfg[name] = v
+    train_cfg.update(seed=args.seed, device=args.device, progress=not args.no_progress)
+    if args.amp:
+        train_cfg["amp"] = True
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("model", "train"):
+            msg = f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE"
+            raise ValueError(msg)
+        (model_cfg if section == "model" else train_cfg)[name] = _parse_value(value)
+    model_obj = cfg_cls.from_dict(model_cfg)
+    train_obj = TrainConfig.from_dict(train_cfg)
+    return asdict(model_obj), asdict(train_obj)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    model_cfg, train_cfg = resolve_train_args(args)
+    if args.dry_run:
+        print(json.dumps({"model": args.model, "data": str(args.data), "out": str(args.out), "resume": args.resume,
+                          "model_config": model_cfg, "train": train_cfg}, indent=2))
+        return 0
+    if not args.data.exists():
+        msg = f"--data {args.data}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
+        raise ValueError(msg)
+    from .train import TrainConfig, train
+
+    res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
+                resume=args.resume)
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        print(f"trained {args.model}: {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; "
+              f"run directory {res['run_dir']}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import parse_energies
+
+    energies = parse_energies(args.energies, args.n, seed=args.seed)
+    if args.dry_run:
+        print(json.dumps({"run_dir": str(args.run_dir), "n": int(energies.shape[0]), "energies": args.energies,
+                          "output": str(args.output) if args.output else None, "seed": args.seed,
+                          "batch_size": args.batch_size, "device": args.device, "ema": not args.no_ema,
+                          "collisions": args.collisions, "threshold": args.threshold}, indent=2))
+        return 0
+    from .generate import generate
+
+    res = generate(args.run_dir, energies, output=args.output, seed=args.seed, batch_size=args.batch_size,
+                   device=args.device, ema=not args.no_ema, collisions=args.collisions, threshold=args.threshold,
+                   progress=not args.no_progress)
+    print(f"generated {res.n_showers} showers ({res.n_points} points) in {res.seconds_sampling:.2f} s: "
+          f"{res.showers_per_second:.1f} showers/s on {args.device}" + (f"; wrote {res.output}" if res.output else ""))
+    if res.collisions:
+        c = res.collisions
+        print(f"cells: {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
+              f"merged {c['n_merged']}, dropped {c['n_dropped']}), {c['n_outside']} outside, "
+              f"{c['n_below_threshold']} below threshold")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` and ``generate`` subcommands to the ``calopc`` parser."""
+    t = sub.add_parser("train", help="train a generative model on point-cloud Parquet showers",
+                       description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...")
+    t.add_argument("model", choices=_MODELS, help="model to train")
+    t.add_argument("--data", type=Path, required=True, help="training Parquet file from 'calopc convert'")
+    t.add_argument("--out", type=Path, required=True, help="run directory (config.json, model.safetensors, stats.jsonl)")
+    t.add_argument("--config", type=Path, default=None, help="YAML/JSON file with 'model' and 'train' sections (default: none)")
+    t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                   help="override one option, e.g. model.latent=32 or train.lr=3e-4 (repeatable; default: none)")
+    defaults = _train_defaults()
+    for flag, (name, typ, hlp) in _TRAIN_FLAGS.items():
+        t.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
+    t.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA (default: off)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt (default: off)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit (default: off)")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate showers from a trained run directory")
+    g.add_argument("run_dir", type=Path, help="run directory written by 'calopc train'")
+    g.add_argument("-n", type=int, default=None, help="number of showers (default: all energies of --energies)")
+    g.add_argument("--energies", required=True,
+                   help="incident energies (MeV): FILE.hdf5|FILE.parquet, log-uniform:LO:HI, uniform:LO:HI or E1,E2,... (required)")
+    g.add_argument("-o", "--output", type=Path, default=None,
+                   help="output: .parquet (point clouds) or .hdf5 (official voxel format); default: none, only time the sampling")
+    g.add_argument("--collisions", choices=("nearest-free", "sum", "max"), default="nearest-free",
+                   help="points sharing a cell (HDF5 output): CaloPointFlow II moves them to the nearest free cell (default: %(default)s)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="voxel threshold in MeV for HDF5 output (default: the geometry's, 15.15 keV for ds2/3)")
+    g.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default: %(default)s)")
+    g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights (default: EMA)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved options and exit (default: off)")
+    g.set_defaults(func=_cmd_generate)
+
+
+def _train_defaults() -> dict:
+    """TrainConfig's defaults, mirrored here so that ``--help`` needs no torch (a test keeps them equal)."""
+    return dict(_TRAIN_DEFAULTS)
+
+
+_TRAIN_DEFAULTS = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "ema_decay": 0.999, "time_limit": None,
+                   "max_showers": None, "checkpoint_every": 500, "log_every": 10}

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calopc.converters import read_points
+from calopc.models.data import ShowerCollate, ShowerDataset, iterate_batches
+from calopc.models.preprocess import Preprocessor
+from calopc.models.utils import pad, unpad
+
+
+def test_pad_unpad_roundtrip():
+    pts = [torch.randn(n, 3) for n in (4, 0, 7, 1)]
+    x, mask = pad(pts)
+    assert x.shape == (4, 7, 3)
+    assert mask.sum(1).tolist() == [4, 0, 7, 1]
+    assert (x[~mask] == 0).all()
+    for a, b in zip(unpad(x, mask), pts):
+        assert torch.equal(a, b)
+    x2, m2 = pad([np.ones((5, 2))], max_points=3)
+    assert x2.shape == (1, 3, 2) and bool(m2.all())
+    with pytest.raises(ValueError, match="at least one"):
+        pad([])
+
+
+@pytest.fixture(scope="module")
+def data(toy_parquet):
+    ds = ShowerDataset.from_parquet(toy_parquet)
+    return ds, ds.fit_preprocessor(seed=0)
+
+
+def test_dataset_matches_file(toy_parquet, data):
+    ds, _ = data
+    events, geo = read_points(toy_parquet)
+    assert len(ds) == len(events)
+    assert ds.geometry == geo
+    cell, e, inc = ds[5]
+    assert cell.tolist() == events[5].points.cell.tolist()
+    np.testing.assert_allclose(e, np.asarray(events[5].points.E), rtol=1e-6)
+    assert inc == events[5].incident_energy
+
+
+def test_dequantisation_stays_in_cell(data):
+    ds, prep = data
+    rng = np.random.default_rng(0)
+    cell = np.repeat(np.arange(ds.geometry.n_voxels), 50)
+    zar = prep.dequantise(cell, rng)
+    back = ds.geometry.locate(zar[:, 2], zar[:, 1], zar[:, 0])
+    assert (back == cell).all()
+    # the noise spreads over the cell (not the centre only)
+    assert np.ptp(zar[cell == 0, 0]) > 0.5
+
+
+def test_point_transform_is_invertible(data):
+    ds, prep = data
+    rng = np.random.default_rng(1)
+    cell = rng.integers(0, ds.geometry.n_voxels, 500)
+    zar = prep.dequantise(cell, rng)
+    e = rng.exponential(10.0, 500) + 1e-3
+    inc = rng.uniform(1e3, 1e5, 500)
+    y = prep.forward_points(zar, e, inc)
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    zar2, e2 = prep.inverse_points(y, inc)
+    np.testing.assert_allclose(zar2, zar, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(e2, e, rtol=1e-4)
+    assert (ds.geometry.locate(zar2[:, 2], zar2[:, 1], zar2[:, 0]) == cell).all()
+
+
+def test_shower_transform_is_invertible(data):
+    _ds, prep = data
+    n = np.array([1, 5, 12])
+    e_sum = np.array([3.0, 40.0, 800.0])
+    inc = np.array([1e3, 1e4, 1e5])
+    s = prep.forward_shower(n, e_sum, inc)
+    n2, e2 = prep.inverse_shower(s, inc)
+    assert n2.tolist() == n.tolist()
+    np.testing.assert_allclose(e2, e_sum, rtol=1e-5)
+    c = prep.forward_cond(inc)
+    assert c.shape == (3, 1)
+
+
+def test_preprocessor_is_fitted_and_serialisable(data):
+    ds, prep = data
+    assert prep.n_max == int(ds.counts.max())
+    d = prep.to_dict()
+    assert "geometry" not in d
+    again = Preprocessor.from_dict(__import__("json").loads(__import__("json").dumps(d)), ds.geometry)
+    assert again == prep
+    # fitted features are standardised
+    b = next(iterate_batches(ds, ShowerCollate(prep, seed=0), 48))
+    x = b.x[b.mask]
+    assert x.mean(0).abs().max() < 0.5
+    assert (x.std(0) - 1).abs().max() < 0.5
+
+
+def test_batches(data):
+    ds, prep = data
+    batches = list(iterate_batches(ds, ShowerCollate(prep, seed=0), 10, seed=1))
+    assert len(batches) == len(ds) // 10
+    b = batches[0]
+    assert b.x.shape[:2] == b.mask.shape and b.x.shape[2] == 4
+    assert b.mask.sum(1).tolist() == b.n.tolist()
+    assert b.shower.shape == (10, 2) and b.cond.shape == (10, 1)
+    # ranks see disjoint showers
+    r0 = list(iterate_batches(ds, ShowerCollate(prep), 4, seed=1, rank=0, world_size=2))
+    r1 = list(iterate_batches(ds, ShowerCollate(prep), 4, seed=1, rank=1, world_size=2))
+    assert len(r0) == len(r1) == (len(ds) // 2) // 4
