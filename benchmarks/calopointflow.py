@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device (default: %(default)s)")
     ap.add_argument("--cls-epochs", type=int, default=10, help="classifier epochs in evaluate (default: %(default)s)")
     ap.add_argument("--cls-hidden", type=int, default=512, help="classifier width in evaluate (default: %(default)s)")
+    ap.add_argument("--variant", choices=("I", "II"), default="II",
+                    help="CaloPointFlow I (n, ΣE) or II (points and energy per layer) (default: %(default)s)")
     ap.add_argument("--skip-train", action="store_true", help="reuse WORK_DIR/run")
     ap.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -89,7 +91,8 @@ def main() -> int:
         write_synthetic(ref_h5, dataset="2", n=args.n_ref, seed=2)
     summary: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     run = wd / "run"
-    model_config = {"point_hidden": (96, 96), "point_transforms": 5, "points_per_shower_loss": 256}
+    model_config = {"variant": args.variant, "point_hidden": (96, 96), "point_transforms": 5,
+                    "points_per_shower_loss": 256, "shower_hidden": (256, 256)}
     if not args.skip_train:
         t = time.perf_counter()
         summary["train"] = train("calopointflow", train_pq, run, model_config=model_config,

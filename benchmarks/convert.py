@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def _naive_to_points(showers, incident, geometry):  # noqa: ANN001, ANN202
+def _naive_to_points(showers, incident, geometry):
     """What one writes without thinking about speed: a Python loop over showers, building records."""
     import awkward as ak
     import numpy as np
@@ -38,7 +38,7 @@ def _naive_to_points(showers, incident, geometry):  # noqa: ANN001, ANN202
     return ak.Array(events)
 
 
-def _naive_to_voxels(events, geometry):  # noqa: ANN001, ANN202
+def _naive_to_voxels(events, geometry):
     import numpy as np
 
     out = np.zeros((len(events), geometry.n_voxels))

@@ -16,7 +16,7 @@ from .geometry import DATASETS, Geometry, load_geometry
 _LAZY = {"converters", "eval", "models", "synth", "io"}
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
     msg = f"module 'calopc' has no attribute {name!r}"

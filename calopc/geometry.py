@@ -366,7 +366,7 @@ def _dataset_name(dataset: str | int) -> str:
     return s
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _official(name: str) -> Geometry:
     ref = resources.files("calopc") / "data" / _XML[name]
     with resources.as_file(ref) as p:

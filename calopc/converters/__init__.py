@@ -22,7 +22,16 @@ __all__ = [
 ]
 
 from .core import COLLISION_POLICIES, VoxelizeStats, neighbour_table, points_to_voxels, voxels_to_points
-from .files import PointsFile, convert_file, file_info, open_points, points_writer, read_points, voxelize_file, write_points
+from .files import (
+    PointsFile,
+    convert_file,
+    file_info,
+    open_points,
+    points_writer,
+    read_points,
+    voxelize_file,
+    write_points,
+)
 
 
 def __dir__() -> list[str]:

@@ -32,7 +32,7 @@ _META_VERSION = b"calopc.version"
 _META_INFO = b"calopc.info"
 
 
-def _progress(total: int, desc: str, enabled: bool, unit: str = "shower"):  # noqa: ANN202
+def _progress(total: int, desc: str, enabled: bool, unit: str = "shower"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True, leave=False)

@@ -77,7 +77,7 @@ def classifier_inputs(kind: str, showers: np.ndarray, incident: np.ndarray, geom
     raise ValueError(msg)
 
 
-def _resolve_device(device: str):  # noqa: ANN202
+def _resolve_device(device: str):
     import torch
 
     if device == "auto":

@@ -182,7 +182,7 @@ def _pointcloud(g_s: Sample, r_s: Sample) -> dict:
     gf, rf = g_s.features, r_s.features
     ebins = np.logspace(np.log10(min(gf.e_inc.min(), rf.e_inc.min())), np.log10(max(gf.e_inc.max(), rf.e_inc.max())) + 1e-9, 7)
 
-    def prof(f):  # noqa: ANN001, ANN202
+    def prof(f):
         idx = np.clip(np.digitize(f.e_inc, ebins) - 1, 0, len(ebins) - 2)
         cnt = np.bincount(idx, minlength=len(ebins) - 1)
         return (np.bincount(idx, weights=f.n_hits, minlength=len(ebins) - 1) / np.maximum(cnt, 1)).tolist()

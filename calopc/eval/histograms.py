@@ -65,7 +65,7 @@ def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, thre
     """
     out: list[FeatureHist] = []
 
-    def add(name, label, edges, r, g, log_x=False):  # noqa: ANN001, ANN202
+    def add(name, label, edges, r, g, log_x=False):
         hr, _ = np.histogram(r, bins=edges)
         hg, _ = np.histogram(g, bins=edges)
         out.append(FeatureHist(name, label, np.asarray(edges), hr, hg, log_x))

@@ -22,7 +22,7 @@ GEN_COLOR = "#d62728"
 
 
 @contextmanager
-def style():  # noqa: ANN201
+def style():
     """HEP style for the figures made inside the block; global settings are restored afterwards."""
     import matplotlib as mpl
     import matplotlib.style as mstyle
@@ -34,13 +34,13 @@ def style():  # noqa: ANN201
         yield
 
 
-def _figure(w: float, h: float, layout: str | None = "constrained"):  # noqa: ANN202
+def _figure(w: float, h: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), layout=layout)
 
 
-def draw_hist_ratio(ax, rax, fh: FeatureHist, *, legend: bool = True, small: bool = False) -> None:  # noqa: ANN001
+def draw_hist_ratio(ax, rax, fh: FeatureHist, *, legend: bool = True, small: bool = False) -> None:
     """Reference (filled) and generated (step) densities on ``ax``, gen/ref on ``rax``."""
     e = fh.edges
     w = np.diff(e)
@@ -66,7 +66,7 @@ def draw_hist_ratio(ax, rax, fh: FeatureHist, *, legend: bool = True, small: boo
         ax.legend(fontsize=fs or 10, frameon=False)
 
 
-def plot_feature(fh: FeatureHist):  # noqa: ANN201
+def plot_feature(fh: FeatureHist):
     """One feature histogram with a ratio panel."""
     with style():
         fig = _figure(6, 5)
@@ -75,7 +75,7 @@ def plot_feature(fh: FeatureHist):  # noqa: ANN201
     return fig
 
 
-def plot_feature_grid(hists: list[FeatureHist], title: str, ncols: int = 5):  # noqa: ANN201
+def plot_feature_grid(hists: list[FeatureHist], title: str, ncols: int = 5):
     """Many histograms (e.g. one feature in every layer), each with its ratio panel, on one page."""
     n = len(hists)
     nrows = math.ceil(n / ncols)
@@ -93,7 +93,7 @@ def plot_feature_grid(hists: list[FeatureHist], title: str, ncols: int = 5):  # 
     return fig
 
 
-def plot_average_showers(ref_mean: np.ndarray, gen_mean: np.ndarray, geometry: Geometry, *, ncols: int = 9):  # noqa: ANN201
+def plot_average_showers(ref_mean: np.ndarray, gen_mean: np.ndarray, geometry: Geometry, *, ncols: int = 9):
     """Average energy per cell, layer by layer, in the r–α plane (polar), reference beside generated."""
     from matplotlib.colors import LogNorm
 
@@ -126,7 +126,7 @@ def plot_average_showers(ref_mean: np.ndarray, gen_mean: np.ndarray, geometry: G
     return figs
 
 
-def plot_hits(ref, gen, geometry: Geometry):  # noqa: ANN001, ANN201
+def plot_hits(ref, gen, geometry: Geometry):
     """Point-cloud view: points per shower, mean points per layer, points vs incident energy."""
     with style():
         fig = _figure(16, 4.5)
@@ -156,7 +156,7 @@ def plot_hits(ref, gen, geometry: Geometry):  # noqa: ANN001, ANN201
     return fig
 
 
-def save(fig, out_dir: Path, name: str, formats: tuple[str, ...] = ("png", "pdf")) -> list[str]:  # noqa: ANN001
+def save(fig, out_dir: Path, name: str, formats: tuple[str, ...] = ("png", "pdf")) -> list[str]:
     """Write ``fig`` as ``name.png`` and ``name.pdf`` (atomically); return the file names."""
     from ..io import atomic_output
 

@@ -66,12 +66,12 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
     if _is_parquet(path):
         kind = "points"
         f = open_points(path)
-        chunks_of = lambda: f.iterate(2000)  # noqa: E731
+        chunks_of = lambda: f.iterate(2000)
         stats = VoxelizeStats()
     else:
         kind = "voxels"
         f = open_showers(path, geometry=geometry)
-        chunks_of = lambda: f.iterate("128 MB")  # noqa: E731
+        chunks_of = lambda: f.iterate("128 MB")
     with f:
         g = f.geometry
         if geometry is not None and geometry != g:

@@ -10,8 +10,11 @@ Registry::
 
 Every model implements the same interface (see :mod:`calopc.models.calopointflow`):
 
+* ``Config.from_dict(d)``, ``config.preprocessing()`` (options of the data preprocessing it
+  needs) and ``config.with_data(prep)`` (the sizes that depend on the data);
 * ``model.loss(batch) -> Tensor``: scalar to minimise (``forward`` calls it, for DDP);
-* ``model.sample(...) -> (x, mask)``: padded points in preprocessed units.
+* ``model.generate(e_inc, prep) -> (counts, zar, E)``: showers in physical units, points as
+  continuous ``(z, alpha, r)`` and energies in MeV.
 
 A trained run directory is loaded with :func:`load` (``config.json`` + ``model.safetensors``).
 """

@@ -2,13 +2,17 @@ r"""CaloPointFlow: showers as point clouds from normalising flows.
 
 Three zuko flows and one set encoder:
 
-1. a **shower flow** ``p(s | c)`` over the shower-level features ``s = (log n − ½ log E_inc,
-   log ΣE/E_inc)`` given ``c = log E_inc``;
+1. a **shower flow** ``p(s | c)`` over shower-level features given ``c = log E_inc``:
+   ``s = (log n − ½ log E_inc, log ΣE/E_inc)`` in variant ``"I"``; the number of points and
+   the energy of every layer (``2 L`` features) in variant ``"II"`` (the default);
 2. a **DeepSets encoder** ``q(z | X, c, s)`` of the whole point cloud into a latent vector;
 3. a **latent flow** ``p(z | c, s)``, the learnt prior of that latent;
-4. a **point flow** ``p(x | z, c, s)``, the same for every point of a shower (points are
-   i.i.d. given the latent), a coupling rational-quadratic spline flow so that sampling
-   millions of points is one pass per transform.
+4. a **point flow**, the same for every point of a shower (points are i.i.d. given the
+   latent), a coupling rational-quadratic spline flow so that sampling millions of points is
+   one pass per transform. Variant I: ``p(z, α, r, E | latent, c, s)``. Variant II: points
+   know their layer, ``p(α, r, log E/E_l | latent, c, layer, n_l, E_l)``; after sampling the
+   energies of each layer are normalised to the sampled layer energy, so layer energies and
+   hit counts come from the shower flow exactly.
 
 Training maximises ``log p(s|c) + E_q[Σ_i log p(x_i|z,c,s) + log p(z|c,s) − log q(z|X,c,s)]``
 (an ELBO); the point part is divided by the number of points. As in CaloPointFlow II,
@@ -27,21 +31,25 @@ from __future__ import annotations
 __all__ = ["CaloPointFlow", "CaloPointFlowConfig"]
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import zuko
 from torch import nn
 
 from .data import Batch
+from .preprocess import Preprocessor
 
 
 @dataclass(frozen=True)
 class CaloPointFlowConfig:
     """Hyper-parameters of :class:`CaloPointFlow` (defaults: the benchmark model)."""
 
-    point_features: int = 4                       # (z, alpha, r, E)
-    shower_features: int = 2                      # (log n - ½ log E_inc, log ΣE/E_inc)
+    variant: str = "II"                           # "I" (n, ΣE) or "II" (points and energy per layer)
+    n_layers: int = 0                             # set from the data (variant II)
+    point_features: int = 4                       # set from the data: I (z, alpha, r, E); II (alpha, r, E)
+    shower_features: int = 2                      # set from the data: I 2; II 2 per layer
     cond_features: int = 1                        # log E_inc
     latent: int = 16                              # size of the shower latent
     encoder_hidden: int = 128                     # DeepSets width
@@ -51,7 +59,7 @@ class CaloPointFlowConfig:
     latent_transforms: int = 4                    # autoregressive spline transforms of the latent flow
     latent_hidden: tuple[int, ...] = (128, 128)
     shower_transforms: int = 4                    # autoregressive spline transforms of the shower flow
-    shower_hidden: tuple[int, ...] = (64, 64)
+    shower_hidden: tuple[int, ...] = (128, 128)
     kl_weight: float = 1.0                        # weight of the latent (prior − entropy) term
     points_per_shower_loss: int = 0               # random points per shower in the point likelihood (0: all)
 
@@ -62,7 +70,21 @@ class CaloPointFlowConfig:
         if unknown:
             msg = f"unknown CaloPointFlow config keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}"
             raise ValueError(msg)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        d.setdefault("variant", "I" if "n_layers" not in d and "point_features" in d else "II")  # runs before variants
+        if d["variant"] not in ("I", "II"):
+            msg = f"CaloPointFlow variant must be 'I' or 'II', got {d['variant']!r}"
+            raise ValueError(msg)
+        return cls(**d)
+
+    def preprocessing(self) -> dict:
+        """Options of :meth:`Preprocessor.fit` this model needs."""
+        return {"variant": self.variant}
+
+    def with_data(self, prep: Preprocessor) -> CaloPointFlowConfig:
+        """The config with the sizes that depend on the data (feature counts, layers)."""
+        return replace(self, n_layers=prep.geometry.n_layers, point_features=prep.n_point_features,
+                       shower_features=prep.n_shower_features)
 
 
 class DeepSetsEncoder(nn.Module):
@@ -110,27 +132,50 @@ class CaloPointFlow(nn.Module):
     def __init__(self, config: CaloPointFlowConfig) -> None:
         super().__init__()
         self.config = cfg = config
+        self.layered = cfg.variant == "II"
+        if self.layered and (cfg.n_layers < 1 or cfg.shower_features != 2 * cfg.n_layers):
+            msg = (f"CaloPointFlow II needs n_layers and shower_features = 2 n_layers (config.with_data(prep)); "
+                   f"got n_layers={cfg.n_layers}, shower_features={cfg.shower_features}")
+            raise ValueError(msg)
         ctx = cfg.cond_features + cfg.shower_features
+        # variant II: each point also sees its layer (position in [-1, 1]) and that layer's (n_l, E_l) features
+        point_ctx = cfg.latent + (cfg.cond_features + 3 if self.layered else ctx)
         self.shower_flow = zuko.flows.NSF(cfg.shower_features, cfg.cond_features, transforms=cfg.shower_transforms,
                                           hidden_features=cfg.shower_hidden)
-        self.encoder = DeepSetsEncoder(cfg.point_features, ctx, cfg.latent, cfg.encoder_hidden)
+        self.encoder = DeepSetsEncoder(cfg.point_features + self.layered, ctx, cfg.latent, cfg.encoder_hidden)
         self.latent_flow = zuko.flows.NSF(cfg.latent, ctx, transforms=cfg.latent_transforms,
                                           hidden_features=cfg.latent_hidden)
-        self.point_flow = zuko.flows.NSF(cfg.point_features, cfg.latent + ctx, transforms=cfg.point_transforms,
+        self.point_flow = zuko.flows.NSF(cfg.point_features, point_ctx, transforms=cfg.point_transforms,
                                          bins=cfg.point_bins, hidden_features=cfg.point_hidden, passes=2)
+
+    def _layer_pos(self, layer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (2 * layer.to(dtype) / max(self.config.n_layers - 1, 1) - 1)[..., None]
+
+    def _point_context(self, z: torch.Tensor, cond: torch.Tensor, shower: torch.Tensor, mask: torch.Tensor,
+                       layer: torch.Tensor) -> torch.Tensor:
+        """Context of every real point, ``(P, C)``."""
+        b, n = mask.shape
+        if not self.layered:
+            return torch.cat([z, cond, shower], dim=-1)[:, None, :].expand(-1, n, -1)[mask]
+        n_l = self.config.n_layers
+        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
+        lay = layer[mask]
+        per_layer = torch.stack([shower[shower_of, lay], shower[shower_of, n_l + lay]], dim=-1)
+        return torch.cat([z[shower_of], cond[shower_of], self._layer_pos(lay, z.dtype), per_layer], dim=-1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Same as :meth:`loss` (so that DistributedDataParallel sees a forward call)."""
         return self.loss(batch)
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The loss and its parts: ``shower`` (NLL per shower), ``points`` (NLL per point),
+        """The loss and its parts: ``shower`` (NLL per shower feature), ``points`` (NLL per point),
         ``kl`` (latent prior − entropy per point)."""
         cfg = self.config
         cond, s = batch.cond, batch.shower
         ctx = torch.cat([cond, s], dim=-1)
-        shower_nll = -self.shower_flow(cond).log_prob(s).mean()
-        mu, log_var = self.encoder(batch.x, batch.mask, ctx)
+        shower_nll = -self.shower_flow(cond).log_prob(s).mean() / cfg.shower_features   # per feature
+        enc_x = torch.cat([batch.x, self._layer_pos(batch.layer, batch.x.dtype)], -1) if self.layered else batch.x
+        mu, log_var = self.encoder(enc_x, batch.mask, ctx)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         prior = -self.latent_flow(ctx).log_prob(z)                                         # (B,)
         entropy = 0.5 * (log_var + 1 + math.log(2 * math.pi)).sum(-1)                        # (B,)
@@ -146,7 +191,7 @@ class CaloPointFlow(nn.Module):
             n = mask.sum(1)
             weight = (n / keep.sum(1).clamp(min=1)).to(mu.dtype)[:, None].expand_as(mask)[keep]
             mask = keep
-        pc = torch.cat([z, ctx], dim=-1)[:, None, :].expand(-1, mask.shape[1], -1)[mask]
+        pc = self._point_context(z, cond, s, mask, batch.layer)
         nll = -self.point_flow(pc).log_prob(batch.x[mask])                                  # (P,)
         if weight is not None:
             nll = nll * weight
@@ -165,7 +210,8 @@ class CaloPointFlow(nn.Module):
         return self.shower_flow(cond).sample()
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, n: torch.Tensor, shower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, cond: torch.Tensor, n: torch.Tensor, shower: torch.Tensor,
+               layer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the points of ``B`` showers whose point counts and shower features are given.
 
         Args:
@@ -173,19 +219,58 @@ class CaloPointFlow(nn.Module):
             n: number of points of each shower (from :meth:`sample_shower`, after inverting
                 the preprocessing).
             shower: the standardised shower features that go with ``n``.
+            layer: variant II, the layer of every point (padded like ``x``).
 
         Returns:
             ``(x, mask)`` in preprocessed point features.
 
         Shapes:
-            cond: ``(B, 1)``; n: ``(B,)``; shower: ``(B, 2)``; x: ``(B, N_max, 4)``; mask: ``(B, N_max)``.
+            cond: ``(B, 1)``; n: ``(B,)``; shower: ``(B, S)``; layer: ``(B, N_max)``;
+            x: ``(B, N_max, F)``; mask: ``(B, N_max)``.
         """
         ctx = torch.cat([cond, shower], dim=-1)
         z = self.latent_flow(ctx).sample()
         n_max = int(n.max()) if n.numel() else 0
         mask = torch.arange(n_max, device=n.device)[None, :] < n[:, None]
-        pc = torch.cat([z, ctx], dim=-1)[:, None, :].expand(-1, n_max, -1)[mask]
+        if self.layered and layer is None:
+            msg = "CaloPointFlow II samples need the layer of every point"
+            raise ValueError(msg)
+        pc = self._point_context(z, cond, shower, mask, layer if layer is not None else mask.long())
         x = torch.zeros(n.shape[0], n_max, self.config.point_features, device=cond.device, dtype=cond.dtype)
         if pc.shape[0]:
             x[mask] = self.point_flow(pc).sample()
         return x, mask
+
+    @torch.no_grad()
+    def generate(self, e_inc: np.ndarray, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Showers in physical units for the given incident energies.
+
+        Returns:
+            ``(counts (B,), zar (P, 3), E (P,))``: points per shower, continuous ``(z, α, r)``
+            and energies (MeV) of all points, shower after shower.
+        """
+        device = next(self.parameters()).device
+        e_inc = np.asarray(e_inc, dtype=np.float64)
+        cond = torch.from_numpy(prep.forward_cond(e_inc)).to(device)
+        s = self.sample_shower(cond)
+        s_np = s.float().cpu().numpy()
+        if not self.layered:
+            n, e_sum = prep.inverse_shower(s_np, e_inc)
+            x, mask = self.sample(cond, torch.from_numpy(n).to(device), s)
+            zar, en = prep.inverse_points(x[mask].float().cpu().numpy(), np.repeat(e_inc, n))
+            shower_of = np.repeat(np.arange(e_inc.shape[0]), n)
+            # scale the point energies so that each shower carries the sampled total
+            tot = np.bincount(shower_of, weights=en, minlength=e_inc.shape[0])
+            return n, zar, en * (e_sum / np.maximum(tot, 1e-300))[shower_of]
+        n_layer, e_layer = prep.inverse_layers(s_np, e_inc)
+        b, n_l = n_layer.shape
+        n = n_layer.sum(1)
+        layer = np.repeat(np.tile(np.arange(n_l), b), n_layer.ravel())                   # (P,) shower after shower
+        from .utils import pad
+
+        lay, _ = pad([t[:, None] for t in torch.split(torch.from_numpy(layer), n.tolist())], device=device)
+        x, mask = self.sample(cond, torch.from_numpy(n).to(device), s, lay[..., 0])
+        zar, w = prep.inverse_points_layer(x[mask].float().cpu().numpy(), layer)
+        key = np.repeat(np.arange(b), n) * n_l + layer
+        tot = np.bincount(key, weights=w, minlength=b * n_l)
+        return n, zar, w / np.maximum(tot[key], 1e-300) * e_layer.ravel()[key]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, layer_sums
 from .utils import pad
 
 
@@ -28,8 +28,10 @@ class Batch:
     """A padded batch of preprocessed showers.
 
     Shapes:
-        x: ``(B, N_max, 4)`` point features ``(z, alpha, r, E)`` preprocessed;
-        mask: ``(B, N_max)`` bool; shower: ``(B, 2)``; cond: ``(B, 1)``; n: ``(B,)`` int64.
+        x: ``(B, N_max, F)`` point features, preprocessed (variant I: ``(z, alpha, r, E)``,
+        variant II: ``(alpha, r, E)``); mask: ``(B, N_max)`` bool; shower: ``(B, S)``
+        (variant I: 2, II: 2 per layer); cond: ``(B, 1)``; n: ``(B,)`` int64;
+        layer: ``(B, N_max)`` int64, the layer of each point (0 in the padding).
     """
 
     x: torch.Tensor
@@ -37,9 +39,11 @@ class Batch:
     shower: torch.Tensor
     cond: torch.Tensor
     n: torch.Tensor
+    layer: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.mask, self.shower, self.cond, self.n)))
+        return Batch(*(t.to(device, non_blocking=True)
+                       for t in (self.x, self.mask, self.shower, self.cond, self.n, self.layer)))
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -120,9 +124,10 @@ class ShowerDataset(torch.utils.data.Dataset):
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.cell[a:b], self.energy[a:b], float(self.e_inc[i])
 
-    def fit_preprocessor(self, *, seed: int = 0) -> Preprocessor:
-        """Fit a :class:`Preprocessor` on this data."""
-        return Preprocessor.fit(self.geometry, self.cell, self.energy, self.counts, self.e_inc, seed=seed)
+    def fit_preprocessor(self, *, seed: int = 0, variant: str = "I") -> Preprocessor:
+        """Fit a :class:`Preprocessor` (``variant`` ``"I"`` or ``"II"``) on this data."""
+        return Preprocessor.fit(self.geometry, self.cell, self.energy, self.counts, self.e_inc, seed=seed,
+                                variant=variant)
 
 
 class ShowerCollate:
@@ -142,12 +147,23 @@ class ShowerCollate:
         e_inc = np.array([e for _, _, e in items], dtype=np.float64)
         cell = np.concatenate([c for c, _, _ in items]).astype(np.int64)
         energy = np.concatenate([e for _, e, _ in items]).astype(np.float64)
-        zar = self.prep.dequantise(cell, self.rng)
-        y = torch.from_numpy(self.prep.forward_points(zar, energy, np.repeat(e_inc, counts)))
-        e_sum = np.bincount(np.repeat(np.arange(len(items)), counts), weights=energy, minlength=len(items))
-        x, mask = pad(list(torch.split(y, counts.tolist())))
-        return Batch(x, mask, torch.from_numpy(self.prep.forward_shower(counts, e_sum, e_inc)),
-                     torch.from_numpy(self.prep.forward_cond(e_inc)), torch.from_numpy(counts))
+        prep = self.prep
+        zar = prep.dequantise(cell, self.rng)
+        shower_of = np.repeat(np.arange(len(items)), counts)
+        layer = np.asarray(prep.geometry.cell_layer, dtype=np.int64)[cell]
+        if prep.variant == "I":
+            y = prep.forward_points(zar, energy, np.repeat(e_inc, counts))
+            e_sum = np.bincount(shower_of, weights=energy, minlength=len(items))
+            s = prep.forward_shower(counts, e_sum, e_inc)
+        else:
+            n_layer, e_layer = layer_sums(prep.geometry, cell, energy, counts)
+            y = prep.forward_points_layer(zar, energy, e_layer[shower_of, layer], layer)
+            s = prep.forward_layers(n_layer, e_layer, e_inc, self.rng)
+        split = counts.tolist()
+        x, mask = pad(list(torch.split(torch.from_numpy(y), split)))
+        lay, _ = pad([t[:, None] for t in torch.split(torch.from_numpy(layer), split)])
+        return Batch(x, mask, torch.from_numpy(s), torch.from_numpy(prep.forward_cond(e_inc)), torch.from_numpy(counts),
+                     lay[..., 0])
 
 
 def iterate_batches(dataset: ShowerDataset, collate: ShowerCollate, batch_size: int, *, seed: int = 0,

@@ -110,16 +110,7 @@ def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, b
         torch.manual_seed(seed)
         for i in range(0, energies.shape[0], batch_size):
             e = energies[i:i + batch_size]
-            cond = torch.from_numpy(prep.forward_cond(e)).to(device)
-            s = model.sample_shower(cond)
-            n, e_sum = prep.inverse_shower(s.cpu().numpy(), e)
-            x, mask = model.sample(cond, torch.from_numpy(n).to(device), s)
-            y = x[mask].float().cpu().numpy()
-            zar, en = prep.inverse_points(y, np.repeat(e, n))
-            # scale the point energies so that each shower carries the sampled total
-            ev = np.repeat(np.arange(e.shape[0]), n)
-            tot = np.bincount(ev, weights=en, minlength=e.shape[0])
-            en = en * (e_sum / np.maximum(tot, 1e-300))[ev]
+            n, zar, en = model.generate(e, prep)
             pts = ak.zip({"r": zar[:, 2].astype(np.float32), "alpha": zar[:, 1].astype(np.float32),
                           "z": zar[:, 0].astype(np.float32), "E": en})
             yield ak.zip({"incident_energy": e, "points": ak.unflatten(pts, n)}, depth_limit=1)

@@ -7,8 +7,16 @@ Point features, in order: ``(z, alpha, r, E)``.
   continuous point maps back to exactly the cell it came from (``Geometry.locate``).
 * Coordinates are scaled to (0, 1) with the calorimeter's extent, passed through a
   logit and standardised; energies become ``log(E / E_inc)``, standardised.
-* Shower-level features (CaloPointFlow): ``log n − ½ log E_inc`` and
-  ``log(ΣE / E_inc)``; the condition is ``log E_inc``. Both standardised.
+* Shower-level features, two variants:
+
+  - ``"I"`` (CaloPointFlow): ``log n − ½ log E_inc`` and ``log(ΣE / E_inc)``; points are
+    ``(z, α, r, log E/E_inc)`` with ``z`` dequantised inside its layer.
+  - ``"II"`` (CaloPointFlow II, the default): the number of points and the energy of every
+    layer, ``log(n_l + u)`` with ``u ~ U(0, 1)`` (dequantised counts, ``n_l = ⌊exp⌋`` inverts
+    it exactly) and ``log(E_l / E_inc + δ v)`` (``δ = 1e-9``, ``v ~ U(0, 1)``, so that empty
+    layers are not a point mass; the inverse subtracts ``δ/2``); points are ``(α, r, log E/E_l)`` and carry their layer.
+
+  The condition is ``log E_inc``. Everything is standardised.
 
 All statistics are fitted on training data (:meth:`Preprocessor.fit`) and saved in the
 checkpoint's ``config.json`` (:meth:`Preprocessor.to_dict`).
@@ -16,7 +24,7 @@ checkpoint's ``config.json`` (:meth:`Preprocessor.to_dict`).
 
 from __future__ import annotations
 
-__all__ = ["Preprocessor"]
+__all__ = ["VARIANTS", "Preprocessor", "layer_sums"]
 
 import math
 from dataclasses import dataclass, field, fields
@@ -26,6 +34,8 @@ import numpy as np
 from ..geometry import Geometry
 
 _EPS = 1e-6  # logit clipping
+_DELTA = 1e-9  # energy-fraction floor of the layer energies (variant II)
+VARIANTS = ("I", "II")
 
 
 def _logit(u: np.ndarray) -> np.ndarray:
@@ -47,6 +57,7 @@ class Preprocessor:
         shower_mean, shower_std: standardisation of the 2 shower features.
         cond_mean, cond_std: standardisation of ``log E_inc``.
         n_max: largest number of points seen in training (sampling clips to it).
+        variant: ``"I"`` or ``"II"`` (see the module docstring).
     """
 
     geometry: Geometry
@@ -57,6 +68,20 @@ class Preprocessor:
     cond_mean: float = 0.0
     cond_std: float = 1.0
     n_max: int = 0
+    variant: str = "I"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            msg = f"preprocessing variant must be one of {VARIANTS}, got {self.variant!r}"
+            raise ValueError(msg)
+
+    @property
+    def n_point_features(self) -> int:
+        return 4 if self.variant == "I" else 3
+
+    @property
+    def n_shower_features(self) -> int:
+        return 2 if self.variant == "I" else 2 * self.geometry.n_layers
 
     # ------------------------------------------------------------------ ranges
     @property
@@ -125,6 +150,78 @@ class Preprocessor:
         n = np.clip(n, 1, self.n_max or self.geometry.n_voxels).astype(np.int64)
         return n, np.exp(np.clip(s[:, 1], -80, 80)) * e_inc
 
+    # ------------------------------------------------------------ variant II
+    def _layer_r_range(self, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.array([e[0] for e in self.geometry.r_edges], dtype=np.float64)
+        hi = np.array([e[-1] for e in self.geometry.r_edges], dtype=np.float64)
+        layer = np.asarray(layer, dtype=np.int64)
+        return lo[layer], hi[layer]
+
+    def forward_points_layer(self, zar: np.ndarray, energy: np.ndarray, e_layer: np.ndarray,
+                             layer: np.ndarray) -> np.ndarray:
+        """Variant II point features: ``(α, r)`` in their cells (``r`` scaled by the extent of
+        the point's layer) and ``log(E / E_l)``.
+
+        Shapes:
+            zar: ``(P, 3)`` (the ``z`` column is not used: points carry their layer);
+            energy, e_layer, layer: ``(P,)`` (``e_layer``: energy of the point's layer);
+            returns ``(P, 3)`` float32.
+        """
+        r0, r1 = self._layer_r_range(layer)
+        y = np.empty((zar.shape[0], 3))
+        y[:, 0] = _logit((zar[:, 1] + math.pi) / (2 * math.pi))
+        y[:, 1] = _logit((zar[:, 2] - r0) / (r1 - r0))
+        y[:, 2] = np.log(np.maximum(energy, 1e-30)) - np.log(np.maximum(e_layer, 1e-30))
+        return ((y - np.asarray(self.point_mean)) / np.asarray(self.point_std)).astype(np.float32)
+
+    def inverse_points_layer(self, y: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Variant II features and layers → ``((z, α, r) (P, 3), w (P,))`` where ``w = E / E_l``
+        (normalise ``w`` per shower and layer and multiply by the layer energy)."""
+        y = np.asarray(y, dtype=np.float64) * np.asarray(self.point_std) + np.asarray(self.point_mean)
+        r0, r1 = self._layer_r_range(layer)
+        zar = np.empty((y.shape[0], 3))
+        zar[:, 0] = np.asarray(layer, dtype=np.float64)
+        zar[:, 1] = _sigmoid(y[:, 0]) * 2 * math.pi - math.pi
+        zar[:, 2] = r0 + _sigmoid(y[:, 1]) * (r1 - r0)
+        return zar, np.exp(np.clip(y[:, 2], -80, 80))
+
+    def forward_layers(self, n_layer: np.ndarray, e_layer: np.ndarray, e_inc: np.ndarray,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+        """Variant II shower features from points and energy per layer.
+
+        ``rng`` draws the dequantisation noise; without one the mid-point ``u = v = ½`` is used.
+
+        Shapes:
+            n_layer, e_layer: ``(B, L)``; e_inc: ``(B,)``; returns ``(B, 2L)`` float32.
+        """
+        n_layer = np.asarray(n_layer, dtype=np.float64)
+        frac = np.asarray(e_layer, dtype=np.float64) / np.asarray(e_inc, dtype=np.float64)[:, None]
+        if rng is None:
+            u = v = np.full(n_layer.shape, 0.5)
+        else:
+            u = 1e-3 + (1 - 2e-3) * rng.random(n_layer.shape)
+            v = 1e-3 + (1 - 2e-3) * rng.random(n_layer.shape)
+        s = np.concatenate([np.log(n_layer + u), np.log(frac + _DELTA * v)], axis=1)
+        return ((s - np.asarray(self.shower_mean)) / np.asarray(self.shower_std)).astype(np.float32)
+
+    def inverse_layers(self, s: np.ndarray, e_inc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised variant II shower features → ``(n_l (B, L) int64, E_l (B, L) MeV)``.
+
+        Counts are capped by the cells of each layer; a layer without points gets no energy.
+        At least one point per shower is kept (in the layer of largest energy).
+        """
+        n_l = self.geometry.n_layers
+        s = np.asarray(s, dtype=np.float64) * np.asarray(self.shower_std) + np.asarray(self.shower_mean)
+        cap = np.asarray(self.geometry.voxels_per_layer, dtype=np.int64)
+        n = np.floor(np.exp(np.clip(s[:, :n_l], -30, 30))).astype(np.int64)
+        n = np.clip(n, 0, cap)
+        frac = np.clip(np.exp(np.clip(s[:, n_l:], -80, 0)) - 0.5 * _DELTA, 0.01 * _DELTA, 1.0)  # ≤ E_inc
+        e = frac * np.asarray(e_inc, dtype=np.float64)[:, None]
+        empty = n.sum(1) == 0
+        if empty.any():
+            n[empty, e[empty].argmax(1)] = 1
+        return n, np.where(n > 0, e, 0.0)
+
     def forward_cond(self, e_inc: np.ndarray) -> np.ndarray:
         """Incident energy (MeV) → standardised ``log E_inc`` ``(B, 1)``."""
         return ((np.log(np.asarray(e_inc, dtype=np.float64)) - self.cond_mean) / self.cond_std).astype(np.float32)[:, None]
@@ -132,14 +229,15 @@ class Preprocessor:
     # --------------------------------------------------------------------- fit
     @classmethod
     def fit(cls, geometry: Geometry, cell: np.ndarray, energy: np.ndarray, counts: np.ndarray, e_inc: np.ndarray,
-            *, seed: int = 0, max_points: int = 2_000_000) -> Preprocessor:
+            *, seed: int = 0, max_points: int = 2_000_000, variant: str = "I") -> Preprocessor:
         """Fit the standardisation on (a subsample of) training data.
 
         Args:
             cell, energy: flat per-point cell indices and energies ``(P,)``.
             counts: points per shower ``(B,)``; e_inc: incident energies ``(B,)``.
+            variant: ``"I"`` or ``"II"``.
         """
-        p = cls(geometry)
+        p = cls(geometry, variant=variant)
         rng = np.random.default_rng(seed)
         e_inc = np.asarray(e_inc, dtype=np.float64)
         inc_pp = np.repeat(e_inc, counts)
@@ -149,12 +247,25 @@ class Preprocessor:
         if idx.shape[0] == 0:
             msg = "cannot fit the preprocessing: the training data have no points"
             raise ValueError(msg)
-        y = p.forward_points(p.dequantise(cell[idx], rng), energy[idx], inc_pp[idx]).astype(np.float64)
+        shower_of = np.repeat(np.arange(counts.shape[0]), counts)
+        energy = np.asarray(energy, np.float64)
+        if variant == "I":
+            y = p.forward_points(p.dequantise(cell[idx], rng), energy[idx], inc_pp[idx]).astype(np.float64)
+            e_sum = np.bincount(shower_of, weights=energy, minlength=counts.shape[0])
+            s = None
+        else:
+            p.point_mean, p.point_std = [0.0] * 3, [1.0] * 3
+            p.shower_mean, p.shower_std = [0.0] * p.n_shower_features, [1.0] * p.n_shower_features
+            n_layer, e_layer = layer_sums(geometry, cell, energy, counts)
+            layer = np.asarray(geometry.cell_layer)[cell]
+            e_pp = e_layer[shower_of, layer]
+            y = p.forward_points_layer(p.dequantise(cell[idx], rng), energy[idx], e_pp[idx],
+                                       layer[idx]).astype(np.float64)
+            s = p.forward_layers(n_layer, e_layer, e_inc, rng).astype(np.float64)
         p.point_mean = y.mean(0).tolist()
         p.point_std = np.maximum(y.std(0), 1e-6).tolist()
-        e_sum = np.bincount(np.repeat(np.arange(counts.shape[0]), counts), weights=np.asarray(energy, np.float64),
-                            minlength=counts.shape[0])
-        s = p.forward_shower(counts, e_sum, e_inc).astype(np.float64)
+        if s is None:
+            s = p.forward_shower(counts, e_sum, e_inc).astype(np.float64)
         ok = counts > 0
         p.shower_mean = s[ok].mean(0).tolist()
         p.shower_std = np.maximum(s[ok].std(0), 1e-6).tolist()
@@ -170,3 +281,19 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, d: dict, geometry: Geometry) -> Preprocessor:
         return cls(geometry, **d)
+
+
+def layer_sums(geometry: Geometry, cell: np.ndarray, energy: np.ndarray,
+               counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points and energy per layer of each shower.
+
+    Shapes:
+        cell, energy: ``(P,)`` flat; counts: ``(B,)`` points per shower; returns two ``(B, L)``
+        arrays (int64 counts, float64 energies).
+    """
+    n_l = geometry.n_layers
+    b = counts.shape[0]
+    key = np.repeat(np.arange(b), counts) * n_l + np.asarray(geometry.cell_layer)[np.asarray(cell, dtype=np.int64)]
+    n = np.bincount(key, minlength=b * n_l).reshape(b, n_l)
+    e = np.bincount(key, weights=np.asarray(energy, dtype=np.float64), minlength=b * n_l).reshape(b, n_l)
+    return n, e

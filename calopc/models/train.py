@@ -122,8 +122,9 @@ def train(model_name: str, data: str | os.PathLike | ShowerDataset, out: str | o
             raise ValueError(msg)
     else:
         model_cls, cfg_cls = get_model(model_name)
-        model = model_cls(cfg_cls.from_dict(model_config or {}))
-        prep = dataset.fit_preprocessor(seed=cfg.seed)
+        model_cfg = cfg_cls.from_dict(model_config or {})
+        prep = dataset.fit_preprocessor(seed=cfg.seed, **model_cfg.preprocessing())
+        model = model_cls(model_cfg.with_data(prep))
     model.to(device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if state is not None and ema is not None and (out / ckpt.EMA_WEIGHTS).exists():

@@ -5,8 +5,15 @@ import h5py
 import numpy as np
 import pytest
 
-from calopc.converters import convert_file, file_info, open_points, read_points, voxelize_file, write_points
-from calopc.converters import voxels_to_points
+from calopc.converters import (
+    convert_file,
+    file_info,
+    open_points,
+    read_points,
+    voxelize_file,
+    voxels_to_points,
+    write_points,
+)
 from calopc.geometry import Geometry
 from calopc.io import ShowerFileError, open_showers, write_showers
 from calopc.synth import generate
@@ -139,7 +146,7 @@ def test_truncated_and_garbage_files(tmp_path, ds2_file):
 
 
 def test_interrupted_convert_leaves_nothing(tmp_path, ds2_file, monkeypatch):
-    import calopc.converters.files as files
+    from calopc.converters import files
 
     calls = {"n": 0}
     real = files.voxels_to_points

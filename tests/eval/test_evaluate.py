@@ -7,8 +7,14 @@ import pytest
 
 from calopc.cli import main
 from calopc.converters import convert_file
-from calopc.eval import ClassifierConfig, classifier_inputs, classifier_metric, compute_features, evaluate
-from calopc.eval import high_level_vector
+from calopc.eval import (
+    ClassifierConfig,
+    classifier_inputs,
+    classifier_metric,
+    compute_features,
+    evaluate,
+    high_level_vector,
+)
 from calopc.geometry import Geometry
 from calopc.io import write_showers
 from calopc.synth import generate

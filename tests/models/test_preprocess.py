@@ -6,7 +6,7 @@ import torch
 
 from calopc.converters import read_points
 from calopc.models.data import ShowerCollate, ShowerDataset, iterate_batches
-from calopc.models.preprocess import Preprocessor
+from calopc.models.preprocess import Preprocessor, layer_sums
 from calopc.models.utils import pad, unpad
 
 
@@ -106,3 +106,72 @@ def test_batches(data):
     r0 = list(iterate_batches(ds, ShowerCollate(prep), 4, seed=1, rank=0, world_size=2))
     r1 = list(iterate_batches(ds, ShowerCollate(prep), 4, seed=1, rank=1, world_size=2))
     assert len(r0) == len(r1) == (len(ds) // 2) // 4
+
+
+@pytest.fixture(scope="module")
+def data2(toy_parquet):
+    ds = ShowerDataset.from_parquet(toy_parquet)
+    return ds, ds.fit_preprocessor(seed=0, variant="II")
+
+
+def test_layer_sums_match_a_loop(data2):
+    ds, _ = data2
+    n, e = layer_sums(ds.geometry, ds.cell, ds.energy, ds.counts)
+    lay = ds.geometry.cell_layer
+    for i in (0, 7, len(ds) - 1):
+        cell, en, _ = ds[i]
+        for layer in range(ds.geometry.n_layers):
+            sel = lay[cell] == layer
+            assert n[i, layer] == sel.sum()
+            assert e[i, layer] == pytest.approx(float(en[sel].astype(np.float64).sum()), rel=1e-12)
+
+
+def test_layer_point_transform_is_invertible(data2):
+    ds, prep = data2
+    geo = ds.geometry
+    rng = np.random.default_rng(2)
+    cell = rng.integers(0, geo.n_voxels, 500)
+    layer = geo.cell_layer[cell]
+    zar = prep.dequantise(cell, rng)
+    e = rng.exponential(10.0, 500) + 1e-3
+    e_layer = e * rng.uniform(1, 20, 500)
+    y = prep.forward_points_layer(zar, e, e_layer, layer)
+    assert y.shape == (500, 3) and y.dtype == np.float32 and np.isfinite(y).all()
+    zar2, w = prep.inverse_points_layer(y, layer)
+    np.testing.assert_array_equal(zar2[:, 0], layer)  # points sit on their layer
+    np.testing.assert_allclose(zar2[:, 1:], zar[:, 1:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(w, e / e_layer, rtol=1e-4)
+    assert (geo.locate(zar2[:, 2], zar2[:, 1], zar2[:, 0]) == cell).all()
+
+
+def test_layer_shower_transform_is_invertible(data2):
+    ds, prep = data2
+    geo = ds.geometry
+    assert prep.n_shower_features == 2 * geo.n_layers and len(prep.shower_mean) == 2 * geo.n_layers
+    n, e = layer_sums(geo, ds.cell, ds.energy, ds.counts)
+    inc = ds.e_inc
+    for rng in (None, np.random.default_rng(0), np.random.default_rng(1)):
+        s = prep.forward_layers(n, e, inc, rng)
+        assert s.shape == (len(ds), 2 * geo.n_layers) and np.isfinite(s).all()
+        n2, e2 = prep.inverse_layers(s, inc)
+        np.testing.assert_array_equal(n2, n)  # dequantised counts come back exactly
+        # exact up to float32 and the dequantisation offset (at most δ E_inc / 2, δ = 1e-9)
+        np.testing.assert_allclose(e2[n > 0], e[n > 0], rtol=1e-5, atol=0.5e-9 * inc.max())
+        assert (e2[n == 0] == 0).all()
+    # counts are capped by the cells of a layer, and a shower keeps at least one point
+    big = prep.forward_layers(np.full((1, geo.n_layers), 10**6), np.ones((1, geo.n_layers)), np.ones(1))
+    assert prep.inverse_layers(big, np.ones(1))[0].tolist() == [list(geo.voxels_per_layer)]
+    none = prep.forward_layers(np.zeros((1, geo.n_layers)), np.zeros((1, geo.n_layers)), np.ones(1))
+    assert prep.inverse_layers(none, np.ones(1))[0].sum() == 1
+
+
+def test_layer_batches(data2):
+    ds, prep = data2
+    b = next(iterate_batches(ds, ShowerCollate(prep, seed=0), 10, seed=1))
+    assert b.x.shape[2] == 3 and b.shower.shape == (10, 2 * ds.geometry.n_layers)
+    assert b.layer.shape == b.mask.shape and b.layer.dtype == torch.int64
+    assert (b.layer[~b.mask] == 0).all() and int(b.layer.max()) == ds.geometry.n_layers - 1
+    x = b.x[b.mask]
+    assert x.mean(0).abs().max() < 0.6 and (x.std(0) - 1).abs().max() < 0.6
+    with pytest.raises(ValueError, match="variant must be one of"):
+        Preprocessor(ds.geometry, variant="III")

@@ -100,6 +100,26 @@ def test_resume_continues(toy_parquet, tmp_path):
         train("calopointflow", toy_parquet, tmp_path / "fresh", config=cfg, resume=True)
 
 
+def test_variant_one_trains_and_generates(toy_parquet, tmp_path):
+    """CaloPointFlow I (shower flow over n and ΣE, z in the point flow) through the same machinery."""
+    run = tmp_path / "v1"
+    train("calopointflow", toy_parquet, run, model_config={**TINY, "variant": "I"},
+          config=TrainConfig(steps=2, batch_size=8, device="cpu", progress=False))
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["config"]["variant"] == "I" and meta["preprocessing"]["variant"] == "I"
+    assert meta["config"]["shower_features"] == 2 and meta["config"]["point_features"] == 4
+    res = generate(run, parse_energies("1e3,1e5", 6), output=tmp_path / "v1.hdf5", seed=0, device="cpu")
+    assert res.n_showers == 6 and res.n_points >= 6
+    loaded = load(run)
+    assert loaded.model.config.variant == "I" and loaded.preprocessor.variant == "I"
+
+
+def test_default_variant_is_two(toy_run):
+    meta = json.loads((toy_run / "config.json").read_text())
+    assert meta["config"]["variant"] == "II" and meta["preprocessing"]["variant"] == "II"
+    assert meta["config"]["n_layers"] == 3 and meta["config"]["shower_features"] == 6
+
+
 def test_errors(toy_run):
     with pytest.raises(ValueError, match="expected a .parquet"):
         generate(toy_run, [1e3], output="x.txt")
