@@ -21,6 +21,7 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--ema-decay": ("ema_decay", float, "EMA decay of the weights (0: off)"),
     "--time-limit": ("time_limit", float, "stop after this many seconds of training"),
     "--max-showers": ("max_showers", int, "use only the first N training showers"),
+    "--buffer-showers": ("buffer_showers", int, "showers in the shuffle buffer when streaming"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
     "--log-every": ("log_every", int, "steps between stats.jsonl records"),
 }
@@ -66,6 +67,8 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
         v = getattr(args, flag[2:].replace("-", "_"))
         if v is not None:
             train_cfg[name] = v
+    if args.stream is not None:
+        train_cfg["stream"] = args.stream
     train_cfg.update(seed=args.seed, device=args.device, progress=not args.no_progress)
     if args.amp:
         train_cfg["amp"] = True
@@ -84,12 +87,13 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
 def _cmd_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = resolve_train_args(args)
     if args.dry_run:
-        print(json.dumps({"model": args.model, "data": str(args.data), "out": str(args.out), "resume": args.resume,
+        print(json.dumps({"model": args.model, "data": [str(p) for p in args.data], "out": str(args.out), "resume": args.resume,
                           "model_config": model_cfg, "train": train_cfg}, indent=2))
         return 0
-    if not args.data.exists():
-        msg = f"--data {args.data}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
-        raise ValueError(msg)
+    for p in args.data:
+        if not p.exists():
+            msg = f"--data {p}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
+            raise ValueError(msg)
     from .train import TrainConfig, train
 
     res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
@@ -130,7 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a generative model on point-cloud Parquet showers",
                        description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...")
     t.add_argument("model", choices=_MODELS, help="model to train")
-    t.add_argument("--data", type=Path, required=True, help="training Parquet file from 'calopc convert'")
+    t.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="training Parquet file(s) from 'calopc convert' (same geometry)")
+    t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream the data through a shuffle buffer instead of holding it in memory "
+                        "(default: stream when the showers would take more than 2 GB, 8 bytes per point)")
     t.add_argument("--out", type=Path, required=True, help="run directory (config.json, model.safetensors, stats.jsonl)")
     t.add_argument("--config", type=Path, default=None, help="YAML/JSON file with 'model' and 'train' sections (default: none)")
     t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
@@ -172,4 +180,4 @@ def _train_defaults() -> dict:
 
 
 _TRAIN_DEFAULTS = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "ema_decay": 0.999, "time_limit": None,
-                   "max_showers": None, "checkpoint_every": 500, "log_every": 10}
+                   "max_showers": None, "buffer_showers": 20_000, "checkpoint_every": 500, "log_every": 10}

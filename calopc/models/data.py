@@ -1,18 +1,29 @@
 r"""Training data: point-cloud Parquet files → padded, preprocessed torch batches.
 
-Showers are held compactly in memory (flat ``cell`` int32 and ``E`` float32 per point,
-plus per-shower offsets), read from the Parquet file chunk by chunk. Continuous
-coordinates are drawn afresh for every batch by per-cell dequantisation, so the model
-never sees the same coordinates twice.
+Two datasets with one interface (``len``, ``geometry``, ``fit_preprocessor``,
+``iter_batches``):
+
+* :class:`ShowerDataset` holds the showers compactly in memory (flat ``cell`` int32 and
+  ``E`` float32 per point plus per-shower offsets: 8 bytes per point), read row group by
+  row group; every epoch is a full shuffle.
+* :class:`StreamingShowerDataset` keeps only a shuffle buffer in memory: every epoch visits
+  the files' row groups in a new random order, fills a buffer of ``buffer_showers``
+  showers, shuffles it and serves batches from it. Memory is bounded by the buffer,
+  whatever the size of the files (a 50k-shower dataset-3 file included).
+
+:func:`open_dataset` picks one by the size of the data. Only the ``cell`` and ``E`` columns
+are read. Continuous coordinates are drawn afresh for every batch by per-cell
+dequantisation, so the model never sees the same coordinates twice.
 """
 
 from __future__ import annotations
 
-__all__ = ["Batch", "ShowerCollate", "ShowerDataset", "iterate_batches"]
+__all__ = ["Batch", "ShowerCollate", "ShowerDataset", "StreamingShowerDataset", "iterate_batches", "open_dataset"]
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import awkward as ak
 import numpy as np
@@ -83,35 +94,22 @@ class ShowerDataset(torch.utils.data.Dataset):
                    np.r_[0, np.cumsum(counts)], np.asarray(events["incident_energy"], dtype=np.float64), geometry)
 
     @classmethod
-    def from_parquet(cls, path: str | os.PathLike, *, max_showers: int | None = None,
-                     step_size: int = 5_000) -> ShowerDataset:
-        """Read a file written by ``calopc convert``, chunk by chunk (memory: 8 bytes per point)."""
-        from ..converters import open_points
-
-        cells, energies, counts, incs = [], [], [], []
-        n = 0
-        with open_points(path) as f:
-            geometry = f.geometry
-            for chunk in f.iterate(step_size):
-                if max_showers is not None and n >= max_showers:
-                    break
-                if max_showers is not None:
-                    chunk = chunk[: max_showers - n]
-                pts = chunk["points"]
-                if "cell" not in ak.fields(pts):
-                    msg = f"{path}: points have no 'cell' field; training needs voxel-derived points ('calopc convert')"
-                    raise ValueError(msg)
-                cells.append(np.asarray(ak.flatten(pts["cell"], axis=None), dtype=np.int32))
-                energies.append(np.asarray(ak.flatten(pts["E"], axis=None), dtype=np.float32))
-                counts.append(np.asarray(ak.num(pts, axis=1), dtype=np.int64))
-                incs.append(np.asarray(chunk["incident_energy"], dtype=np.float64))
-                n += len(chunk)
-        if n == 0:
-            msg = f"{path}: no showers to train on"
-            raise ValueError(msg)
+    def from_parquet(cls, path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                     max_showers: int | None = None) -> ShowerDataset:
+        """Read one or several files written by ``calopc convert``, row group by row group (memory: 8 bytes per point)."""
+        src = _Sources(path, max_showers=max_showers)
+        cell = np.empty(src.n_points, dtype=np.int32)  # filled in place: no second copy at the end
+        energy = np.empty(src.n_points, dtype=np.float32)
+        counts, e_inc = [], []
+        p = 0
+        for k in range(len(src.blocks)):
+            c, e, n, inc = src.read_block(k)
+            cell[p:p + c.shape[0]], energy[p:p + c.shape[0]] = c, e
+            p += c.shape[0]
+            counts.append(n)
+            e_inc.append(inc)
         counts_a = np.concatenate(counts)
-        return cls(np.concatenate(cells), np.concatenate(energies), np.r_[0, np.cumsum(counts_a)],
-                   np.concatenate(incs), geometry)
+        return cls(cell[:p], energy[:p], np.r_[0, np.cumsum(counts_a)], np.concatenate(e_inc), src.geometry)
 
     @property
     def counts(self) -> np.ndarray:
@@ -128,6 +126,178 @@ class ShowerDataset(torch.utils.data.Dataset):
         """Fit a :class:`Preprocessor` (``variant`` ``"I"`` or ``"II"``) on this data."""
         return Preprocessor.fit(self.geometry, self.cell, self.energy, self.counts, self.e_inc, seed=seed,
                                 variant=variant)
+
+    def iter_batches(self, collate: ShowerCollate, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
+                     world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+        """One shuffled epoch; see :func:`iterate_batches`."""
+        perm = np.random.default_rng([seed, epoch]).permutation(len(self))
+        per_rank = len(perm) // world_size
+        perm = perm[rank * per_rank:(rank + 1) * per_rank]
+        stop = len(perm) - (len(perm) % batch_size if drop_last else 0)
+        for i in range(0, stop, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) == 0:
+                break
+            yield collate([self[j] for j in idx])
+
+
+class _Sources:
+    """The row groups ("blocks") of one or several points files with the same geometry."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, max_showers: int | None = None) -> None:
+        from ..converters import open_points
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            msg = "no training files given"
+            raise ValueError(msg)
+        self.geometry = None
+        self.blocks: list[tuple[int, int, int]] = []  # (file, row group, showers used)
+        self.n_points = 0
+        n = 0
+        for fi, p in enumerate(self.paths):
+            with open_points(p) as f:
+                names = f._pf.schema_arrow.field("points").type.value_type
+                if "cell" not in [names.field(i).name for i in range(names.num_fields)]:
+                    msg = f"{p}: points have no 'cell' field; training needs voxel-derived points ('calopc convert')"
+                    raise ValueError(msg)
+                if self.geometry is None:
+                    self.geometry = f.geometry
+                elif f.geometry != self.geometry:
+                    msg = (f"{p}: geometry {f.geometry.name!r} ({f.geometry.n_voxels} voxels) differs from "
+                           f"{self.paths[0]}'s {self.geometry.name!r} ({self.geometry.n_voxels} voxels)")
+                    raise ValueError(msg)
+                meta = f._pf.metadata
+                cell_col = [meta.schema.column(i).path for i in range(meta.num_columns)].index("points.list.element.cell")
+                for g in range(meta.num_row_groups):
+                    rows = meta.row_group(g).num_rows
+                    if max_showers is not None:
+                        rows = min(rows, max_showers - n)
+                    if rows <= 0:
+                        continue
+                    self.blocks.append((fi, g, rows))
+                    self.n_points += meta.row_group(g).column(cell_col).num_values
+                    n += rows
+        self.n_showers = n
+        if n == 0:
+            msg = f"{', '.join(map(str, self.paths))}: no showers to train on"
+            raise ValueError(msg)
+
+    def read_block(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Block ``k`` as ``(cell int32 (P,), E float32 (P,), counts int64 (B,), e_inc float64 (B,))``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fi, g, rows = self.blocks[k]
+        with pq.ParquetFile(self.paths[fi]) as pf:
+            t = pf.read_row_group(g, columns=["incident_energy", "points.list.element.cell", "points.list.element.E"])
+        pts = t.column("points").combine_chunks()
+        offsets = np.asarray(pts.offsets, dtype=np.int64)
+        start, stop = offsets[0], offsets[rows]
+        values = pts.values
+        cell = np.array(values.field("cell"), dtype=np.int32)[start:stop]  # copies: arrow's buffers can go
+        energy = np.array(values.field("E"), dtype=np.float32)[start:stop]
+        e_inc = np.array(t.column("incident_energy"), dtype=np.float64)[:rows]
+        del t, pts, values
+        pa.default_memory_pool().release_unused()  # the allocator would otherwise keep a row group's worth
+        return cell, energy, np.diff(offsets[:rows + 1]), e_inc
+
+
+class StreamingShowerDataset:
+    """Showers of one or several points files, streamed through a shuffle buffer.
+
+    Every epoch visits the row groups in a random order (depending only on ``(seed, epoch)``,
+    so all ranks of a distributed run agree), collects at least ``buffer_showers`` showers,
+    shuffles them and serves batches; showers that do not fill a whole round of batches are
+    kept for the next buffer. Memory: the buffer plus one row group.
+
+    Args:
+        paths: one or several files written by ``calopc convert`` (same geometry).
+        buffer_showers: showers in the shuffle buffer.
+        max_showers: use only the first N showers.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, buffer_showers: int = 20_000,
+                 max_showers: int | None = None) -> None:
+        self._src = _Sources(paths, max_showers=max_showers)
+        self.geometry = self._src.geometry
+        self.buffer_showers = max(1, int(buffer_showers))
+
+    def __len__(self) -> int:
+        return self._src.n_showers
+
+    @property
+    def n_points(self) -> int:
+        """Points in the row groups used (from the file metadata; an upper bound with ``max_showers``)."""
+        return self._src.n_points
+
+    def fit_preprocessor(self, *, seed: int = 0, variant: str = "I", max_showers: int = 10_000) -> Preprocessor:
+        """Fit a :class:`Preprocessor` on randomly chosen row groups holding about ``max_showers`` showers."""
+        order = np.random.default_rng([seed, 7]).permutation(len(self._src.blocks))
+        parts, n = [], 0
+        for k in order:
+            if n >= max_showers:
+                break
+            parts.append(self._src.read_block(int(k)))
+            n += len(parts[-1][3])
+        cell, energy, counts, e_inc = (np.concatenate(x) for x in zip(*parts))
+        return Preprocessor.fit(self.geometry, cell, energy, counts, e_inc, seed=seed, variant=variant)
+
+    def iter_batches(self, collate: ShowerCollate, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
+                     world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+        """One epoch; rank ``r`` of ``world_size`` gets every ``world_size``-th batch of each shuffled buffer."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self._src.blocks))
+        round_size = batch_size * world_size
+        buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        n_buf = 0
+        for i, k in enumerate(order):
+            part = self._src.read_block(int(k))
+            buf.append(part)
+            n_buf += len(part[3])
+            last = i == len(order) - 1
+            if n_buf < max(self.buffer_showers, round_size) and not last:
+                continue
+            cell, energy, counts, e_inc = (np.concatenate(x) for x in zip(*buf))
+            offsets = np.r_[0, np.cumsum(counts)]
+            perm = rng.permutation(n_buf)
+            n_use = (n_buf // round_size) * round_size
+            if last and not drop_last:
+                n_use = n_buf
+            for b in range(0, n_use, round_size):
+                idx = perm[b + rank * batch_size:min(b + (rank + 1) * batch_size, n_use)]
+                if len(idx) == 0:
+                    continue
+                yield collate([(cell[offsets[j]:offsets[j + 1]], energy[offsets[j]:offsets[j + 1]], float(e_inc[j]))
+                               for j in idx])
+            keep = np.sort(perm[n_use:])
+            if len(keep):
+                sel = np.zeros(n_buf, dtype=bool)
+                sel[keep] = True
+                pmask = np.repeat(sel, counts)
+                buf = [(cell[pmask], energy[pmask], counts[keep], e_inc[keep])]
+            else:
+                buf = []
+            n_buf = len(keep)
+
+
+def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], *, stream: bool | None = None,
+                 buffer_showers: int = 20_000, max_showers: int | None = None,
+                 memory_limit: float = 2e9) -> ShowerDataset | StreamingShowerDataset:
+    """Training data from points files: in memory, or streamed through a shuffle buffer.
+
+    Args:
+        stream: ``True``/``False`` to choose; ``None`` streams when the showers would take
+            more than ``memory_limit`` bytes in memory (8 bytes per point).
+    """
+    if stream is None:
+        src = _Sources(paths, max_showers=max_showers)
+        stream = 8 * src.n_points > memory_limit
+    if stream:
+        return StreamingShowerDataset(paths, buffer_showers=buffer_showers, max_showers=max_showers)
+    return ShowerDataset.from_parquet(paths, max_showers=max_showers)
 
 
 class ShowerCollate:
@@ -166,18 +336,13 @@ class ShowerCollate:
                      lay[..., 0])
 
 
-def iterate_batches(dataset: ShowerDataset, collate: ShowerCollate, batch_size: int, *, seed: int = 0,
-                    epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+def iterate_batches(dataset: ShowerDataset | StreamingShowerDataset, collate: ShowerCollate, batch_size: int, *,
+                    seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                    drop_last: bool = True) -> Iterator[Batch]:
     """One shuffled epoch of batches; with ``world_size > 1`` each rank gets a disjoint share.
 
-    The permutation depends only on ``(seed, epoch)``, so every rank agrees on it.
+    The order depends only on ``(seed, epoch)``, so every rank agrees on it, and every rank
+    gets the same number of batches.
     """
-    perm = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-    per_rank = len(perm) // world_size
-    perm = perm[rank * per_rank:(rank + 1) * per_rank]
-    stop = len(perm) - (len(perm) % batch_size if drop_last else 0)
-    for i in range(0, stop, batch_size):
-        idx = perm[i:i + batch_size]
-        if len(idx) == 0:
-            break
-        yield collate([dataset[j] for j in idx])
+    return dataset.iter_batches(collate, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                drop_last=drop_last)

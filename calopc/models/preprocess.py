@@ -240,32 +240,36 @@ class Preprocessor:
         p = cls(geometry, variant=variant)
         rng = np.random.default_rng(seed)
         e_inc = np.asarray(e_inc, dtype=np.float64)
-        inc_pp = np.repeat(e_inc, counts)
-        idx = np.arange(cell.shape[0])
-        if idx.shape[0] > max_points:
-            idx = rng.choice(idx, max_points, replace=False)
-        if idx.shape[0] == 0:
+        counts = np.asarray(counts, dtype=np.int64)
+        offsets = np.r_[0, np.cumsum(counts)]
+        n_points = int(offsets[-1])
+        if n_points == 0:
             msg = "cannot fit the preprocessing: the training data have no points"
             raise ValueError(msg)
-        shower_of = np.repeat(np.arange(counts.shape[0]), counts)
-        energy = np.asarray(energy, np.float64)
+        idx = np.arange(n_points) if n_points <= max_points else np.sort(rng.choice(n_points, max_points, replace=False))
+        shower_of = np.searchsorted(offsets, idx, side="right") - 1  # of the subsampled points only
+        # per-shower sums in chunks of showers, so memory stays small whatever the data size
+        n_layer = np.zeros((counts.shape[0], geometry.n_layers), dtype=np.int64)
+        e_layer = np.zeros((counts.shape[0], geometry.n_layers))
+        step = 4096
+        for a in range(0, counts.shape[0], step):
+            b = min(a + step, counts.shape[0])
+            lo, hi = offsets[a], offsets[b]
+            n_layer[a:b], e_layer[a:b] = layer_sums(geometry, cell[lo:hi], energy[lo:hi], counts[a:b])
+        cell_s = np.asarray(cell[idx], dtype=np.int64)
+        energy_s = np.asarray(energy[idx], dtype=np.float64)
         if variant == "I":
-            y = p.forward_points(p.dequantise(cell[idx], rng), energy[idx], inc_pp[idx]).astype(np.float64)
-            e_sum = np.bincount(shower_of, weights=energy, minlength=counts.shape[0])
-            s = None
+            y = p.forward_points(p.dequantise(cell_s, rng), energy_s, e_inc[shower_of]).astype(np.float64)
+            s = p.forward_shower(counts, e_layer.sum(1), e_inc).astype(np.float64)
         else:
             p.point_mean, p.point_std = [0.0] * 3, [1.0] * 3
             p.shower_mean, p.shower_std = [0.0] * p.n_shower_features, [1.0] * p.n_shower_features
-            n_layer, e_layer = layer_sums(geometry, cell, energy, counts)
-            layer = np.asarray(geometry.cell_layer)[cell]
-            e_pp = e_layer[shower_of, layer]
-            y = p.forward_points_layer(p.dequantise(cell[idx], rng), energy[idx], e_pp[idx],
-                                       layer[idx]).astype(np.float64)
+            layer = np.asarray(geometry.cell_layer)[cell_s]
+            y = p.forward_points_layer(p.dequantise(cell_s, rng), energy_s, e_layer[shower_of, layer],
+                                       layer).astype(np.float64)
             s = p.forward_layers(n_layer, e_layer, e_inc, rng).astype(np.float64)
         p.point_mean = y.mean(0).tolist()
         p.point_std = np.maximum(y.std(0), 1e-6).tolist()
-        if s is None:
-            s = p.forward_shower(counts, e_sum, e_inc).astype(np.float64)
         ok = counts > 0
         p.shower_mean = s[ok].mean(0).tolist()
         p.shower_std = np.maximum(s[ok].std(0), 1e-6).tolist()

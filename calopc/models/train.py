@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .data import ShowerCollate, ShowerDataset, iterate_batches
+from .data import ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
 from .utils import EMA, resolve_device, seed_everything
 
 
@@ -42,6 +43,8 @@ class TrainConfig:
     device: str = "auto"              # auto, cpu, cuda
     amp: bool = False                 # bfloat16 autocast on CUDA (ignored on CPU)
     max_showers: int | None = None    # use only the first N training showers
+    stream: bool | None = None        # stream the data through a shuffle buffer (None: when > 2 GB in memory)
+    buffer_showers: int = 20_000      # showers in the shuffle buffer when streaming
     time_limit: float | None = None   # stop after this many seconds of training (checkpoint first)
     log_every: int = 10               # steps between stats.jsonl records
     checkpoint_every: int = 500       # steps between checkpoints
@@ -68,14 +71,16 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def train(model_name: str, data: str | os.PathLike | ShowerDataset, out: str | os.PathLike, *,
+def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
+          out: str | os.PathLike, *,
           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
           resume: bool = False) -> dict:
     """Train a registered model and write a run directory.
 
     Args:
         model_name: a name from :data:`calopc.models.MODELS`.
-        data: a point-cloud Parquet file (``calopc convert``) or a :class:`ShowerDataset`.
+        data: point-cloud Parquet file(s) (``calopc convert``), or a :class:`ShowerDataset` /
+            :class:`StreamingShowerDataset`.
         out: run directory.
         model_config: overrides of the model's config dataclass.
         config: training options. Defaults to :class:`TrainConfig()`.
@@ -102,7 +107,9 @@ def train(model_name: str, data: str | os.PathLike | ShowerDataset, out: str | o
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg.seed)
     out = Path(out)
-    dataset = data if isinstance(data, ShowerDataset) else ShowerDataset.from_parquet(data, max_showers=cfg.max_showers)
+    in_memory = isinstance(data, (ShowerDataset, StreamingShowerDataset))
+    dataset = data if in_memory else open_dataset(data, stream=cfg.stream, buffer_showers=cfg.buffer_showers,
+                                                 max_showers=cfg.max_showers)
     if len(dataset) < cfg.batch_size * world:
         msg = f"{len(dataset)} training showers are fewer than one batch ({cfg.batch_size} x {world} processes)"
         raise ValueError(msg)
@@ -151,7 +158,8 @@ def train(model_name: str, data: str | os.PathLike | ShowerDataset, out: str | o
         out.mkdir(parents=True, exist_ok=True)
         with __import__("calopc.io", fromlist=["atomic_output"]).atomic_output(out / "training_options.json") as tmp:
             tmp.write_text(json.dumps({"model": name, "model_config": asdict(model.config), "train": train_meta,
-                                       "data": str(data) if not isinstance(data, ShowerDataset) else "<in memory>",
+                                       "data": "<dataset object>" if in_memory else [str(p) for p in ([data] if isinstance(data, (str, os.PathLike)) else data)],
+                                       "streamed": isinstance(dataset, StreamingShowerDataset),
                                        "world_size": world}, indent=2) + "\n")
     log = open(out / "stats.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     bar = None
