@@ -156,6 +156,7 @@ class _Sources:
         self.geometry = None
         self.blocks: list[tuple[int, int, int]] = []  # (file, row group, showers used)
         self.n_points = 0
+        self._columns: list[list[str]] = []  # per file: the Parquet column paths to read
         n = 0
         for fi, p in enumerate(self.paths):
             with open_points(p) as f:
@@ -170,7 +171,12 @@ class _Sources:
                            f"{self.paths[0]}'s {self.geometry.name!r} ({self.geometry.n_voxels} voxels)")
                     raise ValueError(msg)
                 meta = f._pf.metadata
-                cell_col = [meta.schema.column(i).path for i in range(meta.num_columns)].index("points.list.element.cell")
+                paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+                # the list level is named by the writer ("list.element" or "list.item"): look the leaves up
+                leaf = {k: next(c for c in paths if c.startswith("points.") and c.rsplit(".", 1)[1] == k)
+                        for k in ("cell", "E")}
+                self._columns.append(["incident_energy", leaf["cell"], leaf["E"]])
+                cell_col = paths.index(leaf["cell"])
                 for g in range(meta.num_row_groups):
                     rows = meta.row_group(g).num_rows
                     if max_showers is not None:
@@ -192,7 +198,7 @@ class _Sources:
 
         fi, g, rows = self.blocks[k]
         with pq.ParquetFile(self.paths[fi]) as pf:
-            t = pf.read_row_group(g, columns=["incident_energy", "points.list.element.cell", "points.list.element.E"])
+            t = pf.read_row_group(g, columns=self._columns[fi])
         pts = t.column("points").combine_chunks()
         offsets = np.asarray(pts.offsets, dtype=np.int64)
         start, stop = offsets[0], offsets[rows]
