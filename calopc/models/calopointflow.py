@@ -42,6 +42,16 @@ from .data import Batch
 from .preprocess import Preprocessor
 
 
+def _scale_groups(w: np.ndarray, group: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Rescale point weights ``w`` so that the points of group ``g`` sum to ``target[g]``.
+
+    Shapes:
+        w, group: ``(P,)`` (``group`` in ``[0, G)``); target: ``(G,)``; returns ``(P,)``.
+    """
+    tot = np.bincount(group, weights=w, minlength=target.shape[0])
+    return w * (target / np.maximum(tot, 1e-300))[group]
+
+
 @dataclass(frozen=True)
 class CaloPointFlowConfig:
     """Hyper-parameters of :class:`CaloPointFlow` (defaults: the benchmark model)."""
@@ -258,19 +268,16 @@ class CaloPointFlow(nn.Module):
             n, e_sum = prep.inverse_shower(s_np, e_inc)
             x, mask = self.sample(cond, torch.from_numpy(n).to(device), s)
             zar, en = prep.inverse_points(x[mask].float().cpu().numpy(), np.repeat(e_inc, n))
-            shower_of = np.repeat(np.arange(e_inc.shape[0]), n)
             # scale the point energies so that each shower carries the sampled total
-            tot = np.bincount(shower_of, weights=en, minlength=e_inc.shape[0])
-            return n, zar, en * (e_sum / np.maximum(tot, 1e-300))[shower_of]
+            return n, zar, _scale_groups(en, np.repeat(np.arange(e_inc.shape[0]), n), e_sum)
         n_layer, e_layer = prep.inverse_layers(s_np, e_inc)
         b, n_l = n_layer.shape
         n = n_layer.sum(1)
         layer = np.repeat(np.tile(np.arange(n_l), b), n_layer.ravel())                   # (P,) shower after shower
         from .utils import pad
 
-        lay, _ = pad([t[:, None] for t in torch.split(torch.from_numpy(layer), n.tolist())], device=device)
-        x, mask = self.sample(cond, torch.from_numpy(n).to(device), s, lay[..., 0])
+        lay, _ = pad(list(torch.split(torch.from_numpy(layer), n.tolist())), device=device)
+        x, mask = self.sample(cond, torch.from_numpy(n).to(device), s, lay)
         zar, w = prep.inverse_points_layer(x[mask].float().cpu().numpy(), layer)
-        key = np.repeat(np.arange(b), n) * n_l + layer
-        tot = np.bincount(key, weights=w, minlength=b * n_l)
-        return n, zar, w / np.maximum(tot[key], 1e-300) * e_layer.ravel()[key]
+        # and each layer of each shower the sampled layer energy
+        return n, zar, _scale_groups(w, np.repeat(np.arange(b), n) * n_l + layer, e_layer.ravel())

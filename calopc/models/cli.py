@@ -148,10 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         t.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
     t.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA (default: off)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt (default: off)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit (default: off)")
+    _add_common(t, "print the resolved configuration and exit (default: off)")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="generate showers from a trained run directory")
@@ -167,11 +164,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="voxel threshold in MeV for HDF5 output (default: the geometry's, 15.15 keV for ds2/3)")
     g.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default: %(default)s)")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights (default: EMA)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved options and exit (default: off)")
+    _add_common(g, "print the resolved options and exit (default: off)")
     g.set_defaults(func=_cmd_generate)
+
+
+def _add_common(p: argparse.ArgumentParser, dry_run_help: str) -> None:
+    """The options ``train`` and ``generate`` share: --seed, --device, --no-progress, --dry-run."""
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 
 def _train_defaults() -> dict:

@@ -97,7 +97,7 @@ class ShowerDataset(torch.utils.data.Dataset):
     def from_parquet(cls, path: str | os.PathLike | Sequence[str | os.PathLike], *,
                      max_showers: int | None = None) -> ShowerDataset:
         """Read one or several files written by ``calopc convert``, row group by row group (memory: 8 bytes per point)."""
-        src = _Sources(path, max_showers=max_showers)
+        src = _sources(path, max_showers)
         cell = np.empty(src.n_points, dtype=np.int32)  # filled in place: no second copy at the end
         energy = np.empty(src.n_points, dtype=np.float32)
         counts, e_inc = [], []
@@ -211,6 +211,11 @@ class _Sources:
         return cell, energy, np.diff(offsets[:rows + 1]), e_inc
 
 
+def _sources(paths: str | os.PathLike | Sequence[str | os.PathLike] | _Sources, max_showers: int | None) -> _Sources:
+    """``paths`` opened as :class:`_Sources`, or already opened (``max_showers`` was applied then)."""
+    return paths if isinstance(paths, _Sources) else _Sources(paths, max_showers=max_showers)
+
+
 class StreamingShowerDataset:
     """Showers of one or several points files, streamed through a shuffle buffer.
 
@@ -227,7 +232,7 @@ class StreamingShowerDataset:
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, buffer_showers: int = 20_000,
                  max_showers: int | None = None) -> None:
-        self._src = _Sources(paths, max_showers=max_showers)
+        self._src = _sources(paths, max_showers)
         self.geometry = self._src.geometry
         self.buffer_showers = max(1, int(buffer_showers))
 
@@ -298,12 +303,12 @@ def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], *, stre
         stream: ``True``/``False`` to choose; ``None`` streams when the showers would take
             more than ``memory_limit`` bytes in memory (8 bytes per point).
     """
+    src = _Sources(paths, max_showers=max_showers)  # read the files' metadata once, for both choices
     if stream is None:
-        src = _Sources(paths, max_showers=max_showers)
         stream = 8 * src.n_points > memory_limit
     if stream:
-        return StreamingShowerDataset(paths, buffer_showers=buffer_showers, max_showers=max_showers)
-    return ShowerDataset.from_parquet(paths, max_showers=max_showers)
+        return StreamingShowerDataset(src, buffer_showers=buffer_showers)
+    return ShowerDataset.from_parquet(src)
 
 
 class ShowerCollate:
@@ -337,9 +342,9 @@ class ShowerCollate:
             s = prep.forward_layers(n_layer, e_layer, e_inc, self.rng)
         split = counts.tolist()
         x, mask = pad(list(torch.split(torch.from_numpy(y), split)))
-        lay, _ = pad([t[:, None] for t in torch.split(torch.from_numpy(layer), split)])
+        lay, _ = pad(list(torch.split(torch.from_numpy(layer), split)))
         return Batch(x, mask, torch.from_numpy(s), torch.from_numpy(prep.forward_cond(e_inc)), torch.from_numpy(counts),
-                     lay[..., 0])
+                     lay)
 
 
 def iterate_batches(dataset: ShowerDataset | StreamingShowerDataset, collate: ShowerCollate, batch_size: int, *,

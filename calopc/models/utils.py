@@ -30,10 +30,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def pad(points: Sequence[np.ndarray] | Sequence[torch.Tensor], *, max_points: int | None = None,
         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged ``(n_i, F)`` arrays into a padded batch (like PyG's ``to_dense_batch``).
+    """Stack ragged ``(n_i, F)`` (or ``(n_i,)``) arrays into a padded batch (like PyG's ``to_dense_batch``).
 
     Args:
-        points: ``B`` arrays or tensors of shape ``(n_i, F)``.
+        points: ``B`` arrays or tensors of shape ``(n_i, F)``, or all of shape ``(n_i,)``.
         max_points: truncate to this many points. Defaults to the longest set.
         dtype, device: of the output. Default: those of the first tensor (float32 for arrays).
 
@@ -41,7 +41,7 @@ def pad(points: Sequence[np.ndarray] | Sequence[torch.Tensor], *, max_points: in
         ``(x, mask)``: zeros where padded; ``mask`` is True on real points.
 
     Shapes:
-        x: ``(B, N_max, F)``; mask: ``(B, N_max)``.
+        x: ``(B, N_max, F)`` (``(B, N_max)`` for 1-d sets); mask: ``(B, N_max)``.
 
     Example:
         >>> import torch
@@ -56,12 +56,10 @@ def pad(points: Sequence[np.ndarray] | Sequence[torch.Tensor], *, max_points: in
           for p in points]
     dtype = dtype or ts[0].dtype
     device = device or ts[0].device
-    f = ts[0].shape[-1]
     n_max = max(t.shape[0] for t in ts)
     if max_points is not None:
         n_max = min(n_max, max_points)
-    x = torch.zeros(len(ts), n_max, f, dtype=dtype, device=device)
-    mask = torch.zeros(len(ts), n_max, dtype=torch.bool, device=device)
+    x = torch.zeros(len(ts), n_max, *ts[0].shape[1:], dtype=dtype, device=device)
     lengths = torch.tensor([min(t.shape[0], n_max) for t in ts], device=device)
     mask = torch.arange(n_max, device=device)[None, :] < lengths[:, None]
     if n_max:

@@ -20,6 +20,10 @@ def test_pad_unpad_roundtrip():
         assert torch.equal(a, b)
     x2, m2 = pad([np.ones((5, 2))], max_points=3)
     assert x2.shape == (1, 3, 2) and bool(m2.all())
+    ids = [torch.arange(n) for n in (2, 0, 3)]  # 1-d sets pad to (B, N_max)
+    x3, m3 = pad(ids)
+    assert x3.shape == (3, 3) and x3.dtype == torch.int64
+    assert x3.tolist() == [[0, 1, 0], [0, 0, 0], [0, 1, 2]] and m3.sum(1).tolist() == [2, 0, 3]
     with pytest.raises(ValueError, match="at least one"):
         pad([])
 
