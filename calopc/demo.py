@@ -17,10 +17,11 @@ def run_demo(out_dir: str | Path = "demo", *, dataset: str = "2", n: int = 1000,
              progress: bool = True) -> dict:
     """Write a synthetic file, convert it to points and back, check the round trip; return a summary."""
     from .converters import convert_file, file_info, voxelize_file
-    from .io import open_showers
+    from .io import check_writable, open_showers
     from .synth import write_synthetic
 
     out = Path(out_dir)
+    check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     src = out / f"ds{dataset}_synthetic.hdf5"
     pts = out / f"ds{dataset}_synthetic.parquet"

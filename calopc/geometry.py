@@ -27,6 +27,7 @@ __all__ = [
     "GeometryError",
     "detect_geometry",
     "load_geometry",
+    "resolve_threshold",
 ]
 
 import functools
@@ -154,20 +155,42 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Geometry:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            name=d["name"],
-            particle=d.get("particle", ""),
-            layer_ids=tuple(int(x) for x in d["layer_ids"]),
-            r_edges=tuple(tuple(float(x) for x in e) for e in d["r_edges"]),
-            n_alpha=tuple(int(x) for x in d["n_alpha"]),
-            layer_mm=d.get("layer_mm"),
-            threshold=float(d.get("threshold", 0.0)),
-        )
+        """Inverse of :meth:`to_dict`; :class:`GeometryError` naming the field when one is missing or malformed."""
+        if not isinstance(d, dict):
+            msg = f"expected a geometry mapping with keys name, layer_ids, r_edges, n_alpha; got {type(d).__name__}"
+            raise GeometryError(msg)
+        missing = [k for k in ("name", "layer_ids", "r_edges", "n_alpha") if k not in d]
+        if missing:
+            msg = (f"geometry is missing the field(s) {', '.join(missing)}; expected name, layer_ids, r_edges, "
+                   f"n_alpha (found {', '.join(sorted(map(str, d))) or 'none'})")
+            raise GeometryError(msg)
+        try:
+            layer_mm = d.get("layer_mm")
+            return cls(
+                name=str(d["name"]),
+                particle=str(d.get("particle", "")),
+                layer_ids=tuple(int(x) for x in d["layer_ids"]),
+                r_edges=tuple(tuple(float(x) for x in e) for e in d["r_edges"]),
+                n_alpha=tuple(int(x) for x in d["n_alpha"]),
+                layer_mm=None if layer_mm is None else float(layer_mm),
+                threshold=float(d.get("threshold", 0.0)),
+            )
+        except (TypeError, ValueError) as err:
+            if isinstance(err, GeometryError):
+                raise
+            msg = (f"geometry fields have the wrong type ({err}); expected lists of numbers in layer_ids, r_edges, "
+                   "n_alpha")
+            raise GeometryError(msg) from err
 
     @classmethod
     def from_json(cls, s: str | bytes) -> Geometry:
-        return cls.from_dict(json.loads(s))
+        """Inverse of :meth:`to_json`; :class:`GeometryError` when the text is not a valid geometry."""
+        try:
+            d = json.loads(s)
+        except (ValueError, UnicodeDecodeError) as err:
+            msg = f"geometry is not valid JSON ({err})"
+            raise GeometryError(msg) from err
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -385,6 +408,27 @@ def load_geometry(spec: str | int | os.PathLike | Geometry) -> Geometry:
         return Geometry.from_xml(p)
     msg = f"unknown geometry {spec!r}: expected one of {', '.join(DATASETS)} or a binning XML path"
     raise GeometryError(msg)
+
+
+def resolve_threshold(value: float | str | None, geometry: Geometry | None = None) -> float:
+    """A cell threshold in MeV: a finite number >= 0, or ``None``/``"official"`` for the geometry's readout threshold.
+
+    The meaning is the same in every command: cells with less energy than the threshold are empty.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "official"):
+        if geometry is None:
+            msg = "threshold 'official' needs a geometry"
+            raise ValueError(msg)
+        return float(geometry.threshold)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        msg = f"threshold must be a number of MeV >= 0 or 'official', got {value!r}"
+        raise ValueError(msg) from None
+    if not math.isfinite(v) or v < 0:
+        msg = f"threshold must be a finite number of MeV >= 0 (or 'official'), got {value!r}"
+        raise ValueError(msg)
+    return v
 
 
 def detect_geometry(n_voxels: int) -> Geometry:

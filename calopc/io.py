@@ -2,24 +2,53 @@ r"""Reading and writing CaloChallenge HDF5 files, with validation and atomic out
 
 The official format: two datasets, ``incident_energies`` of shape ``(N, 1)`` and
 ``showers`` of shape ``(N, n_voxels)``, both in MeV, gzip-compressed, no groups.
+
+Also the output safety every writer of calopc shares: :func:`atomic_output` (temporary file
+named with the process id, renamed when complete; stale ones of dead processes swept; file-system
+errors reported as one :class:`OutputError` naming the target), :func:`check_writable` and
+:func:`check_not_input` (run before any work), :func:`deferred_interrupts` /
+:func:`check_interrupt` (Ctrl-C and SIGTERM honoured between chunks, which h5py otherwise
+swallows), and small helpers: :func:`json_safe` (valid JSON without bare NaN) and
+:func:`progress_bar` (bars only on a terminal).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Interrupted",
+    "OutputError",
     "ShowerFile",
     "ShowerFileError",
     "atomic_output",
     "check_energies",
+    "check_interrupt",
+    "check_not_input",
+    "check_writable",
+    "deferred_interrupts",
+    "hdf5_write_failed",
+    "json_dumps",
+    "json_safe",
+    "native_float_dtype",
     "open_showers",
+    "progress_bar",
+    "sweep_stale_parts",
     "write_showers",
 ]
 
 import contextlib
+import errno as _errno
+import fnmatch
+import math
 import os
+import re
+import shutil
+import signal
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,16 +62,243 @@ class ShowerFileError(ValueError):
     """An input file is not a valid CaloChallenge shower file."""
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+class OutputError(ValueError):
+    """An output cannot be written (same file as an input, no permission, disk full, ...); one line to report."""
 
-    An interrupted or failed write leaves nothing under the final name (and removes the
-    temporary file).
+
+# ----------------------------------------------------------------------------- interrupts
+class Interrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` that remembers which signal caused it (SIGINT → exit 130, SIGTERM → 143)."""
+
+    def __init__(self, signum: int = signal.SIGINT, *args: object) -> None:
+        super().__init__(*args)
+        self.signum = int(signum)
+
+
+_pending_signals: list[int] = []
+_deferring = False
+
+
+def _deferred_handler(signum: int, frame: object) -> None:
+    if _pending_signals:  # a second Ctrl-C: stop now
+        raise Interrupted(signum)
+    _pending_signals.append(signum)
+
+
+def check_interrupt() -> None:
+    """Raise :class:`Interrupted` if SIGINT/SIGTERM arrived inside :func:`deferred_interrupts` (call between chunks)."""
+    if _pending_signals:
+        signum = _pending_signals[0]
+        _pending_signals.clear()
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM only set a flag; :func:`check_interrupt` raises :class:`Interrupted`.
+
+    h5py ignores a ``KeyboardInterrupt`` raised while it runs its own callbacks (the write then
+    completes as if nothing happened), so chunked HDF5 writers defer the interrupt to the next
+    chunk boundary. A second signal raises at once. Signals that are ignored (``SIG_IGN``) stay
+    ignored. Outside the main thread, or nested, this does nothing.
+    """
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(s)
+        if h is not signal.SIG_IGN and h is not None:
+            old[s] = signal.signal(s, _deferred_handler)
+    _deferring = True
+    _pending_signals.clear()
+    try:
+        yield
+        check_interrupt()
+    finally:
+        _deferring = False
+        for s, h in old.items():
+            signal.signal(s, h)
+        pending = list(_pending_signals)
+        _pending_signals.clear()
+    if pending:  # arrived after the last check (only reached when the block itself succeeded)
+        raise Interrupted(pending[0])
+
+
+# ----------------------------------------------------------------------------- output checks
+_WRITE_ERRNOS = {_errno.ENOSPC: "no space left on device", _errno.EDQUOT: "disk quota exceeded",
+                 _errno.EROFS: "read-only file system", _errno.EACCES: "permission denied",
+                 _errno.EPERM: "operation not permitted", _errno.EFBIG: "file too large",
+                 _errno.EISDIR: "is a folder", _errno.ENOTDIR: "a file is where a folder is expected",
+                 _errno.EIO: "input/output error"}
+_hdf5_failed = False
+_hdf5_zombies: list = []  # h5py objects of failed writes: never closed nor freed (freeing them can crash)
+
+
+def hdf5_write_failed() -> bool:
+    """True once an HDF5 write failed in this process.
+
+    After such a failure (typically a full disk) h5py can crash while the interpreter shuts
+    down (h5py issue 914), so ``calopc.cli`` leaves with ``os._exit`` once it has reported the error.
+    """
+    return _hdf5_failed
+
+
+def _write_reason(err: BaseException) -> str | None:
+    """A short reason for a failed write, or None when ``err`` is not a file-system error."""
+    code = getattr(err, "errno", None)
+    if code is None:  # h5py puts the errno into the message only
+        m = re.search(r"errno = (\d+)", str(err))
+        code = int(m.group(1)) if m else None
+    if code in _WRITE_ERRNOS:
+        return _WRITE_ERRNOS[code]
+    text = str(err).lower()
+    for key, reason in (("no space left", "no space left on device"), ("read-only", "read-only file system"),
+                        ("permission denied", "permission denied"), ("quota", "disk quota exceeded")):
+        if key in text:
+            return reason
+    return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def check_writable(path: str | os.PathLike, *, expected_bytes: float = 0, folder: bool = False) -> None:
+    """Raise :class:`OutputError` (naming ``path``) if it cannot be written; cheap, done before any work.
+
+    Checks: ``path`` is not a folder (or, with ``folder=True``, not a file); no file sits where a
+    parent folder must be; the nearest existing parent folder is writable and on a writable file
+    system; at least ``expected_bytes`` are free there (a rough estimate of the output size).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    if folder:
+        if path.exists() and not path.is_dir():
+            msg = f"{path}: exists and is not a folder; expected a folder for the output (or a new name)"
+            raise OutputError(msg)
+    elif path.is_dir():
+        msg = f"{path}: is a folder; expected a file name for the output, e.g. {path / 'out'}"
+        raise OutputError(msg)
+    anc = path if folder else path.parent
+    anc = Path(os.path.abspath(anc))
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        msg = f"{path}: cannot write: {anc} is a file, but a folder is expected there"
+        raise OutputError(msg)
+    if not os.access(anc, os.W_OK | os.X_OK):
+        ro = False
+        with contextlib.suppress(OSError, AttributeError):
+            ro = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+        msg = f"{path}: cannot write in {anc} ({'read-only file system' if ro else 'permission denied'})"
+        raise OutputError(msg)
+    if expected_bytes > 0:
+        try:
+            free = shutil.disk_usage(anc).free
+        except OSError:
+            return
+        if free < expected_bytes:
+            msg = (f"{path}: not enough free space in {anc}: the output needs about {_fmt_bytes(expected_bytes)}, "
+                   f"{_fmt_bytes(free)} are free")
+            raise OutputError(msg)
+
+
+def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                    folder: bool = False, names: Iterable[str] = ()) -> None:
+    """Raise :class:`OutputError` if writing ``output`` would replace one of ``inputs``.
+
+    Compares resolved paths (symbolic links followed) and, for existing files, inodes (hard links).
+    With ``folder=True`` ``output`` is a folder into which files matching the glob patterns
+    ``names`` (e.g. ``"*.png"``) are written: an input inside it with such a name is refused too.
+    """
+    out = Path(output)
+    out_r = out.resolve()
+    names = tuple(names)
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp = Path(inp)
+        inp_r = inp.resolve()
+        same = out_r == inp_r
+        if not same and out.exists() and inp.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(out, inp)
+        if same:
+            msg = f"{out}: the output would overwrite the input {inp}; choose another output name"
+            raise OutputError(msg)
+        if folder and inp_r.parent == out_r and any(fnmatch.fnmatch(inp_r.name, pat) for pat in names):
+            msg = f"{out}: writing into this folder would overwrite the input {inp}; choose another folder"
+            raise OutputError(msg)
+
+
+# ----------------------------------------------------------------------------- atomic output
+_PART_RE = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.part$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep_stale_parts(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary ``.NAME.PID@HOST.XXXX.part`` files of dead calopc processes of this host in ``folder``.
+
+    Returns the removed paths. Files of other hosts (shared file systems) and of live processes
+    are left alone.
+    """
+    removed = []
+    host = _host()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _PART_RE.match(e.name)
+        if not m or m.group("host") != host:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, expected_bytes: float = 0) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    Before anything is written, :func:`check_writable` runs (with the rough output size
+    ``expected_bytes`` for the free-space check) and temporary files left by killed runs are
+    removed (:func:`sweep_stale_parts`; the temporary name holds the process id and host).
+    An interrupted or failed write leaves nothing under the final name and removes the
+    temporary file; a file-system error (disk full, read-only, permission) becomes an
+    :class:`OutputError` that names ``path``, not the temporary file.
+    """
+    path = Path(path)
+    check_writable(path, expected_bytes=expected_bytes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_parts(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".part", dir=path.parent)
+    except OSError as err:
+        msg = f"{path}: cannot write ({_write_reason(err) or err.strerror or err})"
+        raise OutputError(msg) from err
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -51,14 +307,66 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, FileNotFoundError):
+            reason = _write_reason(err)
+            if reason is not None:
+                msg = f"{path}: cannot write ({reason}); the incomplete output was removed"
+                raise OutputError(msg) from err
         raise
 
 
-def check_energies(values: np.ndarray, *, where: str, key: str) -> None:
-    """Raise :class:`ShowerFileError` if ``values`` holds NaN, inf or negative numbers."""
+# ----------------------------------------------------------------------------- small shared helpers
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/±inf replaced by ``None`` and numpy scalars/arrays, tuples and paths made JSON types.
+
+    ``json.dumps(json_safe(x), allow_nan=False)`` then always gives valid JSON (bare ``NaN`` is not JSON).
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def json_dumps(obj: Any, **kw: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(obj)``: valid JSON, NaN/inf written as ``null``."""
+    import json
+
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
+def progress_bar(total: int | None = None, desc: str = "", *, enabled: bool = True, unit: str = "shower", **kw: Any):
+    """A tqdm progress bar shown only when ``enabled`` and stderr is a terminal (never ``\\r`` lines in logs)."""
+    from tqdm.auto import tqdm
+
+    kw.setdefault("leave", False)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, **kw)
+
+
+def native_float_dtype(dtype: np.dtype | type | str) -> np.dtype:
+    """The native-byte-order float dtype to compute with: big-endian → native, long double → float64."""
+    dt = np.dtype(dtype)
+    if dt.kind != "f" or dt.itemsize > 8:
+        return np.dtype(np.float64)
+    return dt.newbyteorder("=")
+
+def check_energies(values: np.ndarray, *, where: str, key: str, positive: bool = False) -> None:
+    """Raise :class:`ShowerFileError` if ``values`` holds NaN, inf or negative numbers (or zeros, with ``positive``)."""
     bad = ~np.isfinite(values)
     if bad.any():
         idx = np.argwhere(bad)[0]
@@ -69,6 +377,13 @@ def check_energies(values: np.ndarray, *, where: str, key: str) -> None:
         idx = np.argwhere(neg)[0]
         msg = f"{where}: dataset {key!r} holds negative values (first at index {tuple(int(i) for i in idx)}: {values[tuple(idx)]}); expected energies >= 0 MeV"
         raise ShowerFileError(msg)
+    if positive:
+        zero = values == 0
+        if zero.any():
+            idx = np.argwhere(zero)[0]
+            msg = (f"{where}: dataset {key!r} holds zeros (first at index {tuple(int(i) for i in idx)}); "
+                   "expected energies > 0 MeV")
+            raise ShowerFileError(msg)
 
 
 class ShowerFile:
@@ -88,6 +403,12 @@ class ShowerFile:
         if not self.path.exists():
             msg = f"{self.path}: no such file"
             raise FileNotFoundError(msg)
+        if self.path.is_dir():
+            msg = f"{self.path}: is a folder, expected an HDF5 file"
+            raise ShowerFileError(msg)
+        if not os.access(self.path, os.R_OK):
+            msg = f"{self.path}: cannot read (permission denied)"
+            raise ShowerFileError(msg)
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as err:
@@ -149,7 +470,13 @@ class ShowerFile:
 
     @property
     def dtype(self) -> np.dtype:
-        return self._sh.dtype
+        """The dtype :meth:`read` returns for the showers: the stored one, native byte order (long double → float64)."""
+        return native_float_dtype(self._sh.dtype)
+
+    @property
+    def incident_dtype(self) -> np.dtype:
+        """The dtype :meth:`read` returns for the incident energies (see :attr:`dtype`)."""
+        return native_float_dtype(self._inc.dtype)
 
     @property
     def n_voxels(self) -> int:
@@ -176,8 +503,11 @@ class ShowerFile:
         except (OSError, RuntimeError, ValueError) as err:
             msg = f"{self.path}: failed to read rows {start}:{stop} (corrupt or truncated file?): {err}"
             raise ShowerFileError(msg) from err
+        # big-endian or long-double files: compute in native float (awkward and torch need it)
+        inc = inc.astype(self.incident_dtype, copy=False)
+        sh = sh.astype(self.dtype, copy=False)
         if self.validate:
-            check_energies(inc, where=f"{self.path} rows {start}:{stop}", key=INCIDENT_KEY)
+            check_energies(inc, where=f"{self.path} rows {start}:{stop}", key=INCIDENT_KEY, positive=True)
             check_energies(sh, where=f"{self.path} rows {start}:{stop}", key=SHOWERS_KEY)
         return inc, sh
 
@@ -226,45 +556,106 @@ class ShowerWriter:
     """Append showers chunk by chunk to a new file in the official format (used by :func:`write_showers`)."""
 
     def __init__(self, path: Path, n_voxels: int, *, dtype: np.dtype | type = np.float64, compression: str | None = "gzip",
-                 attrs: dict | None = None) -> None:
+                 attrs: dict | None = None, incident_dtype: np.dtype | type | None = None,
+                 target: Path | None = None) -> None:
         import h5py
 
-        self._f = h5py.File(path, "w")
-        chunk_rows = max(1, min(1000, (1 << 20) // max(1, n_voxels)))
-        kw = {"compression": compression} if compression else {}
-        self._inc = self._f.create_dataset(INCIDENT_KEY, shape=(0, 1), maxshape=(None, 1), dtype=dtype,
-                                           chunks=(max(chunk_rows, 1024), 1), **kw)
-        self._sh = self._f.create_dataset(SHOWERS_KEY, shape=(0, n_voxels), maxshape=(None, n_voxels), dtype=dtype,
-                                          chunks=(chunk_rows, n_voxels), **kw)
-        for k, v in (attrs or {}).items():
-            self._f.attrs[k] = v
+        self.target = Path(target) if target is not None else Path(path)
+        self._f = None
+        self._failed_here = False
+        try:
+            self._f = h5py.File(path, "w")
+            chunk_rows = max(1, min(1000, (1 << 20) // max(1, n_voxels)))
+            kw = {"compression": compression} if compression else {}
+            self._inc = self._f.create_dataset(INCIDENT_KEY, shape=(0, 1), maxshape=(None, 1),
+                                               dtype=dtype if incident_dtype is None else incident_dtype,
+                                               chunks=(max(chunk_rows, 1024), 1), **kw)
+            self._sh = self._f.create_dataset(SHOWERS_KEY, shape=(0, n_voxels), maxshape=(None, n_voxels), dtype=dtype,
+                                              chunks=(chunk_rows, n_voxels), **kw)
+            for k, v in (attrs or {}).items():
+                self._f.attrs[k] = v
+        except BaseException:
+            self._failed()
+            self.abort()
+            raise
         self.n = 0
 
+    def _failed(self) -> None:
+        global _hdf5_failed
+        _hdf5_failed = True
+        self._failed_here = True
+
     def append(self, incident: np.ndarray, showers: np.ndarray) -> None:
+        """Append ``(n,)`` incident energies (MeV, > 0) and ``(n, n_voxels)`` showers; checks for Ctrl-C first."""
+        check_interrupt()
         incident = np.asarray(incident).reshape(-1, 1)
         n = incident.shape[0]
         if showers.shape[0] != n:
             msg = f"append: {n} incident energies but {showers.shape[0]} showers"
             raise ValueError(msg)
-        self._inc.resize(self.n + n, axis=0)
-        self._sh.resize(self.n + n, axis=0)
-        self._inc[self.n:] = incident
-        self._sh[self.n:] = showers
+        if n:
+            try:
+                check_energies(incident[:, 0], where=f"{self.target}: refusing to write showers {self.n}:{self.n + n}",
+                               key=INCIDENT_KEY, positive=True)
+            except ShowerFileError as err:
+                raise OutputError(str(err)) from None
+        try:
+            self._inc.resize(self.n + n, axis=0)
+            self._sh.resize(self.n + n, axis=0)
+            self._inc[self.n:] = incident
+            self._sh[self.n:] = showers
+        except BaseException:
+            self._failed()
+            raise
         self.n += n
+        check_interrupt()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is None:
+            return
+        try:
+            self._f.close()
+        except BaseException:
+            self._failed()
+            self.abort()
+            raise
+        self._f = None
+
+    def abort(self) -> None:
+        """Let go of the file after a failure (it is about to be removed).
+
+        After a failed HDF5 write (disk full) closing or even freeing the h5py objects can crash
+        the process (h5py issue 914), so they are parked, never closed; ``calopc.cli`` then leaves
+        with ``os._exit``. After other failures the file is closed normally.
+        """
+        if self._f is None:
+            return
+        if self._failed_here:
+            _hdf5_zombies.append((self._f, getattr(self, "_inc", None), getattr(self, "_sh", None)))
+        else:
+            with contextlib.suppress(Exception):
+                self._f.close()
+        self._f = self._inc = self._sh = None
 
 
 @contextlib.contextmanager
-def shower_writer(path: str | os.PathLike, n_voxels: int, **kw: object) -> Iterator[ShowerWriter]:
-    """Atomically write a shower file chunk by chunk: ``with shower_writer(p, 6480) as w: w.append(e, s)``."""
-    with atomic_output(path) as tmp:
-        w = ShowerWriter(tmp, n_voxels, **kw)
+def shower_writer(path: str | os.PathLike, n_voxels: int, *, expected_bytes: float = 0, **kw: object
+                  ) -> Iterator[ShowerWriter]:
+    """Atomically write a shower file chunk by chunk: ``with shower_writer(p, 6480) as w: w.append(e, s)``.
+
+    Ctrl-C and SIGTERM are deferred to the next :meth:`ShowerWriter.append` (h5py would swallow
+    them); the temporary file is removed and :class:`Interrupted` raised. ``expected_bytes``: rough
+    output size for the free-space check.
+    """
+    with deferred_interrupts(), atomic_output(path, expected_bytes=expected_bytes) as tmp:
+        w = ShowerWriter(tmp, n_voxels, target=Path(path), **kw)
         try:
             yield w
-        finally:
-            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        check_interrupt()  # a signal during the last chunk: remove the file rather than keep it
 
 
 def write_showers(path: str | os.PathLike, incident: np.ndarray, showers: np.ndarray, *,
@@ -276,5 +667,7 @@ def write_showers(path: str | os.PathLike, incident: np.ndarray, showers: np.nda
         msg = f"write_showers: expected showers (N, n_voxels) and incident (N, 1), got {showers.shape} and {incident.shape}"
         raise ValueError(msg)
     dtype = np.result_type(showers.dtype, np.float32)
-    with shower_writer(path, showers.shape[1], dtype=dtype, compression=compression, attrs=attrs) as w:
+    inc_dtype = np.result_type(incident.dtype, np.float32)
+    with shower_writer(path, showers.shape[1], dtype=dtype, incident_dtype=inc_dtype, compression=compression,
+                       attrs=attrs, expected_bytes=0.1 * showers.nbytes) as w:
         w.append(incident, showers)

@@ -227,17 +227,26 @@ def _block(geometry: Geometry, n: int, rng: np.random.Generator, energies: np.nd
 
 def write_synthetic(path: str | os.PathLike, *, dataset: str = "2", n: int = 1000, seed: int = 0,
                     progress: bool = False) -> Path:
-    """Write ``n`` synthetic showers to ``path`` in the official HDF5 format (atomically)."""
-    from tqdm.auto import tqdm
+    """Write ``n`` synthetic showers to ``path`` in the official HDF5 format (atomically).
 
-    from .io import shower_writer
+    Ctrl-C or SIGTERM stops it within one block of showers and leaves no file behind.
+    """
+    from .io import OutputError, progress_bar, shower_writer
 
     geometry = load_geometry(dataset)
+    if isinstance(n, bool) or int(n) < 0:
+        msg = f"number of showers must be >= 0, got {n}"
+        raise ValueError(msg)
     rows = max(_BLOCK, (_BLOCK * max(1, (64 << 20) // (geometry.n_voxels * 8 * _BLOCK))))
     path = Path(path)
-    with shower_writer(path, geometry.n_voxels, dtype=np.float64,
+    if path.suffix.lower() in (".parquet", ".pq"):
+        msg = (f"{path}: synth writes HDF5, but the name ends in {path.suffix!r}; use a .hdf5 name and "
+               "'calopc convert' it")
+        raise OutputError(msg)
+    # gzip-compressed output: about 1-2 bytes per voxel at dataset-2 occupancy
+    with shower_writer(path, geometry.n_voxels, dtype=np.float64, expected_bytes=0.5 * n * geometry.n_voxels,
                        attrs={"generator": "calopc.synth", "dataset": geometry.name, "seed": seed}) as w, \
-            tqdm(total=n, desc=f"synth {path.name}", unit="shower", disable=None if progress else True, leave=False) as bar:
+            progress_bar(n, f"synth {path.name}", enabled=progress) as bar:
         for i in range(0, n, rows):
             j = min(i + rows, n)
             inc, sh = _generate_range(geometry, i, j, seed)
@@ -250,7 +259,10 @@ def _generate_range(geometry: Geometry, i: int, j: int, seed: int) -> tuple[np.n
     """Showers ``i:j`` of the sequence that :func:`generate` makes for ``seed`` (``i`` a multiple of the block)."""
     inc = np.empty(j - i)
     out = np.empty((j - i, geometry.n_voxels))
+    from .io import check_interrupt
+
     for s in range(i, j, _BLOCK):
+        check_interrupt()  # honour Ctrl-C between blocks (deferred while an HDF5 file is being written)
         t = min(s + _BLOCK, j)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s // _BLOCK,)))
         inc[s - i:t - i], out[s - i:t - i] = _block(geometry, t - s, rng, None)

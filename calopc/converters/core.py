@@ -9,9 +9,14 @@ from dataclasses import asdict, dataclass
 import awkward as ak
 import numpy as np
 
-from ..geometry import Geometry, detect_geometry
+from ..geometry import Geometry, detect_geometry, resolve_threshold
 
-COLLISION_POLICIES = ("sum", "max", "nearest-free")
+#: Policies for several points in one cell (the same names as ``calopc generate``). ``"auto"``: ``"sum"``
+#: for points that carry their ``cell`` (converted files: energy conserving, exact), ``"nearest-free"``
+#: for continuous points (model output), as ``calopc generate`` does for points with an angle.
+#: ``"alpha-free"`` ignores the stored angle and draws the α bins of each (layer, r-bin) ring without
+#: replacement.
+COLLISION_POLICIES = ("auto", "alpha-free", "nearest-free", "sum", "max")
 
 #: Fields of a point record, in order.
 POINT_FIELDS = ("r", "alpha", "z", "E", "cell")
@@ -33,8 +38,9 @@ def voxels_to_points(
         showers: ``(N, n_voxels)`` energies in MeV, in the official flat order.
         geometry: the binning; detected from ``n_voxels`` when omitted.
         incident_energies: ``(N,)`` or ``(N, 1)`` MeV; NaN when omitted.
-        threshold: cells at or below this energy (MeV) are not turned into points.
-            Defaults to 0 (every non-zero cell), which makes the conversion exact.
+        threshold: cells below this energy (MeV) are not turned into points (zero cells never are).
+            Defaults to 0 (every non-zero cell), which makes the conversion exact. Same meaning
+            as in :func:`points_to_voxels` and the official evaluation (``E < threshold`` → 0).
 
     Returns:
         An awkward Array of ``N`` records with fields ``incident_energy`` (float64)
@@ -62,6 +68,7 @@ def voxels_to_points(
     elif geometry.n_voxels != n_vox:
         msg = f"showers must have shape (N, {geometry.n_voxels}) for geometry {geometry.name!r}, got {showers.shape}"
         raise ValueError(msg)
+    threshold = resolve_threshold(threshold, geometry)
     if showers.dtype.kind != "f":
         showers = showers.astype(np.float64)
     if incident_energies is None:
@@ -73,7 +80,7 @@ def voxels_to_points(
             raise ValueError(msg)
 
     flat = showers.reshape(-1)
-    mask = flat > threshold
+    mask = flat > 0 if threshold <= 0 else flat >= threshold
     counts = np.count_nonzero(mask.reshape(n, n_vox), axis=1)
     nz = np.flatnonzero(mask)
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -160,6 +167,7 @@ def points_to_voxels(
     use_cells: bool | None = None,
     dtype: np.dtype | type | None = None,
     return_stats: bool = False,
+    rng: np.random.Generator | int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, VoxelizeStats]:
     """Put point clouds back into dense voxel showers.
 
@@ -174,14 +182,20 @@ def points_to_voxels(
         geometry: the binning. Required unless every point has a ``cell`` and the
             geometry can be detected.
         collisions: what to do when several points of a shower fall in one cell:
+            ``"auto"`` is ``"sum"`` for points with a ``cell`` and ``"nearest-free"`` otherwise;
             ``"sum"`` adds their energies (energy conserving); ``"max"`` keeps the most
             energetic point and drops the others; ``"nearest-free"`` keeps the most
             energetic one and moves each other point to the nearest empty cell of the
-            same layer (falling back to ``"sum"`` if none is free within the 24 nearest).
-        threshold: cells whose final energy is below this (MeV) are set to 0.
+            same layer (falling back to ``"sum"`` if none is free within the 24 nearest);
+            ``"alpha-free"`` keeps each point's layer and r-bin, ignores its α and gives the
+            points of a ring distinct α bins drawn at random (summing only when a ring holds
+            more points than α bins).
+        threshold: cells whose final energy is below this (MeV) are set to 0 (finite, >= 0;
+            ``"official"``: the geometry's readout threshold).
         use_cells: use the ``cell`` field (default: when present).
         dtype: output dtype; defaults to the dtype of ``E``.
         return_stats: also return a :class:`VoxelizeStats`.
+        rng: random numbers of ``"alpha-free"`` (a Generator or a seed; default: seed 0).
 
     Returns:
         ``(N, n_voxels)`` array, or ``(array, stats)``.
@@ -189,6 +203,7 @@ def points_to_voxels(
     if collisions not in COLLISION_POLICIES:
         msg = f"collisions must be one of {', '.join(COLLISION_POLICIES)}, got {collisions!r}"
         raise ValueError(msg)
+    threshold = resolve_threshold(threshold, geometry)
     pts = _points_of(events)
     fields = set(ak.fields(pts))
     if "E" not in fields:
@@ -202,6 +217,8 @@ def points_to_voxels(
     if not use_cells and not {"r", "alpha", "z"} <= fields:
         msg = f"points without 'cell' need 'r', 'alpha' and 'z' fields; found {sorted(fields)}"
         raise ValueError(msg)
+    if collisions == "auto":
+        collisions = "sum" if use_cells else "nearest-free"
     if geometry is None:
         if not use_cells:
             msg = "a geometry is needed to bin continuous points"
@@ -228,12 +245,19 @@ def points_to_voxels(
         cell = np.asarray(ak.flatten(pts["cell"], axis=None)).astype(np.int64)
         cell = np.where((cell >= 0) & (cell < n_vox), cell, -1)
     else:
-        cell = geometry.locate(*(np.asarray(ak.flatten(pts[f], axis=None)) for f in ("r", "alpha", "z")))
+        r, a, z = (np.asarray(ak.flatten(pts[f], axis=None)) for f in ("r", "alpha", "z"))
+        if collisions == "alpha-free":  # α is not used: any finite angle finds the ring
+            a = np.where(np.isfinite(a), a, 0.0)
+        cell = geometry.locate(r, a, z)
     ev = np.repeat(np.arange(n, dtype=np.int64), counts)
 
     inside = cell >= 0
     stats.n_outside = int((~inside).sum())
     ev, cell, e = ev[inside], cell[inside], e[inside]
+    if collisions == "alpha-free":
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+        cell = _alpha_free_cells(ev, cell, geometry, gen)
+        collisions = "sum"
 
     out = np.zeros(n * n_vox, dtype=dtype)
     key = ev * n_vox + cell
@@ -268,6 +292,42 @@ def points_to_voxels(
         out[low] = 0
     out = out.reshape(n, n_vox)
     return (out, stats) if return_stats else out
+
+
+def _alpha_free_cells(ev: np.ndarray, cell: np.ndarray, geometry: Geometry, rng: np.random.Generator) -> np.ndarray:
+    """New cells: each point keeps its layer and r-bin; the points of a (shower, layer, r-bin) ring get α bins
+    drawn without replacement (after ``n_α`` points of a ring the bins repeat, and those points are summed)."""
+    if cell.size == 0:
+        return cell
+    n_alpha = np.asarray(geometry.n_alpha, dtype=np.int64)
+    n_r = np.asarray(geometry.n_r, dtype=np.int64)
+    layer = geometry.cell_layer[cell].astype(np.int64)
+    rbin = geometry.cell_r_bin[cell].astype(np.int64)
+    ring0 = geometry.offsets[layer] + rbin  # the cell of α bin 0 names the ring
+    key = ev * geometry.n_voxels + ring0
+    order = np.lexsort((rng.random(key.shape[0]), key))  # random order of the points inside each ring
+    ks = key[order]
+    new = np.ones(ks.shape[0], dtype=bool)
+    new[1:] = ks[1:] != ks[:-1]
+    start = np.flatnonzero(new)
+    ring_of = np.cumsum(new) - 1
+    rank = np.arange(ks.shape[0]) - start[ring_of]
+    lay = layer[order]
+    na = n_alpha[lay]
+    na_max = int(n_alpha.max())
+    ring_na = na[start]
+    abin = np.empty(ks.shape[0], dtype=np.int64)
+    step = max(1, (1 << 22) // na_max)  # rings per batch: bounded memory for the random permutations
+    for lo in range(0, start.shape[0], step):
+        hi = min(lo + step, start.shape[0])
+        u = rng.random((hi - lo, na_max), dtype=np.float32)
+        u[np.arange(na_max)[None, :] >= ring_na[lo:hi, None]] = 2.0  # bins a layer does not have sort last
+        perm = np.argsort(u, axis=1)
+        sel = (ring_of >= lo) & (ring_of < hi)
+        abin[sel] = perm[ring_of[sel] - lo, rank[sel] % na[sel]]
+    out = np.empty_like(cell)
+    out[order] = ring0[order] + abin * n_r[lay]
+    return out
 
 
 def neighbour_table(geometry: Geometry, k: int = 24) -> np.ndarray:

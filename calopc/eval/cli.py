@@ -7,7 +7,8 @@ __all__ = ["register"]
 import argparse
 from pathlib import Path
 
-_METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd", "pointcloud", "plots")
+_METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "cls-cnn", "cls-sparse", "fpd", "kpd", "prdc", "pointcloud",
+            "plots")
 _DEFAULT = "hist,cls-low,cls-high,fpd,kpd,pointcloud,plots"
 
 
@@ -20,6 +21,107 @@ def _metrics(s: str) -> tuple[str, ...]:
     return items
 
 
+def _formats(s: str) -> tuple[str, ...]:
+    items = tuple(x.strip().lower() for x in s.split(",") if x.strip())
+    bad = [x for x in items if x not in ("png", "pdf", "svg")]
+    if bad or not items:
+        msg = f"plot formats must be a comma-separated subset of png,pdf,svg, got {s!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return items
+
+
+def _four_ints(s: str) -> tuple[int, int, int, int]:
+    try:
+        v = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 4 or min(v) < 1:
+        msg = f"expected 4 comma-separated positive integers, got {s!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return v  # type: ignore[return-value]
+
+
+#: the official ``evaluate.py --mode`` values and the calopc metrics that compute them
+_OFFICIAL_MODES = {
+    "all": None, "avg": ("plots",), "avg-E": ("plots",), "hist-p": ("hist", "plots"), "hist-chi": ("hist",),
+    "hist": ("hist", "plots"), "cls-low": ("cls-low",), "cls-low-normed": ("cls-low-normed",),
+    "cls-high": ("cls-high",), "cls-resnet": ("cls-cnn",), "fpd": ("fpd",), "kpd": ("kpd",), "prdc": ("prdc",),
+}
+_REPORT_FILES = ("metrics.json", "report.html", "*.png", "*.pdf", "*.txt", "*.csv")
+_EPILOG = """\
+examples:
+  calopc evaluate gen.hdf5 dataset_2_2.hdf5 -o report/ --max-showers 10000
+  calopc evaluate gen.parquet ref.hdf5 -o report/ --metrics hist,fpd,kpd,plots --device cuda
+  # the official evaluate.py command line works too:
+  calopc evaluate -i gen.hdf5 -r dataset_2_2.hdf5 -m all -d 2 --output_dir evaluation_results/
+"""
+
+
+def _resolve_official(args: argparse.Namespace) -> None:
+    """Turn the official evaluate.py spellings (-i, -r, -m, --no_cuda, ...) into calopc's options."""
+    from ..cli import CLIError
+
+    for pos, opt, flag in (("generated", "input_file", "-i/--input_file"), ("reference", "reference_file",
+                                                                             "-r/--reference_file")):
+        a, b = getattr(args, pos), getattr(args, opt)
+        if a is not None and b is not None and a != b:
+            msg = f"{pos} sample given twice ({a} and {flag} {b}); give it once"
+            raise CLIError(msg)
+        if a is None and b is None:
+            msg = f"no {pos} sample; usage: calopc evaluate GEN REF -o DIR (or -i GEN -r REF --output_dir DIR)"
+            raise CLIError(msg)
+        setattr(args, pos, a if a is not None else b)
+    if args.output is None:
+        if args.input_file is None and args.reference_file is None:
+            msg = "no report folder; pass -o/--output DIR"
+            raise CLIError(msg)
+        args.output = Path("evaluation_results")  # the official default
+    if args.mode is not None:
+        if args.metrics_given:
+            msg = "give either --metrics or -m/--mode, not both"
+            raise CLIError(msg)
+        mapped = _OFFICIAL_MODES[args.mode]
+        metrics = _metrics(_DEFAULT) if mapped is None else mapped
+        missing = [m for m in metrics if m not in _METRICS]
+        if missing:
+            msg = f"mode {args.mode!r} needs metric(s) {', '.join(missing)}, which this calopc does not provide"
+            raise CLIError(msg)
+        args.metrics = metrics
+    if not args.metrics:
+        msg = f"no metrics selected; choose from {', '.join(_METRICS)}"
+        raise CLIError(msg)
+    if args.no_cuda:
+        args.device = "cpu"
+    elif args.which_cuda is not None:
+        args.device = "cuda" if args.which_cuda == 0 else f"cuda:{args.which_cuda}"
+
+
+def _run_checked(args: argparse.Namespace) -> int:
+    """:func:`_run` after the option checks; files it created are removed again if it fails or is interrupted."""
+    import shutil
+
+    from ..io import check_not_input, check_writable
+
+    _resolve_official(args)
+    out = Path(args.output)
+    check_not_input(out, [args.generated, args.reference], folder=True, names=_REPORT_FILES)
+    check_writable(out, folder=True, expected_bytes=20e6)
+    existed = out.exists()
+    before = set(out.iterdir()) if existed else set()
+    try:
+        return _run(args)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for q in set(out.iterdir()) - before:
+                if q.is_dir() and not q.is_symlink():
+                    shutil.rmtree(q, ignore_errors=True)
+                else:
+                    q.unlink(missing_ok=True)
+        raise
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..geometry import load_geometry
     from .evaluate import evaluate
@@ -30,7 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         threshold=args.threshold, metrics=args.metrics, max_showers=args.max_showers,
         cls_epochs=args.cls_epochs, cls_seeds=args.cls_seeds, cls_hidden=args.cls_hidden,
         cls_batch_size=args.cls_batch_size, fpd_min_samples=args.fpd_min_samples, kpd_batch_size=args.kpd_batch_size,
+        cnn_options={k: v for k, v in (("widths", args.cnn_widths), ("blocks", args.cnn_blocks)) if v is not None},
+        fpd_estimator=args.fpd_estimator, low_normed=args.low_normed, prdc_k=args.prdc_k,
         collisions=args.collisions, device=args.device, seed=args.seed, progress=not args.no_progress,
+        formats=args.formats, plot_workers=args.plot_workers,
     )
     print(f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers")
     for kind, c in res.get("classifier", {}).items():
@@ -38,7 +143,13 @@ def _run(args: argparse.Namespace) -> int:
     for key, label in (("fpd_x1e3", "FPD x1e3"), ("kpd_x1e3", "KPD x1e3")):
         if key in res:
             d = res[key]
-            print(f"  {label}: {d['value']:.3f} ± {d['error']:.3f}   (reference-vs-reference floor {d['ref_floor']:.3f} ± {d['ref_floor_error']:.3f})")
+            fl = "–" if d["ref_floor"] is None else f"{d['ref_floor']:.3f} ± {d['ref_floor_error'] or 0:.3f}"
+            print(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   "
+                  f"(reference-vs-reference floor {fl} at {d['floor_size']} vs {d['floor_size']} showers)")
+    if "prdc" in res:
+        p = res["prdc"]
+        print(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
+              f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
     summ = res.get("separation_summary", {})
     if summ:
         print("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
@@ -50,25 +161,71 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="compare a generated sample with a reference: CaloChallenge metrics, plots, report")
-    p.add_argument("generated", type=Path, help="generated sample: voxel HDF5 or point-cloud Parquet")
-    p.add_argument("reference", type=Path, help="reference sample: voxel HDF5 or point-cloud Parquet")
-    p.add_argument("-o", "--output", type=Path, required=True, help="report folder (metrics.json, report.html, plots)")
-    p.add_argument("--metrics", type=_metrics, default=_metrics(_DEFAULT),
+    from ..cli import COLLISIONS, positive_int, threshold_arg
+
+    p = sub.add_parser("evaluate", help="compare a generated sample with a reference: CaloChallenge metrics, plots, report",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("generated", type=Path, nargs="?", default=None,
+                   help="generated sample: voxel HDF5 or point-cloud Parquet (official: -i/--input_file)")
+    p.add_argument("reference", type=Path, nargs="?", default=None,
+                   help="reference sample: voxel HDF5 or point-cloud Parquet (official: -r/--reference_file)")
+    p.add_argument("-i", "--input_file", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("-r", "--reference_file", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", "--output_dir", dest="output", type=Path, default=None,
+                   help="report folder (metrics.json, report.html, plots); required unless the official -i/-r are used "
+                        "(then default: evaluation_results)")
+
+    class _Metrics(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+            namespace.metrics, namespace.metrics_given = values, True
+
+    p.add_argument("--metrics", type=_metrics, default=_metrics(_DEFAULT), action=_Metrics,
                    help=f"comma-separated subset of {','.join(_METRICS)} (default: {_DEFAULT})")
-    p.add_argument("--geometry", default=None, help="dataset name or binning XML (default: detected)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="cell threshold in MeV (default: 1 for dataset 1, 0.01515 for datasets 2 and 3)")
-    p.add_argument("--max-showers", type=int, default=None, help="use only the first N showers of each file (default: all)")
-    p.add_argument("--cls-epochs", type=int, default=50, help="classifier epochs (default: %(default)s, official)")
-    p.add_argument("--cls-seeds", type=int, default=3, help="classifier trainings for mean ± std (default: %(default)s)")
-    p.add_argument("--cls-hidden", type=int, default=2048, help="classifier hidden units (default: %(default)s, official)")
-    p.add_argument("--cls-batch-size", type=int, default=1000, help="classifier batch size (default: %(default)s)")
-    p.add_argument("--fpd-min-samples", type=int, default=10_000, help="smallest FPD batch (default: %(default)s)")
-    p.add_argument("--kpd-batch-size", type=int, default=10_000, help="KPD batch size (default: %(default)s)")
-    p.add_argument("--collisions", choices=("sum", "max", "nearest-free"), default="sum",
-                   help="re-voxelization policy for point-cloud inputs (default: %(default)s)")
+    p.set_defaults(metrics_given=False)
+    p.add_argument("-m", "--mode", choices=tuple(_OFFICIAL_MODES), default=None,
+                   help="official evaluate.py mode instead of --metrics (all = the default metrics)")
+    p.add_argument("--geometry", "-d", "--dataset", dest="geometry", default=None,
+                   help="dataset name or binning XML (default: detected)")
+    p.add_argument("--threshold", type=threshold_arg, default=None, metavar="MEV|official",
+                   help="cells with less energy (MeV) are empty; 'official': the dataset's readout threshold "
+                        "(1 MeV ds1, 15.15 keV ds2/3) (default: official)")
+    p.add_argument("--max-showers", type=positive_int, default=None,
+                   help="use only the first N showers of each file (default: all)")
+    p.add_argument("--cls-epochs", "--cls_n_epochs", dest="cls_epochs", type=positive_int, default=50,
+                   help="classifier epochs (default: %(default)s, official)")
+    p.add_argument("--cls-seeds", type=positive_int, default=3, help="classifier trainings for mean ± std (default: %(default)s)")
+    p.add_argument("--cls-hidden", "--cls_n_hidden", dest="cls_hidden", type=positive_int, default=2048,
+                   help="classifier hidden units (default: %(default)s, official)")
+    p.add_argument("--cls-batch-size", "--cls_batch_size", dest="cls_batch_size", type=positive_int, default=1000,
+                   help="classifier batch size (default: %(default)s)")
+    p.add_argument("--cnn-widths", type=_four_ints, default=None, metavar="W1,W2,W3,W4",
+                   help="cls-cnn/cls-sparse stage widths (default: 32,64,64,128, official)")
+    p.add_argument("--cnn-blocks", type=_four_ints, default=None, metavar="B1,B2,B3,B4",
+                   help="cls-cnn/cls-sparse BasicBlocks per stage (default: 2,2,2,2 = ResNet-18, official)")
+    p.add_argument("--fpd-min-samples", type=positive_int, default=10_000, help="smallest FPD batch (default: %(default)s)")
+    p.add_argument("--kpd-batch-size", type=positive_int, default=10_000, help="KPD batch size (default: %(default)s)")
+    p.add_argument("--fpd-estimator", choices=("official", "calopc"), default="official",
+                   help="FPD/KPD estimator: official (jetnet: batches with replacement, bounded fit; the published "
+                        "numbers) or calopc (without replacement) (default: %(default)s)")
+    p.add_argument("--low-normed", choices=("official", "calopc"), default="official",
+                   help="cls-low-normed input: official (unthresholded voxels / thresholded layer energy) or calopc "
+                        "(thresholded voxels) (default: %(default)s)")
+    p.add_argument("--prdc-k", "--prdc_k", dest="prdc_k", type=positive_int, default=5, help="nearest neighbours for PRDC (default: %(default)s, official)")
+    p.add_argument("--collisions", choices=COLLISIONS, default="auto",
+                   help="re-voxelization policy for point-cloud inputs: auto (sum for points with a cell index, "
+                        "nearest-free for continuous points), alpha-free, nearest-free, sum, max, as in 'calopc "
+                        "voxelize' (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="classifier device (default: %(default)s)")
+    p.add_argument("--no_cuda", action="store_true", help=argparse.SUPPRESS)  # official: --device cpu
+    p.add_argument("--which_cuda", type=int, default=None, help=argparse.SUPPRESS)  # official: --device cuda
+    p.add_argument("--save_mem", action="store_true", help=argparse.SUPPRESS)  # official; calopc always streams
     p.add_argument("--seed", type=int, default=0, help="seed of splits and trainings (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    p.set_defaults(func=_run)
+    p.add_argument("--formats", type=_formats, default=("png",),
+                   help="plot file formats, comma-separated subset of png,pdf,svg (default: png)")
+    p.add_argument("--plot-workers", type=positive_int, default=None,
+                   help="processes drawing the plots (default: the CPUs available, at most 16; 1 = serial)")
+    p.set_defaults(func=_run_checked)
+    from .compare import register as register_compare
+
+    register_compare(sub)

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 __all__ = ["METRICS", "evaluate"]
 
-import json
 import math
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..geometry import Geometry
-from .classifier import ClassifierConfig, classifier_inputs, classifier_metric
-from .distances import fpd, kpd
-from .features import high_level_vector
-from .histograms import FeatureHist, feature_histograms, separation_power
+from .classifier import ClassifierConfig, classifier_inputs, classifier_metric, official_split, raw_voxels
+from .distances import ESTIMATORS, fpd, kpd
+from .features import high_level_vector, match_official
+from .histograms import FeatureHist, feature_histograms, histogram_ranges, separation_power, voxel_spectrum
 from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
-METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd", "pointcloud", "plots")
+METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "cls-cnn", "cls-sparse", "fpd", "kpd", "prdc", "pointcloud",
+           "plots")
 DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd", "pointcloud", "plots")
 
 
@@ -30,7 +31,9 @@ def _summary(hists: list[FeatureHist]) -> dict[str, float]:
     for h in hists:
         key = h.name.rsplit("_", 1)[0] if h.name[-1].isdigit() else h.name
         groups.setdefault(key, []).append(h.separation)
-    return {k: float(np.nanmean(v)) for k, v in groups.items()}
+    # a group whose histograms are all empty (e.g. a dataset-1 energy absent from a small sample) has no value
+    return {k: (float(np.mean(f)) if (f := [x for x in v if math.isfinite(x)]) else float("nan"))
+            for k, v in groups.items()}
 
 
 def _finite(x: float) -> float | None:
@@ -50,16 +53,23 @@ def evaluate(
     cls_seeds: int = 3,
     cls_hidden: int = 2048,
     cls_batch_size: int = 1000,
+    cnn_options: dict | None = None,
     fpd_min_samples: int = 10_000,
     kpd_batch_size: int = 10_000,
+    fpd_estimator: str = "official",
+    low_normed: str = "official",
+    prdc_k: int = 5,
     collisions: str = "sum",
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    formats: tuple[str, ...] | list[str] = ("png",),
+    plot_workers: int | None = None,
+    command: str | None = None,
 ) -> dict:
     """Evaluate ``gen`` against ``ref`` (voxel HDF5 or point-cloud Parquet files).
 
-    Writes ``metrics.json``, ``report.html`` and the plots (PNG and PDF) into
+    Writes ``metrics.json``, ``report.html`` and the plots (PNG; PDF with ``formats``) into
     ``output_dir`` and returns the metrics dict.
 
     Args:
@@ -68,18 +78,46 @@ def evaluate(
         max_showers: use only the first ``max_showers`` showers of each file.
         cls_epochs, cls_seeds, cls_hidden, cls_batch_size: classifier settings (defaults are the
             official ones; ``cls_seeds`` trainings give mean ± standard deviation).
+        cnn_options: further :class:`calopc.eval.cnn.CNNConfig` fields for ``cls-cnn`` / ``cls-sparse``
+            (e.g. ``{"widths": (8, 16, 16, 32)}``); epochs and batch size come from ``cls_epochs``, ``cls_batch_size``.
         fpd_min_samples, kpd_batch_size: FPD/KPD batch sizes (official: 10,000).
+        fpd_estimator: ``"official"`` (jetnet's: batches with replacement, bounded fit) or ``"calopc"``
+            (without replacement); see :mod:`calopc.eval.distances`. The reference-vs-reference floor
+            uses the same estimator, on two disjoint reference halves of ``m`` showers each, and
+            ``value_at_floor_size`` is the measured distance at those sizes (first half vs ``m``
+            generated showers).
+        low_normed: ``cls-low-normed`` input, ``"official"`` (unthresholded voxels over the thresholded
+            layer energy) or ``"calopc"`` (thresholded voxels); see :mod:`calopc.eval.classifier`.
+        prdc_k: nearest neighbours of the PRDC metric (official: 5).
         collisions: re-voxelization policy for point-cloud inputs.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for the classifiers.
+        formats: plot file formats (``png``, ``pdf``, ``svg``); report.html shows the PNGs.
+        plot_workers: processes drawing the plots (default: the CPUs available, at most 16; 1 = serial).
+            Scripts using several must guard their entry point (``if __name__ == "__main__":``).
+        command: the command line recorded in the provenance (default: ``sys.argv``).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
         msg = f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}"
         raise ValueError(msg)
+    if fpd_estimator not in ESTIMATORS:
+        msg = f"fpd_estimator must be one of {', '.join(ESTIMATORS)}, got {fpd_estimator!r}"
+        raise ValueError(msg)
+    if low_normed not in ("official", "calopc"):
+        msg = f"low_normed must be 'official' or 'calopc', got {low_normed!r}"
+        raise ValueError(msg)
+    if geometry is not None:
+        official = match_official(geometry)
+        if official is not None:  # e.g. the binning XML of an official dataset: behave exactly as that dataset
+            geometry = official
+        elif threshold is None and not geometry.threshold > 0:
+            msg = (f"geometry {geometry.name!r} does not match any official dataset binning, so it has no official "
+                   "cell threshold; pass --threshold (MeV), e.g. --threshold 0 for none")
+            raise ValueError(msg)
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keep = any(m in metrics for m in ("cls-low", "cls-low-normed"))
+    keep = any(m in metrics for m in ("cls-low", "cls-low-normed", "cls-cnn", "cls-sparse", "prdc"))
     g_s = load_sample(gen, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
                       collisions=collisions, progress=progress)
     r_s = load_sample(ref, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
@@ -93,6 +131,7 @@ def evaluate(
     res: dict = {
         "generated": str(g_s.path), "reference": str(r_s.path), "dataset": geo.name, "n_voxels": geo.n_voxels,
         "n_generated": len(g_s), "n_reference": len(r_s), "threshold_mev": thr,
+        "histogram_ranges": histogram_ranges(geo),
     }
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
     plots: dict[str, list[str]] = {}
@@ -101,12 +140,7 @@ def evaluate(
     if "hist" in metrics or "plots" in metrics:
         t = time.perf_counter()
         hists = feature_histograms(r_s.features, g_s.features, geo, threshold=thr)
-        vmax = max(float(r_s.voxel_energies.max()) if r_s.voxel_energies.size else thr * 10, thr * 10)
-        vedges = np.logspace(np.log10(thr), np.log10(vmax), 51)
-        hv = FeatureHist("voxel_spectrum", "cell energy [MeV]", vedges,
-                         np.histogram(r_s.voxel_energies, vedges)[0], np.histogram(g_s.voxel_energies, vedges)[0],
-                         log_x=True)
-        hists.append(hv)
+        hists.append(voxel_spectrum(r_s.voxel_energies, g_s.voxel_energies, thr))  # official: 49 log bins, float64
         res["separation"] = {h.name: _finite(h.separation) for h in hists}
         res["separation_summary"] = _summary(hists)
         timings["hist"] = time.perf_counter() - t
@@ -127,55 +161,155 @@ def evaluate(
         n = len(g_s)
         if kind == "high":
             xg, xr = hl_gen[:n], hl_ref[:n]
+        elif kind == "low-normed" and low_normed == "official":  # the unthresholded voxels, re-read
+            xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=n, geometry=geometry,
+                                                         collisions=collisions),
+                                        s.features.e_inc[:n], geo, normed="official", threshold=thr)
+                      for s in (g_s, r_s))
         else:
-            xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo)
-            xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo)
-        r = classifier_metric(kind, xg, xr, config=cls_cfg, seeds=cls_seeds, seed=seed, device=device,
-                              progress=progress)
-        res.setdefault("classifier", {})[kind] = {k: (_finite(v) if isinstance(v, float) else v)
-                                                  for k, v in r.as_dict().items()}
+            xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
+            xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
+        counts = official_split(geo.name, n)
+        r = classifier_metric(kind, xg, xr, config=replace(cls_cfg, counts=counts), seeds=cls_seeds, seed=seed,
+                              device=device, progress=progress)
+        entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
+        entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
+                          else "60/20/20 % per class")
+        if kind == "low-normed":
+            entry["definition"] = low_normed
+        res.setdefault("classifier", {})[kind] = entry
+        timings[f"cls-{kind}"] = time.perf_counter() - t
+    if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
+        from .classifier import OFFICIAL_SPLITS
+
+        counts = official_split(geo.name, len(g_s))
+        need = OFFICIAL_SPLITS.get(geo.name)
+        note = "classifier split per class: " + (
+            f"the official fixed counts, {counts[0]:,} train / {counts[1]:,} test / the rest validation" if counts
+            else "60/20/20 % train/test/validation"
+            + (f" (the official fixed counts need {sum(need):,} showers per sample)" if need else ""))
+        if "cls-low-normed" in metrics:
+            note += ("; low-normed input: official definition (unthresholded voxels / (thresholded layer energy "
+                     "+ 1e-16); a sub-threshold voxel in an empty layer gives up to ~1e16)" if low_normed == "official"
+                     else "; low-normed input: calopc definition (thresholded voxels / (thresholded layer energy "
+                     "+ 1e-16))")
+        res["classifier_note"] = note
+
+    for kind in ("cnn", "sparse"):  # the official ResNet classifier, dense and on occupied cells (calopc.eval.cnn)
+        if f"cls-{kind}" not in metrics:
+            continue
+        from .cnn import CNNConfig, cnn_metric
+
+        t = time.perf_counter()
+        if len(g_s) != len(r_s):
+            msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
+                   f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
+            raise ValueError(msg)
+        n = len(g_s)
+        cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size, **(cnn_options or {})})
+        r = cnn_metric(kind, g_s.low[:n], g_s.features.e_inc[:n], r_s.low[:n], r_s.features.e_inc[:n], geo,
+                       config=cnn_cfg, seeds=cls_seeds, seed=seed, device=device, progress=progress)
+        entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
+        counts = official_split(geo.name, n)
+        entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
+                          else "60/20/20 % per class")
+        entry["network"] = {"widths": list(cnn_cfg.widths), "blocks": list(cnn_cfg.blocks),
+                            "periodic_alpha": cnn_cfg.periodic_alpha}
+        res.setdefault("classifier", {})[kind] = entry
         timings[f"cls-{kind}"] = time.perf_counter() - t
 
     if "fpd" in metrics or "kpd" in metrics:
-        # the reference-vs-reference floor: two disjoint halves of the reference
-        half = len(hl_ref) // 2
-        ra, rb = hl_ref[:half], hl_ref[half:2 * half]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if "fpd" in metrics:
-                t = time.perf_counter()
-                v, e = fpd(hl_ref, hl_gen, min_samples=fpd_min_samples, seed=42 + seed)
-                fv, fe = fpd(ra, rb, min_samples=fpd_min_samples, seed=42 + seed)
-                res["fpd_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "ref_floor": fv * 1e3, "ref_floor_error": fe * 1e3}
-                timings["fpd"] = time.perf_counter() - t
-            if "kpd" in metrics:
-                t = time.perf_counter()
-                v, e = kpd(hl_ref, hl_gen, batch_size=kpd_batch_size, seed=42 + seed)
-                fv, fe = kpd(ra, rb, batch_size=kpd_batch_size, seed=42 + seed)
-                res["kpd_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "ref_floor": fv * 1e3, "ref_floor_error": fe * 1e3}
-                timings["kpd"] = time.perf_counter() - t
-        if len(hl_ref) < 2 * fpd_min_samples:
-            res["fpd_kpd_note"] = (f"small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were "
-                                   "capped, so values are not directly comparable with published ones")
+        # the reference-vs-reference floor: two disjoint reference halves of m showers, same estimator and
+        # settings; value_at_floor_size: the first half against m generated showers (the same sizes)
+        m = min(len(hl_ref) // 2, len(hl_gen))
+        ra, rb, gm = hl_ref[:m], hl_ref[m:2 * m], hl_gen[:m]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(3 if m >= 2 else 1 for x in ("fpd", "kpd") if x in metrics), desc="FPD/KPD",
+                   disable=None if progress else True, leave=False)
+        for name, func, kw in (("fpd", fpd, {"min_samples": fpd_min_samples}),
+                               ("kpd", kpd, {"batch_size": kpd_batch_size})):
+            if name not in metrics:
+                continue
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                v, e = func(hl_ref, hl_gen, estimator=fpd_estimator, seed=42 + seed, **kw)
+                bar.update(1)
+                if m >= 2:
+                    fv, fe = func(ra, rb, estimator=fpd_estimator, seed=42 + seed, **kw)
+                    bar.update(1)
+                    sv, se = func(ra, gm, estimator=fpd_estimator, seed=42 + seed, **kw)
+                    bar.update(1)
+                else:
+                    fv = fe = sv = se = float("nan")
+            res[f"{name}_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "ref_floor": _finite(fv * 1e3),
+                                   "ref_floor_error": _finite(fe * 1e3), "value_at_floor_size": _finite(sv * 1e3),
+                                   "value_at_floor_size_error": _finite(se * 1e3), "floor_size": m,
+                                   "estimator": fpd_estimator}
+            timings[name] = time.perf_counter() - t
+        bar.close()
+        res["fpd_estimator"] = fpd_estimator
+        if fpd_estimator == "official":
+            note = ("FPD/KPD estimator: official (jetnet, as the CaloChallenge: batches drawn with replacement, fit "
+                    "bounded at >= 0, KPD 16.275-83.725 % range)")
+            if min(len(hl_ref), len(hl_gen)) < 50_000:
+                note += (f"; samples ({len(hl_gen)} generated, {len(hl_ref)} reference) smaller than the largest FPD "
+                         "batch (50,000) are resampled with replacement, so their finite-sample noise adds to the value "
+                         "(compare with the floor)")
+        else:
+            note = "FPD/KPD estimator: calopc (batches drawn without replacement, unbounded fit)"
+            if len(hl_ref) < 2 * fpd_min_samples:
+                note += (f"; small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were capped, "
+                         "so values are not comparable with published ones")
+        res["fpd_kpd_note"] = note + f"; reference floor from two disjoint reference halves of {m} showers"
+
+    if "prdc" in metrics:
+        from .prdc import prdc, prdc_features
+
+        t = time.perf_counter()
+        p = prdc(prdc_features(r_s.low), prdc_features(g_s.low), k=prdc_k, device=device, progress=progress)
+        res["prdc"] = p.as_dict()
+        timings["prdc"] = time.perf_counter() - t
 
     if "pointcloud" in metrics:
         res["pointcloud"] = _pointcloud(g_s, r_s)
 
     if "plots" in metrics:
         t = time.perf_counter()
-        plots = _make_plots(out, hists, g_s, r_s, geo)
+        pstats: dict = {}
+        plots, res["plot_pages"], res["plot_index"] = _make_plots(out, hists, g_s, r_s, geo, formats=tuple(formats),
+                                                                  workers=plot_workers, progress=progress,
+                                                                  stats=pstats)
         timings["plots"] = time.perf_counter() - t
+        timings["plots_cpu"] = pstats.get("cpu_s", 0.0)  # CPU seconds summed over the drawing processes
+        res["plot_workers"] = pstats.get("workers", 1)
     timings["total"] = time.perf_counter() - t0
     res["timings_s"] = timings
     res["plots"] = plots
 
-    from ..io import atomic_output
-    from .report import write_report
+    from .report import provenance, write_metrics, write_report
 
-    with atomic_output(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2))
+    res["provenance"] = provenance(
+        {"generated": g_s.path, "reference": r_s.path}, command=command,
+        seeds={"seed": seed,
+               "classifier": [seed + s for s in range(cls_seeds)] if any(m.startswith("cls-") for m in metrics) else [],
+               "fpd_kpd": 42 + seed if {"fpd", "kpd"} & set(metrics) else None},
+        options={"metrics": list(metrics), "threshold_mev": thr, "max_showers": max_showers, "cls_epochs": cls_epochs,
+                 "cls_seeds": cls_seeds, "cls_hidden": cls_hidden, "cls_batch_size": cls_batch_size,
+                 "fpd_min_samples": fpd_min_samples, "kpd_batch_size": kpd_batch_size, "fpd_estimator": fpd_estimator,
+                 "low_normed": low_normed, "prdc_k": prdc_k, "cnn_options": cnn_options or {}, "collisions": collisions,
+                 "device": device, "formats": list(formats)},
+        dataset_label=_dataset_text(geo))
+    write_metrics(out / "metrics.json", res)
     write_report(out / "report.html", res)
     return res
+
+
+def _dataset_text(geo: Geometry) -> str:
+    from .plots import dataset_label
+
+    return dataset_label(geo, tex=False)
 
 
 def _pointcloud(g_s: Sample, r_s: Sample) -> dict:
@@ -204,22 +338,132 @@ def _pointcloud(g_s: Sample, r_s: Sample) -> dict:
     return out
 
 
-def _make_plots(out: Path, hists: list[FeatureHist], g_s: Sample, r_s: Sample, geo: Geometry) -> dict[str, list[str]]:
-    from .plots import plot_average_showers, plot_feature, plot_feature_grid, plot_hits, save
+def _binned_mean(x: np.ndarray, values: np.ndarray, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, its standard error, relative width σ/mean and its error of ``values`` in bins of ``x``."""
+    idx = np.searchsorted(edges, x, side="right") - 1
+    ok = (idx >= 0) & (idx < len(edges) - 1) & np.isfinite(values)
+    idx, v = idx[ok], values[ok]
+    nb = len(edges) - 1
+    n = np.bincount(idx, minlength=nb).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.bincount(idx, weights=v, minlength=nb) / n
+        var = np.maximum(np.bincount(idx, weights=v**2, minlength=nb) / n - mean**2, 0.0) * n / np.maximum(n - 1, 1)
+        sd = np.sqrt(var)
+        sem = sd / np.sqrt(n)
+        rel = sd / mean
+        rel_err = rel / np.sqrt(2 * np.maximum(n - 1, 1))
+    empty = n < 2
+    for a in (mean, sem, rel, rel_err):
+        a[empty] = np.nan
+    return {"mean": mean, "mean_err": sem, "rel_width": rel, "rel_width_err": rel_err}
 
-    plots: dict[str, list[str]] = {}
-    by = {h.name: h for h in hists}
-    for name in ("E_ratio", "voxel_spectrum", "n_hits"):
-        if name in by:
-            plots[name] = save(plot_feature(by[name]), out, name)
+
+def _layer_maps(mean_shower: np.ndarray, geo: Geometry, r_edges: np.ndarray) -> np.ndarray:
+    """Average shower summed over α: ``(n_layers, n_r)`` on the common radial edges (MeV)."""
+    from .profiles import radial_matrix
+
+    per_r = mean_shower[:, None] * radial_matrix(geo, r_edges)  # (n_voxels, n_r)
+    out = np.zeros((geo.n_layers, len(r_edges) - 1))
+    np.add.at(out, geo.cell_layer, per_r)
+    return out
+
+
+def _make_plots(out: Path, hists: list[FeatureHist], g_s: Sample, r_s: Sample, geo: Geometry, *,
+                formats: tuple[str, ...] = ("png",), workers: int | None = None, progress: bool = False,
+                layers_per_page: int = 9, stats: dict | None = None,
+                ) -> tuple[dict[str, list[str]], dict[str, list[dict]], dict[str, str]]:
+    """Draw every figure (in parallel processes unless ``workers == 1``).
+
+    Returns ``({stem: [files]}, {feature kind: [{"stem", "layers", "title"}]}, {histogram: stem})``: the
+    files, the per-layer pages in layer order, and the figure that shows each histogram. ``stats`` receives
+    the number of drawing processes and their CPU seconds (see :func:`calopc.eval.plots.render`).
+    """
+    from .plots import (
+        PlotContext,
+        PlotJob,
+        dataset_label,
+        energy_text,
+        feature_info,
+        plot_average_maps,
+        plot_average_shower,
+        plot_feature,
+        plot_feature_grid,
+        plot_hits,
+        plot_longitudinal,
+        plot_radial,
+        plot_response,
+        render,
+    )
+
+    ctx = PlotContext(dataset_label(geo), r_s.path.name, g_s.path.name, len(r_s), len(g_s))
+    gf, rf = g_s.features, r_s.features
+    jobs: list[PlotJob] = []
+    pages: dict[str, list[dict]] = {}
     kinds: dict[str, list[FeatureHist]] = {}
+    index: dict[str, str] = {}
+    per_energy = [h for h in hists if h.name.startswith("E_ratio_einc_")]  # dataset 1: one page, as the official
     for h in hists:
-        if h.name[-1].isdigit():
-            kinds.setdefault(h.name.rsplit("_", 1)[0], []).append(h)
+        info = feature_info(h.name)
+        if info.layer is not None:
+            kinds.setdefault(info.kind, []).append(h)
+        elif not h.name.startswith("E_ratio_einc_"):
+            jobs.append(PlotJob(h.name, plot_feature, (h, ctx), cost=1.0))
+            index[h.name] = h.name
+    if per_energy:
+        jobs.append(PlotJob("E_ratio_per_energy", plot_feature_grid,
+                            (per_energy, ctx, "E_dep/E_inc per incident energy"), {"ncols": 4}, cost=len(per_energy)))
+        index.update((h.name, "E_ratio_per_energy") for h in per_energy)
     for kind, hs in kinds.items():
-        plots[f"{kind}_per_layer"] = save(plot_feature_grid(hs, f"{kind} per layer"), out, f"{kind}_per_layer")
-    fr, fg = plot_average_showers(r_s.mean_shower, g_s.mean_shower, geo)
-    plots["average_shower_reference"] = save(fr, out, "average_shower_reference")
-    plots["average_shower_generated"] = save(fg, out, "average_shower_generated")
-    plots["hits"] = save(plot_hits(r_s.features, g_s.features, geo), out, "hits")
-    return plots
+        group = feature_info(hs[0].name).group
+        for i in range(0, len(hs), layers_per_page):
+            part = hs[i:i + layers_per_page]
+            ids = [feature_info(h.name).layer for h in part]
+            stem = f"{kind}_layers_{ids[0]}-{ids[-1]}"
+            title = f"{group}, layers {ids[0]}–{ids[-1]}"
+            jobs.append(PlotJob(stem, plot_feature_grid, (part, ctx, title), cost=len(part)))
+            index.update((h.name, stem) for h in part)
+            pages.setdefault(kind, []).append({"stem": stem, "layers": ids, "title": title})
+
+    def mean_sem(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros(a.shape[1])
+
+    ids = list(geo.layer_ids)
+    jobs.append(PlotJob("longitudinal_profile", plot_longitudinal, (ids, mean_sem(rf.e_layer), mean_sem(gf.e_layer),
+                                                                     ctx), cost=1.0))
+    rp, gp = r_s.extra.get("profiles"), g_s.extra.get("profiles")
+    if rp is not None and gp is not None:
+        jobs.append(PlotJob("radial_profile", plot_radial, (rp.r_edges, (rp.radial_mean, rp.radial_sem),
+                                                              (gp.radial_mean, gp.radial_sem), ctx), cost=1.0))
+    if geo.name.startswith("1"):
+        from .profiles import energy_bins
+
+        ebins = energy_bins(geo)
+    else:
+        lo = min(gf.e_inc.min(), rf.e_inc.min())
+        hi = max(gf.e_inc.max(), rf.e_inc.max()) * (1 + 1e-9)
+        ebins = np.logspace(np.log10(lo), np.log10(hi), max(int(np.ceil(4 * np.log10(hi / lo))), 1) + 1)
+    jobs.append(PlotJob("response", plot_response, (ebins, _binned_mean(rf.e_inc, rf.e_ratio, ebins),
+                                                    _binned_mean(gf.e_inc, gf.e_ratio, ebins), ctx), cost=2.0))
+    per_e = {}
+    for name, f in (("reference", rf), ("generated", gf)):
+        b = _binned_mean(f.e_inc, f.n_hits.astype(np.float64), ebins)
+        per_e[name] = (b["mean"], b["mean_err"])
+    jobs.append(PlotJob("hits", plot_hits, (ids, {"reference": mean_sem(rf.n_hits_layer.astype(np.float64)),
+                                                  "generated": mean_sem(gf.n_hits_layer.astype(np.float64))},
+                                            ebins, per_e, ctx), cost=2.0))
+    if rp is not None and gp is not None:
+        rows = [("all energies", _layer_maps(r_s.mean_shower, geo, rp.r_edges),
+                 _layer_maps(g_s.mean_shower, geo, rp.r_edges), len(r_s), len(g_s))]
+        for b in range(len(rp.e_edges) - 1):
+            if rp.e_counts[b] == 0 and gp.e_counts[b] == 0:
+                continue
+            lo_e, hi_e = rp.e_edges[b], rp.e_edges[b + 1]
+            title = f"$E_{{inc}} \\in$ [{energy_text(lo_e)}, {energy_text(hi_e)})"
+            rows.append((title, _layer_maps(rp.e_mean_shower[b], geo, rp.r_edges),
+                         _layer_maps(gp.e_mean_shower[b], geo, rp.r_edges), int(rp.e_counts[b]), int(gp.e_counts[b])))
+        jobs.append(PlotJob("average_shower_energy_bins", plot_average_maps, (rows, rp.r_edges, ids, ctx),
+                            cost=len(rows)))
+    for show in ("reference", "generated", "ratio"):
+        jobs.append(PlotJob(f"average_shower_{show}", plot_average_shower, (r_s.mean_shower, g_s.mean_shower, geo, ctx),
+                            {"show": show}, cost=geo.n_layers / 4))
+    return render(jobs, out, formats=formats, workers=workers, progress=progress, stats=stats), pages, index

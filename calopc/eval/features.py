@@ -9,13 +9,30 @@ the official evaluation; denominators carry ``+1e-16``.
 
 from __future__ import annotations
 
-__all__ = ["Features", "apply_threshold", "compute_features", "high_level_vector"]
+__all__ = ["Features", "apply_threshold", "compute_features", "high_level_vector", "match_official"]
 
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..geometry import Geometry
+from ..geometry import DATASETS, Geometry
+
+
+def match_official(geometry: Geometry) -> Geometry | None:
+    """The official CaloChallenge geometry with the same binning as ``geometry``, or None.
+
+    Binnings are compared layer by layer (XML layer ids, radial edges, number of α bins), so a
+    binning XML of an official dataset, whatever its file name, is recognised as that dataset and
+    gets its name, threshold and histogram ranges.
+    """
+    for name in DATASETS:
+        off = Geometry.calochallenge(name)
+        if (off.layer_ids == geometry.layer_ids and off.n_alpha == geometry.n_alpha
+                and len(off.r_edges) == len(geometry.r_edges)
+                and all(len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-9)
+                        for a, b in zip(off.r_edges, geometry.r_edges))):
+            return off
+    return None
 
 
 def apply_threshold(showers: np.ndarray, threshold: float) -> np.ndarray:

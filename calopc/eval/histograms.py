@@ -7,7 +7,16 @@ Entries outside the binning are ignored, as with ``numpy.histogram(density=True)
 
 from __future__ import annotations
 
-__all__ = ["FeatureHist", "feature_histograms", "separation_power"]
+__all__ = [
+    "DS1_ENERGY_EDGES",
+    "FeatureHist",
+    "energy_ratio_per_incident",
+    "feature_histograms",
+    "histogram_ranges",
+    "separation_power",
+    "voxel_spectrum",
+    "voxel_spectrum_edges",
+]
 
 from dataclasses import dataclass
 
@@ -44,21 +53,92 @@ class FeatureHist:
         return separation_power(self.ref, self.gen)
 
 
+#: incident-energy bin edges of the per-energy E_tot/E_inc histograms of dataset 1 (2^8 … 2^23 MeV)
+DS1_ENERGY_EDGES = 2.0 ** np.linspace(8, 23, 16)
+
+
 def _ranges(geometry: Geometry, layer: int) -> tuple[float, float, float, float]:
-    """(EC range, width max, EC_r max, width_r max) of one layer, in mm."""
+    """(EC range, width max, EC_r max, width_r max) of one layer, in mm.
+
+    Datasets 2 and 3: ±30, 30, 42, 20; dataset 1: ±500, 400 (layers 12, 13) or ±100, 100 (others),
+    and [0, 500], [0, 1500] for EC_r and width_r, as the official plotting helper. Any other geometry:
+    the outer radius ``R`` of the layer: ±R, R, R and R/2.
+    """
     if geometry.name in ("2", "3"):
         return 30.0, 30.0, 42.0, 20.0
     lid = geometry.layer_ids[layer]
+    if geometry.name in ("1-photons", "1-pions"):
+        if lid in (12, 13):
+            return 500.0, 400.0, 500.0, 1500.0
+        return 100.0, 100.0, 500.0, 1500.0
     rmax = geometry.r_edges[layer][-1]
-    if lid in (12, 13):
-        return 500.0, 400.0, rmax, rmax / 2
-    return 100.0, 100.0, rmax, rmax / 2
+    return rmax, rmax, rmax, rmax / 2
+
+
+def histogram_ranges(geometry: Geometry) -> str:
+    """One line saying which centre/width histogram ranges are used for ``geometry``."""
+    if geometry.name in ("2", "3"):
+        return (f"official ranges of dataset {geometry.name}: centres ±30 mm, widths 0–30 mm, EC_r 0–42 mm, "
+                "width_r 0–20 mm")
+    if geometry.name in ("1-photons", "1-pions"):
+        return (f"official ranges of dataset {geometry.name}: centres ±500 mm (layers 12, 13) or ±100 mm, widths 0–400 "
+                "or 0–100 mm, EC_r 0–500 mm, width_r 0–1500 mm")
+    return (f"geometry {geometry.name!r} is not an official dataset: per layer of outer radius R, centres ±R, "
+            "widths 0–R, EC_r 0–R, width_r 0–R/2")
+
+
+def voxel_spectrum_edges(threshold: float, ref_max: float) -> np.ndarray:
+    """The official voxel-energy histogram edges: 50 log-spaced edges (49 bins), threshold to reference maximum."""
+    lo = float(threshold)
+    if not lo > 0:
+        msg = f"the voxel-energy histogram needs a positive threshold (its lowest edge), got {threshold}"
+        raise ValueError(msg)
+    hi = max(float(ref_max), lo * 10)
+    return np.logspace(np.log10(lo), np.log10(hi), 50)
+
+
+def voxel_spectrum(ref_voxels: np.ndarray, gen_voxels: np.ndarray, threshold: float) -> FeatureHist:
+    """The voxel-energy spectrum of all cells (zeros fall below the first edge), in float64.
+
+    With ``threshold`` 0 the first edge is the smallest non-zero reference cell energy.
+    """
+    ref_voxels = np.asarray(ref_voxels, dtype=np.float64).reshape(-1)
+    gen_voxels = np.asarray(gen_voxels, dtype=np.float64).reshape(-1)
+    lo = threshold
+    if not lo > 0:  # no threshold: start at the smallest non-zero reference cell
+        pos = ref_voxels[ref_voxels > 0]
+        lo = float(pos.min()) if pos.size else 1e-3
+    edges = voxel_spectrum_edges(lo, ref_voxels.max() if ref_voxels.size else lo * 10)
+    return FeatureHist("voxel_spectrum", "cell energy [MeV]", edges, np.histogram(ref_voxels, edges)[0],
+                       np.histogram(gen_voxels, edges)[0], log_x=True)
+
+
+def energy_ratio_per_incident(ref: Features, gen: Features, geometry: Geometry) -> list[FeatureHist]:
+    """Dataset 1: E_tot/E_inc per discrete incident energy (15 histograms, as the official helper).
+
+    20 bins on [0.4, 1.4]; for photons above 4 GeV (from the fifth energy on) on [0.9, 1.1].
+    Names ``E_ratio_einc_<E in MeV>``.
+    """
+    out = []
+    edges = DS1_ENERGY_EDGES
+    for i in range(len(edges) - 1):
+        photons_fine = i > 3 and geometry.name == "1-photons"
+        bins = np.linspace(0.9, 1.1, 21) if photons_fine else np.linspace(0.4, 1.4, 21)
+        sel_r = (ref.e_inc >= edges[i]) & (ref.e_inc < edges[i + 1])
+        sel_g = (gen.e_inc >= edges[i]) & (gen.e_inc < edges[i + 1])
+        e = int(edges[i])
+        label = f"$E_{{dep}}/E_{{inc}}$ at $E_{{inc}}$ = {e / 1e3:g} GeV"
+        out.append(FeatureHist(f"E_ratio_einc_{e}", label, bins, np.histogram(ref.e_ratio[sel_r], bins)[0],
+                               np.histogram(gen.e_ratio[sel_g], bins)[0]))
+    return out
 
 
 def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, threshold: float,
                        ref_voxel_max: float | None = None, ref_voxels: np.ndarray | None = None,
                        gen_voxels: np.ndarray | None = None) -> list[FeatureHist]:
     """All histograms of the official set plus sparsity, EC_r and width_r per layer, and hit counts.
+
+    For dataset 1 the 15 per-incident-energy E_tot/E_inc histograms are included.
 
     ``ref_voxels``/``gen_voxels`` (precomputed voxel-energy histograms over ``voxel_edges``)
     are passed through ``ref_voxel_max`` by the caller; see :func:`calopc.eval.evaluate`.
@@ -71,6 +151,8 @@ def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, thre
         out.append(FeatureHist(name, label, np.asarray(edges), hr, hg, log_x))
 
     add("E_ratio", r"$E_{dep}/E_{inc}$", np.linspace(0.5, 1.5, 101), ref.e_ratio, gen.e_ratio)
+    if geometry.name in ("1-photons", "1-pions"):
+        out.extend(energy_ratio_per_incident(ref, gen, geometry))
     alpha_layers = [i for i, na in enumerate(geometry.n_alpha) if na > 1]
     for l in range(geometry.n_layers):
         lid = geometry.layer_ids[l]

@@ -1,78 +1,431 @@
-r"""A single self-contained ``report.html`` from the metrics dict (images are linked files beside it)."""
+r"""``report.html`` and ``metrics.json`` from the metrics dict, with provenance.
+
+The report is one HTML file with the images linked beside it (no network, plain HTML/JS): the
+samples, a summary table that says how to read each number (and when a value is compatible with
+zero or with the reference-vs-reference floor), the 10 histograms that separate the samples most,
+the first-look plots, per-layer pages with a layer selector, the average showers, all separation
+powers, and the provenance (calopc version, command line, seeds, input file fingerprints, date).
+"""
 
 from __future__ import annotations
 
-__all__ = ["write_report"]
+__all__ = ["file_fingerprint", "provenance", "worst_histograms", "write_metrics", "write_report"]
 
+import datetime as _dt
+import hashlib
 import html
+import json
+import math
+import os
+import platform
+import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 from ..io import atomic_output
 
+#: files up to this size get a full sha256; bigger ones a sha256 of their first and last MiB plus the size
+FULL_HASH_MAX = 256 * 2**20
+_MIB = 2**20
 
-def _fmt(v: object, nd: int = 4) -> str:
-    if v is None:
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/±inf → None, numpy and paths → JSON types (used when :func:`calopc.io.json_safe` is absent)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def _safe(obj: Any) -> Any:
+    from .. import io
+
+    return getattr(io, "json_safe", _json_safe)(obj)
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Size, modification time and sha256 of ``path``.
+
+    Files up to :data:`FULL_HASH_MAX` (256 MiB) are hashed whole (``method: "sha256"``); bigger ones
+    by their first and last MiB (``method: "sha256-first-last-MiB"``), which with the size and
+    the modification time identifies a file in practice without reading gigabytes.
+    """
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        if st.st_size <= FULL_HASH_MAX:
+            for block in iter(lambda: fh.read(8 * _MIB), b""):
+                h.update(block)
+            method = "sha256"
+        else:
+            h.update(fh.read(_MIB))
+            fh.seek(st.st_size - _MIB)
+            h.update(fh.read(_MIB))
+            method = "sha256-first-last-MiB"
+    mtime = _dt.datetime.fromtimestamp(st.st_mtime, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+    return {"path": str(p.resolve()), "size_bytes": st.st_size, "mtime_utc": mtime, "sha256": h.hexdigest(),
+            "hash_method": method}
+
+
+def provenance(inputs: dict[str, str | os.PathLike], *, command: str | None = None, seeds: dict | None = None,
+               options: dict | None = None, dataset_label: str | None = None) -> dict[str, Any]:
+    """Where the numbers come from: versions, command line, seeds, options, input fingerprints, date (UTC)."""
+    from .. import __version__
+
+    versions = {"calopc": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "matplotlib", "torch", "sklearn"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            versions[mod] = getattr(m, "__version__", "?")
+    if command is None:
+        argv = list(sys.argv)
+        if argv and argv[0].endswith(("__main__.py", "calopc")):
+            argv[0] = "calopc"
+        command = shlex.join(argv)
+    return {
+        "versions": versions,
+        "command": command,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seeds": seeds or {},
+        "options": options or {},
+        "inputs": {k: file_fingerprint(v) for k, v in inputs.items()},
+        "dataset_label": dataset_label or "",
+    }
+
+
+def write_metrics(path: str | os.PathLike, res: dict) -> None:
+    """``metrics.json``: valid JSON (NaN and infinities written as ``null``), written atomically."""
+    text = json.dumps(_safe(res), indent=2, allow_nan=False)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- HTML helpers
+def _e(v: object) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _num(v: object, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    if isinstance(v, float):
+    if isinstance(v, (int, float)):
         return f"{v:.{nd}f}"
-    return html.escape(str(v))
+    return _e(v)
 
 
-def _pm(d: dict, key: str, nd: int = 4) -> str:
-    return f"{_fmt(d.get(key), nd)} ± {_fmt(d.get(key + '_err'), nd)}"
+def _pm(v: object, err: object, nd: int = 4) -> str:
+    if err is None or (isinstance(err, float) and not math.isfinite(err)):
+        return _num(v, nd)
+    return f"{_num(v, nd)} ± {_num(err, nd)}"
 
 
-def write_report(path: Path, res: dict) -> None:
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _zero_verdict(v: object, err: object, *, ideal: float = 0.0, what: str = "zero") -> str:
+    """Reading of ``v ± err`` against its ideal value (two standard errors)."""
+    if not _finite(v):
+        return "not computed"
+    if not _finite(err) or err <= 0:
+        return f"{'at' if v == ideal else 'differs from'} {what} (no uncertainty)"
+    pull = (v - ideal) / err
+    if abs(pull) <= 2:
+        return f"<b>compatible with {what}</b> ({pull:+.1f}σ)"
+    return f"differs from {what} by {pull:+.1f}σ"
+
+
+def _floor_verdict(d: dict) -> str:
+    """Reading of an FPD/KPD entry: the value against zero, and against the reference floor at equal sample sizes.
+
+    When the entry has ``value_at_floor_size`` (the distance measured with the floor's sample sizes), that is
+    what is compared with the floor; otherwise the value itself.
+    """
+    v, e, f, fe = d.get("value"), d.get("error"), d.get("ref_floor"), d.get("ref_floor_error")
+    parts = [_zero_verdict(v, e)]
+    cv, ce, where = v, e, ""
+    if _finite(d.get("value_at_floor_size")):
+        cv, ce = d["value_at_floor_size"], d.get("value_at_floor_size_error")
+        size = d.get("floor_size")
+        where = f" at the floor's sample size{f' ({size:,})' if isinstance(size, int) else ''}: {_pm(cv, ce, 3)}"
+    if _finite(cv) and _finite(f):
+        err = math.hypot(ce if _finite(ce) else 0.0, fe if _finite(fe) else 0.0)
+        if err > 0:
+            pull = (cv - f) / err
+            parts.append(f"{where.lstrip(' ')}{',' if where else ''} <b>compatible with the reference floor</b> "
+                         f"({pull:+.1f}σ)" if abs(pull) <= 2 else
+                         f"{where.lstrip(' ')}{',' if where else ''} {pull:+.1f}σ from the reference floor")
+    return "; ".join(parts)
+
+
+def _short(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else _e(v)
+
+
+def _feature_text(name: str) -> str:
+    from .plots import feature_info
+
+    return feature_info(name).text
+
+
+def worst_histograms(separation: dict[str, float | None], n: int = 10) -> list[tuple[str, float]]:
+    """The ``n`` histograms with the largest separation power (NaN/None left out), largest first."""
+    vals = [(k, float(v)) for k, v in separation.items() if _finite(v)]
+    return sorted(vals, key=lambda kv: -kv[1])[:n]
+
+
+def _page_of(res: dict) -> dict[str, str]:
+    """Histogram name → anchor of the figure that shows it."""
+    plots = res.get("plots", {})
+    return {name: f"fig-{stem}" for name, stem in res.get("plot_index", {}).items() if stem in plots}
+
+
+def _img(stem: str, files: list[str], alt: str, *, anchor: bool = True) -> str:
+    png = next((f for f in files if f.endswith(".png")), None)
+    other = [f for f in files if not f.endswith(".png")]
+    if png is None:
+        return "".join(f"<a href='{_e(f)}'>{_e(f)}</a> " for f in files)
+    links = " ".join(f"<a href='{_e(f)}'>{_e(f.rsplit('.', 1)[1].upper())}</a>" for f in other)
+    fid = f" id='fig-{_e(stem)}'" if anchor else ""
+    return (f"<figure{fid}><img src='{_e(png)}' alt='{_e(alt)}' loading='eager'>"
+            f"<figcaption>{_e(alt)}{' · ' + links if links else ''}</figcaption></figure>")
+
+
+_CAPTIONS = {
+    "longitudinal_profile": "Mean longitudinal profile: mean energy per layer (band/bars: standard error of the mean)",
+    "radial_profile": "Mean radial profile over all layers (energy per mm of radius; standard errors)",
+    "response": "Response ⟨E_dep/E_inc⟩ and resolution σ/⟨E_dep/E_inc⟩ in bins of incident energy",
+    "hits": "Points (cells above threshold) per layer and per shower vs incident energy",
+    "average_shower_energy_bins": "Average shower per incident-energy bin (official avg-E), summed over α: "
+                                  "reference, generated and (gen. − ref.)/ref.",
+    "E_ratio": "E_dep/E_inc (official binning)",
+    "E_ratio_per_energy": "E_dep/E_inc per incident energy (official binnings of dataset 1)",
+    "voxel_spectrum": "Cell-energy spectrum (all cells above threshold)",
+    "n_hits": "Cells above threshold per shower",
+    "average_shower_reference": "Average shower of the reference, per layer (r–α plane)",
+    "average_shower_generated": "Average shower of the generated sample, per layer (r–α plane)",
+    "average_shower_ratio": "(generated − reference)/reference of the average shower, per layer",
+}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1300px;margin:1em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.9em;color:#555}
+.note{color:#555;font-size:.92em}
+.sel{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd;z-index:2}
+.sel select{font-size:1em;margin-right:1em}code{background:#f3f3f3;padding:0 3px}
+"""
+
+_JS = """
+(function(){
+  var kind=document.getElementById('sel-kind'), grp=document.getElementById('sel-group');
+  var all=document.getElementById('sel-all');
+  if(!kind){return;}
+  var pages=[].slice.call(document.querySelectorAll('.page'));
+  function show(){
+    pages.forEach(function(p){
+      var on=all.checked||(p.getAttribute('data-kind')===kind.value&&
+                           (grp.value==='*'||p.getAttribute('data-group')===grp.value));
+      p.style.display=on?'':'none';
+    });
+  }
+  function fromHash(){
+    var el=document.getElementById(location.hash.slice(1));
+    if(el&&el.classList.contains('page')){
+      kind.value=el.getAttribute('data-kind');grp.value=el.getAttribute('data-group');all.checked=false;show();
+      el.scrollIntoView();
+    }
+  }
+  kind.addEventListener('change',show);grp.addEventListener('change',show);all.addEventListener('change',show);
+  window.addEventListener('hashchange',fromHash);
+  show();fromHash();
+})();
+"""
+
+
+def write_report(path: str | os.PathLike, res: dict) -> None:
     """Write the HTML report for the metrics ``res`` (as returned by :func:`calopc.eval.evaluate`)."""
-    rows = []
+    from .plots import feature_info
+
+    rows: list[str] = []
     add = rows.append
-    add(f"<h1>calopc evaluation: dataset {_fmt(res['dataset'])}</h1>")
-    add("<table><tr><th>generated</th><td>{}</td><td>{} showers</td></tr><tr><th>reference</th><td>{}</td><td>{} showers</td></tr>"
-        "<tr><th>threshold</th><td colspan=2>{:.5g} MeV</td></tr></table>".format(
-            _fmt(res["generated"]), res["n_generated"], _fmt(res["reference"]), res["n_reference"], res["threshold_mev"]))
+    prov = res.get("provenance", {})
+    label = prov.get("dataset_label") or f"dataset {res.get('dataset', '?')}"
+    add(f"<h1>calopc evaluation — {_e(label)}</h1>")
+    add("<table><tr><th></th><th>file</th><th>showers</th></tr>")
+    for role in ("generated", "reference"):
+        add(f"<tr><th>{role}</th><td><code>{_e(res.get(role, ''))}</code></td>"
+            f"<td class=n>{res.get('n_' + role, 0):,}</td></tr>")
+    thr = res.get("threshold_mev")
+    add(f"<tr><th>cell threshold</th><td colspan=2>{_num(thr, 5)} MeV</td></tr>"
+        + (f"<tr><th>histogram ranges</th><td colspan=2>{_e(res['histogram_ranges'])}</td></tr>"
+           if res.get("histogram_ranges") else "") + "</table>")
+
+    # ---- summary
     if "classifier" in res or "fpd_x1e3" in res or "kpd_x1e3" in res:
-        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>reference-vs-reference floor</th></tr>")
+        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>reference-vs-reference floor</th>"
+            "<th>reading</th></tr>")
         for kind, c in res.get("classifier", {}).items():
-            add(f"<tr><td>classifier AUC ({kind})</td><td>{_pm(c, 'auc')}</td><td>0.5</td></tr>")
-            add(f"<tr><td>classifier JSD ({kind})</td><td>{_pm(c, 'jsd')}</td><td>0</td></tr>")
-        for key, label in (("fpd_x1e3", "FPD ×10³"), ("kpd_x1e3", "KPD ×10³")):
-            if key in res:
-                d = res[key]
-                add(f"<tr><td>{label}</td><td>{_fmt(d['value'], 3)} ± {_fmt(d['error'], 3)}</td>"
-                    f"<td>{_fmt(d['ref_floor'], 3)} ± {_fmt(d['ref_floor_error'], 3)}</td></tr>")
+            add(f"<tr><td>classifier AUC ({_e(kind)})</td><td class=n>{_pm(c.get('auc'), c.get('auc_err'))}</td>"
+                f"<td class=n>0.5</td><td>0.5 = indistinguishable; "
+                f"{_zero_verdict(c.get('auc'), c.get('auc_err'), ideal=0.5, what='0.5')}</td></tr>")
+            add(f"<tr><td>classifier JSD ({_e(kind)})</td><td class=n>{_pm(c.get('jsd'), c.get('jsd_err'))}</td>"
+                f"<td class=n>0</td><td>0 = indistinguishable, lower is better; "
+                f"{_zero_verdict(c.get('jsd'), c.get('jsd_err'))}</td></tr>")
+        known = {"value", "error", "ref_floor", "ref_floor_error", "value_at_floor_size", "value_at_floor_size_error"}
+        for key, name in (("fpd_x1e3", "FPD ×10³"), ("kpd_x1e3", "KPD ×10³")):
+            d = res.get(key)
+            if not isinstance(d, dict):
+                continue
+            extra = "; ".join(f"{_e(k)}: {_short(v)}" for k, v in d.items()
+                              if k not in known and not isinstance(v, dict))
+            extra = f"<br><span class=note>{extra}</span>" if extra else ""
+            add(f"<tr><td>{name}</td><td class=n>{_pm(d.get('value'), d.get('error'), 3)}</td>"
+                f"<td class=n>{_pm(d.get('ref_floor'), d.get('ref_floor_error'), 3)}</td>"
+                f"<td>lower is better; {_floor_verdict(d)}{extra}"
+                "</td></tr>")
         add("</table>")
-        if "fpd_kpd_note" in res:
-            add(f"<p><em>{_fmt(res['fpd_kpd_note'])}</em></p>")
+        add("<p class=note>“Compatible” means within two standard errors. The floor compares two disjoint halves "
+            "of the reference with the same estimator; it is the value a perfect generator would reach.</p>")
+        for k in ("fpd_kpd_note", "classifier_note"):
+            if k in res:
+                add(f"<p class=note>{_e(res[k])}</p>")
+
+    # ---- PRDC
+    if isinstance(res.get("prdc"), dict):
+        p = res["prdc"]
+        add(f"<h2>Precision, recall, density, coverage</h2><p class=note>k = {_e(p.get('k'))} nearest neighbours on "
+            f"log10 cell energies (empty cells at 0.1 MeV), {p.get('n_real', 0):,} reference and "
+            f"{p.get('n_fake', 0):,} generated showers; a perfect generator gives density ≈ 1 and the "
+            "reference-vs-reference values of precision, recall and coverage.</p><table><tr>"
+            + "".join(f"<th>{k}</th>" for k in ("precision", "recall", "density", "coverage")) + "</tr><tr>"
+            + "".join(f"<td class=n>{_num(p.get(k), 4)}</td>" for k in ("precision", "recall", "density", "coverage"))
+            + "</tr></table>")
+
+    # ---- worst 10 and summary per feature
+    sep = res.get("separation", {})
+    if sep:
+        anchors = _page_of(res)
+        add("<h2>The 10 histograms that separate the samples most</h2>"
+            "<p class=note>Separation power S = ½ Σ (p − q)²/(p + q) of the unit-sum histograms: 0 = identical, "
+            "1 = disjoint; lower is better. Click a name for its plot.</p>")
+        add("<table id=worst><tr><th>#</th><th>histogram</th><th>S</th></tr>")
+        for i, (name, v) in enumerate(worst_histograms(sep), 1):
+            a = anchors.get(name, "")
+            cell = f"<a href='#{_e(a)}'>{_e(_feature_text(name))}</a>" if a else _e(_feature_text(name))
+            add(f"<tr><td class=n>{i}</td><td>{cell}</td><td class=n>{v:.5f}</td></tr>")
+        add("</table>")
     if "separation_summary" in res:
-        add("<h2>Separation power (mean over layers)</h2><table><tr><th>feature</th><th>separation</th></tr>")
+        add("<h2>Separation power per feature</h2><table><tr><th>feature</th><th>mean S over layers</th>"
+            "<th>largest S (layer)</th></tr>")
         for k, v in res["separation_summary"].items():
-            add(f"<tr><td>{_fmt(k)}</td><td>{_fmt(v, 5)}</td></tr>")
-        add("</table>")
+            members = [(n, s) for n, s in sep.items() if feature_info(n).kind == k and _finite(s)]
+            worst = max(members, key=lambda t: t[1], default=None)
+            where = (f"layer {feature_info(worst[0]).layer}" if worst and feature_info(worst[0]).layer is not None
+                     else _feature_text(worst[0]) if worst else "")
+            wtxt = f"{worst[1]:.5f} ({_e(where)})" if worst and len(members) > 1 else ""
+            fi0 = feature_info(f"{k}_0")
+            group = fi0.group if fi0.layer is not None or k == "E_ratio_einc" else feature_info(k).group
+            add(f"<tr><td>{_e(group)}</td><td class=n>{_num(v, 5)}</td><td class=n>{wtxt}</td></tr>")
+        add("</table><p class=note>Lower is better.</p>")
+
+    # ---- point cloud table
     if "pointcloud" in res:
         pc = res["pointcloud"]
         add("<h2>Point-cloud view</h2><table><tr><th></th><th>generated</th><th>reference</th></tr>")
-        add(f"<tr><td>points per shower (mean ± std)</td><td>{pc['hits_mean']['generated']:.1f} ± {pc['hits_std']['generated']:.1f}</td>"
-            f"<td>{pc['hits_mean']['reference']:.1f} ± {pc['hits_std']['reference']:.1f}</td></tr>")
-        add(f"<tr><td>separation of points per shower</td><td colspan=2>{_fmt(pc['hits_separation'], 5)}</td></tr>")
+        hm, hs = pc.get("hits_mean", {}), pc.get("hits_std", {})
+        add("<tr><td>points per shower (mean ± std)</td>"
+            f"<td class=n>{_pm(hm.get('generated'), hs.get('generated'), 1)}"
+            f"</td><td class=n>{_pm(hm.get('reference'), hs.get('reference'), 1)}</td></tr>")
+        add(f"<tr><td>separation power of points per shower</td><td colspan=2 class=n>"
+            f"{_num(pc.get('hits_separation'), 5)}</td></tr>")
         for name, st in pc.get("revoxelization", {}).items():
-            add(f"<tr><td>re-voxelization of the {name} points</td><td colspan=2>{st['n_collisions']} collisions "
-                f"({100 * st['collision_rate']:.2f} %), {st['n_outside']} outside</td></tr>")
+            add(f"<tr><td>re-voxelization of the {_e(name)} points</td><td colspan=2>"
+                f"{st.get('n_collisions')} collisions "
+                f"({100 * (st.get('collision_rate') or 0):.2f} %), {st.get('n_outside')} outside</td></tr>")
         add("</table>")
-    for name, files in res.get("plots", {}).items():
-        png = next((f for f in files if f.endswith(".png")), None)
-        pdf = next((f for f in files if f.endswith(".pdf")), None)
-        if png:
-            add(f"<h3>{_fmt(name)}</h3><a href='{html.escape(pdf or png)}'><img src='{html.escape(png)}' style='max-width:100%'></a>")
-    if "separation" in res:
-        add("<h2>All separation powers</h2><table><tr><th>histogram</th><th>separation</th></tr>")
-        for k, v in res["separation"].items():
-            add(f"<tr><td>{_fmt(k)}</td><td>{_fmt(v, 5)}</td></tr>")
+
+    # ---- plots
+    plots: dict[str, list[str]] = res.get("plots", {})
+    pages: dict[str, list[dict]] = res.get("plot_pages", {})
+    paged = {p["stem"] for ps in pages.values() for p in ps}
+    first = ["longitudinal_profile", "radial_profile", "response", "E_ratio", "voxel_spectrum", "n_hits", "hits",
+             "average_shower_energy_bins"]
+    shown = [s for s in first if s in plots]
+    if shown:
+        add("<h2>First look</h2>")
+        for s in shown:
+            add(_img(s, plots[s], _CAPTIONS.get(s, s)))
+    others = [s for s in plots if s not in paged and s not in first and not s.startswith("average_shower_")]
+    if others:
+        add("<h2>Other distributions</h2>")
+        for s in others:
+            add(_img(s, plots[s], _CAPTIONS.get(s) or (_feature_text(s) if s in sep else s)))
+    if pages:
+        kinds = list(pages)
+        groups = pages[kinds[0]]
+        add("<h2 id=per-layer>Per-layer distributions</h2>")
+        add("<div class=sel><label>feature <select id=sel-kind>"
+            + "".join(f"<option value='{_e(k)}'>{_e(feature_info(k + '_0').group)}</option>" for k in kinds)
+            + "</select></label><label>layers <select id=sel-group><option value='*'>all</option>"
+            + "".join(f"<option value='{i}'>{g['layers'][0]}–{g['layers'][-1]}</option>"
+                      for i, g in enumerate(groups))
+            + "</select></label><label><input type=checkbox id=sel-all> show every page</label></div>")
+        for kind, ps in pages.items():
+            for i, p in enumerate(ps):
+                if p["stem"] not in plots:
+                    continue
+                add(f"<div class=page id='fig-{_e(p['stem'])}' data-kind='{_e(kind)}' data-group='{i}'>"
+                    + _img(p["stem"], plots[p["stem"]], p["title"], anchor=False) + "</div>")
+    polar = [s for s in ("average_shower_reference", "average_shower_generated", "average_shower_ratio") if s in plots]
+    if polar:
+        add("<h2>Average showers per layer</h2>")
+        for s in polar:
+            add(_img(s, plots[s], _CAPTIONS[s]))
+
+    # ---- all separation powers
+    if sep:
+        add(f"<h2>All separation powers</h2><details><summary>{len(sep)} histograms, largest first</summary>"
+            "<table><tr><th>histogram</th><th>S</th></tr>")
+        for name, v in sorted(sep.items(), key=lambda kv: -(kv[1] if _finite(kv[1]) else -1)):
+            add(f"<tr><td>{_e(_feature_text(name))}</td><td class=n>{_num(v, 5)}</td></tr>")
+        add("</table></details>")
+
+    # ---- provenance
+    if prov:
+        add("<h2>Provenance</h2><table>")
+        add("<tr><th>calopc</th><td>" + _e(", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()))
+            + "</td></tr>")
+        add(f"<tr><th>command</th><td><code>{_e(prov.get('command', ''))}</code></td></tr>")
+        add(f"<tr><th>date (UTC)</th><td>{_e(prov.get('date_utc', ''))}</td></tr>")
+        add(f"<tr><th>seeds</th><td>{_e(json.dumps(_safe(prov.get('seeds', {}))))}</td></tr>")
+        for role, fp in prov.get("inputs", {}).items():
+            add(f"<tr><th>{_e(role)} file</th><td><code>{_e(fp.get('path'))}</code><br>"
+                f"{fp.get('size_bytes', 0):,} bytes, "
+                f"modified {_e(fp.get('mtime_utc'))}<br>{_e(fp.get('hash_method'))} <code>{_e(fp.get('sha256'))}</code>"
+                "</td></tr>")
+        add(f"<tr><th>options</th><td><code>{_e(json.dumps(_safe(prov.get('options', {}))))}</code></td></tr>")
         add("</table>")
     t = res.get("timings_s", {})
-    add("<p>timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + "</p>")
-    doc = ("<!doctype html><html><head><meta charset='utf-8'><title>calopc evaluation</title><style>"
-           "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>"
-           + "\n".join(rows) + "</body></html>")
+    if t:
+        add("<p class=note>timings (s): " + ", ".join(f"{_e(k)} {v:.1f}" for k, v in t.items() if _finite(v)) + "</p>")
+    doc = ("<!doctype html><html lang=en><head><meta charset='utf-8'><meta name=viewport "
+           "content='width=device-width,initial-scale=1'><title>calopc evaluation — " + _e(label) + "</title><style>"
+           + _CSS + "</style></head><body>\n" + "\n".join(rows) + "\n<script>" + _JS + "</script></body></html>\n")
     with atomic_output(path) as tmp:
         tmp.write_text(doc, encoding="utf-8")

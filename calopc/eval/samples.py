@@ -23,7 +23,7 @@ class Sample:
     kind: str  # "voxels" or "points"
     geometry: Geometry
     features: Features
-    voxel_energies: np.ndarray  # every cell energy above threshold (for the spectrum), float32
+    voxel_energies: np.ndarray  # every cell energy above threshold (for the spectrum), float64 as the official one
     mean_shower: np.ndarray  # (n_voxels,) average thresholded shower
     low: np.ndarray | None = None  # (N, n_voxels) thresholded voxels, float32, if kept
     collisions: VoxelizeStats | None = None
@@ -83,6 +83,9 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
             msg = f"{path}: the sample is empty (0 showers)"
             raise ValueError(msg)
         done = 0
+        from .profiles import ProfileAccumulator
+
+        prof = ProfileAccumulator(g)
         with tqdm(total=total, desc=f"read {path.name}", disable=None if progress else True, leave=False) as bar:
             for chunk in chunks_of():
                 if kind == "points":
@@ -97,7 +100,8 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
                 sh = apply_threshold(np.asarray(sh, dtype=np.float64), thr)
                 feats.append(compute_features(sh, inc, g))
                 sum_sh = sh.sum(axis=0) if sum_sh is None else sum_sh + sh.sum(axis=0)
-                spectra.append(sh[sh > 0].astype(np.float32))
+                prof.update(sh, inc)
+                spectra.append(sh[sh > 0])
                 if keep_voxels:
                     lows.append(sh.astype(np.float32))
                 done += take
@@ -110,10 +114,10 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
         raise ValueError(msg)
     return Sample(
         path=path, kind=kind, geometry=g, features=Features.concatenate(feats),
-        voxel_energies=np.concatenate(spectra) if spectra else np.zeros(0, np.float32),
+        voxel_energies=np.concatenate(spectra) if spectra else np.zeros(0, np.float64),
         mean_shower=sum_sh / max(done, 1),
         low=np.concatenate(lows) if keep_voxels else None,
         collisions=stats,
         point_energies=np.concatenate(pes) if pes else None,
-        extra={"threshold": thr},
+        extra={"threshold": thr, "profiles": prof.result()},
     )

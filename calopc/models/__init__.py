@@ -13,8 +13,11 @@ Every model implements the same interface (see :mod:`calopc.models.calopointflow
 * ``Config.from_dict(d)``, ``config.preprocessing()`` (options of the data preprocessing it
   needs) and ``config.with_data(prep)`` (the sizes that depend on the data);
 * ``model.loss(batch) -> Tensor``: scalar to minimise (``forward`` calls it, for DDP);
-* ``model.generate(e_inc, prep) -> (counts, zar, E)``: showers in physical units, points as
-  continuous ``(z, alpha, r)`` and energies in MeV.
+* ``model.generate(e_inc, prep) -> GeneratedShowers`` (:mod:`calopc.models.cells`): flat points
+  on the model's device with their layer, radius, angle (or None) and energy in MeV; the older
+  ``(counts, zar, E)`` numpy tuple is still accepted;
+* optionally ``configure_optimizers(train_cfg)`` and ``training_step(batch, step, backward)``
+  for models with their own training step (GANs; see :mod:`calopc.models.train`).
 
 A trained run directory is loaded with :func:`load` (``config.json`` + ``model.safetensors``).
 """
@@ -30,9 +33,12 @@ from typing import Any
 #: model name -> (module, model class, config class); strings, so nothing heavy is imported here
 MODELS: dict[str, tuple[str, str, str]] = {
     "calopointflow": ("calopc.models.calopointflow", "CaloPointFlow", "CaloPointFlowConfig"),
+    "caloclouds": ("calopc.models.caloclouds", "CaloClouds", "CaloCloudsConfig"),
+    "deeptree": ("calopc.models.deeptree", "DeepTree", "DeepTreeConfig"),
 }
 
-_LAZY_MODULES = {"calopointflow", "checkpoint", "cli", "data", "generate", "preprocess", "train", "utils"}
+_LAZY_MODULES = {"calopointflow", "checkpoint", "cli", "data", "generate", "preprocess", "train", "utils",
+                 "caloclouds", "diffusion", "distill", "deeptree", "cells", "flows"}
 
 
 def available() -> list[str]:

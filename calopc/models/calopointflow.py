@@ -1,24 +1,39 @@
 r"""CaloPointFlow: showers as point clouds from normalising flows.
 
-Three zuko flows and one set encoder:
+Three flows and one set encoder:
 
-1. a **shower flow** ``p(s | c)`` over shower-level features given ``c = log E_inc``:
-   ``s = (log n − ½ log E_inc, log ΣE/E_inc)`` in variant ``"I"``; the number of points and
-   the energy of every layer (``2 L`` features) in variant ``"II"`` (the default);
+1. a **shower flow** ``p(s | c)`` over shower-level features given ``c = log E_inc``
+   (:class:`~calopc.models.shower.ShowerModel`): ``s = (log n − ½ log E_inc, log ΣE/E_inc)``
+   in variant ``"I"``; the number of points and the energy of every layer (``2 L`` features)
+   in variant ``"II"`` (the default);
 2. a **DeepSets encoder** ``q(z | X, c, s)`` of the whole point cloud into a latent vector;
 3. a **latent flow** ``p(z | c, s)``, the learnt prior of that latent;
-4. a **point flow**, the same for every point of a shower (points are i.i.d. given the
-   latent), a coupling rational-quadratic spline flow so that sampling millions of points is
-   one pass per transform. Variant I: ``p(z, α, r, E | latent, c, s)``. Variant II: points
-   know their layer, ``p(α, r, log E/E_l | latent, c, layer, n_l, E_l)``; after sampling the
-   energies of each layer are normalised to the sampled layer energy, so layer energies and
-   hit counts come from the shower flow exactly.
+4. a **point flow** of coupling rational-quadratic spline transforms. Variant I:
+   ``p(z, α, r, E | latent, c, s)``. Variant II: points know their layer,
+   ``p(α, r, log E/E_l | latent, c, layer, n_l, E_l)``; after sampling the energies of each
+   layer are normalised to the sampled layer energy, so layer energies and hit counts come
+   from the shower flow exactly.
+
+CaloPointFlow II as published adds three things, each a switch of :class:`CaloPointFlowConfig`
+(all on by default; run directories written before they existed load with them off):
+
+* ``dequantisation="cdf"``: integer coordinates are dequantised through the empirical CDF of
+  their bins and a probit, so each is marginally standard normal (see :mod:`.preprocess`);
+* ``set_summary=True``: the point flow is a **DeepSetFlow**: the conditioner of every
+  coupling also gets a summary of the untransformed half of *all* points of the shower
+  (per-point MLP → mean per shower and per (shower, layer) → MLP). The Jacobian stays
+  triangular over the whole set and the inverse is exact: at each inverse step the
+  untransformed half is known;
+* ``alpha="free"``: points carry ``(r, E)`` only; α is not modelled and is drawn without
+  replacement per ``(layer, r)`` ring when the points are placed in cells
+  (:func:`calopc.models.cells.place`, policy ``"alpha-free"``), so that at most one point
+  falls in a cell unless a ring gets more points than it has α bins. Beyond the published
+  model, ``overflow="move"`` (the default) then passes the outermost points of an overfull
+  ring on to the next ring with room (:func:`fit_rings`), so no cell gets two points;
+  ``overflow="merge"`` keeps the published behaviour (the placement adds their energies).
 
 Training maximises ``log p(s|c) + E_q[Σ_i log p(x_i|z,c,s) + log p(z|c,s) − log q(z|X,c,s)]``
-(an ELBO); the point part is divided by the number of points. As in CaloPointFlow II,
-coordinates are dequantised uniformly inside their cells (see :mod:`.preprocess`), and at
-generation each point is mapped back to its cell and collisions are resolved so that each
-cell holds at most one point (``points_to_voxels(..., collisions="nearest-free")``).
+(an ELBO); the point part is divided by the number of points.
 
 References:
     | CaloPointFlow (Schnake, Krücker, Borras, 2023) | https://arxiv.org/abs/2304.01266
@@ -28,7 +43,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["CaloPointFlow", "CaloPointFlowConfig"]
+__all__ = ["CaloPointFlow", "CaloPointFlowConfig", "DeepSetFlow", "fit_rings"]
 
 import math
 from dataclasses import dataclass, replace
@@ -36,10 +51,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import zuko
-from torch import nn
+from torch import Tensor, nn
 
+from ..geometry import Geometry
+from .cells import GeneratedShowers, cell_tables, locate
 from .data import Batch
 from .preprocess import Preprocessor
+from .shower import ShowerModel, ShowerModelConfig, _as_tensor, _prep_call, torch_preprocessor
 
 
 def _scale_groups(w: np.ndarray, group: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -52,9 +70,84 @@ def _scale_groups(w: np.ndarray, group: np.ndarray, target: np.ndarray) -> np.nd
     return w * (target / np.maximum(tot, 1e-300))[group]
 
 
+#: what a saved config without the CaloPointFlow II switches meant (run directories written before them)
+_BEFORE_SWITCHES = {"alpha": "model", "set_summary": False, "dequantisation": "uniform", "overflow": "merge"}
+
+
+def _as_bool(v: object, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    msg = f"CaloPointFlow config {key!r} must be true or false, got {v!r}"
+    raise ValueError(msg)
+
+
+def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """Move points so that no ``(layer, r-bin)`` ring of a group holds more points than it has α bins.
+
+    Within each group (a layer of a shower) the points keep their order in ``r``: ring by ring
+    from the inside out, the outermost points of a full ring go to the next ring; what the last
+    ring cannot hold goes back inwards to the nearest rings with room. Points that change ring get
+    a uniform radius inside their new ring. A loop over the r-bins only (vectorised over groups).
+
+    Args:
+        geometry: the binning.
+        group: group of each point (``shower * L + layer``), ``n_groups`` in all; at most as many
+            points per group as its layer has cells.
+        layer, r: layer and radius (mm) of each point.
+
+    Returns:
+        ``(r, moved)``: the new radii ``(P,)`` and the number of points that changed ring (0-d).
+    """
+    device = r.device
+    p = r.shape[0]
+    if p == 0:
+        return r, torch.zeros((), dtype=torch.int64, device=device)
+    t = cell_tables(geometry, device)
+    k_max = max(geometry.n_r)                                                        # from the host: no sync
+    _, rb, _ = locate(geometry, layer, r)
+    rb = torch.minimum(rb.clamp(min=0), t["n_r"][layer] - 1)                         # outside → nearest ring
+    g_layer = torch.zeros(n_groups, dtype=torch.int64, device=device).scatter_(0, group, layer)
+    cap = torch.where(torch.arange(k_max, device=device)[None, :] < t["n_r"][g_layer][:, None],
+                      t["n_alpha"][g_layer][:, None], torch.zeros((), dtype=torch.int64, device=device))  # (G, K)
+    count = torch.bincount(group * k_max + rb, minlength=n_groups * k_max).reshape(n_groups, k_max)
+    new = torch.empty_like(count)
+    carry = torch.zeros(n_groups, dtype=torch.int64, device=device)
+    for k in range(k_max):                        # outwards: a full ring passes its outermost points on
+        tot = count[:, k] + carry
+        new[:, k] = torch.minimum(tot, cap[:, k])
+        carry = tot - new[:, k]
+    for k in range(k_max - 1, -1, -1):            # what is left goes back inwards where there is room
+        add = torch.minimum(cap[:, k] - new[:, k], carry)
+        new[:, k] += add
+        carry = carry - add
+    # the i-th point of a group in r order goes to the ring whose cumulative count first exceeds i
+    o1 = torch.argsort(r, stable=True)
+    order = o1[torch.argsort(group[o1], stable=True)]                                # by group, then r
+    g_sorted = group[order]
+    first = torch.searchsorted(g_sorted, torch.arange(n_groups, device=device))
+    rank = torch.arange(p, device=device) - first[g_sorted]
+    cum = torch.cumsum(new, 1)                                                       # (G, K)
+    stride = p + 1
+    flat = (cum + torch.arange(n_groups, device=device)[:, None] * stride).reshape(-1)
+    ring = torch.searchsorted(flat, rank + g_sorted * stride, right=True) - g_sorted * k_max
+    ring = torch.minimum(ring, t["n_r"][layer[order]] - 1)
+    changed = ring != rb[order]
+    lo = t["edges"][layer[order], ring]
+    hi = t["edges"][layer[order], ring + 1]
+    r_new = torch.where(changed, lo + torch.rand(p, dtype=torch.float64, device=device) * (hi - lo),
+                        r[order].to(torch.float64))
+    out = torch.empty_like(r_new)
+    out[order] = r_new
+    return out.to(r.dtype), changed.sum()
+
+
 @dataclass(frozen=True)
 class CaloPointFlowConfig:
-    """Hyper-parameters of :class:`CaloPointFlow` (defaults: the benchmark model)."""
+    """Hyper-parameters of :class:`CaloPointFlow` (defaults: the benchmark model, CaloPointFlow II as published)."""
 
     variant: str = "II"                           # "I" (n, ΣE) or "II" (points and energy per layer)
     n_layers: int = 0                             # set from the data (variant II)
@@ -70,8 +163,16 @@ class CaloPointFlowConfig:
     latent_hidden: tuple[int, ...] = (128, 128)
     shower_transforms: int = 4                    # autoregressive spline transforms of the shower flow
     shower_hidden: tuple[int, ...] = (128, 128)
+    shower_bins: int = 8                          # spline bins of the shower flow
+    shower_passes: int | None = None              # shower flow: None autoregressive, 2 coupling (faster sampling)
     kl_weight: float = 1.0                        # weight of the latent (prior − entropy) term
     points_per_shower_loss: int = 0               # random points per shower in the point likelihood (0: all)
+    alpha: str = "free"                           # II: "free" (α drawn per ring at placement) or "model"
+    set_summary: bool = True                      # DeepSetFlow: couplings see a summary of the shower's points
+    set_hidden: int = 64                          # width of the per-point set-summary network
+    set_features: int = 32                        # size of the set summary given to each conditioner
+    dequantisation: str = "cdf"                   # II: "cdf" (empirical CDF + probit) or "uniform" (+ logit)
+    overflow: str = "move"                        # α free: a ring's points beyond its α bins "move" or "merge"
 
     @classmethod
     def from_dict(cls, d: dict) -> CaloPointFlowConfig:
@@ -85,16 +186,176 @@ class CaloPointFlowConfig:
         if d["variant"] not in ("I", "II"):
             msg = f"CaloPointFlow variant must be 'I' or 'II', got {d['variant']!r}"
             raise ValueError(msg)
+        if "n_layers" in d or d["variant"] == "I":
+            # a saved config (or variant I): a missing switch means what the model did before the switch existed
+            for k, v in _BEFORE_SWITCHES.items():
+                d.setdefault(k, v)
+        if "set_summary" in d:
+            d["set_summary"] = _as_bool(d["set_summary"], "set_summary")
+        if d.get("alpha", "free") not in ("free", "model"):
+            msg = f"CaloPointFlow config 'alpha' must be 'free' or 'model', got {d['alpha']!r}"
+            raise ValueError(msg)
+        if d.get("overflow", "move") not in ("move", "merge"):
+            msg = f"CaloPointFlow config 'overflow' must be 'move' or 'merge', got {d['overflow']!r}"
+            raise ValueError(msg)
+        if d.get("dequantisation", "cdf") not in ("cdf", "uniform"):
+            msg = f"CaloPointFlow config 'dequantisation' must be 'cdf' or 'uniform', got {d['dequantisation']!r}"
+            raise ValueError(msg)
+        if d["variant"] == "I" and (d["alpha"] != "model" or d["dequantisation"] != "uniform"):
+            msg = (f"CaloPointFlow I models α and uses uniform dequantisation; got alpha={d['alpha']!r}, "
+                   f"dequantisation={d['dequantisation']!r} (these switches are for variant II)")
+            raise ValueError(msg)
         return cls(**d)
 
     def preprocessing(self) -> dict:
         """Options of :meth:`Preprocessor.fit` this model needs."""
-        return {"variant": self.variant}
+        if self.dequantisation == "uniform":
+            return {"variant": self.variant}
+        return {"variant": self.variant, "dequantisation": self.dequantisation}
 
     def with_data(self, prep: Preprocessor) -> CaloPointFlowConfig:
         """The config with the sizes that depend on the data (feature counts, layers)."""
         return replace(self, n_layers=prep.geometry.n_layers, point_features=prep.n_point_features,
                        shower_features=prep.n_shower_features)
+
+
+def _mlp(sizes: list[int], zero_last: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    net = nn.Sequential(*layers[:-1])
+    if zero_last:  # the coupling starts close to the identity
+        with torch.no_grad():
+            net[-1].weight.mul_(1e-2)
+            net[-1].bias.zero_()
+    return net
+
+
+@dataclass
+class PointSets:
+    """Which set (shower) and which group inside it (layer) each flat point belongs to.
+
+    Shapes:
+        shower: ``(P,)`` in ``[0, B)``; group: ``(P,)`` in ``[0, G)``; group_shower: ``(G,)``
+        the shower of each group; inv_shower ``(B, 1)``, inv_group ``(G, 1)``: 1 / points.
+    """
+
+    shower: Tensor
+    group: Tensor
+    group_shower: Tensor
+    inv_shower: Tensor
+    inv_group: Tensor
+
+    @classmethod
+    def build(cls, shower: Tensor, n_showers: int, group: Tensor | None = None, groups_per_shower: int = 1,
+              dtype: torch.dtype = torch.float32) -> PointSets:
+        """``group`` defaults to the shower; otherwise ``group = shower * groups_per_shower + g``."""
+        if group is None:
+            group, groups_per_shower = shower, 1
+        n_groups = n_showers * groups_per_shower
+        dev = shower.device
+
+        def inv(idx: Tensor, n: int) -> Tensor:
+            c = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, idx, torch.ones_like(idx, dtype=dtype))
+            return (1 / c.clamp(min=1))[:, None]
+
+        gs = torch.div(torch.arange(n_groups, device=dev), groups_per_shower, rounding_mode="floor")
+        return cls(shower, group, gs, inv(shower, n_showers), inv(group, n_groups))
+
+
+class SetCoupling(nn.Module):
+    r"""One coupling of a :class:`DeepSetFlow`: a rational-quadratic spline of the features
+    ``transformed`` whose parameters depend on the other features of the point, its context,
+    and a summary of the other features of all points of its shower.
+
+    Shapes:
+        x: ``(P, F)``; context: ``(P, C)``; returns ``(P, F)`` and ``ladj (P,)``.
+    """
+
+    def __init__(self, features: int, context: int, transformed: list[int], hidden: tuple[int, ...], bins: int,
+                 set_hidden: int, set_features: int, bound: float = 5.0) -> None:
+        super().__init__()
+        fixed = [i for i in range(features) if i not in transformed]
+        self.register_buffer("idx_t", torch.tensor(transformed, dtype=torch.long), persistent=False)
+        self.register_buffer("idx_f", torch.tensor(fixed, dtype=torch.long), persistent=False)
+        self.bins, self.bound, self.set_features = bins, bound, set_features
+        nf, nt = len(fixed), len(transformed)
+        if set_features:
+            self.phi = _mlp([nf + context, set_hidden, set_hidden])
+            self.rho = _mlp([2 * set_hidden, set_hidden, set_features])
+        self.net = _mlp([nf + context + set_features, *hidden, nt * (3 * bins - 1)], zero_last=True)
+
+    def _spline(self, x_fixed: Tensor, context: Tensor, sets: PointSets) -> zuko.transforms.MonotonicRQSTransform:
+        h = [x_fixed, context]
+        if self.set_features:
+            e = self.phi(torch.cat([x_fixed, context], -1))                                     # (P, H)
+            by_shower = torch.zeros(sets.inv_shower.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+            by_shower = by_shower.index_add_(0, sets.shower, e) * sets.inv_shower                # (B, H) means
+            by_group = torch.zeros(sets.inv_group.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+            by_group = by_group.index_add_(0, sets.group, e) * sets.inv_group                    # (G, H) means
+            summary = self.rho(torch.cat([by_group, by_shower[sets.group_shower]], -1))        # (G, S)
+            h.append(summary[sets.group])
+        p = self.net(torch.cat(h, -1)).unflatten(-1, (self.idx_t.shape[0], 3 * self.bins - 1))
+        w, hh, d = p.split((self.bins, self.bins, self.bins - 1), dim=-1)
+        return zuko.transforms.MonotonicRQSTransform(w, hh, d, bound=self.bound)
+
+    def forward(self, x: Tensor, context: Tensor, sets: PointSets) -> tuple[Tensor, Tensor]:
+        t = self._spline(x[:, self.idx_f], context, sets)
+        y_t, ladj = t.call_and_ladj(x[:, self.idx_t])
+        y = x.clone()
+        y[:, self.idx_t] = y_t
+        return y, ladj.sum(-1)
+
+    def inverse(self, y: Tensor, context: Tensor, sets: PointSets) -> Tensor:
+        t = self._spline(y[:, self.idx_f], context, sets)   # the untransformed half is the same in x and y
+        x = y.clone()
+        x[:, self.idx_t] = t.inv(y[:, self.idx_t])
+        return x
+
+
+class DeepSetFlow(nn.Module):
+    r"""Coupling spline flow over the points of a set of showers (DeepSetFlow, CaloPointFlow II).
+
+    Points are flat with the index of their shower (and of their group, e.g. the layer, in the
+    shower); there is no loop over showers. With ``set_features = 0`` it is a plain coupling flow
+    (points independent given their context).
+
+    Args:
+        features: point features ``F`` (at least 2).
+        context: per-point context ``C``.
+        transforms, hidden, bins: couplings, hidden layers of each conditioner, spline bins.
+        set_hidden, set_features: width of the per-point summary network and size of the summary.
+
+    Shapes:
+        x: ``(P, F)``; context: ``(P, C)``; :meth:`log_prob` returns ``(P,)``: the point's share
+        of the log-density of the whole set (they sum to it).
+    """
+
+    def __init__(self, features: int, context: int, *, transforms: int = 6, hidden: tuple[int, ...] = (128, 128),
+                 bins: int = 8, set_hidden: int = 64, set_features: int = 32) -> None:
+        super().__init__()
+        if features < 2:
+            msg = f"DeepSetFlow needs at least 2 point features, got {features}"
+            raise ValueError(msg)
+        self.features = features
+        halves = [[i for i in range(features) if i % 2 == k % 2] for k in range(2)]
+        self.couplings = nn.ModuleList(
+            SetCoupling(features, context, halves[k % 2], tuple(hidden), bins, set_hidden, set_features)
+            for k in range(transforms))
+
+    def log_prob(self, x: Tensor, context: Tensor, sets: PointSets) -> Tensor:
+        ladj = x.new_zeros(x.shape[0])
+        for c in self.couplings:
+            x, l = c(x, context, sets)
+            ladj = ladj + l
+        return -0.5 * (x.square().sum(-1) + self.features * math.log(2 * math.pi)) + ladj
+
+    @torch.no_grad()
+    def sample(self, context: Tensor, sets: PointSets) -> Tensor:
+        x = torch.randn(context.shape[0], self.features, dtype=context.dtype, device=context.device)
+        for c in reversed(self.couplings):
+            x = c.inverse(x, context, sets)
+        return x
 
 
 class DeepSetsEncoder(nn.Module):
@@ -130,9 +391,9 @@ class CaloPointFlow(nn.Module):
         config: hyper-parameters.
 
     Shapes:
-        batch.x: ``(B, N_max, 4)``; batch.mask: ``(B, N_max)``; batch.shower: ``(B, 2)``;
-        batch.cond: ``(B, 1)``. :meth:`sample` returns ``shower (B, 2)``, ``x (B, N_max, 4)``
-        and ``mask (B, N_max)``, all in preprocessed units.
+        batch.x: ``(B, N_max, F)``; batch.mask: ``(B, N_max)``; batch.shower: ``(B, S)``;
+        batch.cond: ``(B, 1)``. With ``alpha="free"`` the point flow models the columns
+        ``(r, E)`` of ``batch.x`` only (``flow_features = 2``).
 
     References:
         | CaloPointFlow | https://arxiv.org/abs/2304.01266
@@ -147,31 +408,58 @@ class CaloPointFlow(nn.Module):
             msg = (f"CaloPointFlow II needs n_layers and shower_features = 2 n_layers (config.with_data(prep)); "
                    f"got n_layers={cfg.n_layers}, shower_features={cfg.shower_features}")
             raise ValueError(msg)
+        self.alpha_free = self.layered and cfg.alpha == "free"
+        # columns of batch.x the point flow models: variant II with α free drops the α column
+        self.point_dims = list(range(1, cfg.point_features)) if self.alpha_free else list(range(cfg.point_features))
+        self.flow_features = len(self.point_dims)
         ctx = cfg.cond_features + cfg.shower_features
         # variant II: each point also sees its layer (position in [-1, 1]) and that layer's (n_l, E_l) features
         point_ctx = cfg.latent + (cfg.cond_features + 3 if self.layered else ctx)
-        self.shower_flow = zuko.flows.NSF(cfg.shower_features, cfg.cond_features, transforms=cfg.shower_transforms,
-                                          hidden_features=cfg.shower_hidden)
-        self.encoder = DeepSetsEncoder(cfg.point_features + self.layered, ctx, cfg.latent, cfg.encoder_hidden)
+        self.shower_flow = ShowerModel(cfg.n_layers, cfg.cond_features,
+                                       ShowerModelConfig(cfg.shower_transforms, cfg.shower_hidden, cfg.shower_bins,
+                                                         cfg.shower_passes),
+                                       features=cfg.shower_features)
+        self.encoder = DeepSetsEncoder(self.flow_features + self.layered, ctx, cfg.latent, cfg.encoder_hidden)
         self.latent_flow = zuko.flows.NSF(cfg.latent, ctx, transforms=cfg.latent_transforms,
                                           hidden_features=cfg.latent_hidden)
-        self.point_flow = zuko.flows.NSF(cfg.point_features, point_ctx, transforms=cfg.point_transforms,
-                                         bins=cfg.point_bins, hidden_features=cfg.point_hidden, passes=2)
+        if cfg.set_summary:
+            self.point_flow = DeepSetFlow(self.flow_features, point_ctx, transforms=cfg.point_transforms,
+                                          hidden=cfg.point_hidden, bins=cfg.point_bins, set_hidden=cfg.set_hidden,
+                                          set_features=cfg.set_features)
+        else:  # points independent given the latent (CaloPointFlow I, and II before the set summary)
+            self.point_flow = zuko.flows.NSF(self.flow_features, point_ctx, transforms=cfg.point_transforms,
+                                             bins=cfg.point_bins, hidden_features=cfg.point_hidden, passes=2)
 
     def _layer_pos(self, layer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (2 * layer.to(dtype) / max(self.config.n_layers - 1, 1) - 1)[..., None]
 
-    def _point_context(self, z: torch.Tensor, cond: torch.Tensor, shower: torch.Tensor, mask: torch.Tensor,
-                       layer: torch.Tensor) -> torch.Tensor:
-        """Context of every real point, ``(P, C)``."""
-        b, n = mask.shape
+    def _flat_context(self, z: Tensor, cond: Tensor, shower: Tensor, shower_of: Tensor, lay: Tensor) -> Tensor:
+        """Context of flat points of showers ``shower_of`` in layers ``lay``, ``(P, C)``."""
         if not self.layered:
-            return torch.cat([z, cond, shower], dim=-1)[:, None, :].expand(-1, n, -1)[mask]
+            return torch.cat([z, cond, shower], dim=-1)[shower_of]
         n_l = self.config.n_layers
-        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
-        lay = layer[mask]
         per_layer = torch.stack([shower[shower_of, lay], shower[shower_of, n_l + lay]], dim=-1)
         return torch.cat([z[shower_of], cond[shower_of], self._layer_pos(lay, z.dtype), per_layer], dim=-1)
+
+    def _sets(self, shower_of: Tensor, lay: Tensor, b: int, dtype: torch.dtype) -> PointSets | None:
+        if not self.config.set_summary:
+            return None
+        if self.layered:
+            n_l = self.config.n_layers
+            return PointSets.build(shower_of, b, shower_of * n_l + lay, n_l, dtype=dtype)
+        return PointSets.build(shower_of, b, dtype=dtype)
+
+    def _point_log_prob(self, x: Tensor, ctx: Tensor, sets: PointSets | None) -> Tensor:
+        if sets is None:
+            return self.point_flow(ctx).log_prob(x)
+        return self.point_flow.log_prob(x, ctx, sets)
+
+    def _point_sample(self, ctx: Tensor, sets: PointSets | None) -> Tensor:
+        if ctx.shape[0] == 0:
+            return ctx.new_zeros(0, self.flow_features)
+        if sets is None:
+            return self.point_flow(ctx).sample()
+        return self.point_flow.sample(ctx, sets)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Same as :meth:`loss` (so that DistributedDataParallel sees a forward call)."""
@@ -183,8 +471,9 @@ class CaloPointFlow(nn.Module):
         cfg = self.config
         cond, s = batch.cond, batch.shower
         ctx = torch.cat([cond, s], dim=-1)
-        shower_nll = -self.shower_flow(cond).log_prob(s).mean() / cfg.shower_features   # per feature
-        enc_x = torch.cat([batch.x, self._layer_pos(batch.layer, batch.x.dtype)], -1) if self.layered else batch.x
+        shower_nll = self.shower_flow.loss(cond, s)                                        # per feature
+        x_all = batch.x[..., self.point_dims]
+        enc_x = torch.cat([x_all, self._layer_pos(batch.layer, batch.x.dtype)], -1) if self.layered else x_all
         mu, log_var = self.encoder(enc_x, batch.mask, ctx)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         prior = -self.latent_flow(ctx).log_prob(z)                                         # (B,)
@@ -201,8 +490,11 @@ class CaloPointFlow(nn.Module):
             n = mask.sum(1)
             weight = (n / keep.sum(1).clamp(min=1)).to(mu.dtype)[:, None].expand_as(mask)[keep]
             mask = keep
-        pc = self._point_context(z, cond, s, mask, batch.layer)
-        nll = -self.point_flow(pc).log_prob(batch.x[mask])                                  # (P,)
+        b, n_max = mask.shape
+        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
+        lay = batch.layer[mask]
+        pc = self._flat_context(z, cond, s, shower_of, lay)
+        nll = -self._point_log_prob(x_all[mask], pc, self._sets(shower_of, lay, b, pc.dtype))   # (P,)
         if weight is not None:
             nll = nll * weight
         n_points = batch.mask.sum().clamp(min=1)
@@ -216,68 +508,96 @@ class CaloPointFlow(nn.Module):
 
     @torch.no_grad()
     def sample_shower(self, cond: torch.Tensor) -> torch.Tensor:
-        """Shower-level features given the condition. Shapes: cond ``(B, 1)`` → ``(B, 2)``."""
-        return self.shower_flow(cond).sample()
+        """Shower-level features given the condition. Shapes: cond ``(B, 1)`` → ``(B, S)``."""
+        return self.shower_flow.sample(cond)
+
+    @torch.no_grad()
+    def sample_points(self, cond: Tensor, shower: Tensor, shower_of: Tensor, lay: Tensor) -> Tensor:
+        """Flat points of ``B`` showers whose shower features are given.
+
+        Args:
+            cond: standardised ``log E_inc``.
+            shower: the standardised shower features.
+            shower_of, lay: the shower and the layer of every point (variant I: layer unused).
+
+        Returns:
+            The modelled point features (``flow_features`` columns), preprocessed.
+
+        Shapes:
+            cond: ``(B, 1)``; shower: ``(B, S)``; shower_of, lay: ``(P,)``; returns ``(P, F)``.
+        """
+        z = self.latent_flow(torch.cat([cond, shower], dim=-1)).sample()
+        pc = self._flat_context(z, cond, shower, shower_of, lay)
+        return self._point_sample(pc, self._sets(shower_of, lay, cond.shape[0], pc.dtype))
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, n: torch.Tensor, shower: torch.Tensor,
                layer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the points of ``B`` showers whose point counts and shower features are given.
+        """Sample the points of ``B`` showers whose point counts and shower features are given, padded.
 
         Args:
             cond: standardised ``log E_inc``.
-            n: number of points of each shower (from :meth:`sample_shower`, after inverting
-                the preprocessing).
+            n: number of points of each shower.
             shower: the standardised shower features that go with ``n``.
             layer: variant II, the layer of every point (padded like ``x``).
 
         Returns:
-            ``(x, mask)`` in preprocessed point features.
+            ``(x, mask)`` in preprocessed point features (``flow_features`` columns).
 
         Shapes:
             cond: ``(B, 1)``; n: ``(B,)``; shower: ``(B, S)``; layer: ``(B, N_max)``;
             x: ``(B, N_max, F)``; mask: ``(B, N_max)``.
         """
-        ctx = torch.cat([cond, shower], dim=-1)
-        z = self.latent_flow(ctx).sample()
-        n_max = int(n.max()) if n.numel() else 0
-        mask = torch.arange(n_max, device=n.device)[None, :] < n[:, None]
         if self.layered and layer is None:
             msg = "CaloPointFlow II samples need the layer of every point"
             raise ValueError(msg)
-        pc = self._point_context(z, cond, shower, mask, layer if layer is not None else mask.long())
-        x = torch.zeros(n.shape[0], n_max, self.config.point_features, device=cond.device, dtype=cond.dtype)
-        if pc.shape[0]:
-            x[mask] = self.point_flow(pc).sample()
+        b = n.shape[0]
+        n_max = int(n.max()) if n.numel() else 0
+        mask = torch.arange(n_max, device=n.device)[None, :] < n[:, None]
+        shower_of = torch.arange(b, device=n.device)[:, None].expand(b, n_max)[mask]
+        lay = layer[mask] if layer is not None else torch.zeros_like(shower_of)
+        x = torch.zeros(b, n_max, self.flow_features, device=cond.device, dtype=cond.dtype)
+        x[mask] = self.sample_points(cond, shower, shower_of, lay)
         return x, mask
 
     @torch.no_grad()
-    def generate(self, e_inc: np.ndarray, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor) -> GeneratedShowers:
         """Showers in physical units for the given incident energies.
 
         Returns:
-            ``(counts (B,), zar (P, 3), E (P,))``: points per shower, continuous ``(z, α, r)``
-            and energies (MeV) of all points, shower after shower.
+            A :class:`~calopc.models.cells.GeneratedShowers` on the model's device: points
+            per shower, and per point its layer, continuous ``r`` (mm), ``α`` (rad; None with
+            ``alpha="free"``: drawn per ring at placement) and energy (MeV).
         """
         device = next(self.parameters()).device
-        e_inc = np.asarray(e_inc, dtype=np.float64)
-        cond = torch.from_numpy(prep.forward_cond(e_inc)).to(device)
-        s = self.sample_shower(cond)
-        s_np = s.float().cpu().numpy()
         if not self.layered:
-            n, e_sum = prep.inverse_shower(s_np, e_inc)
+            e_np = np.asarray(e_inc.cpu() if isinstance(e_inc, Tensor) else e_inc, dtype=np.float64)
+            cond = torch.from_numpy(prep.forward_cond(e_np)).to(device)
+            s = self.sample_shower(cond)
+            n, e_sum = prep.inverse_shower(s.float().cpu().numpy(), e_np)
             x, mask = self.sample(cond, torch.from_numpy(n).to(device), s)
-            zar, en = prep.inverse_points(x[mask].float().cpu().numpy(), np.repeat(e_inc, n))
+            zar, en = prep.inverse_points(x[mask].float().cpu().numpy(), np.repeat(e_np, n))
             # scale the point energies so that each shower carries the sampled total
-            return n, zar, _scale_groups(en, np.repeat(np.arange(e_inc.shape[0]), n), e_sum)
-        n_layer, e_layer = prep.inverse_layers(s_np, e_inc)
-        b, n_l = n_layer.shape
-        n = n_layer.sum(1)
-        layer = np.repeat(np.tile(np.arange(n_l), b), n_layer.ravel())                   # (P,) shower after shower
-        from .utils import pad
-
-        lay, _ = pad(list(torch.split(torch.from_numpy(layer), n.tolist())), device=device)
-        x, mask = self.sample(cond, torch.from_numpy(n).to(device), s, lay)
-        zar, w = prep.inverse_points_layer(x[mask].float().cpu().numpy(), layer)
-        # and each layer of each shower the sampled layer energy
-        return n, zar, _scale_groups(w, np.repeat(np.arange(b), n) * n_l + layer, e_layer.ravel())
+            en = _scale_groups(en, np.repeat(np.arange(e_np.shape[0]), n), e_sum)
+            return GeneratedShowers.from_numpy(n, zar, en, device)
+        e = _as_tensor(e_inc, device, torch.float64).reshape(-1)
+        b, n_l = e.shape[0], self.config.n_layers
+        s, n_layer, e_layer = self.shower_flow.sample_layers(e, prep)
+        p = torch_preprocessor(prep, device) or prep   # torch ops on the device; numpy when there are none
+        cond = _as_tensor(_prep_call(p.forward_cond, e), device, torch.float32).reshape(b, -1)
+        counts = n_layer.sum(1)
+        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_layer.reshape(-1))   # (P,)
+        shower_of = torch.div(group, n_l, rounding_mode="floor")
+        lay = group - shower_of * n_l
+        x = self.sample_points(cond, s, shower_of, lay)
+        if self.alpha_free:  # the α column is not modelled: any value, its inverse is not used
+            x = torch.cat([x.new_zeros(x.shape[0], 1), x], dim=1)
+        zar, w = _prep_call(p.inverse_points_layer, x, lay)
+        zar, w = _as_tensor(zar, device, torch.float64), _as_tensor(w, device, torch.float64)
+        r = zar[:, 2]
+        if self.alpha_free and self.config.overflow == "move":
+            r, _ = fit_rings(prep.geometry, group, b * n_l, lay, r)
+        # each layer of each shower gets the sampled layer energy
+        tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
+        energy = w * (e_layer.reshape(-1).to(w.dtype) / tot.clamp(min=1e-300))[group]
+        return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy)

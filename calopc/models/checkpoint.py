@@ -5,7 +5,7 @@ Layout of a run directory::
     config.json            {"model", "config", "geometry", "preprocessing", "train", "calopc_version"}
     model.safetensors      state_dict of the unwrapped module
     model_ema.safetensors  EMA weights (used by default for generation)
-    training_state.pt      optimizer state + step, for --resume (loads with weights_only=True)
+    training_state.pt      optimizer states (by name) + step, for --resume (loads with weights_only=True)
     training_options.json  the resolved training options
     stats.jsonl            one JSON record per logged step
 
@@ -14,7 +14,7 @@ Every file is written atomically (temporary file + rename).
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "LoadedModel", "load", "load_training_state", "save", "save_training_state"]
+__all__ = ["CheckpointError", "LoadedModel", "load", "load_training_state", "read_config", "save", "save_training_state"]
 
 import json
 import os
@@ -77,11 +77,31 @@ def save(run_dir: str | os.PathLike, name: str, model: nn.Module, preprocessor: 
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
+    """``run_dir/config.json`` as a dict; one-line :class:`CheckpointError` when missing or corrupt."""
     p = Path(run_dir) / CONFIG
     if not p.exists():
         msg = f"{run_dir}: not a run directory (no {CONFIG}); train one with 'calopc train'"
         raise CheckpointError(msg)
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        msg = f"{p}: not valid JSON ({err}); expected the run configuration written by 'calopc train'"
+        raise CheckpointError(msg) from None
+    need = ("model", "config", "geometry", "preprocessing")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        msg = f"{p}: expected a run configuration with keys {', '.join(need)}; found {found}"
+        raise CheckpointError(msg)
+    return meta
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        msg = f"{path}: not a readable safetensors file ({type(err).__name__}: {str(err)[:120]}); expected the weights " \
+              "written by 'calopc train'"
+        raise CheckpointError(msg) from None
 
 
 def load(run_dir: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -91,36 +111,66 @@ def load(run_dir: str | os.PathLike, *, ema: bool = True, device: str | torch.de
         run_dir: directory written by :func:`save` / ``calopc train``.
         ema: use the EMA weights when present. Defaults to True.
         device: where to put the model.
+
+    Raises:
+        CheckpointError: a file is missing, corrupt or does not match the model (one line naming the file).
     """
     from . import get_model
 
     run = Path(run_dir)
     meta = read_config(run)
     model_cls, cfg_cls = get_model(meta["model"])
-    model = model_cls(cfg_cls.from_dict(meta["config"]))
+    try:
+        cfg = cfg_cls.from_dict(meta["config"])
+        geometry = Geometry.from_dict(meta["geometry"])
+        prep = Preprocessor.from_dict(meta["preprocessing"], geometry)
+        model = model_cls(cfg)
+    except (TypeError, ValueError, KeyError) as err:
+        msg = f"{run / CONFIG}: the {meta['model']} configuration does not load ({err})"
+        raise CheckpointError(msg) from None
     path = run / (EMA_WEIGHTS if ema and (run / EMA_WEIGHTS).exists() else WEIGHTS)
     if not path.exists():
         msg = f"{run}: no weights file {path.name}"
         raise CheckpointError(msg)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(_load_weights(path), strict=False)
+    except RuntimeError as err:
+        msg = f"{path}: weights do not match the {meta['model']} config ({str(err).splitlines()[0][:200]})"
+        raise CheckpointError(msg) from None
     if missing or unexpected:
         msg = f"{path}: weights do not match the {meta['model']} config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         raise CheckpointError(msg)
-    geometry = Geometry.from_dict(meta["geometry"])
-    prep = Preprocessor.from_dict(meta["preprocessing"], geometry)
     return LoadedModel(meta["model"], model.to(device).eval(), prep, geometry, meta)
 
 
-def save_training_state(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+def save_training_state(run_dir: str | os.PathLike,
+                        optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer], step: int, epoch: int,
                         extra: dict[str, Any] | None = None) -> None:
-    """Optimizer state and counters (plain tensors/numbers: loadable with ``weights_only=True``)."""
-    state = {"optimizer": optimizer.state_dict(), "step": int(step), "epoch": int(epoch), **(extra or {})}
+    """Optimizer states (by name) and counters (plain tensors/numbers: loadable with ``weights_only=True``).
+
+    ``optimizer``: one optimizer, or ``{name: optimizer}`` (models with their own training step).
+    The first one is also stored as ``optimizer`` for older readers.
+    """
+    opts = optimizer if isinstance(optimizer, dict) else {"model": optimizer}
+    states = {k: o.state_dict() for k, o in opts.items()}
+    state = {"optimizers": states, "optimizer": next(iter(states.values())), "step": int(step), "epoch": int(epoch),
+             **(extra or {})}
     with atomic_output(Path(run_dir) / STATE) as tmp:
         torch.save(state, tmp)
 
 
 def load_training_state(run_dir: str | os.PathLike) -> dict | None:
+    """``run_dir/training_state.pt``, or None when absent; one-line :class:`CheckpointError` when corrupt."""
     p = Path(run_dir) / STATE
     if not p.exists():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors of many kinds
+        msg = (f"{p}: not a readable training state ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
+               "expected the optimizer state written by 'calopc train' (start without --resume)")
+        raise CheckpointError(msg) from None
+    if not isinstance(state, dict) or "step" not in state or not ({"optimizer", "optimizers"} & set(state)):
+        msg = f"{p}: expected a training state with 'step' and 'optimizers'; found {type(state).__name__}"
+        raise CheckpointError(msg)
+    return state

@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-_MODELS = ("calopointflow",)
+#: collision policies of generate (calopc.models.cells.PLACEMENT_POLICIES; mirrored so --help needs no torch)
+_COLLISIONS = ("auto", "alpha-free", "nearest-free", "sum", "max")
 _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--steps": ("steps", int, "optimizer steps in total"),
     "--batch-size": ("batch_size", int, "showers per step (per process under torchrun)"),
@@ -23,7 +24,9 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--max-showers": ("max_showers", int, "use only the first N training showers"),
     "--buffer-showers": ("buffer_showers", int, "showers in the shuffle buffer when streaming"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
-    "--log-every": ("log_every", int, "steps between stats.jsonl records"),
+    "--log-every": ("log_every", int, "steps between stats.jsonl records (and device-to-host reads)"),
+    "--pipeline": ("pipeline", str, "where batches are built: device (GPU-first) or numpy (on the host)"),
+    "--fast-splines": ("fast_splines", str, "faster spline knots: auto (CUDA only), on, matmul or off"),
 }
 
 
@@ -70,8 +73,9 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.stream is not None:
         train_cfg["stream"] = args.stream
     train_cfg.update(seed=args.seed, device=args.device, progress=not args.no_progress)
-    if args.amp:
-        train_cfg["amp"] = True
+    for flag in ("amp", "bucket", "compile"):
+        if getattr(args, flag):
+            train_cfg[flag] = True
     for item in args.set or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -88,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = resolve_train_args(args)
     if args.dry_run:
         print(json.dumps({"model": args.model, "data": [str(p) for p in args.data], "out": str(args.out), "resume": args.resume,
-                          "model_config": model_cfg, "train": train_cfg}, indent=2))
+                          "overwrite": args.overwrite, "model_config": model_cfg, "train": train_cfg}, indent=2))
         return 0
     for p in args.data:
         if not p.exists():
@@ -97,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
-                resume=args.resume)
+                resume=args.resume, overwrite=args.overwrite)
     if int(__import__("os").environ.get("RANK", 0)) == 0:
         print(f"trained {args.model}: {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; "
               f"run directory {res['run_dir']}")
@@ -105,25 +109,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import parse_energies
+    from .generate import parse_energies, refuse_overwriting_inputs
 
+    refuse_overwriting_inputs(args.output, [args.energies, args.run_dir], "-o/--output")
     energies = parse_energies(args.energies, args.n, seed=args.seed)
     if args.dry_run:
         print(json.dumps({"run_dir": str(args.run_dir), "n": int(energies.shape[0]), "energies": args.energies,
                           "output": str(args.output) if args.output else None, "seed": args.seed,
                           "batch_size": args.batch_size, "device": args.device, "ema": not args.no_ema,
-                          "collisions": args.collisions, "threshold": args.threshold}, indent=2))
+                          "collisions": args.collisions, "threshold": args.threshold, "steps": args.steps},
+                         indent=2))
         return 0
     from .generate import generate
+    from .utils import resolve_device
 
     res = generate(args.run_dir, energies, output=args.output, seed=args.seed, batch_size=args.batch_size,
                    device=args.device, ema=not args.no_ema, collisions=args.collisions, threshold=args.threshold,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress,
+                   model_kwargs=None if args.steps is None else {"steps": args.steps})
     print(f"generated {res.n_showers} showers ({res.n_points} points) in {res.seconds_sampling:.2f} s: "
-          f"{res.showers_per_second:.1f} showers/s on {args.device}" + (f"; wrote {res.output}" if res.output else ""))
+          f"{res.showers_per_second:.1f} showers/s on {resolve_device(args.device)}" + (f"; wrote {res.output}" if res.output else ""))
     if res.collisions:
         c = res.collisions
-        print(f"cells: {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
+        print(f"cells ({args.collisions}): {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
               f"merged {c['n_merged']}, dropped {c['n_dropped']}), {c['n_outside']} outside, "
               f"{c['n_below_threshold']} below threshold")
     return 0
@@ -131,15 +139,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``generate`` subcommands to the ``calopc`` parser."""
+    from ..cli import positive_int, threshold_arg  # the option types every command shares
     t = sub.add_parser("train", help="train a generative model on point-cloud Parquet showers",
-                       description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...")
-    t.add_argument("model", choices=_MODELS, help="model to train")
+                       description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...",
+                       epilog="example: calopc train calopointflow --data train.parquet -o runs/cpf --steps 20000 "
+                              "--batch-size 128 --device cuda")
+    from . import available  # the registry (no torch import)
+
+    t.add_argument("model", choices=available(), help="model to train")
     t.add_argument("--data", type=Path, nargs="+", required=True,
                    help="training Parquet file(s) from 'calopc convert' (same geometry)")
     t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream the data through a shuffle buffer instead of holding it in memory "
                         "(default: stream when the showers would take more than 2 GB, 8 bytes per point)")
-    t.add_argument("--out", type=Path, required=True, help="run directory (config.json, model.safetensors, stats.jsonl)")
+    t.add_argument("-o", "--output", "--out", dest="out", type=Path, required=True,
+                   help="run directory (config.json, model.safetensors, stats.jsonl); must be empty or new unless "
+                        "--resume or --overwrite")
     t.add_argument("--config", type=Path, default=None, help="YAML/JSON file with 'model' and 'train' sections (default: none)")
     t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="override one option, e.g. model.latent=32 or train.lr=3e-4 (repeatable; default: none)")
@@ -147,25 +162,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, (name, typ, hlp) in _TRAIN_FLAGS.items():
         t.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
     t.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA (default: off)")
+    t.add_argument("--bucket", action="store_true",
+                   help="batches of showers of similar size, padded to a multiple of 32 (default: off)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the loss (default: off)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty run directory, replacing its run files (default: off)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt (default: off)")
     _add_common(t, "print the resolved configuration and exit (default: off)")
     t.set_defaults(func=_cmd_train)
 
-    g = sub.add_parser("generate", help="generate showers from a trained run directory")
+    g = sub.add_parser("generate", help="generate showers from a trained run directory",
+                       epilog="example: calopc generate runs/cpf --energies reference.hdf5 -o generated.hdf5 --device cuda")
     g.add_argument("run_dir", type=Path, help="run directory written by 'calopc train'")
-    g.add_argument("-n", type=int, default=None, help="number of showers (default: all energies of --energies)")
+    g.add_argument("-n", type=positive_int, default=None, help="number of showers (default: all energies of --energies)")
     g.add_argument("--energies", required=True,
                    help="incident energies (MeV): FILE.hdf5|FILE.parquet, log-uniform:LO:HI, uniform:LO:HI or E1,E2,... (required)")
     g.add_argument("-o", "--output", type=Path, default=None,
                    help="output: .parquet (point clouds) or .hdf5 (official voxel format); default: none, only time the sampling")
-    g.add_argument("--collisions", choices=("nearest-free", "sum", "max"), default="nearest-free",
-                   help="points sharing a cell (HDF5 output): CaloPointFlow II moves them to the nearest free cell (default: %(default)s)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="voxel threshold in MeV for HDF5 output (default: the geometry's, 15.15 keV for ds2/3)")
-    g.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default: %(default)s)")
+    g.add_argument("--collisions", choices=_COLLISIONS, default="auto",
+                   help="points sharing a cell: alpha-free draws the α bins of each (layer, r) ring without replacement "
+                        "(models without α), nearest-free moves them to the nearest free cell, sum adds, max keeps the "
+                        "largest; auto picks alpha-free or nearest-free by the model (default: %(default)s)")
+    g.add_argument("--threshold", type=threshold_arg, default=None, metavar="MEV|official",
+                   help="HDF5 output: cells with less energy (MeV) are empty; 'official': the dataset's readout "
+                        "threshold (1 MeV ds1, 15.15 keV ds2/3) (default: official)")
+    g.add_argument("--batch-size", type=positive_int, default=1000, help="showers per model call (default: %(default)s)")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights (default: EMA)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampler steps of diffusion models (caloclouds: Heun steps, 2 steps - 1 network evaluations; "
+                        "a distilled run: evaluations; default: the run's, 13 and 1)")
     _add_common(g, "print the resolved options and exit (default: off)")
     g.set_defaults(func=_cmd_generate)
+
+    from .distill import register as register_distill  # calopc distill RUN -o RUN_CM (no torch import)
+
+    register_distill(sub)
 
 
 def _add_common(p: argparse.ArgumentParser, dry_run_help: str) -> None:
@@ -182,4 +213,5 @@ def _train_defaults() -> dict:
 
 
 _TRAIN_DEFAULTS = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "ema_decay": 0.999, "time_limit": None,
-                   "max_showers": None, "buffer_showers": 20_000, "checkpoint_every": 500, "log_every": 10}
+                   "max_showers": None, "buffer_showers": 20_000, "checkpoint_every": 500, "log_every": 10,
+                   "pipeline": "device", "fast_splines": "auto"}

@@ -2,19 +2,26 @@ r"""Batched generation from a run directory: point clouds (Parquet) or voxels (o
 
 from __future__ import annotations
 
-__all__ = ["GenerateResult", "generate", "parse_energies", "sample_events"]
+__all__ = ["GenerateResult", "generate", "parse_energies", "refuse_overwriting_inputs", "sample_events",
+           "sample_showers"]
 
+import contextlib
 import math
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
 import torch
 
+from ..geometry import Geometry
+from .cells import PLACEMENT_POLICIES, GeneratedShowers, Placed, place
 from .checkpoint import LoadedModel, load
 from .utils import resolve_device
 
@@ -29,15 +36,25 @@ class GenerateResult:
     seconds_total: float
     output: str | None
     collisions: dict = field(default_factory=dict)
+    seconds_placing: float = 0.0      # points to cells (and voxels) on the device, host copies
+    device: str = ""                  # the device that generated
 
     @property
     def showers_per_second(self) -> float:
+        """Showers per second of the model's sampling alone."""
         return self.n_showers / self.seconds_sampling if self.seconds_sampling > 0 else float("inf")
+
+    @property
+    def showers_per_second_total(self) -> float:
+        """Showers per second of the whole call (sampling, placing, writing)."""
+        return self.n_showers / self.seconds_total if self.seconds_total > 0 else float("inf")
 
     def as_dict(self) -> dict:
         return {"n_showers": self.n_showers, "n_points": self.n_points, "seconds_sampling": self.seconds_sampling,
-                "seconds_total": self.seconds_total, "showers_per_second": self.showers_per_second,
-                "output": self.output, "collisions": self.collisions}
+                "seconds_placing": self.seconds_placing, "seconds_total": self.seconds_total,
+                "showers_per_second": self.showers_per_second,
+                "showers_per_second_total": self.showers_per_second_total,
+                "output": self.output, "collisions": self.collisions, "device": self.device}
 
 
 def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndarray:
@@ -49,6 +66,9 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
     * ``E`` or ``E1,E2,...``: fixed values, repeated up to ``n`` when ``n`` is given.
     """
     spec = str(spec).strip()
+    if n is not None and n < 1:
+        msg = f"-n {n}: expected a number of showers >= 1"
+        raise ValueError(msg)
     p = Path(spec)
     if p.suffix.lower() in (".h5", ".hdf5", ".parquet", ".pq") or p.exists():
         if not p.exists():
@@ -63,7 +83,16 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
 
             with open_showers(p, validate=False) as f:
                 e = np.asarray(f.read()[0], dtype=np.float64).reshape(-1)
-        return e[:n] if n is not None else e
+        if n is not None and n > e.shape[0]:
+            msg = f"-n {n}: --energies {spec} holds only {e.shape[0]} incident energies"
+            raise ValueError(msg)
+        e = e[:n] if n is not None else e
+        bad = np.flatnonzero(~np.isfinite(e) | (e <= 0))
+        if bad.size:
+            msg = (f"--energies {spec}: incident energy {bad[0]} is {e[bad[0]]} ({bad.size} such); "
+                   "expected finite energies > 0 MeV")
+            raise ValueError(msg)
+        return e
     kind, _, rest = spec.partition(":")
     if kind in ("log-uniform", "uniform"):
         try:
@@ -95,54 +124,159 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
 
 
 @torch.no_grad()
+def sample_showers(loaded: LoadedModel, e_inc: np.ndarray, device: torch.device,
+                   model_kwargs: dict | None = None) -> GeneratedShowers:
+    """One model call: the showers of ``e_inc`` as :class:`GeneratedShowers` on ``device``
+    (models that still return the older ``(counts, zar, E)`` numpy tuple are converted).
+    ``model_kwargs`` are passed to the model's ``generate`` (e.g. ``{"steps": 2}`` for CaloClouds)."""
+    if model_kwargs:
+        import inspect
+
+        params = inspect.signature(loaded.model.generate).parameters
+        bad = sorted(k for k in model_kwargs if k not in params)
+        if bad:
+            msg = f"generation options {bad} are not taken by the {loaded.name} model"
+            raise ValueError(msg)
+    out = loaded.model.generate(np.asarray(e_inc, dtype=np.float64), loaded.preprocessor, **(model_kwargs or {}))
+    if isinstance(out, GeneratedShowers):
+        return out.to(device)
+    counts, zar, energy = out
+    return GeneratedShowers.from_numpy(counts, zar, energy, device)
+
+
+@torch.no_grad()
 def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, batch_size: int = 1000,
-                  device: str | torch.device = "cpu") -> Iterator[ak.Array]:
+                  device: str | torch.device = "cpu", collisions: str = "auto") -> Iterator[ak.Array]:
     """Yield generated showers, ``batch_size`` at a time, as awkward events
-    ``{incident_energy, points: {r, alpha, z (float32), E (float64)}}`` (no ``cell``).
+    ``{incident_energy, points: {r, alpha, z (float32 cell centres), E (float64), cell (int32)}}``,
+    points placed in cells with the ``collisions`` policy (:func:`calopc.models.cells.place`).
 
     The same ``seed``, energies, batch size and device give the same showers.
     """
     device = resolve_device(device)
-    model, prep = loaded.model.to(device).eval(), loaded.preprocessor
+    loaded.model.to(device).eval()
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
+        gen = torch.Generator(device).manual_seed(seed + 1)
         for i in range(0, energies.shape[0], batch_size):
             e = energies[i:i + batch_size]
-            n, zar, en = model.generate(e, prep)
-            pts = ak.zip({"r": zar[:, 2].astype(np.float32), "alpha": zar[:, 1].astype(np.float32),
-                          "z": zar[:, 0].astype(np.float32), "E": en})
-            yield ak.zip({"incident_energy": e, "points": ak.unflatten(pts, n)}, depth_limit=1)
+            pl = place(sample_showers(loaded, e, device), loaded.geometry, policy=collisions, generator=gen)
+            yield _points_events(e, pl.cell.cpu().numpy(), pl.E.cpu().numpy(), pl.counts.cpu().numpy(),
+                                 loaded.geometry)
+
+
+def _points_events(e_inc: np.ndarray, cell: np.ndarray, energy: np.ndarray, counts: np.ndarray,
+                   geo: Geometry) -> ak.Array:
+    """Placed points as awkward events in the format of :func:`calopc.converters.voxels_to_points`."""
+    from ..converters.core import _build_events, _coordinate_tables
+
+    tab = _coordinate_tables(geo)
+    offsets = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    fields = {"r": tab["r"][cell], "alpha": tab["alpha"][cell], "z": tab["z"][cell],
+              "E": energy.astype(np.float64), "cell": cell.astype(np.int32)}
+    return _build_events(e_inc, offsets, fields)
+
+
+class _WriterThread:
+    """Runs ``fn(*args)`` jobs in order in a background thread, at most ``depth`` waiting
+    (writing overlaps sampling)."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="calopc-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job[0](*job[1])
+                except BaseException as err:  # noqa: BLE001 - handed to the caller
+                    self._error = err
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._raise()
+        while True:
+            try:
+                self._q.put((fn, args), timeout=0.1)
+                return
+            except queue.Full:
+                self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        """Wait for the jobs to finish; re-raise a writer error."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Drop the waiting jobs and stop."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+        self._error = self._error or RuntimeError("aborted")
+        self._q.put(None)
+        self._thread.join()
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike | None, inputs: Iterable[str | os.PathLike],
+                              flag: str = "-o") -> None:
+    """ValueError when ``output`` resolves to one of ``inputs`` (the input would be destroyed)."""
+    if output is None:
+        return
+    out = Path(output).resolve()
+    for p in inputs:
+        if p is not None and Path(p).exists() and Path(p).resolve() == out:
+            msg = f"{flag} {output}: is also an input ({p}); choose another output file"
+            raise ValueError(msg)
 
 
 def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | os.PathLike | None = None,
              seed: int = 0, batch_size: int = 1000, device: str = "auto", ema: bool = True,
-             collisions: str = "nearest-free", threshold: float | None = None, progress: bool = False) -> GenerateResult:
+             collisions: str = "auto", threshold: float | None = None, progress: bool = False,
+             model_kwargs: dict | None = None) -> GenerateResult:
     """Generate one shower per incident energy and write them.
+
+    Everything up to the finished batch stays on the device: the model samples, the points
+    are placed in cells (:func:`calopc.models.cells.place`) and, for HDF5, scattered into
+    dense voxels there; then one copy per batch goes to the host, and a writer thread writes
+    it while the next batch is sampled.
 
     Args:
         run_dir: a run directory from ``calopc train``.
         energies: incident energies in MeV, ``(N,)``.
-        output: ``*.parquet`` (point clouds) or ``*.hdf5``/``*.h5`` (voxels in the official
-            format, after mapping points to cells with the ``collisions`` policy). None:
-            sample and time only.
+        output: ``*.parquet`` (point clouds in cells: cell-centre ``r, alpha, z``, ``E``, ``cell``)
+            or ``*.hdf5``/``*.h5`` (voxels in the official format). None: sample and time only.
         seed: random seed.
         batch_size: showers per model call.
         device: ``auto``, ``cpu`` or ``cuda``.
         ema: use the EMA weights. Defaults to True.
-        collisions: ``nearest-free`` (CaloPointFlow II: at most one point per cell), ``sum`` or ``max``.
+        collisions: ``auto`` (``alpha-free`` for models that generate no angle, else ``nearest-free``),
+            ``alpha-free``, ``nearest-free``, ``sum`` or ``max`` (see :mod:`calopc.models.cells`).
         threshold: voxel threshold (MeV) for HDF5 output; default: the geometry's.
+        progress: show a progress bar (on a terminal only).
+        model_kwargs: keywords of the model's ``generate`` (e.g. ``{"steps": 2}``: sampler steps of CaloClouds).
 
     Returns:
-        A :class:`GenerateResult` with counts, timings and (HDF5) collision statistics.
+        A :class:`GenerateResult` with counts, timings and collision statistics.
     """
-    from ..converters import points_to_voxels, points_writer
-    from ..converters.core import COLLISION_POLICIES, VoxelizeStats
+    from ..converters import points_writer
     from ..io import shower_writer
 
-    if collisions not in COLLISION_POLICIES:
-        msg = f"collisions must be one of {', '.join(COLLISION_POLICIES)}, got {collisions!r}"
+    if collisions not in PLACEMENT_POLICIES:
+        msg = f"collisions must be one of {', '.join(PLACEMENT_POLICIES)}, got {collisions!r}"
         raise ValueError(msg)
     kind = None
     if output is not None:
@@ -156,55 +290,87 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         raise ValueError(msg)
     dev = resolve_device(device)
     loaded = load(run_dir, ema=ema, device=dev)
+    from .train import _fast_splines
+
+    _fast_splines(loaded.model, "auto", dev)  # zuko splines with the faster knot cumsum on CUDA (calopc.models.flows)
     geo = loaded.geometry
     thr = geo.threshold if threshold is None else threshold
+    if not math.isfinite(thr) or thr < 0:
+        msg = f"threshold must be a finite number >= 0 MeV, got {thr}"
+        raise ValueError(msg)
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
     t_start = time.perf_counter()
-    t_sample = 0.0
+    timing = {"sampling": 0.0, "placing": 0.0}
     n_points = 0
-    stats = VoxelizeStats()
+    stats: dict[str, float] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=energies.shape[0], unit="shower", desc="generate")
+        bar = tqdm(total=energies.shape[0], unit="shower", desc="generate", disable=None, leave=False)
 
-    def chunks() -> Iterator[ak.Array]:
-        nonlocal t_sample, n_points
-        it = sample_events(loaded, energies, seed=seed, batch_size=batch_size, device=dev)
-        while True:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t = time.perf_counter()
-            ev = next(it, None)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t_sample += time.perf_counter() - t
-            if ev is None:
-                return
-            n_points += int(ak.sum(ak.num(ev.points, axis=1)))
-            if bar is not None:
-                bar.update(len(ev))
-            yield ev
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def batches() -> Iterator[tuple[np.ndarray, Placed]]:
+        nonlocal n_points
+        devices = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            gen = torch.Generator(dev).manual_seed(seed + 1)
+            for i in range(0, energies.shape[0], batch_size):
+                e = energies[i:i + batch_size]
+                sync()
+                t = time.perf_counter()
+                g = sample_showers(loaded, e, dev, model_kwargs)
+                sync()
+                t1 = time.perf_counter()
+                pl = place(g, geo, policy=collisions, generator=gen)
+                timing["sampling"] += t1 - t
+                timing["placing"] += time.perf_counter() - t1
+                n_points += g.n_points
+                for k, v in pl.stats.items():
+                    if k != "collision_rate":
+                        stats[k] = stats.get(k, 0) + v
+                yield e, pl
 
     info = {"model": loaded.name, "run_dir": str(run_dir), "seed": seed}
+    n_vox = geo.n_voxels
     try:
-        if kind == "points":
-            with points_writer(output, geo, info=info) as w:
-                for ev in chunks():
-                    w.append(ev)
-        elif kind == "voxels":
-            with shower_writer(output, geo.n_voxels, dtype=np.float32) as w:
-                for ev in chunks():
-                    vox, st = points_to_voxels(ev, geo, collisions=collisions, threshold=thr, dtype=np.float32,
-                                               return_stats=True)
-                    stats += st
-                    w.append(ev["incident_energy"].to_numpy(), vox)
-        else:
-            for _ in chunks():
-                pass
+        with contextlib.ExitStack() as stack:
+            if kind == "points":
+                w = stack.enter_context(points_writer(output, geo, info=info))
+            elif kind == "voxels":
+                w = stack.enter_context(shower_writer(output, n_vox, dtype=np.float32))
+            writer = _WriterThread() if kind is not None else None
+            # the writer thread stops before the file is closed (and, on an error, discarded)
+            stack.callback(lambda: writer is not None and writer.abort())
+            for e, pl in batches():
+                t = time.perf_counter()
+                if kind == "voxels":
+                    dense = torch.zeros(e.shape[0] * n_vox, dtype=torch.float32, device=dev)
+                    dense[pl.shower * n_vox + pl.cell] = pl.E.to(torch.float32)
+                    if thr > 0:
+                        low = (dense > 0) & (dense < thr)
+                        dense = dense.masked_fill(low, 0.0)
+                        stats["n_below_threshold"] = stats.get("n_below_threshold", 0) + int(low.sum())
+                    writer.submit(w.append, e, dense.cpu().numpy().reshape(e.shape[0], n_vox))
+                elif kind == "points":
+                    host = (pl.cell.cpu().numpy(), pl.E.cpu().numpy(), pl.counts.cpu().numpy())
+                    writer.submit(lambda e, h: w.append(_points_events(e, *h, geo)), e, host)
+                timing["placing"] += time.perf_counter() - t
+                if bar is not None:
+                    bar.update(e.shape[0])
+            if writer is not None:
+                writer.close()
+                writer = None
     finally:
         if bar is not None:
             bar.close()
-    return GenerateResult(int(energies.shape[0]), n_points, t_sample, time.perf_counter() - t_start,
-                          None if output is None else str(output), stats.as_dict() if kind == "voxels" else {})
+    inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
+    stats["collision_rate"] = stats.get("n_collisions", 0) / inside if inside else 0.0
+    stats.setdefault("n_below_threshold", 0)
+    return GenerateResult(int(energies.shape[0]), n_points, timing["sampling"], time.perf_counter() - t_start,
+                          None if output is None else str(output), stats, seconds_placing=timing["placing"],
+                          device=str(dev))

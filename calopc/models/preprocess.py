@@ -5,6 +5,12 @@ Point features, in order: ``(z, alpha, r, E)``.
 * **Per-cell dequantisation** (CaloPointFlow II): a point of cell ``k`` gets a uniform
   position inside that cell's bounds (z ± 0.5, its α-bin, its r-bin), so every
   continuous point maps back to exactly the cell it came from (``Geometry.locate``).
+* **CDF dequantisation** (variant II, ``dequantisation="cdf"``, CaloPointFlow II as
+  published): instead of a logit of the scaled coordinate, the α-bin and the r-bin ``k`` of
+  a point in layer ``l`` become ``Φ⁻¹(cdf_l[k] + pdf_l[k]·u)``, where ``pdf_l`` is the
+  empirical distribution of the training points over the bins of that layer and ``u`` the
+  point's uniform position inside its bin; each coordinate is then marginally standard
+  normal. The inverse finds the bin by a search on ``cdf_l`` and the position inside it.
 * Coordinates are scaled to (0, 1) with the calorimeter's extent, passed through a
   logit and standardised; energies become ``log(E / E_inc)``, standardised.
 * Shower-level features, two variants:
@@ -24,14 +30,19 @@ checkpoint's ``config.json`` (:meth:`Preprocessor.to_dict`).
 
 from __future__ import annotations
 
-__all__ = ["VARIANTS", "Preprocessor", "layer_sums"]
+__all__ = ["VARIANTS", "Preprocessor", "TorchPreprocessor", "layer_sums"]
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..geometry import Geometry
+
+if TYPE_CHECKING:
+    import torch
 
 _EPS = 1e-6  # logit clipping
 _DELTA = 1e-9  # energy-fraction floor of the layer energies (variant II)
@@ -47,6 +58,65 @@ def _sigmoid(y: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(0.5 * y))
 
 
+DEQUANTISATIONS = ("uniform", "cdf")
+_U_EPS = 1e-12  # probit clipping of the CDF dequantisation
+
+
+def _ndtri(u: np.ndarray) -> np.ndarray:
+    """The standard normal quantile (probit)."""
+    import torch
+
+    return torch.special.ndtri(torch.from_numpy(np.asarray(u, dtype=np.float64))).numpy()
+
+
+def _ndtr(y: np.ndarray) -> np.ndarray:
+    """The standard normal CDF."""
+    import torch
+
+    return torch.special.ndtr(torch.from_numpy(np.asarray(y, dtype=np.float64))).numpy()
+
+
+def _cdf_table(edges: list[np.ndarray], pdf: list[list[float]]) -> dict[str, np.ndarray]:
+    """Per-layer bin edges and CDFs laid end to end, each layer shifted so that one sorted
+    search finds the bin of a value in its own layer (memory ``O(bins)``, not ``O(P × bins)``).
+
+    Keys: ``E`` / ``C`` flat shifted edges / CDFs, ``start`` (L,) index of each layer's first
+    entry, ``nb`` (L,) bins per layer, ``span`` the edge shift per layer (the CDF shift is 2).
+    """
+    lo = min(float(e[0]) for e in edges)
+    span = max(float(e[-1]) for e in edges) - lo + 1.0
+    cdf = []
+    for q in pdf:
+        c = np.concatenate([[0.0], np.cumsum(np.asarray(q, dtype=np.float64))])
+        cdf.append(c / c[-1])
+    nb = np.array([len(e) - 1 for e in edges], dtype=np.int64)
+    return {"E": np.concatenate([np.asarray(e, dtype=np.float64) + l * span for l, e in enumerate(edges)]),
+            "C": np.concatenate([c + 2.0 * l for l, c in enumerate(cdf)]),
+            "start": np.concatenate([[0], np.cumsum(nb + 1)[:-1]]).astype(np.int64), "nb": nb,
+            "span": np.float64(span)}
+
+
+def _cdf_forward(t: dict, v: np.ndarray, layer: np.ndarray) -> np.ndarray:
+    """Continuous coordinate ``v`` of points in ``layer`` → ``Φ⁻¹(cdf[k] + pdf[k]·frac)``."""
+    layer = np.asarray(layer, dtype=np.int64)
+    key = np.asarray(v, dtype=np.float64) + layer * t["span"]
+    k = np.clip(np.searchsorted(t["E"], key, side="right") - 1 - t["start"][layer], 0, t["nb"][layer] - 1)
+    i = t["start"][layer] + k
+    frac = np.clip((key - t["E"][i]) / (t["E"][i + 1] - t["E"][i]), 0.0, 1.0)
+    u = t["C"][i] - 2.0 * layer + (t["C"][i + 1] - t["C"][i]) * frac
+    return _ndtri(np.clip(u, _U_EPS, 1 - _U_EPS))
+
+
+def _cdf_inverse(t: dict, y: np.ndarray, layer: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_cdf_forward`: the bin by a search on the CDF, then the position inside it."""
+    layer = np.asarray(layer, dtype=np.int64)
+    key = _ndtr(y) + 2.0 * layer
+    k = np.clip(np.searchsorted(t["C"], key, side="right") - 1 - t["start"][layer], 0, t["nb"][layer] - 1)
+    i = t["start"][layer] + k
+    frac = np.clip((key - t["C"][i]) / np.maximum(t["C"][i + 1] - t["C"][i], 1e-300), 0.0, 1.0)
+    return t["E"][i] - layer * t["span"] + frac * (t["E"][i + 1] - t["E"][i])
+
+
 @dataclass
 class Preprocessor:
     """Per-dataset normalisation of points, shower features and conditions.
@@ -58,6 +128,8 @@ class Preprocessor:
         cond_mean, cond_std: standardisation of ``log E_inc``.
         n_max: largest number of points seen in training (sampling clips to it).
         variant: ``"I"`` or ``"II"`` (see the module docstring).
+        dequantisation: ``"uniform"`` (logit of the scaled coordinate) or ``"cdf"`` (variant II).
+        pdf_alpha, pdf_r: ``"cdf"``: per layer, the training points' distribution over its α / r bins.
     """
 
     geometry: Geometry
@@ -69,11 +141,54 @@ class Preprocessor:
     cond_std: float = 1.0
     n_max: int = 0
     variant: str = "I"
+    dequantisation: str = "uniform"
+    pdf_alpha: list[list[float]] = field(default_factory=list)
+    pdf_r: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             msg = f"preprocessing variant must be one of {VARIANTS}, got {self.variant!r}"
             raise ValueError(msg)
+        if self.dequantisation not in DEQUANTISATIONS:
+            msg = f"preprocessing dequantisation must be one of {DEQUANTISATIONS}, got {self.dequantisation!r}"
+            raise ValueError(msg)
+        if self.dequantisation == "cdf" and self.variant != "II":
+            msg = f"CDF dequantisation is for preprocessing variant 'II', got variant {self.variant!r}"
+            raise ValueError(msg)
+
+    # ------------------------------------------------------------ CDF dequantisation
+    def _bin_edges(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        g = self.geometry
+        alpha = [np.linspace(-math.pi, math.pi, na + 1) for na in g.n_alpha]
+        return alpha, [np.asarray(e, dtype=np.float64) for e in g.r_edges]
+
+    def _fit_pdfs(self, cell: np.ndarray) -> None:
+        """Per-layer distribution of the points ``cell`` over the α and r bins (+½ per bin, so none is empty)."""
+        g = self.geometry
+        per_cell = np.bincount(np.asarray(cell, dtype=np.int64), minlength=g.n_voxels).astype(np.float64)
+        layer = np.asarray(g.cell_layer, dtype=np.int64)
+        out = []
+        for nb, binned in ((g.n_alpha, g.cell_alpha_bin), (g.n_r, g.cell_r_bin)):
+            width = int(max(nb))
+            h = np.bincount(layer * width + np.asarray(binned, dtype=np.int64), weights=per_cell,
+                            minlength=g.n_layers * width).reshape(g.n_layers, width)
+            out.append([((h[l, :n] + 0.5) / (h[l, :n].sum() + 0.5 * n)).tolist() for l, n in enumerate(nb)])
+        self.pdf_alpha, self.pdf_r = out
+        self.__dict__.pop("_cdf_tables", None)
+
+    def _cdf(self) -> tuple[dict, dict]:
+        """The (cached) search tables of the α and r CDFs."""
+        t = self.__dict__.get("_cdf_tables")
+        if t is None:
+            n_l = self.geometry.n_layers
+            if len(self.pdf_alpha) != n_l or len(self.pdf_r) != n_l:
+                msg = (f"CDF dequantisation needs pdf_alpha and pdf_r with one row per layer ({n_l}); got "
+                       f"{len(self.pdf_alpha)} and {len(self.pdf_r)} (fit the preprocessing with dequantisation='cdf')")
+                raise ValueError(msg)
+            ea, er = self._bin_edges()
+            t = (_cdf_table(ea, self.pdf_alpha), _cdf_table(er, self.pdf_r))
+            self.__dict__["_cdf_tables"] = t
+        return t
 
     @property
     def n_point_features(self) -> int:
@@ -169,8 +284,13 @@ class Preprocessor:
         """
         r0, r1 = self._layer_r_range(layer)
         y = np.empty((zar.shape[0], 3))
-        y[:, 0] = _logit((zar[:, 1] + math.pi) / (2 * math.pi))
-        y[:, 1] = _logit((zar[:, 2] - r0) / (r1 - r0))
+        if self.dequantisation == "cdf":
+            ta, tr = self._cdf()
+            y[:, 0] = _cdf_forward(ta, zar[:, 1], layer)
+            y[:, 1] = _cdf_forward(tr, zar[:, 2], layer)
+        else:
+            y[:, 0] = _logit((zar[:, 1] + math.pi) / (2 * math.pi))
+            y[:, 1] = _logit((zar[:, 2] - r0) / (r1 - r0))
         y[:, 2] = np.log(np.maximum(energy, 1e-30)) - np.log(np.maximum(e_layer, 1e-30))
         return ((y - np.asarray(self.point_mean)) / np.asarray(self.point_std)).astype(np.float32)
 
@@ -181,8 +301,13 @@ class Preprocessor:
         r0, r1 = self._layer_r_range(layer)
         zar = np.empty((y.shape[0], 3))
         zar[:, 0] = np.asarray(layer, dtype=np.float64)
-        zar[:, 1] = _sigmoid(y[:, 0]) * 2 * math.pi - math.pi
-        zar[:, 2] = r0 + _sigmoid(y[:, 1]) * (r1 - r0)
+        if self.dequantisation == "cdf":
+            ta, tr = self._cdf()
+            zar[:, 1] = _cdf_inverse(ta, y[:, 0], layer)
+            zar[:, 2] = _cdf_inverse(tr, y[:, 1], layer)
+        else:
+            zar[:, 1] = _sigmoid(y[:, 0]) * 2 * math.pi - math.pi
+            zar[:, 2] = r0 + _sigmoid(y[:, 1]) * (r1 - r0)
         return zar, np.exp(np.clip(y[:, 2], -80, 80))
 
     def forward_layers(self, n_layer: np.ndarray, e_layer: np.ndarray, e_inc: np.ndarray,
@@ -229,15 +354,17 @@ class Preprocessor:
     # --------------------------------------------------------------------- fit
     @classmethod
     def fit(cls, geometry: Geometry, cell: np.ndarray, energy: np.ndarray, counts: np.ndarray, e_inc: np.ndarray,
-            *, seed: int = 0, max_points: int = 2_000_000, variant: str = "I") -> Preprocessor:
+            *, seed: int = 0, max_points: int = 2_000_000, variant: str = "I",
+            dequantisation: str = "uniform") -> Preprocessor:
         """Fit the standardisation on (a subsample of) training data.
 
         Args:
             cell, energy: flat per-point cell indices and energies ``(P,)``.
             counts: points per shower ``(B,)``; e_inc: incident energies ``(B,)``.
             variant: ``"I"`` or ``"II"``.
+            dequantisation: ``"uniform"`` or ``"cdf"`` (variant II; the bin distributions are fitted here).
         """
-        p = cls(geometry, variant=variant)
+        p = cls(geometry, variant=variant, dequantisation=dequantisation)
         rng = np.random.default_rng(seed)
         e_inc = np.asarray(e_inc, dtype=np.float64)
         counts = np.asarray(counts, dtype=np.int64)
@@ -258,6 +385,8 @@ class Preprocessor:
             n_layer[a:b], e_layer[a:b] = layer_sums(geometry, cell[lo:hi], energy[lo:hi], counts[a:b])
         cell_s = np.asarray(cell[idx], dtype=np.int64)
         energy_s = np.asarray(energy[idx], dtype=np.float64)
+        if dequantisation == "cdf":
+            p._fit_pdfs(cell_s)
         if variant == "I":
             y = p.forward_points(p.dequantise(cell_s, rng), energy_s, e_inc[shower_of]).astype(np.float64)
             s = p.forward_shower(counts, e_layer.sum(1), e_inc).astype(np.float64)
@@ -277,6 +406,10 @@ class Preprocessor:
         p.cond_mean, p.cond_std = float(c.mean()), float(max(c.std(), 1e-6))
         p.n_max = int(counts.max()) if counts.size else 0
         return p
+
+    def to_torch(self, device: torch.device | str = "cpu") -> TorchPreprocessor:
+        """The forward path as torch operations on ``device`` (:class:`TorchPreprocessor`)."""
+        return TorchPreprocessor(self, device)
 
     # --------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict:
@@ -301,3 +434,210 @@ def layer_sums(geometry: Geometry, cell: np.ndarray, energy: np.ndarray,
     n = np.bincount(key, minlength=b * n_l).reshape(b, n_l)
     e = np.bincount(key, weights=np.asarray(energy, dtype=np.float64), minlength=b * n_l).reshape(b, n_l)
     return n, e
+
+
+def _cdf_forward_t(t: dict, v: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`_cdf_forward` (tables as tensors on ``v``'s device)."""
+    import torch
+
+    key = v.to(torch.float64) + layer * t["span"]
+    k = (torch.searchsorted(t["E"], key, right=True) - 1 - t["start"][layer]).clamp(min=0)
+    k = torch.minimum(k, t["nb"][layer] - 1)
+    i = t["start"][layer] + k
+    frac = ((key - t["E"][i]) / (t["E"][i + 1] - t["E"][i])).clamp(0.0, 1.0)
+    u = t["C"][i] - 2.0 * layer + (t["C"][i + 1] - t["C"][i]) * frac
+    return torch.special.ndtri(u.clamp(_U_EPS, 1 - _U_EPS))
+
+
+def _cdf_inverse_t(t: dict, y: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`_cdf_inverse`."""
+    import torch
+
+    key = torch.special.ndtr(y.to(torch.float64)) + 2.0 * layer
+    k = (torch.searchsorted(t["C"], key, right=True) - 1 - t["start"][layer]).clamp(min=0)
+    k = torch.minimum(k, t["nb"][layer] - 1)
+    i = t["start"][layer] + k
+    frac = ((key - t["C"][i]) / (t["C"][i + 1] - t["C"][i]).clamp(min=1e-300)).clamp(0.0, 1.0)
+    return t["E"][i] - layer * t["span"] + frac * (t["E"][i + 1] - t["E"][i])
+
+
+class TorchPreprocessor:
+    """The forward path of a :class:`Preprocessor` as torch operations on a device.
+
+    Numerically equal to the numpy methods (computed in float64, features returned as
+    float32) when given the same uniform noise; used to build training batches on the
+    device (:class:`calopc.models.data.DeviceCollate`). Built by :meth:`Preprocessor.to_torch`.
+
+    Args:
+        prep: the fitted preprocessing.
+        device: where the tables live and the work happens.
+    """
+
+    def __init__(self, prep: Preprocessor, device: torch.device | str) -> None:
+        import torch
+
+        self.prep = prep
+        self.variant = prep.variant
+        self.device = dev = torch.device(device)
+        g = prep.geometry
+        b = g.cell_bounds()
+        f64 = torch.float64
+        self.bounds = torch.as_tensor(np.stack([b["z_lo"], b["alpha_lo"], b["r_lo"]], 1), dtype=f64, device=dev)
+        self.width = torch.as_tensor(np.stack([b["z_hi"] - b["z_lo"], b["alpha_hi"] - b["alpha_lo"],
+                                               b["r_hi"] - b["r_lo"]], 1), dtype=f64, device=dev)
+        self.cell_layer = torch.as_tensor(np.asarray(g.cell_layer, dtype=np.int64), device=dev)
+        self.point_mean = torch.as_tensor(prep.point_mean, dtype=f64, device=dev)
+        self.point_std = torch.as_tensor(prep.point_std, dtype=f64, device=dev)
+        self.shower_mean = torch.as_tensor(prep.shower_mean, dtype=f64, device=dev)
+        self.shower_std = torch.as_tensor(prep.shower_std, dtype=f64, device=dev)
+        lo = [e[0] for e in g.r_edges]
+        hi = [e[-1] for e in g.r_edges]
+        self.layer_r0 = torch.as_tensor(lo, dtype=f64, device=dev)
+        self.layer_r1 = torch.as_tensor(hi, dtype=f64, device=dev)
+        self.ranges = prep._ranges
+        self.n_layers = g.n_layers
+        self.cap = torch.as_tensor(g.voxels_per_layer, dtype=torch.int64, device=dev)
+        self.cdf = None
+        if prep.dequantisation == "cdf":  # the CDF search tables of α and r on the device
+            self.cdf = tuple({k: torch.as_tensor(v, device=dev) for k, v in t.items()} for t in prep._cdf())
+
+    @staticmethod
+    def _logit(u: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        u = u.clamp(_EPS, 1 - _EPS)
+        return torch.log(u) - torch.log1p(-u)
+
+    def dequantise(self, cell: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``(z, alpha, r)`` inside each point's cell. Shapes: cell ``(P,)`` int64, u ``(P, 3)`` in [0, 1) → ``(P, 3)``."""
+        import torch
+
+        u = 1e-4 + (1 - 2e-4) * u.to(torch.float64)
+        return self.bounds[cell] + u * self.width[cell]
+
+    def forward_points(self, zar: torch.Tensor, energy: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        """Variant I point features, see :meth:`Preprocessor.forward_points`. Returns ``(P, 4)`` float32."""
+        import torch
+
+        z0, z1, r0, r1 = self.ranges
+        y = torch.stack([self._logit((zar[:, 0] - z0) / (z1 - z0)),
+                         self._logit((zar[:, 1] + math.pi) / (2 * math.pi)),
+                         self._logit((zar[:, 2] - r0) / (r1 - r0)),
+                         torch.log(energy.to(torch.float64).clamp(min=1e-30)) - torch.log(e_inc.to(torch.float64))], 1)
+        return ((y - self.point_mean) / self.point_std).to(torch.float32)
+
+    def forward_points_layer(self, zar: torch.Tensor, energy: torch.Tensor, e_layer: torch.Tensor,
+                             layer: torch.Tensor) -> torch.Tensor:
+        """Variant II point features, see :meth:`Preprocessor.forward_points_layer`. Returns ``(P, 3)`` float32."""
+        import torch
+
+        r0, r1 = self.layer_r0[layer], self.layer_r1[layer]
+        if self.cdf is not None:
+            ya, yr = _cdf_forward_t(self.cdf[0], zar[:, 1], layer), _cdf_forward_t(self.cdf[1], zar[:, 2], layer)
+        else:
+            ya, yr = self._logit((zar[:, 1] + math.pi) / (2 * math.pi)), self._logit((zar[:, 2] - r0) / (r1 - r0))
+        y = torch.stack([ya, yr,
+                         torch.log(energy.to(torch.float64).clamp(min=1e-30))
+                         - torch.log(e_layer.to(torch.float64).clamp(min=1e-30))], 1)
+        return ((y - self.point_mean) / self.point_std).to(torch.float32)
+
+    def forward_shower(self, n: torch.Tensor, e_sum: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        """Variant I shower features ``(B, 2)`` float32, see :meth:`Preprocessor.forward_shower`."""
+        import torch
+
+        e_inc = e_inc.to(torch.float64)
+        s = torch.stack([torch.log(n.to(torch.float64).clamp(min=1)) - 0.5 * torch.log(e_inc),
+                         torch.log(e_sum.to(torch.float64).clamp(min=1e-30)) - torch.log(e_inc)], -1)
+        return ((s - self.shower_mean) / self.shower_std).to(torch.float32)
+
+    def forward_layers(self, n_layer: torch.Tensor, e_layer: torch.Tensor, e_inc: torch.Tensor,
+                       u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+        """Variant II shower features ``(B, 2L)`` float32, see :meth:`Preprocessor.forward_layers`.
+
+        ``u``, ``v``: ``(B, L)`` uniform noise in [0, 1) (None: the mid-point).
+        """
+        import torch
+
+        n_layer = n_layer.to(torch.float64)
+        frac = e_layer.to(torch.float64) / e_inc.to(torch.float64)[:, None]
+        if u is None or v is None:
+            u = v = torch.full_like(n_layer, 0.5)
+        else:
+            u = 1e-3 + (1 - 2e-3) * u.to(torch.float64)
+            v = 1e-3 + (1 - 2e-3) * v.to(torch.float64)
+        s = torch.cat([torch.log(n_layer + u), torch.log(frac + _DELTA * v)], 1)
+        return ((s - self.shower_mean) / self.shower_std).to(torch.float32)
+
+    def inverse_points_layer(self, y: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variant II features → ``((z, α, r) (P, 3) float64, w = E / E_l (P,))``, see
+        :meth:`Preprocessor.inverse_points_layer`."""
+        import torch
+
+        y = y.to(torch.float64) * self.point_std + self.point_mean
+        if self.cdf is not None:
+            alpha, r = _cdf_inverse_t(self.cdf[0], y[:, 0], layer), _cdf_inverse_t(self.cdf[1], y[:, 1], layer)
+        else:
+            r0, r1 = self.layer_r0[layer], self.layer_r1[layer]
+            alpha = torch.sigmoid(y[:, 0]) * 2 * math.pi - math.pi
+            r = r0 + torch.sigmoid(y[:, 1]) * (r1 - r0)
+        zar = torch.stack([layer.to(torch.float64), alpha, r], 1)
+        return zar, torch.exp(y[:, 2].clamp(-80, 80))
+
+    def inverse_layers(self, s: torch.Tensor, e_inc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised variant II shower features → ``(n_l (B, L) int64, E_l (B, L) MeV)``, see
+        :meth:`Preprocessor.inverse_layers` (no host synchronisation)."""
+        import torch
+
+        n_l = self.n_layers
+        s = s.to(torch.float64) * self.shower_std + self.shower_mean
+        n = torch.floor(torch.exp(s[:, :n_l].clamp(-30, 30))).to(torch.int64)
+        n = torch.minimum(n.clamp(min=0), self.cap)
+        frac = (torch.exp(s[:, n_l:].clamp(-80, 0)) - 0.5 * _DELTA).clamp(0.01 * _DELTA, 1.0)
+        e = frac * e_inc.to(torch.float64)[:, None]
+        empty = (n.sum(1) == 0).to(torch.int64)
+        n = n.scatter_add(1, e.argmax(1, keepdim=True), empty[:, None])   # one point where a shower has none
+        return n, torch.where(n > 0, e, torch.zeros_like(e))
+
+    def forward_cond(self, e_inc: torch.Tensor) -> torch.Tensor:
+        """Standardised ``log E_inc``, ``(B, 1)`` float32."""
+        import torch
+
+        return ((torch.log(e_inc.to(torch.float64)) - self.prep.cond_mean) / self.prep.cond_std).to(torch.float32)[:, None]
+
+    def encode(self, cell: torch.Tensor, energy: torch.Tensor, shower_of: torch.Tensor, e_inc: torch.Tensor,
+               rand: Callable[[tuple[int, ...]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+        """The model inputs of flat training points, in the order of :class:`calopc.models.data.ShowerCollate`.
+
+        Args:
+            cell, energy: ``(P,)`` flat points; shower_of: ``(P,)`` shower of each point (sorted).
+            e_inc: ``(B,)`` MeV.
+            rand: ``rand(shape)`` → uniform float64 noise on the device (called for the
+                dequantisation ``(P, 3)``, then, variant II, ``(B, L)`` twice).
+
+        Returns:
+            ``(y (P, F), shower (B, S), cond (B, 1), layer (P,))``.
+        """
+        import torch
+
+        b = e_inc.shape[0]
+        zar = self.dequantise(cell, rand((cell.shape[0], 3)))
+        layer = self.cell_layer[cell]
+        energy = energy.to(torch.float64)
+        if self.variant == "I":
+            y = self.forward_points(zar, energy, e_inc[shower_of])
+            e_sum = torch.zeros(b, dtype=torch.float64, device=energy.device).index_add_(0, shower_of, energy)
+            n = torch.zeros(b, dtype=torch.int64, device=energy.device).index_add_(0, shower_of, torch.ones_like(shower_of))
+            s = self.forward_shower(n, e_sum, e_inc)
+        else:
+            n_l = self.n_layers
+            key = shower_of * n_l + layer
+            # index_add_, not bincount: bincount reads the largest index back to the host on CUDA
+            n_layer = torch.zeros(b * n_l, dtype=torch.int64, device=energy.device).index_add_(
+                0, key, torch.ones_like(key)).reshape(b, n_l)
+            e_layer = torch.zeros(b * n_l, dtype=torch.float64, device=energy.device).index_add_(0, key, energy)
+            y = self.forward_points_layer(zar, energy, e_layer[key], layer)
+            u = rand((b, n_l))
+            v = rand((b, n_l))
+            s = self.forward_layers(n_layer, e_layer.reshape(b, n_l), e_inc, u, v)
+        return y, s, self.forward_cond(e_inc), layer

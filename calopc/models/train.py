@@ -1,22 +1,41 @@
 r"""Training loop shared by every registered model.
 
-Single process: ``calopc train MODEL --data train.parquet --out run/``. Several GPUs (or CPU
+Single process: ``calopc train MODEL --data train.parquet -o run/``. Several GPUs (or CPU
 processes with gloo): ``torchrun --nproc-per-node K $(which calopc) train ...``; the loop reads
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, wraps the model in
-DistributedDataParallel and gives each rank a disjoint share of every epoch. Only rank 0
-writes the run directory.
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, gives each rank a disjoint share
+of every epoch and averages the gradients. Only rank 0 writes the run directory.
+
+GPU-first: by default (``pipeline="device"``) the showers are uploaded to the device once
+per shuffle buffer and batches are built there (:class:`~calopc.models.data.DeviceCollate`);
+the loss, the gradient norm and the non-finite checks stay on the device and are read back
+only every ``log_every`` steps (and before a checkpoint). ``pipeline="numpy"`` builds batches
+on the host as before.
+
+Two kinds of models:
+
+* the default: one AdamW over all parameters minimising ``model.loss(batch)``;
+* models with their own step (GANs) define ``configure_optimizers(train_cfg) -> {name: optimizer}``
+  and ``training_step(batch, step, backward) -> {"loss": ..., ...}``; ``backward(loss, name)``
+  zeroes that optimizer's gradients, back-propagates, averages the gradients over ranks, clips,
+  skips the update when the gradients are not finite, steps and applies the learning-rate
+  schedule. Every optimizer's state goes into ``training_state.pt``.
+
+Safety: a non-empty run directory needs ``resume`` or ``overwrite``; a non-finite loss stops
+training with an error and keeps the last good checkpoint; an interrupt (Ctrl-C, SIGTERM
+turned into ``KeyboardInterrupt``) writes a checkpoint and re-raises.
 """
 
 from __future__ import annotations
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["RUN_FILES", "TrainConfig", "TrainingDiverged", "train"]
 
 import contextlib
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +43,15 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .data import ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
+from .data import DeviceCollate, ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
 from .utils import EMA, resolve_device, seed_everything
+
+#: files of a run directory that ``overwrite`` replaces
+RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.EMA_WEIGHTS, ckpt.STATE, "training_options.json", "stats.jsonl")
+
+
+class TrainingDiverged(ValueError):
+    """The loss became non-finite; the run directory keeps the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +72,13 @@ class TrainConfig:
     stream: bool | None = None        # stream the data through a shuffle buffer (None: when > 2 GB in memory)
     buffer_showers: int = 20_000      # showers in the shuffle buffer when streaming
     time_limit: float | None = None   # stop after this many seconds of training (checkpoint first)
-    log_every: int = 10               # steps between stats.jsonl records
+    log_every: int = 10               # steps between stats.jsonl records (and device-to-host reads)
     checkpoint_every: int = 500       # steps between checkpoints
-    progress: bool = True
+    progress: bool = True             # progress bar (on a terminal only)
+    pipeline: str = "device"          # device: batches built on the device; numpy: on the host (the older path)
+    bucket: bool = False              # batches of showers of similar size, padded to a multiple of 32
+    compile: bool = False             # torch.compile the loss (default path)
+    fast_splines: str = "auto"        # faster spline knots (calopc.models.flows): auto (CUDA only), on, matmul, off
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -57,7 +87,23 @@ class TrainConfig:
         if unknown:
             msg = f"unknown training options {sorted(unknown)}; valid: {', '.join(sorted(known))}"
             raise ValueError(msg)
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """ValueError naming the option when a value is out of range."""
+        checks = [("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+                  ("log_every", self.log_every >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+                  ("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0, "finite and >= 0"),
+                  ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"), ("warmup", self.warmup >= 0, ">= 0"),
+                  ("pipeline", self.pipeline in ("device", "numpy"), "device or numpy"),
+                  ("fast_splines", self.fast_splines in ("auto", "on", "matmul", "off"), "auto, on, matmul or off")]
+        for name, ok, want in checks:
+            if not ok:
+                msg = f"training option {name}={getattr(self, name)!r}: expected {want}"
+                raise ValueError(msg)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -71,30 +117,130 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _data_paths(data: Any) -> list[Path]:
+    if isinstance(data, (str, os.PathLike)):
+        return [Path(data)]
+    if isinstance(data, (ShowerDataset, StreamingShowerDataset)):
+        return []
+    return [Path(p) for p in data]
+
+
+def _check_run_dir(out: Path, paths: list[Path], *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output that is an input, and a non-empty run directory without resume/overwrite."""
+    for p in paths:
+        if p.exists() and p.resolve() == out.resolve():
+            msg = f"-o {out}: is also the training input {p}; choose another run directory"
+            raise ValueError(msg)
+    if out.exists() and not out.is_dir():
+        msg = f"-o {out}: is a file; the run directory must be a directory"
+        raise ValueError(msg)
+    if resume and overwrite:
+        msg = "--resume and --overwrite exclude each other"
+        raise ValueError(msg)
+    if out.is_dir() and any(out.iterdir()) and not resume and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        msg = (f"-o {out}: the run directory is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+               "continue it with --resume or replace it with --overwrite")
+        raise ValueError(msg)
+
+
+def _fast_splines(model: torch.nn.Module, mode: str, device: torch.device) -> int:
+    from .flows import use_fast_splines
+
+    on = mode in ("on", "matmul") or (mode == "auto" and device.type == "cuda")
+    return use_fast_splines(model, on, method="matmul" if mode == "matmul" else "transpose")
+
+
+class _Stepper:
+    """Optimizer updates without host-device syncs: clip, non-finite skip, step, lr schedule."""
+
+    def __init__(self, opts: dict[str, torch.optim.Optimizer], cfg: TrainConfig, device: torch.device,
+                 world: int) -> None:
+        self.opts = opts
+        self.cfg = cfg
+        self.device = device
+        self.world = world
+        self.params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in opts.items()}
+        for o in opts.values():
+            for g in o.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        self.grad_norm = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # on CPU a read-back costs nothing: skip exactly; on CUDA zero the gradients instead of syncing
+        self.exact_skip = device.type != "cuda"
+
+    def set_lr(self, step: int) -> None:
+        f = _lr_factor(step, self.cfg)
+        for o in self.opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["initial_lr"] * f
+
+    def update(self, name: str) -> None:
+        """After ``loss.backward()``: average over ranks, clip, step unless the gradients are not finite."""
+        params = [p for p in self.params[name] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if self.world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # noqa: SLF001
+            grads = [g.view_as(p) for g, p in zip(grads, params)]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        finite = torch.isfinite(gn)
+        self.grad_norm = gn.detach()
+        self.skipped = self.skipped + (~finite).to(torch.int64)
+        opt = self.opts[name]
+        if getattr(opt, "_step_supports_amp_scaling", False):
+            # fused optimizers skip the update on the device when found_inf is set: no sync
+            opt.found_inf = (~finite).to(torch.float32)
+            opt.step()
+            return
+        if self.exact_skip:
+            if bool(finite):
+                opt.step()
+            return
+        # no sync: non-finite gradients become zeros (the step then only decays the optimizer's moments)
+        torch._foreach_mul_(grads, finite.to(grads[0].dtype))  # noqa: SLF001
+        for g in grads:
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        opt.step()
+
+
 def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
           out: str | os.PathLike, *,
           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, overwrite: bool = False) -> dict:
     """Train a registered model and write a run directory.
 
     Args:
         model_name: a name from :data:`calopc.models.MODELS`.
         data: point-cloud Parquet file(s) (``calopc convert``), or a :class:`ShowerDataset` /
             :class:`StreamingShowerDataset`.
-        out: run directory.
+        out: run directory. Must be empty or absent unless ``resume`` or ``overwrite``.
         model_config: overrides of the model's config dataclass.
         config: training options. Defaults to :class:`TrainConfig()`.
         resume: continue from ``out/training_state.pt`` (model config and preprocessing
             come from ``out/config.json``).
+        overwrite: start afresh in a non-empty run directory (its run files are replaced).
 
     Returns:
-        A summary: ``steps``, ``final_loss``, ``seconds``, ``run_dir``.
+        A summary: ``steps``, ``final_loss``, ``seconds``, ``run_dir``, ``skipped_steps``.
+
+    Raises:
+        TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
     """
     from . import get_model
 
     cfg = config or TrainConfig()
+    cfg.validate()
     rank, world, local_rank = _dist_env()
     distributed = world > 1
+    out = Path(out)
+    if rank == 0:
+        _check_run_dir(out, _data_paths(data), resume=resume, overwrite=overwrite)
     device = resolve_device(cfg.device)
     if distributed:
         import torch.distributed as dist
@@ -106,7 +252,6 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         if own_group:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg.seed)
-    out = Path(out)
     in_memory = isinstance(data, (ShowerDataset, StreamingShowerDataset))
     dataset = data if in_memory else open_dataset(data, stream=cfg.stream, buffer_showers=cfg.buffer_showers,
                                                  max_showers=cfg.max_showers)
@@ -133,74 +278,142 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         prep = dataset.fit_preprocessor(seed=cfg.seed, **model_cfg.preprocessing())
         model = model_cls(model_cfg.with_data(prep))
     model.to(device)
+    _fast_splines(model, cfg.fast_splines, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if state is not None and ema is not None and (out / ckpt.EMA_WEIGHTS).exists():
         ema.module.load_state_dict(ckpt.load(out, ema=True).model.state_dict())
     if ema is not None:
         ema.module.to(device)
-    net = model
-    if distributed:
+    custom = callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
+    net: Any = model
+    if distributed and not custom:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if custom:
+        opts = dict(model.configure_optimizers(cfg))
+        if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
+            msg = f"{model_name}.configure_optimizers must return a non-empty dict of torch optimizers, got {opts!r}"
+            raise TypeError(msg)
+    else:
+        opts = {"model": _adamw(model, cfg)}
+    stepper = _Stepper(opts, cfg, device, world if custom else 1)
     step, epoch = 0, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        _load_optimizers(out, opts, state)
         step, epoch = int(state["step"]), int(state["epoch"])
     name = model_name.lower()
     train_meta = asdict(cfg)
+    loss_fn: Callable = net
+    if cfg.compile and not custom:
+        loss_fn = torch.compile(net, dynamic=True)  # the number of points changes every batch
+
+    good = {"step": step if state is not None else None}
 
     def checkpoint() -> None:
         if rank == 0:
             ckpt.save(out, name, model, prep, ema=ema.module if ema else None, train=train_meta)
-            ckpt.save_training_state(out, opt, step, epoch)
+            ckpt.save_training_state(out, opts, step, epoch)
+            good["step"] = step
 
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        with __import__("calopc.io", fromlist=["atomic_output"]).atomic_output(out / "training_options.json") as tmp:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            msg = f"-o {out}: cannot create the run directory ({err.strerror or err})"
+            raise ValueError(msg) from None
+        if overwrite and state is None:
+            for f in RUN_FILES:
+                (out / f).unlink(missing_ok=True)
+        from ..io import atomic_output
+
+        with atomic_output(out / "training_options.json") as tmp:
             tmp.write_text(json.dumps({"model": name, "model_config": asdict(model.config), "train": train_meta,
-                                       "data": "<dataset object>" if in_memory else [str(p) for p in ([data] if isinstance(data, (str, os.PathLike)) else data)],
+                                       "data": "<dataset object>" if in_memory else [str(p) for p in _data_paths(data)],
                                        "streamed": isinstance(dataset, StreamingShowerDataset),
-                                       "world_size": world}, indent=2) + "\n")
+                                       "custom_training_step": custom, "world_size": world}, indent=2) + "\n")
     log = open(out / "stats.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train {name}")
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train {name}", disable=None, leave=False)
     amp = cfg.amp and device.type == "cuda"
     t0 = time.perf_counter()
     last = float("nan")
-    collate = ShowerCollate(prep, seed=cfg.seed * 1000 + rank)
+    if cfg.pipeline == "device":
+        collate: ShowerCollate | DeviceCollate = DeviceCollate(prep, device, seed=cfg.seed * 1000 + rank,
+                                                               pad_multiple=32 if cfg.bucket else 1)
+    else:
+        collate = ShowerCollate(prep, seed=cfg.seed * 1000 + rank)
+    # running sums on the device, read back every log_every steps
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n_sum = 0
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    extra_sums: dict[str, torch.Tensor] = {}
+    since = step
+
+    def check_finite() -> None:
+        """Raise TrainingDiverged when a non-finite loss was seen since the last check (one read-back)."""
+        if bool(bad):
+            where = f"the last good checkpoint (step {good['step']}) is kept in {out}" if good["step"] is not None \
+                else f"no checkpoint was written to {out}"
+            msg = (f"training stopped: non-finite loss between steps {since + 1} and {step}; {where}. "
+                   "Lower the learning rate (--lr), check the data or resume from the checkpoint")
+            raise TrainingDiverged(msg)
+
+    def backward(loss: torch.Tensor, opt_name: str) -> None:
+        if opt_name not in opts:
+            msg = f"backward(loss, {opt_name!r}): no such optimizer; configure_optimizers returned {sorted(opts)}"
+            raise KeyError(msg)
+        opts[opt_name].zero_grad(set_to_none=True)
+        loss.backward()
+        stepper.update(opt_name)
+
     try:
         while step < cfg.steps:
             for batch in iterate_batches(dataset, collate, cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
-                                         world_size=world):
+                                         world_size=world, bucket=cfg.bucket):
                 if step >= cfg.steps:
                     break
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                stepper.set_lr(step)
                 batch = batch.to(device)
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-                with ctx:
-                    loss = net(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if torch.isfinite(gn):
-                    opt.step()
+                if custom:
+                    with ctx:
+                        terms = model.training_step(batch, step, backward)
+                    loss = terms["loss"].detach()
+                    for k, v in terms.items():
+                        if k != "loss":
+                            extra_sums[k] = extra_sums.get(k, 0) + v.detach().double()
+                else:
+                    with ctx:
+                        loss = loss_fn(batch)
+                    backward(loss, "model")
+                    loss = loss.detach()
                 if ema is not None:
                     ema.update(model, step)
+                bad |= ~torch.isfinite(loss)
+                loss_sum += loss.double()
+                n_sum += 1
                 step += 1
-                last = float(loss.detach())
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last:.4f}")
-                if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": last, "grad_norm": float(gn),
-                                          "lr": opt.param_groups[0]["lr"],
-                                          "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
-                    log.flush()
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    check_finite()
+                    last = float(loss_sum) / max(n_sum, 1)
+                    rec = {"step": step, "epoch": epoch, "loss": last, "grad_norm": float(stepper.grad_norm),
+                           "lr": next(iter(opts.values())).param_groups[0]["lr"],
+                           "skipped_steps": int(stepper.skipped), "seconds": round(time.perf_counter() - t0, 3)}
+                    rec.update({k: float(v) / max(n_sum, 1) for k, v in extra_sums.items()})
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last:.4f}")
+                    loss_sum.zero_()
+                    n_sum, since = 0, step
+                    extra_sums = {}
                 if step % cfg.checkpoint_every == 0:
+                    check_finite()
                     checkpoint()
                 stop = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
                 if distributed:
@@ -214,15 +427,57 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
                 continue
             if cfg.time_limit is not None and step < cfg.steps:
                 break
+        check_finite()
+        if n_sum:
+            last = float(loss_sum) / n_sum
         checkpoint()
+    except KeyboardInterrupt:
+        if rank == 0 and not bool(bad) and step > (good["step"] or 0):
+            checkpoint()
+            print(f"train: interrupted at step {step}; checkpoint written to {out} (continue with --resume)",
+                  file=sys.stderr)
+        elif rank == 0:
+            print(f"train: interrupted at step {step}; {out} keeps the checkpoint of step {good['step']}",
+                  file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
         if distributed:
-            torch.distributed.barrier()
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()
             if own_group:
                 torch.distributed.destroy_process_group()
     return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - t0,
-            "run_dir": str(out), "world_size": world}
+            "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped)}
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over all parameters: fused (one kernel per step, skips non-finite steps on the device) where
+    torch supports it for the parameters, else the multi-tensor (foreach) implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params):
+        with contextlib.suppress(RuntimeError, ValueError):
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def _load_optimizers(out: Path, opts: dict[str, torch.optim.Optimizer], state: dict) -> None:
+    """Optimizer states from a training state (``optimizers`` by name; older files: one ``optimizer``)."""
+    saved = state.get("optimizers")
+    if saved is None:
+        saved = {next(iter(opts)): state["optimizer"]} if "optimizer" in state and len(opts) == 1 else {}
+    if set(saved) != set(opts):
+        msg = (f"--resume: {out / ckpt.STATE} holds optimizers {sorted(saved)}, the model has {sorted(opts)}; "
+               "expected the same names")
+        raise ckpt.CheckpointError(msg)
+    for k, o in opts.items():
+        try:
+            o.load_state_dict(saved[k])
+        except (ValueError, KeyError) as err:
+            msg = f"--resume: {out / ckpt.STATE}: optimizer {k!r} does not match the model ({err})"
+            raise ckpt.CheckpointError(msg) from None
+        for g in o.param_groups:
+            g.setdefault("initial_lr", g["lr"])

@@ -97,7 +97,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.module.buffers(), model.buffers()):
-            e.copy_(b)
+        ema_p = [e for e in self.module.parameters()]
+        if ema_p:  # one multi-tensor op instead of one per parameter
+            torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)  # noqa: SLF001
+        ema_b = [e for e in self.module.buffers()]
+        if ema_b:
+            torch._foreach_copy_(ema_b, list(model.buffers()))  # noqa: SLF001

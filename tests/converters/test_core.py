@@ -59,7 +59,14 @@ def test_threshold_in_conversion(toy_geometry):
     v = np.zeros((1, toy_geometry.n_voxels))
     v[0, :3] = [0.5, 1.0, 2.0]
     ev = voxels_to_points(v, toy_geometry, threshold=1.0)
-    assert ev.points.E.tolist() == [[2.0]]
+    # the same meaning as voxelize and the official evaluation: cells below the threshold are empty
+    assert ev.points.E.tolist() == [[1.0, 2.0]]
+    assert voxels_to_points(v, toy_geometry, threshold=1.5).points.E.tolist() == [[2.0]]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            voxels_to_points(v, toy_geometry, threshold=bad)
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            points_to_voxels(ev, toy_geometry, threshold=bad)
 
 
 def _pts(r, alpha, z, e):

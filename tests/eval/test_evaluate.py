@@ -96,9 +96,9 @@ def test_evaluate_end_to_end_ds1(tmp_path, capsys):
     assert m["pointcloud"]["revoxelization"]["generated"]["n_collisions"] == 0
     html = (out / "report.html").read_text()
     assert "E_ratio.png" in html and "classifier AUC" in html
-    for name in ("E_ratio", "voxel_spectrum", "E_layer_per_layer", "average_shower_reference", "hits"):
+    for name in ("E_ratio", "voxel_spectrum", "E_layer_layers_0-12", "average_shower_reference", "hits"):
         assert (out / f"{name}.png").stat().st_size > 1000
-        assert (out / f"{name}.pdf").exists()
+        assert not (out / f"{name}.pdf").exists()  # PNG only unless --formats asks for more
     assert not list(out.glob("*.part"))
 
 
@@ -137,3 +137,102 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(tmp_path / "ds1.hdf5", tmp_path / "ds1.hdf5", tmp_path / "r", metrics=("auc",), progress=False)
     assert main(["evaluate", str(tmp_path / "ds1.hdf5"), str(tmp_path / "nope.hdf5"), "-o", str(tmp_path / "r")]) == 2
+
+
+# ---------------------------------------------------------------- parity with the official evaluation
+def test_geometry_xml_of_an_official_dataset_behaves_as_the_dataset(tmp_path, capsys):
+    from importlib import resources
+
+    from calopc.geometry import THRESHOLDS
+
+    g = Geometry.calochallenge("2")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 120, seed=5))
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 120, seed=6))
+    xml = tmp_path / "my_binning.xml"
+    xml.write_bytes((resources.files("calopc") / "data" / "binning_dataset_2.xml").read_bytes())
+    a = evaluate(tmp_path / "gen.hdf5", tmp_path / "ref.hdf5", tmp_path / "a", metrics=("hist",), progress=False)
+    assert main(["evaluate", str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5"), "-o", str(tmp_path / "b"),
+                 "--geometry", str(xml), "--metrics", "hist", "--no-progress"]) == 0
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["threshold_mev"] == b["threshold_mev"] == pytest.approx(THRESHOLDS["2"])
+    assert b["dataset"] == "2" and b["histogram_ranges"].startswith("official ranges of dataset 2")
+    assert a["separation"] == b["separation"]
+    assert b["separation"]["voxel_spectrum"] is not None and b["separation"]["E_layer_0"] is not None
+    assert b["separation"]["EC_x_0"] is not None
+
+
+def test_geometry_xml_of_another_detector_needs_a_threshold(tmp_path, toy_geometry, toy_xml):
+    from calopc.geometry import load_geometry
+
+    rng = np.random.default_rng(0)
+    for name in ("ref", "gen"):
+        shape = (40, toy_geometry.n_voxels)
+        v = np.where(rng.random(shape) < 0.6, rng.exponential(1.0, shape), 0)
+        write_showers(tmp_path / f"{name}.hdf5", np.full(40, 20.0), v)
+    geo = load_geometry(toy_xml)
+    with pytest.raises(ValueError, match="does not match any official dataset.*--threshold"):
+        evaluate(tmp_path / "gen.hdf5", tmp_path / "ref.hdf5", tmp_path / "r", geometry=geo, metrics=("hist",),
+                 progress=False)
+    m = evaluate(tmp_path / "gen.hdf5", tmp_path / "ref.hdf5", tmp_path / "r", geometry=geo, threshold=0.05,
+                 metrics=("hist",), progress=False)
+    assert m["threshold_mev"] == 0.05 and "not an official dataset" in m["histogram_ranges"]
+    assert "not an official dataset" in (tmp_path / "r" / "report.html").read_text()
+    assert m["separation"]["voxel_spectrum"] is not None
+
+
+def test_low_normed_official_and_calopc_definitions(toy_geometry):
+    g = toy_geometry  # layers: 8, 3, 8 voxels
+    v = np.zeros((1, g.n_voxels))
+    v[0, g.flat_index(0, 0, 0)] = 0.2  # layer 0: only a sub-threshold voxel -> thresholded E_layer = 0
+    v[0, g.flat_index(1, 0, 0)] = 1.0
+    v[0, g.flat_index(1, 0, 1)] = 0.3  # below the threshold
+    off = classifier_inputs("low-normed", v, np.array([10.0]), g, threshold=0.5)
+    cal = classifier_inputs("low-normed", v, np.array([10.0]), g, threshold=0.5, normed="calopc")
+    col = 1 + g.flat_index(0, 0, 0)
+    assert off[0, col] == pytest.approx(0.2 / 1e-16) and cal[0, col] == 0.0
+    c1 = 1 + g.flat_index(1, 0, 0)
+    assert off[0, c1:c1 + 2].tolist() == pytest.approx([1.0, 0.3])
+    assert cal[0, c1:c1 + 2].tolist() == pytest.approx([1.0, 0.0])
+    assert off[0, -3:].tolist() == pytest.approx([-8.0, 0.0, -8.0], abs=1e-7)  # log10(thresholded E_layer + 1e-8)
+    with pytest.raises(ValueError, match="official, calopc"):
+        classifier_inputs("low-normed", v, np.array([10.0]), g, normed="raw")
+
+
+def test_official_fixed_split_counts():
+    from calopc.eval.classifier import official_split
+
+    assert official_split("2", 100_000) == (60_000, 20_000, 20_000)
+    assert official_split("3", 99_999) is None
+    assert official_split("1-photons", 121_000) == (80_000, 20_000, 21_000)
+    assert official_split("1-pions", 120_800) == (80_000, 20_000, 20_800)
+    assert official_split("toy", 10**6) is None
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 1, (70, 4)), rng.normal(0, 1, (70, 4))
+    cfg = ClassifierConfig(hidden=16, epochs=1, batch_size=50, counts=(30, 10, 10))
+    assert classifier_metric("high", x, y, config=cfg, device="cpu").n_train == 60
+    with pytest.raises(ValueError, match="need 150 showers per class, got 70"):
+        classifier_metric("high", x, y, config=ClassifierConfig(hidden=16, epochs=1, counts=(100, 30, 20)))
+
+
+def test_fpd_estimator_labels_floor_and_prdc_in_metrics(tmp_path, capsys):
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 200, seed=1))
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 200, seed=2))
+    args = ["evaluate", str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5"), "--fpd-min-samples", "100",
+            "--kpd-batch-size", "100", "--no-progress", "--cls-hidden", "16", "--cls-epochs", "1", "--cls-seeds", "1"]
+    assert main([*args, "-o", str(tmp_path / "o"), "--metrics", "fpd,kpd,prdc,cls-low-normed"]) == 0
+    assert "PRDC (k=5)" in capsys.readouterr().out
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["fpd_estimator"] == "official" and m["fpd_x1e3"]["estimator"] == "official"
+    assert m["fpd_x1e3"]["floor_size"] == 100 and m["fpd_x1e3"]["value_at_floor_size"] >= 0
+    assert m["fpd_x1e3"]["ref_floor"] >= 0 and m["kpd_x1e3"]["estimator"] == "official"
+    assert set(m["prdc"]) >= {"precision", "recall", "density", "coverage"} and m["prdc"]["k"] == 5
+    assert m["classifier"]["low-normed"]["definition"] == "official"
+    assert m["classifier"]["low-normed"]["split"] == "60/20/20 % per class"
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "FPD/KPD estimator: official" in html and "Precision, recall, density, coverage" in html
+    assert "low-normed input: official definition" in html
+    assert main([*args, "-o", str(tmp_path / "c"), "--metrics", "fpd,kpd", "--fpd-estimator", "calopc"]) == 0
+    c = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert c["fpd_x1e3"]["estimator"] == "calopc" and "estimator: calopc" in c["fpd_kpd_note"]
+    assert c["fpd_x1e3"]["value"] != m["fpd_x1e3"]["value"]

@@ -86,3 +86,77 @@ def test_histograms_official_binnings():
     assert hs["EC_x_3"].edges[0] == -30 and hs["width_y_44"].edges[-1] == 30
     assert len(hs["sparsity_10"].edges) == 21
     assert all(h.separation == 0.0 or np.isnan(h.separation) for h in hs.values())
+
+
+# ---------------------------------------------------------------- parity with the official evaluation
+def test_binning_xml_of_an_official_dataset_is_that_dataset(tmp_path, toy_geometry):
+    from importlib import resources
+
+    from calopc.eval.features import match_official
+
+    for name, fname in (("2", "binning_dataset_2.xml"), ("1-pions", "binning_dataset_1_pions.xml")):
+        xml = tmp_path / f"my_{name}.xml"  # any file name
+        xml.write_bytes((resources.files("calopc") / "data" / fname).read_bytes())
+        g = Geometry.from_xml(xml)
+        assert g.name == f"my_{name}" and g.threshold == 0.0
+        m = match_official(g)
+        assert m == Geometry.calochallenge(name) and m.threshold == Geometry.calochallenge(name).threshold
+    assert match_official(toy_geometry) is None
+
+
+def test_voxel_spectrum_official_edges_and_float64():
+    from calopc.eval.histograms import voxel_spectrum, voxel_spectrum_edges
+
+    e = voxel_spectrum_edges(0.5e-3 / 0.033, 1234.5)
+    assert len(e) == 50  # 49 bins
+    assert e[0] == pytest.approx(0.5e-3 / 0.033, rel=1e-12) and e[-1] == pytest.approx(1234.5, rel=1e-12)
+    assert np.allclose(np.diff(np.log10(e)), np.log10(1234.5 / (0.5e-3 / 0.033)) / 49)
+    # a float64 value just above an edge that float32 would round below it stays in its bin
+    thr = 1.0
+    v = np.array([0.0, 1.0 + 1e-12, 3.0, 7.0])
+    h = voxel_spectrum(v, v, thr)
+    assert h.ref.sum() == 3 and h.edges.dtype == np.float64 and len(h.edges) == 50
+    with pytest.raises(ValueError, match="positive threshold"):
+        voxel_spectrum_edges(-1.0, 10.0)
+
+
+def test_dataset1_ranges_and_per_energy_histograms():
+    from calopc.eval.histograms import DS1_ENERGY_EDGES
+    from calopc.synth import generate
+
+    for name in ("1-photons", "1-pions"):
+        g = Geometry.calochallenge(name)
+        inc, sh = generate(g, 300, seed=2)
+        f = compute_features(apply_threshold(sh, g.threshold), inc, g)
+        hs = {h.name: h for h in feature_histograms(f, f, g, threshold=g.threshold)}
+        for lid in g.layer_ids:
+            assert hs[f"EC_r_{lid}"].edges[0] == 0 and hs[f"EC_r_{lid}"].edges[-1] == 500
+            assert hs[f"width_r_{lid}"].edges[-1] == 1500 and len(hs[f"width_r_{lid}"].edges) == 101
+        per = [h for n, h in hs.items() if n.startswith("E_ratio_einc_")]
+        assert len(per) == 15
+        energies = sorted(int(h.name.rsplit("_", 1)[1]) for h in per)
+        assert energies == [int(2**n) for n in range(8, 23)]
+        for h in per:
+            e = int(h.name.rsplit("_", 1)[1])
+            fine = name == "1-photons" and e >= 4096
+            assert (h.edges[0], h.edges[-1], len(h.edges)) == ((0.9, 1.1, 21) if fine else (0.4, 1.4, 21))
+            sel = (f.e_inc >= e) & (f.e_inc < 2 * e)
+            assert h.ref.sum() == np.histogram(f.e_ratio[sel], h.edges)[0].sum()
+        assert sum(int(((f.e_inc >= e) & (f.e_inc < 2 * e)).sum()) for e in energies) == len(f)  # one bin each
+        assert sum(h.ref.sum() for h in per) > 0.5 * len(f)
+        assert len(DS1_ENERGY_EDGES) == 16
+    g2 = Geometry.calochallenge("2")
+    f2 = compute_features(np.ones((3, g2.n_voxels)), np.full(3, 1e4), g2)
+    hs2 = {h.name: h for h in feature_histograms(f2, f2, g2, threshold=g2.threshold)}
+    assert not any(n.startswith("E_ratio_einc") for n in hs2)
+    assert hs2["EC_r_0"].edges[-1] == 42 and hs2["width_r_0"].edges[-1] == 20
+
+
+def test_custom_geometry_ranges_are_stated(toy_geometry):
+    from calopc.eval.histograms import histogram_ranges
+
+    assert "not an official dataset" in histogram_ranges(toy_geometry)
+    assert "official ranges of dataset 2" in histogram_ranges(Geometry.calochallenge("2"))
+    f = compute_features(np.ones((2, toy_geometry.n_voxels)), np.full(2, 10.0), toy_geometry)
+    hs = {h.name: h for h in feature_histograms(f, f, toy_geometry, threshold=0.1)}
+    assert hs["EC_r_2"].edges[-1] == 9 and hs["width_r_2"].edges[-1] == 4.5 and hs["EC_x_0"].edges[0] == -3

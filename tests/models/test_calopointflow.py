@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,15 +9,21 @@ import torch
 from calopc.models import available, get_model
 from calopc.models.calopointflow import CaloPointFlow, CaloPointFlowConfig
 from calopc.models.data import ShowerCollate, ShowerDataset, iterate_batches
-from calopc.models.preprocess import layer_sums
+from calopc.models.preprocess import Preprocessor, layer_sums
 
 from .conftest import TINY
 
+#: today's variant II before the published tricks, and CaloPointFlow II as published
+OLD_II = {"variant": "II", "alpha": "model", "set_summary": False, "dequantisation": "uniform"}
+VARIANTS = {"I": {"variant": "I"}, "II-old": OLD_II, "II": {"variant": "II"}}
 
-@pytest.fixture(scope="module", params=["I", "II"])
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def setup(request, toy_parquet):
     ds = ShowerDataset.from_parquet(toy_parquet)
-    prep = ds.fit_preprocessor(variant=request.param)
+    opts = CaloPointFlowConfig.from_dict(VARIANTS[request.param]).preprocessing()
+    prep = Preprocessor.fit(ds.geometry, ds.cell, ds.energy, ds.counts, ds.e_inc, **opts)
+    prep.switches = VARIANTS[request.param]
     return prep, next(iterate_batches(ds, ShowerCollate(prep, seed=0), 12))
 
 
@@ -30,7 +38,7 @@ def tiny_model(setup):
 
     def make(**kw) -> CaloPointFlow:
         torch.manual_seed(0)
-        return CaloPointFlow(CaloPointFlowConfig.from_dict({**TINY, "variant": prep.variant, **kw}).with_data(prep))
+        return CaloPointFlow(CaloPointFlowConfig.from_dict({**TINY, **prep.switches, **kw}).with_data(prep))
 
     return make
 
@@ -38,7 +46,7 @@ def tiny_model(setup):
 def test_registry():
     assert "calopointflow" in available()
     assert get_model("CaloPointFlow") == (CaloPointFlow, CaloPointFlowConfig)
-    with pytest.raises(ValueError, match="available: calopointflow"):
+    with pytest.raises(ValueError, match="available: .*calopointflow"):
         get_model("nope")
     with pytest.raises(ValueError, match="unknown CaloPointFlow config keys"):
         CaloPointFlowConfig.from_dict({"latnet": 3})
@@ -51,7 +59,7 @@ def test_registry():
 
 def test_config_takes_sizes_from_data(setup):
     prep, batch = setup
-    cfg = CaloPointFlowConfig.from_dict({**TINY, "variant": prep.variant}).with_data(prep)
+    cfg = CaloPointFlowConfig.from_dict({**TINY, **prep.switches}).with_data(prep)
     assert cfg.n_layers == prep.geometry.n_layers == 3
     assert (cfg.point_features, cfg.shower_features) == ((4, 2) if prep.variant == "I" else (3, 6))
     assert batch.x.shape[-1] == cfg.point_features and batch.shower.shape[-1] == cfg.shower_features
@@ -101,7 +109,8 @@ def test_sample_shapes(setup, batch, tiny_model):
     model = tiny_model().eval()
     torch.manual_seed(0)
     s = model.sample_shower(batch.cond)
-    f = prep.n_point_features
+    f = model.flow_features
+    assert f == prep.n_point_features - (prep.switches.get("alpha", "free") == "free" and prep.variant == "II")
     assert s.shape == (12, prep.n_shower_features)
     n = torch.tensor([3, 0, 5] + [1] * 9)
     layer = torch.arange(5).remainder(3)[None, :].expand(12, 5)
@@ -117,7 +126,12 @@ def test_generate_in_physical_units(setup, tiny_model):
     model = tiny_model().eval()
     torch.manual_seed(0)
     e_inc = np.array([2e3, 5e4, 9e4])
-    n, zar, e = model.generate(e_inc, prep)
+    g = model.generate(e_inc, prep)
+    free = g.alpha is None
+    assert free == (prep.variant == "II" and prep.switches.get("alpha", "free") == "free")
+    n, e = g.counts.numpy(), g.E.numpy()
+    alpha = np.zeros_like(e) if free else g.alpha.numpy()
+    zar = np.stack([g.layer.numpy(), alpha, g.r.numpy()], 1)
     assert n.shape == (3,) and (n >= 1).all() and zar.shape == (n.sum(), 3) and e.shape == (n.sum(),)
     assert np.isfinite(zar).all() and (e > 0).all()
     cell = geo.locate(zar[:, 2], zar[:, 1], zar[:, 0])
@@ -141,3 +155,132 @@ def test_ddp_forward_is_the_loss(batch, tiny_model):
     torch.manual_seed(5)
     b = model.loss(batch)
     assert torch.equal(a, b)
+
+
+def _toy_flow():
+    from calopc.models.calopointflow import DeepSetFlow, PointSets
+
+    torch.manual_seed(0)
+    flow = DeepSetFlow(3, 2, transforms=3, hidden=(16,), bins=4, set_hidden=8, set_features=4).double()
+    with torch.no_grad():  # away from the identity, so that the test means something
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    shower = torch.tensor([0, 0, 0, 1, 1])
+    layer = torch.tensor([0, 1, 1, 0, 1])
+    sets = PointSets.build(shower, 2, shower * 2 + layer, 2, dtype=torch.float64)
+    ctx = torch.randn(5, 2, dtype=torch.float64)
+    return flow, sets, ctx
+
+
+def test_deepsetflow_log_det_is_that_of_the_whole_set():
+    """Σ log_prob over all points = log N(T(X)) + log |det ∂T(X)/∂X| with the full (P·F)² Jacobian."""
+    flow, sets, ctx = _toy_flow()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def t(flat: torch.Tensor) -> torch.Tensor:
+        y = flat.reshape(5, 3)
+        for c in flow.couplings:
+            y, _ = c(y, ctx, sets)
+        return y.reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(t, x.reshape(-1))
+    z = t(x.reshape(-1))
+    expect = -0.5 * (z.square().sum() + 15 * math.log(2 * math.pi)) + torch.linalg.slogdet(jac)[1]
+    assert torch.allclose(flow.log_prob(x, ctx, sets).sum(), expect, atol=1e-9)
+    # the points of a shower depend on each other, not on the other shower
+    assert jac.reshape(5, 3, 5, 3)[0, :, 1, :].abs().sum() > 0
+    assert jac.reshape(5, 3, 5, 3)[:3, :, 3:, :].abs().sum() == 0
+
+
+def test_deepsetflow_inverse_is_exact():
+    flow, sets, ctx = _toy_flow()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = x
+    for c in flow.couplings:
+        y, _ = c(y, ctx, sets)
+    for c in reversed(flow.couplings):
+        y = c.inverse(y, ctx, sets)
+    assert torch.allclose(y, x, atol=1e-9)
+    torch.manual_seed(3)
+    s = flow.sample(ctx, sets)
+    assert s.shape == (5, 3) and torch.isfinite(s).all()
+    torch.manual_seed(3)
+    assert torch.equal(flow.sample(ctx, sets), s)
+
+
+def test_switches_and_old_configs():
+    faithful = CaloPointFlowConfig.from_dict({})
+    assert (faithful.alpha, faithful.set_summary, faithful.dequantisation, faithful.overflow) == ("free", True, "cdf",
+                                                                                                 "move")
+    assert faithful.preprocessing() == {"variant": "II", "dequantisation": "cdf"}
+    # a config saved before the switches existed (it has the data sizes) means today's model
+    old = CaloPointFlowConfig.from_dict({"variant": "II", "n_layers": 3, "point_features": 3, "shower_features": 6})
+    assert (old.alpha, old.set_summary, old.dequantisation, old.overflow) == ("model", False, "uniform", "merge")
+    assert old.preprocessing() == {"variant": "II"}
+    assert CaloPointFlowConfig.from_dict({"set_summary": "false"}).set_summary is False
+    assert CaloPointFlowConfig.from_dict({"variant": "I"}).alpha == "model"
+    for bad, match in (({"alpha": "x"}, "'alpha' must be"), ({"set_summary": "maybe"}, "true or false"),
+                       ({"dequantisation": "x"}, "'dequantisation' must be"), ({"overflow": "x"}, "'overflow' must be"),
+                       ({"variant": "I", "alpha": "free"}, "switches are for variant II")):
+        with pytest.raises(ValueError, match=match):
+            CaloPointFlowConfig.from_dict(bad)
+
+
+def test_state_dict_of_runs_before_the_shared_shower_model_loads(setup, tiny_model):
+    """Older run directories hold the shower flow's keys without the ``flow.`` level."""
+    model = tiny_model()
+    sd = {k.replace("shower_flow.flow.", "shower_flow."): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("shower_flow.transform") for k in sd)
+    fresh = tiny_model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_fit_rings_leaves_no_overfull_ring(toy_geometry):
+    from calopc.models.calopointflow import fit_rings
+    from calopc.models.cells import GeneratedShowers, locate, place
+
+    geo = toy_geometry  # layers: 4α×2r, 1α×3r, 4α×2r
+    torch.manual_seed(0)
+    # 3 showers × 3 layers; every layer as full as it can be, radii crowded into the innermost ring
+    n_layer = torch.tensor([[8, 3, 8], [5, 1, 2], [8, 2, 0]])
+    group = torch.repeat_interleave(torch.arange(9), n_layer.reshape(-1))
+    layer = group % 3
+    r = torch.rand(group.shape[0], dtype=torch.float64) * 0.9
+    new_r, moved = fit_rings(geo, group, 9, layer, r)
+    _, rb, _ = locate(geo, layer, new_r)
+    assert (rb >= 0).all() and moved.item() > 0
+    per_ring = torch.bincount(group * 3 + rb, minlength=27).reshape(9, 3)
+    n_alpha = torch.tensor(geo.n_alpha)[torch.arange(9) % 3]
+    assert (per_ring <= n_alpha[:, None]).all()
+    for g in range(9):  # the order in r within a layer is kept
+        sel = group == g
+        assert (torch.diff(rb[sel][torch.argsort(r[sel])]) >= 0).all()
+    # placed without a single collision
+    pl = place(GeneratedShowers(n_layer.sum(1), layer, new_r, None, torch.ones(group.shape[0])), geo,
+               generator=torch.Generator().manual_seed(0))
+    assert pl.stats["n_collisions"] == 0 and pl.cell.shape[0] == group.shape[0]
+    # nothing to move: radii untouched
+    few = torch.tensor([0, 1, 2])
+    r_few = torch.tensor([0.5, 0.5, 4.0], dtype=torch.float64)
+    same, moved = fit_rings(geo, few, 3, few % 3, r_few)
+    assert torch.equal(same, r_few) and moved.item() == 0
+
+
+def test_published_ii_generates_at_most_one_point_per_cell(toy_run, tmp_path):
+    """α free + rings filled to capacity: the voxels of every shower hold exactly its points, no collision."""
+    from calopc.models import load
+    from calopc.models.generate import generate
+
+    loaded = load(toy_run)
+    cfg = loaded.model.config
+    assert (cfg.alpha, cfg.set_summary, cfg.overflow, loaded.preprocessor.dequantisation) == ("free", True, "move", "cdf")
+    e = np.exp(np.random.default_rng(0).uniform(np.log(1e3), np.log(1e5), 24))
+    res = generate(toy_run, e, output=tmp_path / "g.hdf5", seed=0, batch_size=8, device="cpu")
+    c = res.collisions
+    assert c["n_points"] == res.n_points > 0
+    assert c["n_collisions"] == c["n_merged"] == c["n_outside"] == 0

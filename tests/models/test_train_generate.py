@@ -210,3 +210,30 @@ def test_cli_config_file(toy_parquet, tmp_path, capsys):
     p.write_text("model:\n  nope: 1\n")
     assert main(["train", "calopointflow", "--data", "x", "--out", "y", "--config", str(p), "--dry-run"]) != 0
     assert "unknown CaloPointFlow config keys ['nope']" in capsys.readouterr().err
+
+
+def test_generate_parquet_points_are_placed_and_agree_with_hdf5(toy_run, tmp_path):
+    """Parquet output: one point per cell with its cell index and the cell-centre coordinates; the
+    same seed gives the same showers as the HDF5 output (threshold 0)."""
+    from calopc.converters import points_to_voxels
+
+    e = parse_energies("log-uniform:1e3:1e5", 12, seed=2)
+    r_pq = generate(toy_run, e, output=tmp_path / "p.parquet", seed=3, batch_size=5, device="cpu")
+    r_h5 = generate(toy_run, e, output=tmp_path / "p.hdf5", seed=3, batch_size=5, device="cpu", threshold=0.0)
+    ev, geo = read_points(tmp_path / "p.parquet")
+    cells = ev.points.cell
+    assert all(len(set(c)) == len(c) for c in ak.to_list(cells))
+    flat = ak.to_numpy(ak.flatten(cells))
+    np.testing.assert_allclose(ak.to_numpy(ak.flatten(ev.points.r)), geo.cell_r[flat], rtol=1e-6)
+    with open_showers(tmp_path / "p.hdf5", geometry=geo) as f:
+        _, sh = f.read()
+    np.testing.assert_allclose(points_to_voxels(ev, geo), sh, rtol=1e-6)
+    assert r_pq.collisions["n_points"] == r_h5.collisions["n_points"] == r_pq.n_points
+    assert set(r_pq.collisions) >= {"n_collisions", "n_merged", "n_moved", "collision_rate", "n_outside"}
+
+
+def test_parse_energies_rejects_bad_files_and_counts(toy_parquet, tmp_path):
+    with pytest.raises(ValueError, match=r"-n 1000: --energies .* holds only 48"):
+        parse_energies(str(toy_parquet), 1000)
+    with pytest.raises(ValueError, match=r"-n 0: expected a number of showers >= 1"):
+        parse_energies("1e3", 0)

@@ -1,0 +1,327 @@
+r"""The CNN classifier metric: the official CaloChallenge 3-D ResNet (``cls-resnet``), dense and sparse.
+
+``cls-cnn`` is the ResNet of the official evaluation (``resnet.py::generate_model(18)``):
+``conv1`` 7×7×7 with stride 2 and padding 3 (no bias) → batch norm → ReLU → max pool
+3×3×3 / 2 → four stages of two BasicBlocks (widths 32, 64, 64, 128; stride 2 from the
+second stage; 1×1×1 strided convolution + batch norm on the shortcut where the shape
+changes) → global average pool; ``log10 E_inc`` goes through ``BatchNorm1d(1)`` and is
+appended before the final ``Linear(128 + 1, 1)``. Input: the voxels divided by ``E_inc``
+(the ``cls-low`` input) on the ``(45, 16, 9)`` (dataset 2) or ``(45, 50, 18)`` (dataset 3)
+grid. It is trained with the protocol of the DNN classifiers
+(:func:`calopc.eval.classifier.train_classifier`: per-class split, Adam 2e-4, BCE,
+best test accuracy, isotonic calibration, AUC and JSD on the validation split).
+
+``cls-sparse`` is the same network built from :mod:`calopc.sparse.nn` on the occupied
+cells only: strided convolutions and pooling keep ``unique(cell // 2)`` as outputs,
+the 3×3×3 convolutions of the blocks are submanifold, batch norm runs over the occupied
+cells, and the global average is the sum over occupied cells divided by the cells of the
+last grid (the dense average with empty cells counted as 0; ``sparse_pool="occupied"``
+averages over the occupied cells instead). It is not numerically the dense network (a
+dense convolution also writes into empty cells, and its batch norm counts them), but it
+is the same architecture with the same parameters.
+
+Options for small runs: ``widths``, ``blocks``, ``epochs``, ``batch_size``. By default
+α is zero-padded as in the official network; ``periodic_alpha=True`` pads it
+circularly (both variants).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CNNConfig", "DenseResNet", "SparseResNet", "cnn_metric"]
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..geometry import Geometry
+from .classifier import ClassifierConfig, ClassifierResult, official_split, train_classifier
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    widths: tuple[int, int, int, int] = (32, 64, 64, 128)  # channels of the four stages (official)
+    blocks: tuple[int, int, int, int] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
+    conv1_kernel: int = 7  # first convolution: kernel, stride 2, padding kernel // 2
+    max_pool: bool = True  # max pool 3×3×3 / 2 after conv1 (official)
+    periodic_alpha: bool = False  # pad α circularly instead of with zeros (official: zeros)
+    lr: float = 2e-4  # Adam learning rate (official)
+    batch_size: int = 1000  # showers per step (official --cls_batch_size)
+    epochs: int = 50  # official
+    dtype: str = "float64"  # official (the evaluation sets float64 as default dtype)
+    backend: str | None = None  # sparse backend of cls-sparse (None: $CALOPC_SPARSE_BACKEND)
+    sparse_pool: str = "grid"  # cls-sparse global pool: "grid" (sum / cells of the last grid, the dense average
+                               # over zero-filled cells) or "occupied" (mean over the occupied cells)
+    bn_momentum: float | None = 0.1  # batch-norm running-stat momentum (official 0.1; None: cumulative average,
+                                     # for short runs: the tiny input scale, voxels / E_inc, needs ~10^2 steps at 0.1)
+
+    def classifier(self, dataset: str, n: int) -> ClassifierConfig:
+        return ClassifierConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, dtype=self.dtype,
+                                counts=official_split(dataset, n))
+
+
+def _torch():
+    from .._extras import torch
+
+    return torch()
+
+
+def _build_dense(shape: tuple[int, int, int], cfg: CNNConfig):
+    torch = _torch()
+    nn = torch.nn
+    F = nn.functional
+
+    class Conv(nn.Module):
+        """``nn.Conv3d`` without bias, α padded circularly when ``periodic_alpha``."""
+
+        def __init__(self, cin: int, cout: int, k: int, s: int) -> None:
+            super().__init__()
+            self.p = k // 2
+            self.wrap = cfg.periodic_alpha
+            self.conv = nn.Conv3d(cin, cout, k, s, padding=(self.p, 0, self.p) if self.wrap else self.p, bias=False)
+
+        def forward(self, x):
+            if self.wrap and self.p:
+                a = x.shape[3]
+                x = x.index_select(3, torch.arange(-self.p, a + self.p, device=x.device) % a)
+            return self.conv(x)
+
+    class MaxPool(nn.Module):
+        def forward(self, x):
+            if cfg.periodic_alpha:
+                a = x.shape[3]
+                x = x.index_select(3, torch.arange(-1, a + 1, device=x.device) % a)
+                return F.max_pool3d(x, 3, 2, padding=(1, 0, 1))
+            return F.max_pool3d(x, 3, 2, padding=1)
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, s: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = Conv(cin, cout, 3, s), nn.BatchNorm3d(cout)
+            self.c2, self.b2 = Conv(cout, cout, 3, 1), nn.BatchNorm3d(cout)
+            self.down = (nn.Sequential(Conv(cin, cout, 1, s), nn.BatchNorm3d(cout))
+                         if s != 1 or cin != cout else None)
+
+        def forward(self, x):
+            out = torch.relu(self.b1(self.c1(x)))
+            out = self.b2(self.c2(out))
+            return torch.relu(out + (x if self.down is None else self.down(x)))
+
+    class DenseResNetImpl(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = cfg.widths
+            self.shape = shape
+            self.conv1, self.bn1 = Conv(1, w[0], cfg.conv1_kernel, 2), nn.BatchNorm3d(w[0])
+            self.pool = MaxPool() if cfg.max_pool else nn.Identity()
+            layers, cin = [], w[0]
+            for i, (cout, n) in enumerate(zip(w, cfg.blocks)):
+                for j in range(n):
+                    layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                    cin = cout
+            self.layers = nn.Sequential(*layers)
+            self.e_norm = nn.BatchNorm1d(1)
+            self.fc = nn.Linear(cin + 1, 1)
+            _init(self, nn, cfg.bn_momentum)
+
+        def forward(self, x, log_e):
+            """x: ``(B, 1, L, A, R)`` voxels / E_inc; log_e: ``(B, 1)`` log10 E_inc → ``(B, 1)`` logits."""
+            x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+            x = self.layers(x).mean((2, 3, 4))
+            return self.fc(torch.cat([x, self.e_norm(log_e)], 1))
+
+    return DenseResNetImpl()
+
+
+def _build_sparse(cfg: CNNConfig):
+    torch = _torch()
+    from ..sparse import nn as snn
+
+    nn = torch.nn
+    kw = {"wrap_alpha": cfg.periodic_alpha, "backend": cfg.backend}
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, s: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = snn.SparseConv3d(cin, cout, 3, s, **kw), snn.SparseBatchNorm(cout)
+            self.c2, self.b2 = snn.SubMConv3d(cout, cout, 3, **kw), snn.SparseBatchNorm(cout)
+            self.down = (nn.ModuleList([snn.SparseConv3d(cin, cout, 1, s, **kw), snn.SparseBatchNorm(cout)])
+                         if s != 1 or cin != cout else None)
+
+        def forward(self, x):
+            out = self.b1(self.c1(x))
+            out = self.b2(self.c2(out.replace(torch.relu(out.feats))))
+            res = x if self.down is None else self.down[1](self.down[0](x))
+            if res.cid != out.cid:  # both branches use the stride rule: same cells
+                msg = "residual branches have different coordinates"
+                raise RuntimeError(msg)
+            return out.replace(torch.relu(out.feats + res.feats))
+
+    class SparseResNetImpl(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = cfg.widths
+            self.conv1 = snn.SparseConv3d(1, w[0], cfg.conv1_kernel, 2, **kw)
+            self.bn1 = snn.SparseBatchNorm(w[0])
+            self.pool = snn.SparseMaxPool3d(3, 2, 1, **kw) if cfg.max_pool else None
+            layers, cin = [], w[0]
+            for i, (cout, n) in enumerate(zip(w, cfg.blocks)):
+                for j in range(n):
+                    layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                    cin = cout
+            self.layers = nn.Sequential(*layers)
+            if cfg.sparse_pool not in ("grid", "occupied"):
+                msg = f"sparse_pool must be 'grid' or 'occupied', got {cfg.sparse_pool!r}"
+                raise ValueError(msg)
+            self.gpool = snn.SparseGlobalPool("sum" if cfg.sparse_pool == "grid" else "mean")
+            self.e_norm = nn.BatchNorm1d(1)
+            self.fc = nn.Linear(cin + 1, 1)
+            _init(self, nn, cfg.bn_momentum)
+
+        def forward(self, x, log_e):
+            """x: :class:`~calopc.sparse.SparseShowers`, feature E / E_inc; log_e: ``(B, 1)`` → ``(B, 1)`` logits."""
+            x = self.bn1(self.conv1(x))
+            x = x.replace(torch.relu(x.feats))
+            if self.pool is not None:
+                x = self.pool(x)
+            x = self.layers(x)
+            g = self.gpool(x)
+            if cfg.sparse_pool == "grid":
+                g = g / float(x.shape[0] * x.shape[1] * x.shape[2])
+            return self.fc(torch.cat([g, self.e_norm(log_e)], 1))
+
+    return SparseResNetImpl()
+
+
+def _init(net, nn, momentum: float | None) -> None:
+    """Kaiming-normal (fan-out) convolutions, unit batch norms (as the official network)."""
+    from ..sparse.nn import SparseConv3d
+
+    for m in net.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, SparseConv3d):
+            k, _, co = m.weight.shape
+            std = (2.0 / (k * co)) ** 0.5
+            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.BatchNorm3d | nn.BatchNorm1d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+            m.momentum = momentum
+
+
+def DenseResNet(geometry: Geometry, config: CNNConfig | None = None):
+    """The dense ``cls-resnet`` network for a regular geometry."""
+    from ..sparse import require_regular
+
+    return _build_dense(require_regular(geometry, "the CNN classifier"), config or CNNConfig())
+
+
+def SparseResNet(geometry: Geometry, config: CNNConfig | None = None):
+    """The same network from sparse layers (occupied cells only)."""
+    from ..sparse import require_regular
+
+    require_regular(geometry, "the sparse CNN classifier")
+    return _build_sparse(config or CNNConfig())
+
+
+class _Pool:
+    """Generated then reference showers as CSR rows (cells, E / E_inc), and log10 E_inc."""
+
+    def __init__(self, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray, ref_inc: np.ndarray,
+                 geometry: Geometry, dense: bool) -> None:
+        self.geometry = geometry
+        inc = np.concatenate([np.asarray(gen_inc, np.float64).reshape(-1), np.asarray(ref_inc, np.float64).reshape(-1)])
+        if not np.all(np.isfinite(inc) & (inc > 0)):
+            msg = "the CNN classifier needs finite positive incident energies for every shower"
+            raise ValueError(msg)
+        self.log_e = np.log10(inc)
+        self.inc = inc
+        self.dense = dense
+        if dense:
+            self.parts = (np.asarray(gen), np.asarray(ref))
+            self.n_gen = len(gen)
+            return
+        cells, vals, counts = [], [], []
+        for block in (gen, ref):
+            for i in range(0, len(block), 1000):
+                b = np.asarray(block[i:i + 1000])
+                nz = np.flatnonzero(b.reshape(-1))
+                row, cell = np.divmod(nz, b.shape[1])
+                cells.append(cell.astype(np.int32))
+                vals.append(b.reshape(-1)[nz].astype(np.float32))
+                counts.append(np.bincount(row, minlength=len(b)))
+        self.cells = np.concatenate(cells)
+        self.vals = np.concatenate(vals)
+        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+
+    def __call__(self, idx: np.ndarray, device, dtype):
+        torch = _torch()
+        log_e = torch.as_tensor(self.log_e[idx], dtype=dtype, device=device)[:, None]
+        inc = torch.as_tensor(self.inc[idx], dtype=dtype, device=device)
+        if self.dense:
+            g = idx < self.n_gen
+            x = np.empty((len(idx), self.parts[0].shape[1]), dtype=np.float32)
+            x[g] = self.parts[0][idx[g]]
+            x[~g] = self.parts[1][idx[~g] - self.n_gen]
+            t = torch.as_tensor(x, device=device).to(dtype) / inc[:, None]
+            return t.reshape(len(idx), 1, *self.geometry.shape), log_e
+        from ..sparse import SparseShowers
+
+        a, b = self.offsets[idx], self.offsets[idx + 1]
+        counts = b - a
+        sel = np.repeat(a - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        feats = torch.as_tensor(self.vals[sel], device=device).to(dtype) / torch.repeat_interleave(
+            inc, torch.as_tensor(counts, device=device))
+        x = SparseShowers.from_cells(torch.as_tensor(self.cells[sel], device=device),
+                                     torch.as_tensor(counts, device=device), feats, self.geometry)
+        return x, log_e
+
+
+def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray, ref_inc: np.ndarray,
+               geometry: Geometry, *, config: CNNConfig | None = None, seeds: int = 1, seed: int = 0,
+               device: str = "auto", progress: bool = False) -> ClassifierResult:
+    """Train the dense (``kind="cnn"``) or sparse (``kind="sparse"``) ResNet classifier ``seeds`` times.
+
+    Args:
+        gen, ref: ``(N, n_voxels)`` thresholded voxels (MeV), equal N.
+        gen_inc, ref_inc: ``(N,)`` incident energies (MeV).
+        geometry: a regular geometry (datasets 2 and 3).
+
+    Returns:
+        A :class:`~calopc.eval.classifier.ClassifierResult` (``kind`` ``"cnn"`` or ``"sparse"``).
+    """
+    cfg = config or CNNConfig()
+    if kind not in ("cnn", "sparse"):
+        msg = f"CNN classifier kind must be 'cnn' or 'sparse', got {kind!r}"
+        raise ValueError(msg)
+    from ..sparse import require_regular
+
+    require_regular(geometry, f"the cls-{kind} classifier")
+    if len(gen) != len(ref):
+        msg = (f"the CNN classifier needs as many generated as reference showers (official set-up), "
+               f"got {len(gen)} and {len(ref)}; pass max_showers or use equal samples")
+        raise ValueError(msg)
+    if len(gen) < 10:
+        msg = f"the CNN classifier needs at least 10 showers per sample, got {len(gen)}"
+        raise ValueError(msg)
+    for name, a in (("generated", gen), ("reference", ref)):
+        if np.asarray(a).ndim != 2 or np.asarray(a).shape[1] != geometry.n_voxels:
+            msg = (f"{name} showers must have shape (N, {geometry.n_voxels}) for geometry {geometry.name!r}, "
+                   f"got {np.asarray(a).shape}")
+            raise ValueError(msg)
+    pool = _Pool(gen, gen_inc, ref, ref_inc, geometry, dense=kind == "cnn")
+    ccfg = cfg.classifier(geometry.name, len(gen))
+    aucs, jsds = [], []
+    for s in range(seeds):
+        _torch().manual_seed(seed + s)
+        net = DenseResNet(geometry, cfg) if kind == "cnn" else SparseResNet(geometry, cfg)
+        a, j = train_classifier(net, pool, len(gen), len(ref), ccfg, seed=seed + s, device=device, progress=progress,
+                                desc=f"cls-{kind}")
+        aucs.append(a)
+        jsds.append(j)
+    def err(v: list[float]) -> float:
+        return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+
+    n_train = (ccfg.counts[0] if ccfg.counts else int(len(gen) * ccfg.split[0])) * 2
+    return ClassifierResult(kind, float(np.mean(aucs)), err(aucs), float(np.mean(jsds)), err(jsds), aucs, jsds,
+                            n_train=n_train, epochs=cfg.epochs)

@@ -1,0 +1,308 @@
+r"""CaloClouds: showers as point clouds from EDM diffusion, with a one-step consistency-distilled student.
+
+Two parts, trained together (their losses add; they share no parameters):
+
+1. the shared **shower model** (:class:`~calopc.models.shower.ShowerModel`): points and energy
+   of every layer given ``log E_inc``;
+2. a **point model**: EDM diffusion (Karras et al.) on the per-point features of variant-II
+   preprocessing, ``(α, r, log E/E_l)``, of every point given its context
+   ``[log E_inc, layer position, n_l and E_l of its layer, a learnt layer embedding]``.
+   Preconditioning with ``σ_data = 0.5``; training noise ``ln σ ~ N(−1.2, 1.2²)``, one ``σ``
+   per shower; the L2 loss with the EDM weight, averaged per shower. The denoiser is
+   CaloClouds II's per-point ConcatSquash network (``denoiser="pointwise"``) or a transformer
+   in which points attend to the points of the nearby layers of their shower
+   (``denoiser="transformer"``, ``|Δlayer| ≤ band``).
+
+Generation: the shower model gives the points and energy of each layer; that many points
+are sampled in each layer (Heun, 13 steps = 25 network evaluations by default, or the
+distilled student in one); the energies of each layer are rescaled to the layer energy.
+The result is a :class:`~calopc.models.cells.GeneratedShowers` with a continuous α
+(placement ``"nearest-free"``) or, with ``alpha="free"``, without α (placement
+``"alpha-free"``: α without replacement per ``(layer, r)`` ring); the placement puts at most
+one point in a cell and reports the collision share.
+
+``calopc distill RUN -o RUN_CM`` (:mod:`.distill`) turns a trained run into a consistency
+model (``consistency=True``) that samples in ``steps = 1`` (or 2) evaluations.
+
+Points are handled flat (all real points of a batch, with their shower and layer), never
+padded; the context of a point depends only on its ``(shower, layer)`` group and its noise
+level on its shower, so the gates and biases of the denoiser are computed once per group.
+The transformer's attention is a block mask over ``(shower, layer)`` groups
+(:func:`~calopc.models.diffusion.band_attention`): groups are sorted by size and processed
+in chunks with a bounded number of attention scores, so memory stays bounded on dataset 3
+(~5k points per shower, ≤ 900 per layer) and cost is linear in the number of layers, with no
+``P × P`` mask. ``points_per_shower_loss`` trains on a random subset of the points of every
+shower (exact for the pointwise denoiser; for the transformer the attention then sees a
+thinned shower).
+
+References:
+    | CaloClouds (Buhmann et al., 2023) | https://arxiv.org/abs/2305.04847
+    | CaloClouds II (Buss et al., 2023) | https://arxiv.org/abs/2309.05704
+    | EDM (Karras et al., 2022) | https://arxiv.org/abs/2206.00364
+    | Consistency models (Song et al., 2023) | https://arxiv.org/abs/2303.01469
+"""
+
+from __future__ import annotations
+
+__all__ = ["CaloClouds", "CaloCloudsConfig"]
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .cells import GeneratedShowers
+from .data import Batch
+from .diffusion import (BandTransformer, ConsistencyPrecond, EDMPrecond, PointwiseNet, consistency_sample, edm_loss,
+                        sample, segment_mean)
+from .preprocess import Preprocessor
+from .shower import ShowerModel, ShowerModelConfig
+
+DENOISERS = ("pointwise", "transformer")
+ALPHA = ("model", "free")
+
+
+@dataclass(frozen=True)
+class CaloCloudsConfig:
+    """Hyper-parameters of :class:`CaloClouds` (defaults: CaloClouds II's point network)."""
+
+    n_layers: int = 0                                      # set from the data
+    point_features: int = 3                                # set from the data: (alpha, r, E share)
+    shower_features: int = 0                               # set from the data: 2 per layer
+    cond_features: int = 1                                 # log E_inc
+    denoiser: str = "pointwise"                            # "pointwise" (CaloClouds II) or "transformer"
+    widths: tuple[int, ...] = (128, 256, 512, 256, 128)   # pointwise: ConcatSquash widths
+    fourier: int = 64                                      # Fourier features of c_noise = ln(sigma)/4
+    layer_embedding: int = 8                               # learnt layer embedding in the point context
+    dim: int = 64                                          # transformer: width
+    heads: int = 4                                         # transformer: attention heads
+    blocks: int = 2                                        # transformer: blocks
+    mlp: int = 128                                         # transformer: hidden width of the MLPs
+    band: int = 2                                          # transformer: layers each side a point attends to
+    sigma_data: float = 0.5                                # EDM data scale
+    p_mean: float = -1.2                                   # training ln(sigma) mean
+    p_std: float = 1.2                                     # training ln(sigma) standard deviation
+    sigma_min: float = 0.002                               # sampling schedule
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    steps: int = 13                                        # Heun steps (2 steps - 1 evaluations); student: evaluations
+    consistency: bool = False                              # a consistency-distilled student (calopc distill)
+    alpha: str = "model"                                   # "model": generate alpha; "free": drawn at placement
+    max_points: int = 500_000                              # points per sampler call at generation (memory)
+    points_per_shower_loss: int = 0                        # random points per shower in the loss (0: all)
+    shower_transforms: int = 4                             # shower model: autoregressive spline transforms
+    shower_hidden: tuple[int, ...] = (128, 128)            # shower model: hidden layers
+    shower_bins: int = 8                                   # shower model: spline bins
+
+    def __post_init__(self) -> None:
+        if self.denoiser not in DENOISERS:
+            msg = f"CaloClouds denoiser must be one of {', '.join(DENOISERS)}, got {self.denoiser!r}"
+            raise ValueError(msg)
+        if self.alpha not in ALPHA:
+            msg = f"CaloClouds alpha must be 'model' (generate it) or 'free' (drawn at placement), got {self.alpha!r}"
+            raise ValueError(msg)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            msg = f"CaloClouds steps must be an integer >= 1, got {self.steps!r}"
+            raise ValueError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaloCloudsConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            msg = f"unknown CaloClouds config keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}"
+            raise ValueError(msg)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def preprocessing(self) -> dict:
+        """Options of :meth:`Preprocessor.fit` this model needs."""
+        return {"variant": "II"}
+
+    def with_data(self, prep: Preprocessor) -> CaloCloudsConfig:
+        """The config with the sizes that depend on the data (feature counts, layers)."""
+        if prep.variant != "II":
+            msg = f"CaloClouds needs variant-II preprocessing, got variant {prep.variant!r}"
+            raise ValueError(msg)
+        return replace(self, n_layers=prep.geometry.n_layers, point_features=prep.n_point_features,
+                       shower_features=prep.n_shower_features)
+
+
+class CaloClouds(nn.Module):
+    r"""Shower model + EDM point diffusion (or its consistency-distilled student).
+
+    Args:
+        config: hyper-parameters (after :meth:`CaloCloudsConfig.with_data`).
+
+    Shapes:
+        batch: a variant-II :class:`~calopc.models.data.Batch`, ``x (B, N_max, 3)``,
+        ``shower (B, 2L)``, ``cond (B, 1)``; internally points are flat ``(P, 3)`` with their
+        shower ``(P,)`` and layer ``(P,)``.
+    """
+
+    def __init__(self, config: CaloCloudsConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        if cfg.n_layers < 1 or cfg.shower_features != 2 * cfg.n_layers:
+            msg = (f"CaloClouds needs n_layers and shower_features = 2 n_layers (config.with_data(prep)); "
+                   f"got n_layers={cfg.n_layers}, shower_features={cfg.shower_features}")
+            raise ValueError(msg)
+        self.shower = ShowerModel(cfg.n_layers, cfg.cond_features,
+                                  ShowerModelConfig(cfg.shower_transforms, cfg.shower_hidden, cfg.shower_bins))
+        self.layer_emb = nn.Embedding(cfg.n_layers, cfg.layer_embedding)
+        ctx = cfg.cond_features + 3 + cfg.layer_embedding
+        if cfg.denoiser == "pointwise":
+            net: nn.Module = PointwiseNet(cfg.point_features, ctx, cfg.widths, cfg.fourier)
+        else:
+            net = BandTransformer(cfg.point_features, ctx, cfg.n_layers, dim=cfg.dim, heads=cfg.heads,
+                                  blocks=cfg.blocks, mlp=cfg.mlp, band=cfg.band, fourier=cfg.fourier)
+        self.denoiser = (ConsistencyPrecond(net, cfg.sigma_data, cfg.sigma_min) if cfg.consistency
+                         else EDMPrecond(net, cfg.sigma_data))
+
+    # -------------------------------------------------------------------------------------------- context
+    def context(self, cond: Tensor, shower: Tensor) -> Tensor:
+        """Context of every ``(shower, layer)`` group, row ``b L + l``: ``[cond, layer position, n_l, E_l,
+        layer embedding]``. A point of shower ``b`` in layer ``l`` reads row ``b L + l`` (``ctx_index``).
+
+        Shapes:
+            cond: ``(B, C)``; shower: ``(B, 2L)``; returns ``(B L, C + 3 + emb)``.
+        """
+        b, n_l = cond.shape[0], self.config.n_layers
+        lay = torch.arange(n_l, device=cond.device)
+        pos = (2 * lay.to(cond.dtype) / max(n_l - 1, 1) - 1)[None, :, None].expand(b, n_l, 1)
+        emb = self.layer_emb(lay).to(cond.dtype)[None].expand(b, n_l, -1)
+        ctx = torch.cat([cond[:, None, :].expand(b, n_l, -1), pos, shower[:, :n_l, None], shower[:, n_l:, None], emb],
+                        dim=-1)
+        return ctx.reshape(b * n_l, -1)
+
+    def net_inputs(self, cond: Tensor, shower: Tensor, shower_of: Tensor, layer: Tensor) -> dict[str, Tensor]:
+        """The keyword inputs of the denoiser for points of the given showers and layers."""
+        return {"ctx": self.context(cond, shower), "ctx_index": shower_of * self.config.n_layers + layer,
+                "shower": shower_of, "layer": layer}
+
+    @staticmethod
+    def flatten(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The real points of a padded batch: ``(x (P, F), shower_of (P,), layer (P,))``."""
+        mask = batch.mask
+        b, n = mask.shape
+        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
+        return batch.x[mask], shower_of, batch.layer[mask]
+
+    @staticmethod
+    def subsample(shower_of: Tensor, n_showers: int, k: int) -> Tensor:
+        """Indices of ``k`` random points of every shower (all of a shower with fewer), in order.
+
+        Shapes:
+            shower_of: ``(P,)`` sorted; returns ``(P',)`` int64.
+        """
+        p = shower_of.shape[0]
+        order = torch.argsort(shower_of.to(torch.float64) + torch.rand(p, device=shower_of.device, dtype=torch.float64))
+        counts = torch.bincount(shower_of, minlength=n_showers)
+        start = torch.cumsum(counts, 0) - counts
+        return torch.sort(order[torch.arange(p, device=shower_of.device) - start[shower_of[order]] < k]).values
+
+    # -------------------------------------------------------------------------------------------- training
+    def forward(self, batch: Batch) -> Tensor:
+        """Same as :meth:`loss` (so that DistributedDataParallel sees a forward call)."""
+        return self.loss(batch)
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        """The loss and its parts: ``shower`` (NLL per shower feature) and ``points`` (EDM loss,
+        mean over the points of a shower, then over showers)."""
+        cfg = self.config
+        cond, s = batch.cond, batch.shower
+        shower_nll = self.shower.loss(cond, s)
+        x, shower_of, layer = self.flatten(batch)
+        b = cond.shape[0]
+        if cfg.points_per_shower_loss and x.shape[0] > cfg.points_per_shower_loss:
+            keep = self.subsample(shower_of, b, cfg.points_per_shower_loss)
+            x, shower_of, layer = x[keep], shower_of[keep], layer[keep]
+        sigma = (cfg.p_mean + cfg.p_std * torch.randn(b, device=x.device, dtype=x.dtype)).exp()  # one per shower
+        per_point = edm_loss(self.denoiser, x, sigma[shower_of], **self.net_inputs(cond, s, shower_of, layer))
+        has = torch.bincount(shower_of, minlength=b) > 0
+        points = segment_mean(per_point, shower_of, b)[has].mean() if x.shape[0] else per_point.sum()
+        return {"loss": shower_nll + points, "shower": shower_nll, "points": points}
+
+    def loss(self, batch: Batch) -> Tensor:
+        """Scalar training loss of a batch (lower is better)."""
+        return self.loss_terms(batch)["loss"]
+
+    # -------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_points(self, cond: Tensor, shower: Tensor, shower_of: Tensor, layer: Tensor, *,
+                      steps: int | None = None, latents: Tensor | None = None) -> Tensor:
+        """Sample the preprocessed features of points whose shower and layer are given.
+
+        Args:
+            cond, shower: standardised conditions and shower features of the ``B`` showers.
+            shower_of, layer: shower and layer of every point to sample.
+            steps: Heun steps (``2 steps − 1`` evaluations) or, for a consistency model,
+                evaluations. Defaults to ``config.steps``.
+            latents: the ``N(0, 1)`` start noise (drawn when None).
+
+        Shapes:
+            cond: ``(B, C)``; shower: ``(B, 2L)``; shower_of, layer: ``(P,)``; returns ``(P, F)``.
+        """
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        if latents is None:
+            latents = torch.randn(shower_of.shape[0], cfg.point_features, device=cond.device, dtype=cond.dtype)
+        kw = self.net_inputs(cond, shower, shower_of, layer)
+        run = consistency_sample if cfg.consistency else sample
+        key = "steps" if cfg.consistency else "num_steps"
+        return run(self.denoiser, latents, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho,
+                   **{key: steps}, **kw)
+
+    def _inverse(self, y: Tensor, layer: Tensor, prep: Preprocessor) -> tuple[Tensor, Tensor, Tensor]:
+        """Variant-II features → ``(alpha, r, w = E/E_l)`` as tensors (the twin of ``inverse_points_layer``)."""
+        y = y.to(torch.float64) * y.new_tensor(prep.point_std, dtype=torch.float64) \
+            + y.new_tensor(prep.point_mean, dtype=torch.float64)
+        lo = y.new_tensor([e[0] for e in prep.geometry.r_edges], dtype=torch.float64)[layer]
+        hi = y.new_tensor([e[-1] for e in prep.geometry.r_edges], dtype=torch.float64)[layer]
+        alpha = torch.sigmoid(y[:, 0]) * 2 * math.pi - math.pi
+        r = lo + torch.sigmoid(y[:, 1]) * (hi - lo)
+        return alpha, r, y[:, 2].clamp(-80, 80).exp()
+
+    @torch.no_grad()
+    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor, *, steps: int | None = None) -> GeneratedShowers:
+        """Showers in physical units for the given incident energies.
+
+        Args:
+            e_inc: incident energies (MeV).
+            prep: the run's preprocessing.
+            steps: sampler steps (see :meth:`sample_points`). Defaults to ``config.steps``.
+
+        Returns:
+            A :class:`GeneratedShowers` on the model's device: per-layer point counts and
+            layer energies from the shower model, ``α`` (None with ``alpha="free"``), ``r``
+            and energies rescaled so that each layer of each shower carries its layer energy.
+
+        Shapes:
+            e_inc: ``(B,)``.
+        """
+        cfg = self.config
+        device = next(self.parameters()).device
+        dtype = next(self.denoiser.parameters()).dtype
+        e = torch.as_tensor(np.asarray(e_inc) if not isinstance(e_inc, Tensor) else e_inc, dtype=torch.float64,
+                            device=device).reshape(-1)
+        s, n_layer, e_layer = self.shower.sample_layers(e, prep)
+        cond = torch.as_tensor(prep.forward_cond(e.cpu().numpy()), device=device, dtype=dtype)
+        s = s.to(dtype)
+        b, n_l = n_layer.shape
+        counts = n_layer.sum(1)
+        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_layer.reshape(-1))   # (P,)
+        shower_of, layer = group // n_l, group % n_l
+        # whole showers per sampler call, at most max_points points (unless one shower has more)
+        ends = torch.cumsum(counts, 0).tolist()
+        y_parts, start = [], 0
+        for i in range(b):
+            if i == b - 1 or ends[i + 1] - start > cfg.max_points:
+                sl = slice(start, ends[i])
+                y_parts.append(self.sample_points(cond, s, shower_of[sl], layer[sl], steps=steps))
+                start = ends[i]
+        y = torch.cat(y_parts) if y_parts else s.new_zeros(0, cfg.point_features)
+        alpha, r, w = self._inverse(y, layer, prep)
+        tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
+        energy = w / tot.clamp(min=1e-300)[group] * e_layer.reshape(-1).to(w.dtype)[group]
+        return GeneratedShowers(counts, layer, r, None if cfg.alpha == "free" else alpha, energy)

@@ -1,0 +1,326 @@
+r"""Consistency distillation of a trained CaloClouds run into a one-step sampler.
+
+``calopc distill RUN -o RUN_CM`` (or :func:`distill`) trains a *student* that maps any noisy
+point straight to the end of the teacher's probability-flow ODE:
+
+* the student and its *target network* start from the teacher's EMA weights; the student
+  uses the boundary-condition parametrisation of consistency models
+  (:class:`~calopc.models.diffusion.ConsistencyPrecond`, ``D(x; σ_min) = x``);
+* each step draws, per shower, a pair of neighbouring noise levels ``σ_n > σ_{n+1}`` of an
+  ``N = 18`` point Karras grid, noises the training points to ``σ_n``, lets the teacher take
+  one Heun step to ``σ_{n+1}`` and pulls the student's output at ``σ_n`` towards the target
+  network's output at ``σ_{n+1}`` (L2);
+* the target network follows the student as an EMA with ``μ = 0.95``.
+
+Only the point model is trained; the shower model is the teacher's. The run directory is
+written to a temporary directory next to ``RUN_CM`` and renamed when complete; it holds the
+student (``model.safetensors``) and the target network (``model_ema.safetensors``, used by
+default), loads with :func:`calopc.models.load` and samples in ``steps = 1`` network
+evaluation (``calopc generate RUN_CM --steps 2`` for two).
+
+Importing this module does not import torch.
+
+References:
+    | Consistency models (Song et al., 2023) | https://arxiv.org/abs/2303.01469
+    | CaloClouds II (Buss et al., 2023) | https://arxiv.org/abs/2309.05704
+"""
+
+from __future__ import annotations
+
+__all__ = ["DistillConfig", "distill", "register"]
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Options of :func:`distill` (saved as ``distill_options.json``)."""
+
+    steps: int = 2000                 # optimizer steps
+    batch_size: int = 32              # showers per step
+    lr: float = 1e-4                  # learning rate (Adam, constant; CaloClouds II; 1e-3 for budgets of minutes)
+    grad_clip: float = 10.0           # max gradient norm (0: off)
+    mu: float = 0.95                  # EMA decay of the target network
+    n_sigmas: int = 18                # points of the Karras discretisation
+    time_limit: float | None = None   # stop after this many seconds (the run is written first)
+    max_showers: int | None = None    # use only the first N training showers
+    points_per_shower: int = 0        # random points per shower in the loss (0: all; pointwise denoiser)
+    seed: int = 0
+    device: str = "auto"              # auto, cpu, cuda
+    log_every: int = 10               # steps between stats.jsonl records
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                msg = f"distill {name} must be an integer >= 1, got {v!r}"
+                raise ValueError(msg)
+        if not isinstance(self.n_sigmas, int) or self.n_sigmas < 2:
+            msg = f"distill n_sigmas must be an integer >= 2, got {self.n_sigmas!r}"
+            raise ValueError(msg)
+        if not 0 <= self.mu < 1:
+            msg = f"distill mu (target EMA) must be in [0, 1), got {self.mu}"
+            raise ValueError(msg)
+        if self.time_limit is not None and self.time_limit <= 0:
+            msg = f"distill time_limit must be > 0 seconds, got {self.time_limit}"
+            raise ValueError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            msg = f"unknown distillation options {sorted(unknown)}; valid: {', '.join(sorted(known))}"
+            raise ValueError(msg)
+        return cls(**d)
+
+
+def _teacher_data(run: Path) -> list[str]:
+    """The teacher's training files from its ``training_options.json`` (relative paths: as recorded, else
+    next to the run directory)."""
+    p = run / "training_options.json"
+    data = json.loads(p.read_text()).get("data") if p.exists() else None
+    if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
+        msg = f"{run}: the training data are not recorded in training_options.json; pass them with --data"
+        raise ValueError(msg)
+    out = []
+    for d in data:
+        q = Path(d)
+        if not q.exists() and not q.is_absolute() and (run.parent / q).exists():
+            q = run.parent / q
+        if not q.exists():
+            msg = f"{run}: its training file {d} (training_options.json) is not found; pass the data with --data"
+            raise ValueError(msg)
+        out.append(str(q))
+    return out
+
+
+def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
+            data: str | os.PathLike | Sequence[str | os.PathLike] | Any = None,
+            config: DistillConfig | None = None, overwrite: bool = False) -> dict:
+    """Distil the CaloClouds run ``run_dir`` into a consistency model in ``out``.
+
+    Args:
+        run_dir: a run directory of ``calopc train caloclouds``.
+        out: the student's run directory (must not exist unless ``overwrite``).
+        data: training data (Parquet file(s) or a dataset object); defaults to the teacher's
+            training files from its ``training_options.json``.
+        config: options. Defaults to :class:`DistillConfig()`.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        A summary: ``steps``, ``final_loss``, ``seconds``, ``run_dir``.
+    """
+    import torch
+
+    from . import checkpoint as ckpt
+    from .caloclouds import CaloClouds
+    from .data import ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
+    from .diffusion import consistency_loss, karras_sigmas
+    from .utils import resolve_device, seed_everything
+
+    cfg = config or DistillConfig()
+    run, out = Path(run_dir), Path(out)
+    meta = ckpt.read_config(run)
+    if meta.get("model") != "caloclouds":
+        msg = f"{run}: holds a {meta.get('model')!r} model; calopc distill needs a caloclouds run"
+        raise ValueError(msg)
+    if meta.get("config", {}).get("consistency"):
+        msg = f"{run}: is already a distilled consistency model; distil its caloclouds teacher instead"
+        raise ValueError(msg)
+    if not (run / ckpt.EMA_WEIGHTS).exists() and not (run / ckpt.WEIGHTS).exists():
+        msg = f"{run}: no teacher weights ({ckpt.EMA_WEIGHTS} or {ckpt.WEIGHTS}); train the run first"
+        raise ckpt.CheckpointError(msg)
+    if out.resolve() == run.resolve():
+        msg = f"--out {out}: is the teacher's run directory; choose another"
+        raise ValueError(msg)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        msg = f"--out {out}: exists and is not empty; choose another directory or pass --overwrite"
+        raise ValueError(msg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    loaded = ckpt.load(run, ema=True, device=device)
+    teacher, prep = loaded.model.eval(), loaded.preprocessor
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    in_memory = isinstance(data, (ShowerDataset, StreamingShowerDataset))
+    paths = None if in_memory else ([data] if isinstance(data, (str, os.PathLike)) else data) or _teacher_data(run)
+    if paths is not None:
+        for p in paths:
+            if not Path(p).exists():
+                msg = f"--data {p}: no such file"
+                raise ValueError(msg)
+    dataset = data if in_memory else open_dataset(paths, max_showers=cfg.max_showers)
+    if dataset.geometry != loaded.geometry:
+        msg = f"--data: geometry {dataset.geometry.name!r} differs from the teacher's {loaded.geometry.name!r}"
+        raise ValueError(msg)
+    if len(dataset) < cfg.batch_size:
+        msg = f"{len(dataset)} training showers are fewer than one batch ({cfg.batch_size})"
+        raise ValueError(msg)
+
+    student = CaloClouds(replace(teacher.config, consistency=True, steps=1)).to(device)
+    student.load_state_dict(teacher.state_dict())
+    for p in student.shower.parameters():
+        p.requires_grad_(False)
+    target = CaloClouds(student.config).to(device).eval()
+    target.load_state_dict(student.state_dict())
+    for p in target.parameters():
+        p.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sigmas = karras_sigmas(cfg.n_sigmas, student.config.sigma_min, student.config.sigma_max, student.config.rho,
+                           device=device)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    data_rec = "<dataset object>" if in_memory else [str(Path(p).resolve()) for p in paths]
+    opts = {"teacher": str(run.resolve()), "data": data_rec,
+            "distill": asdict(cfg)}
+    (tmp / "distill_options.json").write_text(json.dumps(opts, indent=2) + "\n")
+    (tmp / "training_options.json").write_text(json.dumps(
+        {"model": "caloclouds", "model_config": asdict(student.config), "data": opts["data"],
+         "distilled_from": str(run.resolve()), "distill": asdict(cfg)}, indent=2) + "\n")
+    step, epoch, last = 0, 0, float("nan")
+
+    def finish() -> None:
+        ckpt.save(tmp, "caloclouds", student, prep, ema=target,
+                  train={"distill": asdict(cfg), "teacher": str(run), "steps": step})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, unit="step", desc="distill caloclouds", disable=None)
+    log = open(tmp / "stats.jsonl", "a")  # noqa: SIM115
+    collate = ShowerCollate(prep, seed=cfg.seed * 1000 + 17)
+    t0 = time.perf_counter()
+    try:
+        while step < cfg.steps:
+            for batch in iterate_batches(dataset, collate, cfg.batch_size, seed=cfg.seed, epoch=epoch):
+                batch = batch.to(device)
+                x, shower_of, layer = CaloClouds.flatten(batch)
+                b = batch.cond.shape[0]
+                if cfg.points_per_shower and x.shape[0] > cfg.points_per_shower:
+                    keep = CaloClouds.subsample(shower_of, b, cfg.points_per_shower)
+                    x, shower_of, layer = x[keep], shower_of[keep], layer[keep]
+
+                def bind(m: CaloClouds, cond: Any = batch.cond, s: Any = batch.shower, so: Any = shower_of,
+                         lay: Any = layer) -> Any:
+                    kw = m.net_inputs(cond, s, so, lay)
+                    return lambda xx, ss: m.denoiser(xx, ss, **kw)
+
+                index = torch.randint(0, cfg.n_sigmas - 1, (b,), device=device)[shower_of]   # one pair per shower
+                per_point = consistency_loss(bind(student), bind(target), bind(teacher), x, sigmas, index)
+                loss = torch.zeros(b, dtype=per_point.dtype, device=device).index_add_(0, shower_of, per_point)
+                n = torch.bincount(shower_of, minlength=b)
+                loss = (loss[n > 0] / n[n > 0]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if torch.isfinite(gn):
+                    opt.step()
+                with torch.no_grad():
+                    for pt, ps in zip(target.parameters(), student.parameters()):
+                        pt.lerp_(ps, 1 - cfg.mu)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    last = float(loss.detach())
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last:.4f}")
+                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": last, "grad_norm": float(gn),
+                                          "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                    log.flush()
+                if step >= cfg.steps or (cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit):
+                    break
+            else:
+                epoch += 1
+                continue
+            break
+        if step and step % cfg.log_every:
+            last = float(loss.detach())
+        log.close()
+        finish()
+    except KeyboardInterrupt:
+        log.close()
+        if step:
+            finish()  # keep what was distilled so far
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - t0,
+            "run_dir": str(out)}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+_FLAGS = {  # flag -> (DistillConfig field, type, help)
+    "--steps": ("steps", int, "optimizer steps"),
+    "--batch-size": ("batch_size", int, "showers per step"),
+    "--lr": ("lr", float, "learning rate (Adam, constant; 1e-3 learns much faster in budgets of minutes)"),
+    "--mu": ("mu", float, "EMA decay of the target network"),
+    "--n-sigmas": ("n_sigmas", int, "points of the Karras discretisation"),
+    "--time-limit": ("time_limit", float, "stop after this many seconds (the run is written first)"),
+    "--max-showers": ("max_showers", int, "use only the first N training showers"),
+    "--points-per-shower": ("points_per_shower", int, "random points per shower in the loss (0: all)"),
+}
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    d: dict[str, Any] = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _FLAGS.items()}
+    d = {k: v for k, v in d.items() if v is not None}
+    d.update(seed=args.seed, device=args.device, progress=not args.no_progress)
+    cfg = DistillConfig.from_dict(d)
+    if not args.run_dir.is_dir():
+        msg = f"{args.run_dir}: no such run directory (train one with 'calopc train caloclouds')"
+        raise ValueError(msg)
+    if args.dry_run:
+        print(json.dumps({"run_dir": str(args.run_dir), "out": str(args.out), "data": [str(p) for p in args.data or []],
+                          "distill": asdict(cfg)}, indent=2))
+        return 0
+    res = distill(args.run_dir, args.out, data=args.data or None, config=cfg, overwrite=args.overwrite)
+    print(f"distilled {args.run_dir}: {res['steps']} steps in {res['seconds']:.1f} s, final loss "
+          f"{res['final_loss']:.4f}; one-step run directory {res['run_dir']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` subcommand to the ``calopc`` parser."""
+    p = sub.add_parser("distill", help="distil a caloclouds run into a one-step consistency model",
+                       description="Consistency distillation: a student that samples in one network evaluation "
+                                   "('calopc generate RUN_CM'; --steps 2 for two).")
+    p.add_argument("run_dir", type=Path, help="run directory of 'calopc train caloclouds' (the teacher)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="run directory of the student (required)")
+    p.add_argument("--data", type=Path, nargs="+", default=None,
+                   help="training Parquet file(s) (default: the teacher's, from its training_options.json)")
+    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    for flag, (name, typ, hlp) in _FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit (default: off)")
+    p.set_defaults(func=_cmd_distill)
+

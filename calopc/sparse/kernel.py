@@ -1,0 +1,321 @@
+r"""Coordinates and kernel maps of sparse convolutions (pure torch, any device), cached per batch.
+
+Convention (that of a dense ``conv3d`` whose α axis is padded circularly): output cell
+``o`` of a layer with kernel ``k``, stride ``s`` and padding ``p`` reads the input
+cells ``o · s − p + j`` for ``j = 0 … k − 1`` along each axis; along α the position is
+taken modulo ``A`` when ``wrap`` is set, along layer and r positions outside the grid
+are empty (zero padding). The output grid has ``(D + 2p − k) // s + 1`` cells per axis.
+
+Output coordinates (``policy``):
+
+* ``"same"``: the input cells (submanifold convolution, stride 1);
+* ``"stride"``: ``unique(input // s)`` (the rule of MinkowskiEngine and spconv for strided
+  convolutions: every output cell lies under an occupied input cell);
+* ``"full"``: every output cell whose receptive field holds an occupied input cell
+  (exactly the support of the dense result).
+
+A kernel map lists, per kernel offset, the pairs ``(input row, output row)``. It is
+built output-driven: for every output cell and offset the input key is computed
+and looked up with ``searchsorted`` in the sorted input keys (or, for batch grids up
+to :data:`DIRECT_TABLE_MAX` cells, in a direct-address table of the keys). Maps and output
+coordinates are stored in the batch's shared ``ctx`` and reused by every layer with
+the same coordinates, kernel, stride, padding and wrap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KernelMap", "kernel_map", "out_size", "output_coords", "transposed_coords"]
+
+from dataclasses import dataclass
+
+import torch
+
+from .tensor import SparseShowers, delinearise, linearise
+
+Triple = tuple[int, int, int]
+
+
+def _triple(v: int | tuple[int, ...], name: str) -> Triple:
+    t = (v, v, v) if isinstance(v, int) else tuple(int(x) for x in v)
+    if len(t) != 3 or any(x < 0 for x in t):
+        msg = f"{name} must be an int or 3 non-negative ints (layer, alpha, r), got {v!r}"
+        raise ValueError(msg)
+    return t  # type: ignore[return-value]
+
+
+def out_size(d: int, k: int, s: int, p: int) -> int:
+    """Cells of the output grid along one axis (``conv3d`` formula)."""
+    return (d + 2 * p - k) // s + 1
+
+
+def _axis_fwd(d_in: int, d_out: int, k: int, s: int, p: int, wrap: bool, device: torch.device) -> torch.Tensor:
+    """``(d_out, k)`` input position read by output ``o`` at offset ``j``, or -1 outside the grid."""
+    o = torch.arange(d_out, device=device)[:, None]
+    j = torch.arange(k, device=device)[None]
+    pos = o * s - p + j
+    if wrap:
+        return pos % d_in
+    return torch.where((pos >= 0) & (pos < d_in), pos, torch.full_like(pos, -1))
+
+
+def _axis_inv(fwd: torch.Tensor, d_in: int) -> torch.Tensor:
+    """``(d_in, M)`` outputs that read input position ``x`` (padded with -1)."""
+    d_out, k = fwd.shape
+    o = torch.arange(d_out, device=fwd.device)[:, None].expand(d_out, k).reshape(-1)
+    x = fwd.reshape(-1)
+    keep = x >= 0
+    o, x = o[keep], x[keep]
+    pairs = torch.unique(x * d_out + o)  # one entry per (input, output)
+    x, o = pairs // d_out, pairs % d_out
+    cnt = torch.bincount(x, minlength=d_in)
+    m = int(cnt.max()) if cnt.numel() else 0
+    table = torch.full((d_in, max(m, 1)), -1, dtype=torch.long, device=fwd.device)
+    start = torch.cumsum(cnt, 0) - cnt
+    rank = torch.arange(x.shape[0], device=fwd.device) - start[x]
+    table[x, rank] = o
+    return table
+
+
+def _map_axes(coords: torch.Tensor, batch: int, shape: list[int], tables: list[torch.Tensor],
+              new_shape: list[int]) -> torch.Tensor:
+    """Map coordinates through per-axis tables (``(d, M)``, -1 = none), axis by axis, deduplicating."""
+    cur = list(shape)
+    for ax, table in enumerate(tables):
+        cand = table[coords[:, ax + 1]]  # (P, M)
+        rows, cols = torch.nonzero(cand >= 0, as_tuple=True)
+        coords = coords[rows].clone()
+        coords[:, ax + 1] = cand[rows, cols]
+        cur[ax] = new_shape[ax]
+        coords = _unique_rows(coords, batch, cur)
+    return coords
+
+
+def _unique_rows(coords: torch.Tensor, batch: int, shape: list[int]) -> torch.Tensor:
+    key = linearise(coords, tuple(shape))
+    key = torch.unique(key)
+    return delinearise(key, (batch, *shape))
+
+
+def _cache_key(kind: str, x: SparseShowers, *args: object) -> tuple:
+    return (kind, x.cid, *args)
+
+
+def output_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding: Triple, wrap: bool,
+                  policy: str) -> SparseShowers:
+    """Output cells (as a feature-less :class:`SparseShowers` sharing ``x.ctx``) of a conv/pool on ``x``."""
+    if policy == "same":
+        return x.replace(x.feats[:, :0])
+    shp = [out_size(d, k, s, p) for d, k, s, p in zip(x.shape, kernel, stride, padding)]
+    # "stride" outputs depend on the stride and the output grid only: layers that differ in kernel share them
+    key = (_cache_key("coords", x, stride, tuple(shp), policy) if policy == "stride"
+           else _cache_key("coords", x, kernel, stride, padding, wrap, policy))
+    hit = x.ctx.get(key)
+    if hit is not None:
+        return hit
+    if min(shp) < 1:
+        msg = f"kernel {kernel}, stride {stride}, padding {padding} leave no output cell on grid {x.shape}"
+        raise ValueError(msg)
+    c = x.coords
+    if policy == "stride":
+        o = torch.cat([c[:, :1], c[:, 1:] // torch.tensor(stride, device=c.device)], 1)
+        inside = (o[:, 1:] < torch.tensor(shp, device=c.device)).all(1)
+        o = _unique_rows(o[inside], x.batch_size, shp)
+    elif policy == "full":
+        tables = [_axis_inv(_axis_fwd(x.shape[ax], shp[ax], kernel[ax], stride[ax], padding[ax], wrap and ax == 1,
+                                      c.device), x.shape[ax]) for ax in range(3)]
+        o = _map_axes(c, x.batch_size, list(x.shape), tables, shp)
+    else:
+        msg = f"output policy must be 'same', 'stride' or 'full', got {policy!r}"
+        raise ValueError(msg)
+    stride_total = tuple(a * b for a, b in zip(x.stride, stride))
+    out = SparseShowers(o, x.feats.new_zeros(o.shape[0], 0), x.batch_size, tuple(shp), x.geometry, stride_total, x.ctx)
+    x.ctx[key] = out
+    return out
+
+
+def transposed_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding: Triple, wrap: bool,
+                      shape: Triple) -> SparseShowers:
+    """Every fine cell of grid ``shape`` that a transposed convolution of ``x`` reaches."""
+    key = _cache_key("tcoords", x, kernel, stride, padding, wrap, shape)
+    hit = x.ctx.get(key)
+    if hit is not None:
+        return hit
+    for ax in range(3):
+        if out_size(shape[ax], kernel[ax], stride[ax], padding[ax]) != x.shape[ax]:
+            msg = (f"output grid {shape} is not the input of a conv with kernel {kernel}, stride {stride}, padding "
+                   f"{padding} giving grid {x.shape}")
+            raise ValueError(msg)
+    tables = [_axis_fwd(shape[ax], x.shape[ax], kernel[ax], stride[ax], padding[ax], wrap and ax == 1,
+                        x.coords.device) for ax in range(3)]
+    o = _map_axes(x.coords, x.batch_size, list(x.shape), tables, list(shape))
+    stride_total = tuple(a // b if b else a for a, b in zip(x.stride, stride))
+    out = SparseShowers(o, x.feats.new_zeros(o.shape[0], 0), x.batch_size, tuple(shape), x.geometry, stride_total,
+                        x.ctx)
+    x.ctx[key] = out
+    return out
+
+
+#: largest batch grid (showers · cells) looked up through a direct-address table instead of a binary search
+DIRECT_TABLE_MAX = 1 << 25
+
+
+def _finder(x: SparseShowers):
+    """``find(keys, ok) -> rows`` (-1 where absent or not ``ok``) for the cells of ``x``.
+
+    Small grids (``batch · L · A · R ≤ DIRECT_TABLE_MAX``) use a direct-address table (one gather per
+    query, built once per coordinate set and cached); larger ones a binary search (``searchsorted``)
+    in the sorted keys.
+    """
+    keys = x.key
+    n = len(x)
+    n_grid = x.batch_size * x.shape[0] * x.shape[1] * x.shape[2]
+    if n == 0:
+        return lambda k, ok: torch.full_like(k, -1)
+    if n_grid <= DIRECT_TABLE_MAX:
+        table = x.ctx.get(("table", x.cid))
+        if table is None:  # row of every grid cell (-1: empty), plus a last -1 entry for invalid queries
+            table = torch.full((n_grid + 1,), -1, dtype=torch.int32, device=keys.device)
+            table[keys] = torch.arange(n, device=keys.device, dtype=torch.int32)
+            x.ctx[("table", x.cid)] = table
+
+        def find(k: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+            k = torch.where(ok, k, torch.full_like(k, n_grid))
+            return table.index_select(0, k.reshape(-1)).view(k.shape)
+
+        return find
+
+    def search(k: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        pos = torch.searchsorted(keys, k.contiguous()).clamp_(max=n - 1)
+        hit = ok & (keys[pos] == k)
+        return torch.where(hit, pos, torch.full_like(pos, -1))
+
+    return search
+
+
+@dataclass
+class KernelMap:
+    """Pairs ``(in_idx[q], out_idx[q])`` grouped by kernel offset (``splits[k]`` pairs for offset ``k``).
+
+    The indices are int32 (int64 beyond 2^31 rows).
+
+    Offsets are numbered ``(j_layer · k_alpha + j_alpha) · k_r + j_r``. ``identity`` is the offset whose
+    pairs are ``(i, i)`` for every row (the centre of a submanifold convolution), if any.
+    """
+
+    in_idx: torch.Tensor
+    out_idx: torch.Tensor
+    splits: list[int]
+    n_in: int
+    n_out: int
+    identity: int | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.in_idx.shape[0])
+
+    def chunks(self, max_elems: int):
+        """Offsets in chunks for the batched product, each as ``(offsets, in_pad, out_pad)``, cached.
+
+        ``in_pad``/``out_pad`` are ``(k, M)``: the pairs of ``k`` offsets padded to the largest count ``M``
+        with the sentinels ``n_in`` / ``n_out`` (a zero input row / a discarded output row). A chunk holds
+        at most ``max_elems`` padded pairs (at least one offset); the identity offset is left out.
+        """
+        key = max_elems
+        cache = self.__dict__.setdefault("_chunks", {})
+        if key in cache:
+            return cache[key]
+        starts = [0]
+        for n in self.splits:
+            starts.append(starts[-1] + n)
+        todo = [k for k, n in enumerate(self.splits) if n and k != self.identity]
+        out, cur = [], []
+        for k in todo + [None]:
+            if k is not None:
+                m = max([self.splits[j] for j in cur + [k]])
+                if not cur or m * (len(cur) + 1) <= max_elems:
+                    cur.append(k)
+                    continue
+            if cur:
+                m = max(self.splits[j] for j in cur)
+                dev = self.in_idx.device
+                ip = torch.full((len(cur), m), self.n_in, dtype=torch.long, device=dev)
+                op = torch.full((len(cur), m), self.n_out, dtype=torch.long, device=dev)
+                for r, j in enumerate(cur):
+                    ip[r, :self.splits[j]] = self.in_idx[starts[j]:starts[j + 1]]
+                    op[r, :self.splits[j]] = self.out_idx[starts[j]:starts[j + 1]]
+                out.append((cur, ip, op))
+            cur = [k] if k is not None else []
+        cache[key] = out
+        return out
+
+    def groups(self):
+        """Yield ``(offset, in_idx, out_idx)`` for every offset with pairs."""
+        start = 0
+        for k, n in enumerate(self.splits):
+            if n:
+                yield k, self.in_idx[start:start + n], self.out_idx[start:start + n]
+            start += n
+
+
+def kernel_map(x: SparseShowers, out: SparseShowers, kernel: Triple, stride: Triple, padding: Triple,
+               wrap: bool) -> KernelMap:
+    """Kernel map from ``x`` (input cells) to ``out`` (output cells), cached in the shared ``ctx``."""
+    key = ("kmap", x.cid, out.cid, kernel, stride, padding, wrap)
+    hit = x.ctx.get(key)
+    if hit is not None:
+        return hit
+    dev = x.coords.device
+    tabs = [_axis_fwd(x.shape[ax], out.shape[ax], kernel[ax], stride[ax], padding[ax], wrap and ax == 1, dev)
+            for ax in range(3)]
+    n_in, n_out = len(x), len(out)
+    oc = out.coords
+    L, A, R = x.shape
+    kl, ka, kr = kernel
+    il = tabs[0][oc[:, 1]]  # (P_out, kl)
+    ia = tabs[1][oc[:, 2]]  # (P_out, ka)
+    ir = tabs[2][oc[:, 3]]  # (P_out, kr)
+    # int32 key arithmetic where the batch grid allows it (half the memory traffic)
+    n_grid = x.batch_size * L * A * R
+    kt = torch.int32 if n_grid < 2**31 - 1 else torch.long
+    il, ia, ir = il.to(kt), ia.to(kt), ir.to(kt)
+    base = oc[:, 0].to(kt) * L
+    find = _finder(x)
+    K = kl * ka * kr
+    # submanifold maps are symmetric: the pairs of offset K-1-j are those of offset j swapped
+    symmetric = (x.cid == out.cid and all(s == 1 for s in stride) and all(k % 2 == 1 for k in kernel)
+                 and all(p == k // 2 for p, k in zip(padding, kernel)))
+    groups: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * K
+    ia_t, ir_t = ia.T, ir.T  # (ka, P_out), (kr, P_out)
+    ok_ar = ((ia_t >= 0)[:, None, :] & (ir_t >= 0)[None, :, :]).reshape(ka * kr, n_out)
+    rows = torch.arange(n_out, device=dev, dtype=torch.int32 if n_out < 2**31 else torch.long).repeat(ka * kr)
+    for jl in range(kl // 2 + 1 if symmetric else kl):
+        kbl = (base + il[:, jl]) * A
+        # (ka · kr, P_out) input keys of this layer offset, offset-major
+        k3 = ((kbl[None, :] + ia_t)[:, None, :] * R + ir_t[None, :, :]).reshape(ka * kr, n_out)
+        ok = ok_ar & (il[:, jl] >= 0)[None, :]
+        idx = find(k3, ok).reshape(-1)
+        found = idx >= 0
+
+        cnt = found.reshape(ka * kr, n_out).sum(1).tolist()
+        pos = torch.nonzero(found).squeeze(1)
+        ins_j, outs_j = idx.index_select(0, pos).split(cnt), rows.index_select(0, pos).split(cnt)
+        for q in range(ka * kr):
+            groups[jl * ka * kr + q] = (ins_j[q], outs_j[q])
+    if symmetric:
+        for j in range(K):
+            if groups[j] is None:
+                i, o = groups[K - 1 - j]
+                groups[j] = (o, i)
+    splits = [int(g[0].shape[0]) for g in groups]
+    in_idx = torch.cat([g[0] for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=dev)
+    out_idx = torch.cat([g[1] for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=dev)
+    identity = None
+    if x.cid == out.cid and all(s == 1 for s in stride):
+        c = (kl // 2 * ka + ka // 2) * kr + kr // 2
+        if all(p == k // 2 for p, k in zip(padding, kernel)) and all(k % 2 == 1 for k in kernel) and splits[c] == n_in:
+            identity = c
+    if max(n_in, n_out) < 2**31:  # int32 pairs: half the memory of the cached map
+        in_idx, out_idx = in_idx.to(torch.int32), out_idx.to(torch.int32)
+    km = KernelMap(in_idx, out_idx, splits, n_in, n_out, identity)
+    x.ctx[key] = km
+    return km

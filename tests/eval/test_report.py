@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("mplhep")
+
+from calopc import __version__
+from calopc.eval import evaluate
+from calopc.eval.report import file_fingerprint, worst_histograms, write_metrics, write_report
+from calopc.io import write_showers
+
+
+def _no_nan(name: str):
+    msg = f"metrics.json holds a bare {name}"
+    raise ValueError(msg)
+
+
+def _showers(geometry, n: int, seed: int, scale: float = 5.0):
+    rng = np.random.default_rng(seed)
+    v = np.where(rng.random((n, geometry.n_voxels)) < 0.6, rng.exponential(scale, (n, geometry.n_voxels)), 0.0)
+    return 10 ** rng.uniform(3, 6, n), v
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, toy_geometry):
+    """A full report (hist, point cloud, FPD/KPD, plots drawn by two processes) on the toy geometry."""
+    d = tmp_path_factory.mktemp("report")
+    write_showers(d / "ref.hdf5", *_showers(toy_geometry, 300, 1))
+    write_showers(d / "gen.hdf5", *_showers(toy_geometry, 300, 2, scale=6.0))
+    out = d / "out"
+    res = evaluate(d / "gen.hdf5", d / "ref.hdf5", out, geometry=toy_geometry, threshold=0.01,
+                   metrics=("hist", "pointcloud", "fpd", "kpd", "plots"), fpd_min_samples=60, kpd_batch_size=60,
+                   progress=False, plot_workers=2, command="calopc evaluate gen.hdf5 ref.hdf5 -o out", seed=3)
+    return out, res
+
+
+def test_metrics_json_is_valid_and_has_provenance(report):
+    out, res = report
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
+    p = m["provenance"]
+    assert p["versions"]["calopc"] == __version__
+    assert p["command"] == "calopc evaluate gen.hdf5 ref.hdf5 -o out"
+    assert p["seeds"]["seed"] == 3 and re.match(r"\d{4}-\d\d-\d\dT", p["date_utc"])
+    for role in ("generated", "reference"):
+        fp = p["inputs"][role]
+        assert fp["hash_method"] == "sha256" and len(fp["sha256"]) == 64 and fp["size_bytes"] > 0
+    assert p["inputs"]["generated"]["sha256"] == file_fingerprint(res["generated"])["sha256"]
+    assert p["options"]["threshold_mev"] == 0.01
+    assert m["plot_pages"]["E_layer"][0]["layers"] == [0, 2, 3]
+
+
+def test_report_has_worst_ten_and_every_image_exists(report):
+    out, res = report
+    html = (out / "report.html").read_text()
+    table = html.split("<table id=worst>")[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td class=n>(\d+)</td><td>(.*?)</td><td class=n>([0-9.]+)</td></tr>", table)
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    values = [float(r[2]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(max(v for v in res["separation"].values() if v is not None), abs=1e-5)
+    assert all("href='#fig-" in r[1] for r in rows)  # every row links to its figure
+    for a in re.findall(r"href='#(fig-[^']+)'", table):
+        assert f"id='{a}'" in html
+    refs = set(re.findall(r"(?:src|href)='([^'#][^']*)'", html))
+    assert refs and any(r.endswith(".png") for r in refs)
+    for r in refs:
+        assert (out / r).is_file() and (out / r).stat().st_size > 1000, r
+    for stem in ("longitudinal_profile", "radial_profile", "response", "hits", "average_shower_energy_bins",
+                 "average_shower_ratio", "E_layer_layers_0-3"):
+        assert f"src='{stem}.png'" in html
+    assert "sel-kind" in html and "data-kind='EC_x'" in html  # the layer selector
+    assert "Provenance" in html and res["provenance"]["inputs"]["reference"]["sha256"] in html
+    head = re.sub(r"(src|href|id)='[^']*'", "", html.split("<h2>First")[0])
+    assert "⟨x⟩ per layer" in html and "E_ratio" not in head  # physics names, not code names
+    assert not list(out.glob("*.part")) and not list(out.glob("*.pdf"))
+
+
+def test_fpd_kpd_reading_and_nan_metrics(tmp_path):
+    res = {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 10, "n_reference": 10,
+           "threshold_mev": 0.015, "fpd_x1e3": {"value": 0.4, "error": 0.5, "ref_floor": 0.3, "ref_floor_error": 0.4},
+           "kpd_x1e3": {"value": 9.0, "error": 1.0, "ref_floor": 0.0, "ref_floor_error": 0.1,
+                        "value_at_floor_size": 0.1, "value_at_floor_size_error": 0.1, "floor_size": 5000},
+           "classifier": {"high": {"auc": 0.51, "auc_err": 0.01, "jsd": -0.01, "jsd_err": 0.02}},
+           "separation": {"E_ratio": float("nan"), "E_layer_3": 0.2, "EC_x_3": np.float64(0.1)},
+           "timings_s": {"total": float("inf")}}
+    write_metrics(tmp_path / "m.json", res)
+    m = json.loads((tmp_path / "m.json").read_text(), parse_constant=_no_nan)
+    assert m["separation"]["E_ratio"] is None and m["timings_s"]["total"] is None
+    write_report(tmp_path / "r.html", res)
+    html = (tmp_path / "r.html").read_text()
+    fpd = html.split("FPD ×10³")[1].split("</tr>")[0]
+    assert "compatible with zero" in fpd and "compatible with the reference floor" in fpd
+    kpd = html.split("KPD ×10³")[1].split("</tr>")[0]
+    # compared with the floor at the floor's sample size, not with the full-size value
+    assert "differs from zero by +9.0σ" in kpd and "sample size (5,000): 0.100 ± 0.100" in kpd
+    assert "compatible with the reference floor</b> (+0.7σ)" in kpd
+    jsd = html.split("classifier JSD (high)")[1].split("</tr>")[0]
+    assert "compatible with zero" in jsd
+    assert worst_histograms(res["separation"]) == [("E_layer_3", 0.2), ("EC_x_3", 0.1)]
+
+
+_CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = [].slice.call(document.images);
+  var bad = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; })
+                .map(function (i) { return i.src; });
+  var out = document.createElement('pre');
+  out.id = 'image-check';
+  out.textContent = JSON.stringify({n: imgs.length, broken: bad});
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_report_images_load_in_a_browser(report):
+    out, _ = report
+    page = out / "browser-check.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", _CHECK))
+    try:
+        dom = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120, check=False).stdout
+    finally:
+        page.unlink()
+    found = re.search(r"<pre id=\"image-check\">(.*?)</pre>", dom)
+    assert found, dom[-2000:]
+    check = json.loads(found.group(1))
+    assert check["n"] >= 15 and check["broken"] == []
+
+
+def test_cli_plot_options(tmp_path, capsys):
+    from calopc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "a.hdf5", "b.hdf5", "-o", str(tmp_path / "r"), "--formats", "png,jpg"])
+    assert exc.value.code == 2
+    assert "plot formats must be a comma-separated subset of png,pdf,svg, got 'png,jpg'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "a.hdf5", "b.hdf5", "-o", str(tmp_path / "r"), "--plot-workers", "0"])
+    assert exc.value.code == 2 and "--plot-workers" in capsys.readouterr().err

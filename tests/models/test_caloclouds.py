@@ -1,0 +1,282 @@
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from calopc.models import available, get_model, load
+from calopc.models.caloclouds import CaloClouds, CaloCloudsConfig
+from calopc.models.data import ShowerCollate, ShowerDataset, iterate_batches
+from calopc.models.distill import DistillConfig, distill
+
+#: a tiny CaloClouds (fast on 2 CPU cores)
+TINY_CC = {"widths": [16, 16], "fourier": 8, "layer_embedding": 2, "shower_transforms": 1, "shower_hidden": [16],
+           "dim": 8, "heads": 2, "blocks": 1, "mlp": 16}
+
+
+class Counter(torch.nn.Module):
+    """Wraps a raw denoiser and counts its calls."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *a, **kw):
+        self.calls += 1
+        return self.net(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(toy_parquet):
+    ds = ShowerDataset.from_parquet(toy_parquet)
+    prep = ds.fit_preprocessor(variant="II")
+    return ds, prep, next(iterate_batches(ds, ShowerCollate(prep, seed=0), 12))
+
+
+@pytest.fixture(scope="module")
+def cc_run(tmp_path_factory, toy_parquet):
+    from calopc.models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("cc") / "run"
+    train("caloclouds", toy_parquet, out, model_config=TINY_CC,
+          config=TrainConfig(steps=6, batch_size=8, warmup=2, device="cpu", progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cm_run(cc_run):
+    out = cc_run.parent / "run_cm"
+    distill(cc_run, out, config=DistillConfig(steps=4, batch_size=8, device="cpu", progress=False, log_every=2))
+    return out
+
+
+def make(prep, **kw) -> CaloClouds:
+    torch.manual_seed(0)
+    return CaloClouds(CaloCloudsConfig.from_dict({**TINY_CC, **kw}).with_data(prep))
+
+
+def test_registry_and_config_round_trip(data):
+    prep = data[1]
+    assert "caloclouds" in available()
+    assert get_model("CaloClouds") == (CaloClouds, CaloCloudsConfig)
+    cfg = CaloCloudsConfig.from_dict({**TINY_CC, "denoiser": "transformer", "alpha": "free"}).with_data(prep)
+    back = CaloCloudsConfig.from_dict(json.loads(json.dumps(asdict(cfg))))
+    assert back == cfg and back.widths == (16, 16) and (back.n_layers, back.shower_features) == (3, 6)
+    assert cfg.preprocessing() == {"variant": "II"}
+    with pytest.raises(ValueError, match="unknown CaloClouds config keys.*valid keys"):
+        CaloCloudsConfig.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match="denoiser must be one of pointwise, transformer"):
+        CaloCloudsConfig(denoiser="unet")
+    with pytest.raises(ValueError, match="alpha must be"):
+        CaloCloudsConfig(alpha="sometimes")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        CaloCloudsConfig(steps=0)
+    with pytest.raises(ValueError, match="needs n_layers"):
+        CaloClouds(CaloCloudsConfig())
+    defaults = CaloClouds(CaloCloudsConfig().with_data(prep))
+    assert sum(p.numel() for p in defaults.parameters()) < 2_000_000
+
+
+@pytest.mark.parametrize("denoiser", ["pointwise", "transformer"])
+def test_tiny_training_lowers_the_loss(data, denoiser):
+    _, prep, batch = data
+    model = make(prep, denoiser=denoiser)
+
+    def loss() -> float:  # same σ and noise draws every time
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            return float(sum(model.loss(batch).detach() for _ in range(4)))
+
+    before = loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        model.loss(batch).backward()
+        opt.step()
+    after = loss()
+    assert after < 0.9 * before
+    terms = model.loss_terms(batch)
+    assert set(terms) == {"loss", "shower", "points"} and torch.isfinite(terms["loss"])
+
+
+def test_generation_follows_the_shower_model(data):
+    _, prep, _ = data
+    model = make(prep).eval()
+    e = np.array([2e3, 5e4, 1e4, 9e4])
+    torch.manual_seed(1)
+    _, n_layer, e_layer = model.shower.sample_layers(e, prep)
+    torch.manual_seed(1)
+    g = model.generate(e, prep)
+    torch.testing.assert_close(g.counts, n_layer.sum(1))
+    shower = torch.repeat_interleave(torch.arange(4), g.counts)
+    n_got = torch.zeros(4 * 3, dtype=torch.int64).index_add_(0, shower * 3 + g.layer, torch.ones_like(g.layer))
+    torch.testing.assert_close(n_got.reshape(4, 3), n_layer)
+    e_got = torch.zeros(4 * 3, dtype=torch.float64).index_add_(0, shower * 3 + g.layer, g.E)
+    torch.testing.assert_close(e_got.reshape(4, 3), e_layer.to(torch.float64))
+    assert (g.E >= 0).all() and g.alpha is not None and (g.alpha.abs() <= np.pi).all()
+    r_hi = torch.tensor([e[-1] for e in prep.geometry.r_edges], dtype=torch.float64)[g.layer]
+    assert (g.r >= 0).all() and (g.r <= r_hi).all()
+    # same seed, same showers; another seed, other showers
+    torch.manual_seed(1)
+    g2 = model.generate(e, prep)
+    assert torch.equal(g.r, g2.r) and torch.equal(g.E, g2.E)
+    torch.manual_seed(2)
+    assert not torch.equal(model.generate(e, prep).E[:5], g.E[:5])
+    # alpha-free: no angle; a sampler split in several calls gives the same structure
+    free = make(prep, alpha="free", max_points=5).eval()
+    torch.manual_seed(1)
+    gf = free.generate(e, prep, steps=2)
+    assert gf.alpha is None and torch.equal(gf.counts, g.counts)
+
+
+def test_sampler_network_evaluations(data):
+    _, prep, _ = data
+    model = make(prep).eval()
+    model.denoiser.net = Counter(model.denoiser.net)
+    model.generate(np.array([1e4, 2e4]), prep)
+    assert model.denoiser.net.calls == 25                     # 13 Heun steps
+    model.denoiser.net.calls = 0
+    model.generate(np.array([1e4, 2e4]), prep, steps=4)
+    assert model.denoiser.net.calls == 7
+
+
+def test_generate_run_hdf5_one_point_per_cell(cc_run, tmp_path):
+    from calopc.io import open_showers
+    from calopc.models.generate import generate
+
+    loaded = load(cc_run)
+    e = np.exp(np.random.default_rng(0).uniform(np.log(1e3), np.log(1e5), 20))
+    out = tmp_path / "gen.h5"
+    res = generate(cc_run, e, output=out, seed=3, batch_size=20, device="cpu", threshold=0.0)
+    with torch.random.fork_rng():  # the per-layer counts the shower model draws first with that seed
+        torch.manual_seed(3)
+        _, n_layer, e_layer = loaded.model.shower.sample_layers(e, loaded.preprocessor)
+    geo = loaded.geometry
+    with open_showers(out, geometry=geo) as f:
+        inc, vox = f.read()
+    assert vox.shape == (20, geo.n_voxels)
+    np.testing.assert_allclose(inc.reshape(-1), e)
+    hits = np.stack([(vox[:, geo.offsets[k]:geo.offsets[k + 1]] > 0).sum(1) for k in range(geo.n_layers)], 1)
+    c = res.collisions
+    assert res.n_points == int(n_layer.sum()) and c["n_points"] == res.n_points and 0 <= c["collision_rate"] <= 1
+    assert c["n_outside"] == 0 and c["n_dropped"] == 0
+    # one point per cell: each point has a cell of its own in its layer (merged points share one)
+    assert hits.sum() == res.n_points - c["n_merged"]
+    assert (hits <= n_layer.numpy()).all()
+    if c["n_merged"] == 0:
+        np.testing.assert_array_equal(hits, n_layer.numpy())
+    layer_e = np.stack([vox[:, geo.offsets[k]:geo.offsets[k + 1]].sum(1) for k in range(geo.n_layers)], 1)
+    np.testing.assert_allclose(layer_e, e_layer.numpy(), rtol=1e-5)
+
+
+def test_distilled_student_samples_in_one_evaluation(cm_run, cc_run):
+    loaded = load(cm_run)
+    model = loaded.model
+    assert loaded.name == "caloclouds" and model.config.consistency and model.config.steps == 1
+    teacher = load(cc_run).model
+    # the shower model is the teacher's; the point network moved away from the teacher
+    for k, v in teacher.shower.state_dict().items():
+        torch.testing.assert_close(model.shower.state_dict()[k], v)
+    assert any(not torch.equal(a, b) for a, b in zip(model.denoiser.parameters(), teacher.denoiser.parameters()))
+    stats = [json.loads(s) for s in (cm_run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [2, 4] and all(np.isfinite(s["loss"]) for s in stats)
+    model.denoiser.net = Counter(model.denoiser.net)
+    g = model.generate(np.array([1e4, 3e4, 5e3]), loaded.preprocessor)
+    assert model.denoiser.net.calls == 1 and g.E.shape[0] == int(g.counts.sum())
+    model.denoiser.net.calls = 0
+    model.generate(np.array([1e4]), loaded.preprocessor, steps=2)
+    assert model.denoiser.net.calls == 2
+    assert not list(cm_run.parent.glob(".run_cm.tmp-*"))   # the temporary directory was renamed
+
+
+def test_distill_cli_and_errors(cc_run, tmp_path, capsys):
+    from calopc.cli import main
+
+    out = tmp_path / "cm"
+    assert main(["distill", str(cc_run), "-o", str(out), "--steps", "2", "--batch-size", "8", "--device", "cpu",
+                 "--points-per-shower", "3",
+                 "--no-progress"]) == 0
+    assert "distilled" in capsys.readouterr().out and (out / "model_ema.safetensors").exists()
+    assert load(out).model.config.consistency
+
+    def err(args: list[str]) -> str:
+        assert main(args) == 2
+        e = capsys.readouterr().err.strip()
+        assert "\n" not in e and "Traceback" not in e
+        return e
+
+    other = tmp_path / "other"                     # a run of another model
+    other.mkdir()
+    meta = json.loads((cc_run / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**meta, "model": "calopointflow"}))
+    assert "holds a 'calopointflow' model" in err(["distill", str(other), "-o", str(tmp_path / "a"), "--no-progress"])
+    assert "steps must be an integer >= 1" in err(["distill", str(cc_run), "-o", str(tmp_path / "b"), "--steps", "0"])
+    assert "not empty" in err(["distill", str(cc_run), "-o", str(out), "--steps", "1", "--no-progress"])
+    assert "already a distilled" in err(["distill", str(out), "-o", str(tmp_path / "c"), "--no-progress"])
+    assert "no such run directory" in err(["distill", str(tmp_path / "nope"), "-o", str(tmp_path / "d")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    assert "not a run directory" in err(["distill", str(broken), "-o", str(tmp_path / "e"), "--no-progress"])
+    (broken / "config.json").write_text((cc_run / "config.json").read_text())
+    assert "no teacher weights" in err(["distill", str(broken), "-o", str(tmp_path / "f"), "--no-progress"])
+    assert not (tmp_path / "f").exists()
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        load(cc_run).model.generate(np.array([1e4]), load(cc_run).preprocessor, steps=0)
+    gen = ["generate", "-n", "3", "--energies", "1e4", "--device", "cpu", "--no-progress"]
+    assert main([*gen, str(out), "--steps", "2"]) == 0 and "generated 3 showers" in capsys.readouterr().out
+    assert "steps must be an integer >= 1" in err([*gen, str(cc_run), "--steps", "0"])
+
+
+def test_train_cli_resolves_caloclouds_options(toy_parquet, capsys):
+    from calopc.cli import main
+
+    assert main(["train", "caloclouds", "--data", str(toy_parquet), "--out", "x", "--set", "model.denoiser=transformer",
+                 "--set", "model.alpha=free", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["model_config"]
+    assert cfg["denoiser"] == "transformer" and cfg["alpha"] == "free" and cfg["widths"] == [128, 256, 512, 256, 128]
+    assert main(["train", "caloclouds", "--data", str(toy_parquet), "--out", "x", "--set", "model.denoiser=mlp",
+                 "--dry-run"]) == 2
+    assert "denoiser must be one of" in capsys.readouterr().err
+
+
+def test_points_per_shower_loss_subsamples(data):
+    _, prep, batch = data
+    model = make(prep, points_per_shower_loss=2)
+    model.denoiser.net = Counter(model.denoiser.net)
+    seen = []
+    model.denoiser.net.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["shower"]), with_kwargs=True)
+    loss = model.loss(batch)
+    loss.backward()
+    per_shower = torch.bincount(seen[0], minlength=len(batch))
+    assert (per_shower == batch.n.clamp(max=2)).all() and torch.isfinite(loss)
+
+
+def test_distill_finds_the_teachers_data(cc_run, toy_parquet, tmp_path):
+    import shutil
+
+    run = tmp_path / "teacher"
+    shutil.copytree(cc_run, run)
+    shutil.copy(toy_parquet, tmp_path / "t.parquet")
+    opts = json.loads((run / "training_options.json").read_text())
+    (run / "training_options.json").write_text(json.dumps({**opts, "data": ["t.parquet"]}))  # relative, next to run
+    cfg = DistillConfig(steps=1, batch_size=8, device="cpu", progress=False)
+    distill(run, tmp_path / "cm", config=cfg)
+    rec = json.loads((tmp_path / "cm" / "training_options.json").read_text())
+    assert rec["data"] == [str((tmp_path / "t.parquet").resolve())]
+    (run / "training_options.json").write_text(json.dumps({**opts, "data": ["gone.parquet"]}))
+    with pytest.raises(ValueError, match="gone.parquet .*not found; pass the data with --data"):
+        distill(run, tmp_path / "cm2", config=cfg)
+    assert not (tmp_path / "cm2").exists()
+
+
+def test_generate_model_kwargs_are_checked(toy_run, cc_run):
+    from calopc.models.generate import generate
+
+    with pytest.raises(ValueError, match=r"generation options \['steps'\] are not taken by the calopointflow model"):
+        generate(toy_run, np.array([1e4]), device="cpu", model_kwargs={"steps": 2})
+    with pytest.raises(ValueError, match=r"generation options \['stpes'\]"):
+        generate(cc_run, np.array([1e4]), device="cpu", model_kwargs={"stpes": 2})
+    assert generate(cc_run, np.array([1e4, 2e4]), device="cpu", model_kwargs={"steps": 2}).n_showers == 2

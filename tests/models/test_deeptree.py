@@ -1,0 +1,316 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_geometric")
+
+from calopc.models.data import ShowerCollate, ShowerDataset  # noqa: E402
+from calopc.models.deeptree import PRESETS, DeepTree, DeepTreeConfig  # noqa: E402
+from calopc.models.preprocess import Preprocessor  # noqa: E402
+
+#: a tiny DeepTree (20 leaves, fast on 2 CPU cores); the toy showers have at most 19 points
+TINY = {"branches": [2, 2, 5], "features": [8, 6, 5, 4], "n_global": 4, "gin_hidden": 16, "branch_hidden": 16,
+        "cond_hidden": 8, "head_hidden": 16, "layer_embedding": 4, "critic_hidden": 16, "critic_heads": 4,
+        "meanfield_blocks": 2, "meanfield_tokens": 2, "shower_transforms": 1, "shower_hidden": [16]}
+
+
+@pytest.fixture(scope="module")
+def toy(toy_parquet):
+    ds = ShowerDataset.from_parquet(toy_parquet)
+    prep = ds.fit_preprocessor(variant="II")
+    batch = ShowerCollate(prep, seed=1)([ds[i] for i in range(8)])
+    return ds, prep, batch
+
+
+def _model(prep: Preprocessor, **over) -> DeepTree:
+    torch.manual_seed(0)
+    return DeepTree(DeepTreeConfig.from_dict({**TINY, **over}).with_data(prep))
+
+
+def test_tree_shapes_and_pruning(toy):
+    _, prep, batch = toy
+    m = _model(prep)
+    gen = m.generator
+    assert gen.leaves == 20
+    b = 3
+    cond = torch.randn(b, 3 + 2 * prep.geometry.n_layers)
+    noise = torch.randn(b, 8)
+    full = gen.grow(cond, noise)
+    assert full.shape == (b * 20, 4)
+    # leaves see only their ancestors: pruning before the last message passing gives the same leaves
+    keep = torch.rand(b * 20, generator=torch.Generator().manual_seed(0)) < 0.4
+    assert torch.allclose(gen.grow(cond, noise, keep), full[keep], atol=1e-6)
+    # ancestors by index arithmetic: node j of level 2 has ancestors j // 4 (root) and j // 2 (level 1)
+    offsets = [0, b, b + 2 * b]
+    e = gen.ancestor_edges(2, b, offsets)
+    assert e.shape == (2, 2 * b * 4)
+    for j in range(b * 4):
+        assert sorted(e[0, e[1] == j].tolist()) == [j // 4, b + j // 2]
+    # pruning to n and the layers from the per-layer counts
+    n_layer = torch.tensor([[3, 0, 2], [0, 1, 0], [7, 6, 7]])
+    shower = torch.randn(b, 2 * 3)
+    x, layer, shower_of = gen.points(cond, shower, n_layer)
+    assert x.shape == (int(n_layer.sum()), 3)
+    assert torch.bincount(shower_of, minlength=b).tolist() == [5, 1, 20]
+    got = torch.zeros(b, 3, dtype=torch.int64).index_put_((shower_of, layer), torch.ones_like(layer), accumulate=True)
+    assert torch.equal(got, n_layer)
+    with pytest.raises(ValueError, match="leaves"):
+        gen.points(cond, shower, torch.tensor([[10, 10, 1], [0, 1, 0], [1, 1, 1]]))
+
+
+def test_energy_shares_sum_to_one_per_layer(toy):
+    _, prep, batch = toy
+    m = _model(prep)
+    cond = m.condition(batch.cond, batch.n, batch.shower)
+    x, layer, mask = m.fake(batch, cond, m.layer_counts(batch))
+    mean, std = m.config.point_mean[2], m.config.point_std[2]
+    w = torch.exp(x[..., 2] * std + mean) * mask
+    per_layer = torch.zeros(len(batch), m.config.n_layers).scatter_add_(1, layer, w)
+    used = m.layer_counts(batch) > 0
+    assert torch.allclose(per_layer[used], torch.ones(int(used.sum())), atol=1e-4)
+    assert torch.equal(mask.sum(1), batch.n)
+    # without the rescaling the shares are free
+    m = _model(prep, energy_rescale=False)
+    x, layer, mask = m.fake(batch, cond, m.layer_counts(batch))
+    w = torch.exp(x[..., 2] * std + mean) * mask
+    per_layer = torch.zeros(len(batch), m.config.n_layers).scatter_add_(1, layer, w)
+    assert not torch.allclose(per_layer[used], torch.ones(int(used.sum())), atol=1e-2)
+
+
+@pytest.mark.parametrize("critic", ["pool", "pool+points", "meanfield"])
+def test_critic_is_permutation_invariant(toy, critic):
+    _, prep, batch = toy
+    m = _model(prep, critic=critic.split("+")[0], critic_point_level=critic.endswith("points")).eval()
+    levels = {"pool": 3, "pool+points": 4, "meanfield": 1}[critic]  # one score per sub-critic
+    cond = m.condition(batch.cond, batch.n, batch.shower)
+    assert m.critic(batch.x, batch.layer, batch.mask, cond, batch.shower)[0].shape == (len(batch), levels)
+    d0, f0 = m.critic(batch.x, batch.layer, batch.mask, cond, batch.shower)
+    # permute the points within each shower (the padding stays behind them)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.cat([torch.randperm(int(n), generator=g), torch.arange(int(n), batch.x.shape[1])])
+                       for n in batch.n])
+    x = torch.gather(batch.x, 1, idx[..., None].expand_as(batch.x))
+    lay = torch.gather(batch.layer, 1, idx)
+    assert not torch.equal(x, batch.x)
+    d1, f1 = m.critic(x, lay, batch.mask, cond, batch.shower)
+    assert torch.allclose(d0, d1, atol=1e-5) and torch.allclose(f0, f1, atol=1e-5)
+    # and it does look at the points
+    d2, _ = m.critic(batch.x + 1.0, batch.layer, batch.mask, cond, batch.shower)
+    assert not torch.allclose(d0, d2, atol=1e-4)
+
+
+@pytest.mark.parametrize("critic", ["pool", "meanfield"])
+def test_one_critic_and_one_generator_step_lower_their_losses(toy, critic):
+    _, prep, batch = toy
+    m = _model(prep, critic=critic, lr_generator=1e-4, lr_critic=1e-4).eval()  # eval: no dropout, fixed σ(W)
+    opts = m.configure_optimizers(None)
+    assert set(opts) == {"generator", "critic", "shower"}
+    assert opts["generator"].param_groups[0]["lr"] == 1e-4
+
+    def backward(loss, name):
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+
+    cond = m.condition(batch.cond, batch.n, batch.shower)
+    n_layer = m.layer_counts(batch)
+    noise = torch.randn(len(batch), m.config.features[0], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fake = m.fake(batch, cond, n_layer, noise)
+    before = m.critic_loss(batch, fake, cond)
+    backward(before, "critic")
+    with torch.no_grad():
+        assert float(m.critic_loss(batch, fake, cond)) < float(before)
+    m.critic.requires_grad_(False)
+    torch.manual_seed(3)  # the same leaf noise before and after
+    before, _ = m.generator_loss(batch, m.fake(batch, cond, n_layer, noise), cond)
+    backward(before, "generator")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        after, _ = m.generator_loss(batch, m.fake(batch, cond, n_layer, noise), cond)
+    assert float(after) < float(before.detach())
+
+
+def test_training_step_updates_all_three_networks(toy):
+    _, prep, batch = toy
+    m = _model(prep, critic_steps=2, shower_steps=2).train()
+    opts = m.configure_optimizers(None)
+    calls = []
+
+    def backward(loss, name):
+        calls.append(name)
+        opts[name].zero_grad(set_to_none=True)
+        critic_grads = [None if p.grad is None else p.grad.clone() for p in m.critic.parameters()]
+        loss.backward()
+        if name == "generator":  # the critic is frozen while the generator learns
+            assert all(p.requires_grad is False for p in m.critic.parameters())
+            assert all(torch.equal(a, p.grad) for a, p in zip(critic_grads, m.critic.parameters()) if a is not None)
+        opts[name].step()
+
+    before = {k: [p.detach().clone() for p in getattr(m, k).parameters()] for k in ("generator", "critic", "shower_model")}
+    out = m.training_step(batch, 0, backward)
+    assert calls == ["shower", "shower", "critic", "critic", "generator"]
+    assert {"loss", "critic", "generator", "shower", "feature_matching"} <= set(out)
+    assert all(v.dim() == 0 and torch.isfinite(v) and not v.requires_grad for v in out.values())
+    for k, ps in before.items():
+        assert any(not torch.equal(a, b) for a, b in zip(ps, getattr(m, k).parameters())), k
+    assert all(p.requires_grad for p in m.critic.parameters())
+
+
+def test_generate_counts_layers_energies_and_rotation(toy, monkeypatch):
+    ds, prep, _ = toy
+    m = _model(prep).eval()
+    n_layer = torch.tensor([[3, 1, 2], [0, 4, 5]])
+    e_layer = torch.tensor([[10.0, 5.0, 2.0], [0.0, 7.0, 1.0]], dtype=torch.float64)
+    e_inc = np.array([1e4, 2e4])
+    shower = torch.as_tensor(prep.forward_layers(n_layer.numpy(), e_layer.numpy(), e_inc))
+    monkeypatch.setattr(m.shower_model, "sample_layers", lambda e, p: (shower, n_layer, e_layer))
+    g = m.generate(e_inc, prep)
+    assert g.counts.tolist() == [6, 9]
+    shower_of = torch.arange(2).repeat_interleave(g.counts)
+    got = torch.zeros(2, 3, dtype=torch.float64).index_put_((shower_of, g.layer), g.E, accumulate=True)
+    assert torch.allclose(got, e_layer)                                          # energy_rescale (default)
+    assert g.alpha is not None and float(g.alpha.abs().max()) <= math.pi
+    lo = torch.tensor([float(e[0]) for e in prep.geometry.r_edges], dtype=torch.float64)[g.layer]
+    hi = torch.tensor([float(e[-1]) for e in prep.geometry.r_edges], dtype=torch.float64)[g.layer]
+    assert bool(((g.r >= lo) & (g.r <= hi)).all())
+    # a random rotation in α per shower: the same angle for all points of a shower, another for the next
+    torch.manual_seed(5)
+    base = m.sample_points(e_inc, prep)[2]
+    torch.manual_seed(5)
+    rot = torch.remainder(m.generate(e_inc, prep).alpha - base, 2 * math.pi)
+    rot = torch.where(rot > 2 * math.pi - 1e-9, rot - 2 * math.pi, rot)
+    for s in range(2):
+        assert float(rot[shower_of == s].std()) < 1e-6
+    assert abs(float(rot[shower_of == 0][0] - rot[shower_of == 1][0])) > 1e-3
+    # a shower with more points than leaves keeps its layer proportions within the 20 leaves
+    big = torch.tensor([[3, 1, 2], [10, 20, 10]])
+    monkeypatch.setattr(m.shower_model, "sample_layers", lambda e, p: (shower, big, e_layer))
+    g = m.generate(e_inc, prep)
+    assert g.counts.tolist() == [6, 20]
+    assert torch.bincount(g.layer[6:], minlength=3).tolist() == [5, 10, 5]
+    free = _model(prep, alpha="free").eval()
+    monkeypatch.setattr(free.shower_model, "sample_layers", lambda e, p: (shower, n_layer, e_layer))
+    assert free.generate(e_inc, prep).alpha is None
+
+
+def test_generated_files_have_one_point_per_cell(toy, tmp_path):
+    from calopc.converters import read_points
+    import h5py
+
+    from calopc.models import checkpoint as ckpt
+    from calopc.models.generate import generate
+
+    ds, prep, _ = toy
+    for alpha in ("model", "free"):
+        run = tmp_path / alpha
+        ckpt.save(run, "deeptree", _model(prep, alpha=alpha).eval(), prep)
+        e = np.geomspace(1e3, 1e5, 12)
+        res = generate(run, e, output=run / "gen.parquet", device="cpu", batch_size=5)
+        assert res.n_showers == 12 and "collision_rate" in res.collisions
+        ev = read_points(run / "gen.parquet")[0]
+        for cells in ev["points"]["cell"].to_list():
+            assert len(cells) == len(set(cells))
+        assert res.n_points >= sum(len(c) for c in ev["points"]["cell"].to_list())
+        # the same showers as voxels: one non-zero voxel per placed point
+        generate(run, e, output=run / "gen.hdf5", device="cpu", batch_size=5, threshold=0.0)
+        with h5py.File(run / "gen.hdf5") as f:
+            vox = f["showers"][:]
+        assert vox.shape == (12, prep.geometry.n_voxels)
+        assert (vox > 0).sum(1).tolist() == [len(c) for c in ev["points"]["cell"].to_list()]
+
+
+def test_bad_configs_give_one_line_errors(toy):
+    _, prep, _ = toy
+    with pytest.raises(ValueError, match=r"critic must be one of pool, meanfield; got 'transformer'") as e:
+        DeepTreeConfig.from_dict({"critic": "transformer"})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"fewer than the \d+ points of the largest training shower.*ds2 = 6,000"):
+        DeepTreeConfig.from_dict({**TINY, "branches": [2, 2], "features": [8, 6, 4]}).with_data(prep)
+    with pytest.raises(ValueError, match="unknown DeepTree config keys"):
+        DeepTreeConfig.from_dict({"branchs": [2]})
+    with pytest.raises(ValueError, match=r"len\(branches\) \+ 1 = 4"):
+        DeepTreeConfig.from_dict({"branches": [2, 2, 5], "features": [8, 4]})
+    with pytest.raises(ValueError, match="preset must be one of auto, ds2, ds3"):
+        DeepTreeConfig.from_dict({"preset": "ds1"})
+    with pytest.raises(ValueError, match="alpha must be one of model, free"):
+        DeepTreeConfig.from_dict({"alpha": "random"})
+
+
+def test_presets_follow_the_geometry():
+    from calopc.geometry import Geometry
+
+    assert math.prod(PRESETS["ds2"]["branches"]) == 6000
+    assert PRESETS["ds2"]["features"] == (64, 25, 15, 10, 8, 6, 4)
+    for ds, preset, n_max in ((2, "ds2", 5187), (3, "ds3", 21570)):  # largest synthetic showers ('calopc synth')
+        prep = Preprocessor(Geometry.calochallenge(ds), variant="II", point_mean=[0.0] * 3, point_std=[1.0] * 3,
+                            n_max=n_max)
+        cfg = DeepTreeConfig().with_data(prep)
+        assert cfg.preset == preset and cfg.leaves >= n_max
+    with pytest.raises(ValueError, match="28,800"):  # the ds2 tree cannot hold ds3 showers
+        DeepTreeConfig.from_dict({"preset": "ds2"}).with_data(prep)
+
+
+def test_training_and_resume_restore_both_networks_and_optimisers(toy_parquet, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from calopc.models import checkpoint as ckpt
+    from calopc.models.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    cfg = {"steps": 2, "batch_size": 8, "warmup": 1, "log_every": 1, "checkpoint_every": 2, "device": "cpu",
+           "progress": False, "ema_decay": 0.9}
+    res = train("deeptree", toy_parquet, run, model_config=TINY, config=TrainConfig(**cfg))
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+    state = torch.load(run / ckpt.STATE, weights_only=True)
+    assert set(state["optimizers"]) == {"generator", "critic", "shower"}
+    saved = load_file(str(run / ckpt.WEIGHTS))
+    assert any(k.startswith("generator.") for k in saved) and any(k.startswith("critic.") for k in saved)
+    assert (run / ckpt.EMA_WEIGHTS).exists()
+
+    seen = {}
+    original = DeepTree.training_step
+
+    def spy(self, batch, step, backward):
+        if not seen:
+            seen["weights"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        return original(self, batch, step, backward)
+
+    monkeypatch.setattr(DeepTree, "training_step", spy)
+    train("deeptree", toy_parquet, run, config=TrainConfig(**{**cfg, "steps": 3}), resume=True)
+    # both networks (and the shower model) start from the checkpoint ...
+    assert seen["weights"].keys() == saved.keys()
+    assert all(torch.equal(seen["weights"][k], v) for k, v in saved.items())
+    # ... and both optimisers continue: Adam's step counters went on from 2 to 3
+    state = torch.load(run / ckpt.STATE, weights_only=True)
+    assert state["step"] == 3
+    for name in ("generator", "critic", "shower"):
+        steps = {float(s["step"]) for s in state["optimizers"][name]["state"].values()}
+        assert steps == {3.0}, name
+    assert state["optimizers"]["generator"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-5)
+    assert state["optimizers"]["critic"]["param_groups"][0]["initial_lr"] == pytest.approx(3e-5)
+
+
+def test_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(toy_parquet, tmp_path, monkeypatch):
+    from calopc.models import checkpoint as ckpt
+    from calopc.models.train import TrainConfig, TrainingDiverged, train
+
+    original = DeepTree.training_step
+
+    def diverging(self, batch, step, backward):
+        out = original(self, batch, step, backward)
+        if step >= 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DeepTree, "training_step", diverging)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        train("deeptree", toy_parquet, run, model_config=TINY,
+              config=TrainConfig(steps=3, batch_size=8, warmup=1, log_every=1, checkpoint_every=1, device="cpu",
+                                 progress=False))
+    assert torch.load(run / ckpt.STATE, weights_only=True)["step"] == 1
