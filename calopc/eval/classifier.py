@@ -165,6 +165,20 @@ def raw_voxels(path, *, max_showers: int | None = None, geometry: Geometry | Non
     return out if total is None else out[:total]
 
 
+def calibrated_scores(p_test: np.ndarray, y_test: np.ndarray, p_val: np.ndarray, y_val: np.ndarray) -> tuple[float, float]:
+    """Official calibration and scores: isotonic regression fitted on the test split, then AUC and
+    JSD = (ln 2 − BCE) / ln 2 of the calibrated probabilities on the validation split."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.metrics import roc_auc_score
+
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-6, y_max=1 - 1e-6)
+    iso.fit(p_test, y_test)
+    p = iso.predict(p_val)
+    auc = float(roc_auc_score(y_val, p))
+    bce = float(-np.mean(y_val * np.log(p) + (1 - y_val) * np.log(1 - p)))
+    return auc, (math.log(2) - bce) / math.log(2)
+
+
 def _resolve_device(device: str):
     import torch
 
@@ -179,8 +193,6 @@ def _resolve_device(device: str):
 def _one_run(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig, seed: int, device: str,
              progress: bool) -> tuple[float, float]:
     import torch
-    from sklearn.isotonic import IsotonicRegression
-    from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -234,14 +246,7 @@ def _one_run(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig, seed: 
         if acc >= 1.0:
             break
     net.load_state_dict(best_state)
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-6, y_max=1 - 1e-6)
-    iso.fit(predict(tens[1]), labels[1])
-    p = iso.predict(predict(tens[2]))
-    y = labels[2]
-    auc = float(roc_auc_score(y, p))
-    bce = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    jsd = (math.log(2) - bce) / math.log(2)
-    return auc, jsd
+    return calibrated_scores(predict(tens[1]), labels[1], predict(tens[2]), labels[2])
 
 
 def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig, *, seed: int = 0,
@@ -258,8 +263,6 @@ def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig,
         inputs: ``inputs(idx, device, dtype) -> tuple`` of the network inputs of pool showers ``idx`` (numpy int64).
     """
     import torch
-    from sklearn.isotonic import IsotonicRegression
-    from sklearn.metrics import roc_auc_score
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
@@ -306,13 +309,7 @@ def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig,
         if acc >= 1.0:
             break
     net.load_state_dict(best_state)
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-6, y_max=1 - 1e-6)
-    iso.fit(predict(pools[1]), labels[1])
-    p = iso.predict(predict(pools[2]))
-    y = labels[2]
-    auc = float(roc_auc_score(y, p))
-    bce = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    return auc, (math.log(2) - bce) / math.log(2)
+    return calibrated_scores(predict(pools[1]), labels[1], predict(pools[2]), labels[2])
 
 
 def classifier_metric(kind: str, x_gen: np.ndarray, x_ref: np.ndarray, *, config: ClassifierConfig | None = None,

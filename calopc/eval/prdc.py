@@ -49,17 +49,6 @@ def prdc_features(showers: np.ndarray, *, zero: float = 0.1, dtype: type = np.fl
     return np.log10(np.where(x > 0, x, dtype(zero)))
 
 
-def _resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        msg = "device 'cuda' requested but torch sees no CUDA device"
-        raise ValueError(msg)
-    return torch.device(device)
-
-
 def _sq_dist(a, b, a2, b2):
     """Squared Euclidean distances between the rows of a ``(B, d)`` and b ``(C, d)``, clipped at 0."""
     return (a2[:, None] + b2[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
@@ -112,6 +101,8 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5, block: int = 4096, d
     if block < 1:
         msg = f"PRDC block must be >= 1, got {block}"
         raise ValueError(msg)
+    from .classifier import _resolve_device
+
     dev = _resolve_device(device)
     tdt = getattr(torch, dtype) if dtype else (torch.float64 if dev.type == "cpu" else torch.float32)
     centre = torch.as_tensor(real.mean(0, dtype=np.float64), device=dev).to(tdt)

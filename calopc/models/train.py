@@ -185,8 +185,8 @@ class _Stepper:
             flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= self.world
-            torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # noqa: SLF001
-            grads = [g.view_as(p) for g, p in zip(grads, params)]
+            chunks = torch.split(flat, [g.numel() for g in grads])
+            torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])  # noqa: SLF001
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         finite = torch.isfinite(gn)

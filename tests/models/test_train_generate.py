@@ -139,13 +139,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_gloo(toy_parquet, tmp_path):
+@pytest.mark.parametrize("model", ["calopointflow", "deeptree"])  # DDP wrapper / custom step with gradient all-reduce
+def test_ddp_two_processes_gloo(toy_parquet, tmp_path, model):
     """2 CPU processes with the gloo backend, the same code path torchrun uses."""
+    if model == "deeptree":
+        pytest.importorskip("torch_geometric")
+        from .test_deeptree import TINY as model_cfg
+    else:
+        model_cfg = TINY
     out = tmp_path / "ddp"
     script = (
         "import sys, torch; torch.set_num_threads(1)\n"
         "from calopc.models.train import train, TrainConfig\n"
-        f"r = train('calopointflow', {str(toy_parquet)!r}, {str(out)!r}, model_config={TINY!r},\n"
+        f"r = train({model!r}, {str(toy_parquet)!r}, {str(out)!r}, model_config={model_cfg!r},\n"
         "          config=TrainConfig(steps=3, batch_size=4, log_every=1, device='cpu', progress=False))\n"
         "print('RESULT', r['world_size'], r['steps'])\n"
     )
