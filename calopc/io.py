@@ -610,6 +610,11 @@ class ShowerWriter:
         self.n += n
         check_interrupt()
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Set root attributes of the file (e.g. statistics known only at the end); before :meth:`close`."""
+        for k, v in attrs.items():
+            self._f.attrs[k] = v
+
     def close(self) -> None:
         if self._f is None:
             return

@@ -176,8 +176,10 @@ def _fpd_calopc(real: np.ndarray, gen: np.ndarray, *, min_samples: int, max_samp
     return float(coef[1]), float(np.sqrt(cov[1, 1]))
 
 
-def _kernel_sum(x: np.ndarray, y: np.ndarray, gamma: float, degree: int, block: int = 2048) -> float:
-    """Σ_ij (x_i·y_j γ + 1)^degree, in row blocks (no N×M matrix; integer power by multiplication)."""
+def _kernel_sum(x: np.ndarray, y: np.ndarray, gamma: float, degree: int, block: int = 2048,
+                wx: np.ndarray | None = None, wy: np.ndarray | None = None) -> float:
+    """Σ_ij wx_i wy_j (x_i·y_j γ + 1)^degree (weights 1 when not given), in row blocks (no N×M
+    matrix; integer power by multiplication)."""
     total = 0.0
     for i in range(0, len(x), block):
         t = x[i:i + block] @ y.T
@@ -190,8 +192,26 @@ def _kernel_sum(x: np.ndarray, y: np.ndarray, gamma: float, degree: int, block: 
             if e & 1:
                 p *= t
             e >>= 1
-        total += float(p.sum())
+        if wy is not None:
+            p = p @ wy
+        total += float(p.sum() if wx is None else wx[i:i + block] @ p)
     return total
+
+
+def _mmd_poly_resampled(x: np.ndarray, ix: np.ndarray, y: np.ndarray, iy: np.ndarray, degree: int) -> float:
+    """:func:`mmd_poly_unbiased` of ``x[ix]`` and ``y[iy]`` (draws with repeats), from the samples
+    themselves with each row weighted by how often it was drawn: the same number up to rounding,
+    at the cost of the sample sizes rather than the draw sizes."""
+    gamma = 1.0 / x.shape[1]
+    m, n = len(ix), len(iy)
+    wx = np.bincount(ix, minlength=len(x)).astype(np.float64)
+    wy = np.bincount(iy, minlength=len(y)).astype(np.float64)
+    dx = (np.einsum("ij,ij->i", x, x) * gamma + 1.0) ** degree
+    dy = (np.einsum("ij,ij->i", y, y) * gamma + 1.0) ** degree
+    kxx = _kernel_sum(x, x, gamma, degree, wx=wx, wy=wx) - float(wx @ dx)
+    kyy = _kernel_sum(y, y, gamma, degree, wx=wy, wy=wy) - float(wy @ dy)
+    kxy = _kernel_sum(x, y, gamma, degree, wx=wx, wy=wy)
+    return float(kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * kxy / (m * n))
 
 
 def mmd_poly_unbiased(x: np.ndarray, y: np.ndarray, *, degree: int = 4) -> float:
@@ -227,9 +247,12 @@ def kpd(real: np.ndarray, gen: np.ndarray, *, estimator: str = "official", num_b
     if estimator == "official":
         for i in range(num_batches):
             rng = np.random.default_rng(seed + i * 1000)
-            r = real[rng.choice(len(real), size=batch_size)]
-            g = gen[rng.choice(len(gen), size=batch_size)]
-            vals.append(mmd_poly_unbiased(r, g, degree=degree))
+            ir = rng.choice(len(real), size=batch_size)
+            ig = rng.choice(len(gen), size=batch_size)
+            if len(real) + len(gen) < 2 * batch_size:  # draws larger than the samples: weight the rows
+                vals.append(_mmd_poly_resampled(real, ir, gen, ig, degree))
+            else:
+                vals.append(mmd_poly_unbiased(real[ir], gen[ig], degree=degree))
         lo, hi = np.percentile(vals, [16.275, 83.725])
         return float(np.median(vals)), float((hi - lo) / 2)
     n_max = min(len(real), len(gen))

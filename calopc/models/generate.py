@@ -335,7 +335,10 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                         stats[k] = stats.get(k, 0) + v
                 yield e, pl
 
-    info = {"model": loaded.name, "run_dir": str(run_dir), "seed": seed}
+    # recorded in the output: voxelize re-applies the threshold and dtype of a points file, and
+    # calopc compare reads the generation time and collision share
+    info = {"model": loaded.name, "run_dir": str(run_dir), "seed": seed, "threshold": float(thr), "dtype": "float32",
+            "incident_dtype": "float64", "device": str(dev)}
     n_vox = geo.n_voxels
     try:
         with contextlib.ExitStack() as stack:
@@ -365,6 +368,11 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
             if writer is not None:
                 writer.close()
                 writer = None
+            if kind == "voxels":
+                inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
+                w.set_attrs({**{k: v for k, v in info.items() if k != "dtype"},
+                             "generation_time_s": timing["sampling"] + timing["placing"],
+                             "collision_rate": stats.get("n_collisions", 0) / inside if inside else 0.0})
     finally:
         if bar is not None:
             bar.close()

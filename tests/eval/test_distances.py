@@ -166,3 +166,16 @@ def test_calopc_small_samples_still_extrapolate_and_spread():
     with pytest.warns(RuntimeWarning, match="KPD: only 600"):
         _, err = kpd(a, b, estimator="calopc", batch_size=10_000)
     assert err > 0
+
+
+def test_resampled_moments_and_mmd_equal_the_direct_computation():
+    """Draws with replacement larger than the sample are computed from weighted rows: same numbers."""
+    from calopc.eval.distances import _mmd_poly_resampled, _resampled_moments, mmd_poly_unbiased
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 5)), rng.normal(size=(30, 5)) + 0.3
+    ix, iy = rng.choice(40, size=300), rng.choice(30, size=250)
+    mean, cov = _resampled_moments(x, ix)
+    np.testing.assert_allclose(mean, x[ix].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x[ix], rowvar=False), rtol=1e-10, atol=1e-13)
+    assert _mmd_poly_resampled(x, ix, y, iy, 4) == pytest.approx(mmd_poly_unbiased(x[ix], y[iy], degree=4), rel=1e-10)

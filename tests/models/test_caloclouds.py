@@ -280,3 +280,15 @@ def test_generate_model_kwargs_are_checked(toy_run, cc_run):
     with pytest.raises(ValueError, match=r"generation options \['stpes'\]"):
         generate(cc_run, np.array([1e4]), device="cpu", model_kwargs={"stpes": 2})
     assert generate(cc_run, np.array([1e4, 2e4]), device="cpu", model_kwargs={"steps": 2}).n_showers == 2
+
+
+def test_coupling_shower_model_option(data):
+    """``shower_passes=2``: the shared shower model as a coupling flow (2 passes to sample instead of 2L)."""
+    prep = data[1]
+    m = make(prep, shower_passes=2)
+    assert m.shower.flow.transform.transforms[0].passes == 2
+    assert make(prep).shower.flow.transform.transforms[0].passes == 6  # default: autoregressive over the 2L features
+    cond = torch.zeros(4, 1)
+    s = m.shower.sample(cond)
+    assert s.shape == (4, 6) and torch.isfinite(s).all()
+    assert torch.isfinite(m.shower.loss(cond, s))

@@ -314,3 +314,8 @@ def test_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(toy_par
               config=TrainConfig(steps=3, batch_size=8, warmup=1, log_every=1, checkpoint_every=1, device="cpu",
                                  progress=False))
     assert torch.load(run / ckpt.STATE, weights_only=True)["step"] == 1
+
+
+def test_coupling_shower_model_option(toy):
+    _, prep, _ = toy
+    assert _model(prep, shower_passes=2).shower_model.flow.transform.transforms[0].passes == 2

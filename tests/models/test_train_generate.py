@@ -238,6 +238,25 @@ def test_generate_parquet_points_are_placed_and_agree_with_hdf5(toy_run, tmp_pat
     assert set(r_pq.collisions) >= {"n_collisions", "n_merged", "n_moved", "collision_rate", "n_outside"}
 
 
+def test_generated_files_record_threshold_dtype_time_and_collisions(toy_run, tmp_path):
+    """generate -o x.parquet then voxelize equals generate -o x.hdf5 with the defaults; the HDF5 file carries
+    the generation time and collision share that calopc compare reads."""
+    import h5py
+
+    from calopc.converters import voxelize_file
+
+    e = parse_energies("log-uniform:1e3:1e5", 10, seed=5)
+    generate(toy_run, e, output=tmp_path / "g.parquet", seed=4, batch_size=4, device="cpu", threshold=0.3)
+    r = generate(toy_run, e, output=tmp_path / "g.hdf5", seed=4, batch_size=4, device="cpu", threshold=0.3)
+    voxelize_file(tmp_path / "g.parquet", tmp_path / "v.hdf5")
+    with h5py.File(tmp_path / "g.hdf5") as a, h5py.File(tmp_path / "v.hdf5") as b:
+        assert a["showers"].dtype == b["showers"].dtype == np.float32
+        np.testing.assert_array_equal(a["showers"][()], b["showers"][()])
+        assert a.attrs["threshold"] == 0.3 and a.attrs["model"] == "calopointflow"
+        assert a.attrs["generation_time_s"] > 0
+        assert a.attrs["collision_rate"] == pytest.approx(r.collisions["collision_rate"])
+
+
 def test_parse_energies_rejects_bad_files_and_counts(toy_parquet, tmp_path):
     with pytest.raises(ValueError, match=r"-n 1000: --energies .* holds only 48"):
         parse_energies(str(toy_parquet), 1000)
