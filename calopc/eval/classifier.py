@@ -165,6 +165,23 @@ def raw_voxels(path, *, max_showers: int | None = None, geometry: Geometry | Non
     return out if total is None else out[:total]
 
 
+def _fit_best(net, epochs: int, epoch, accuracy, *, desc: str, progress: bool) -> None:
+    """The official schedule: ``epochs`` calls of ``epoch()``, keeping the weights with the best test
+    accuracy (``accuracy()``), stopping early at 100 %; the best weights are loaded at the end."""
+    from tqdm.auto import tqdm
+
+    best_acc, best_state = -1.0, None
+    for _ in tqdm(range(epochs), desc=desc, disable=None if progress else True, leave=False):
+        epoch()
+        acc = accuracy()
+        if acc > best_acc:
+            best_acc = acc
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if acc >= 1.0:
+            break
+    net.load_state_dict(best_state)
+
+
 def calibrated_scores(p_test: np.ndarray, y_test: np.ndarray, p_val: np.ndarray, y_val: np.ndarray) -> tuple[float, float]:
     """Official calibration and scores: isotonic regression fitted on the test split, then AUC and
     JSD = (ln 2 − BCE) / ln 2 of the calibrated probabilities on the validation split."""
@@ -227,11 +244,9 @@ def _one_run(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig, seed: 
         net.train()
         return out.cpu().numpy()
 
-    best_acc, best_state = -1.0, None
     n = len(tens[0])
-    from tqdm.auto import tqdm
 
-    for _ in tqdm(range(cfg.epochs), desc=f"classifier (seed {seed})", disable=None if progress else True, leave=False):
+    def epoch() -> None:
         perm = torch.randperm(n, device=dev)
         for i in range(0, n, cfg.batch_size):
             b = perm[i:i + cfg.batch_size]
@@ -239,13 +254,9 @@ def _one_run(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig, seed: 
             loss = loss_fn(net(tens[0][b]).squeeze(1), labs[0][b])
             loss.backward()
             opt.step()
-        acc = float(((predict(tens[1]) > 0.5) == labels[1]).mean())
-        if acc > best_acc:
-            best_acc = acc
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if acc >= 1.0:
-            break
-    net.load_state_dict(best_state)
+
+    _fit_best(net, cfg.epochs, epoch, lambda: float(((predict(tens[1]) > 0.5) == labels[1]).mean()),
+              desc=f"classifier (seed {seed})", progress=progress)
     return calibrated_scores(predict(tens[1]), labels[1], predict(tens[2]), labels[2])
 
 
@@ -263,7 +274,6 @@ def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig,
         inputs: ``inputs(idx, device, dtype) -> tuple`` of the network inputs of pool showers ``idx`` (numpy int64).
     """
     import torch
-    from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -292,9 +302,9 @@ def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig,
         net.train()
         return out.double().cpu().numpy()
 
-    best_acc, best_state = -1.0, None
     n_train = len(pools[0])
-    for _ in tqdm(range(cfg.epochs), desc=f"{desc} (seed {seed})", disable=None if progress else True, leave=False):
+
+    def epoch() -> None:
         perm = pools[0][rng.permutation(n_train)]
         for i in range(0, n_train, cfg.batch_size):
             b = perm[i:i + cfg.batch_size]
@@ -302,13 +312,9 @@ def train_classifier(net, inputs, n_gen: int, n_ref: int, cfg: ClassifierConfig,
             loss = loss_fn(logits(b), torch.as_tensor((b >= n_gen).astype(np.float64), dtype=dtype, device=dev))
             loss.backward()
             opt.step()
-        acc = float(((predict(pools[1]) > 0.5) == labels[1]).mean())
-        if acc > best_acc:
-            best_acc = acc
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if acc >= 1.0:
-            break
-    net.load_state_dict(best_state)
+
+    _fit_best(net, cfg.epochs, epoch, lambda: float(((predict(pools[1]) > 0.5) == labels[1]).mean()),
+              desc=f"{desc} (seed {seed})", progress=progress)
     return calibrated_scores(predict(pools[1]), labels[1], predict(pools[2]), labels[2])
 
 
