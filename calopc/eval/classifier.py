@@ -27,6 +27,8 @@ __all__ = [
     "OFFICIAL_SPLITS",
     "ClassifierConfig",
     "ClassifierResult",
+    "calibrated_scores",
+    "check_sample_sizes",
     "classifier_inputs",
     "classifier_metric",
     "official_split",
@@ -182,6 +184,17 @@ def _fit_best(net, epochs: int, epoch, accuracy, *, desc: str, progress: bool) -
     net.load_state_dict(best_state)
 
 
+def check_sample_sizes(n_gen: int, n_ref: int, what: str) -> None:
+    """A classifier metric needs as many generated as reference showers (official set-up), at least 10 each."""
+    if n_gen != n_ref:
+        msg = (f"{what} needs as many generated as reference showers (official set-up), "
+               f"got {n_gen} and {n_ref}; pass max_showers or use equal samples")
+        raise ValueError(msg)
+    if n_gen < 10:
+        msg = f"{what} needs at least 10 showers per sample, got {n_gen}"
+        raise ValueError(msg)
+
+
 def calibrated_scores(p_test: np.ndarray, y_test: np.ndarray, p_val: np.ndarray, y_val: np.ndarray) -> tuple[float, float]:
     """Official calibration and scores: isotonic regression fitted on the test split, then AUC and
     JSD = (ln 2 − BCE) / ln 2 of the calibrated probabilities on the validation split."""
@@ -322,13 +335,7 @@ def classifier_metric(kind: str, x_gen: np.ndarray, x_ref: np.ndarray, *, config
                       seeds: int = 1, seed: int = 0, device: str = "auto", progress: bool = False) -> ClassifierResult:
     """Train the classifier ``seeds`` times; AUC and JSD as mean ± standard deviation."""
     cfg = config or ClassifierConfig()
-    if len(x_gen) != len(x_ref):
-        msg = (f"the classifier needs as many generated as reference showers (official set-up), "
-               f"got {len(x_gen)} and {len(x_ref)}; pass max_showers or use equal samples")
-        raise ValueError(msg)
-    if len(x_gen) < 10:
-        msg = f"the classifier needs at least 10 showers per sample, got {len(x_gen)}"
-        raise ValueError(msg)
+    check_sample_sizes(len(x_gen), len(x_ref), "the classifier")
     aucs, jsds = [], []
     for s in range(seeds):
         a, j = _one_run(x_gen, x_ref, cfg, seed + s, device, progress)

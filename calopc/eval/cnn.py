@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry import Geometry
-from .classifier import ClassifierConfig, ClassifierResult, official_split, train_classifier
+from .classifier import ClassifierConfig, ClassifierResult, check_sample_sizes, official_split, train_classifier
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,17 @@ def _torch():
     from .._extras import torch
 
     return torch()
+
+
+def _stages(block, cfg: CNNConfig) -> tuple[list, int]:
+    """The ResNet stages: ``cfg.blocks[i]`` blocks of width ``cfg.widths[i]``, the first of each stage after
+    the first with stride 2; returns the blocks and the width they end with."""
+    layers, cin = [], cfg.widths[0]
+    for i, (cout, n) in enumerate(zip(cfg.widths, cfg.blocks)):
+        for j in range(n):
+            layers.append(block(cin, cout, 2 if (i > 0 and j == 0) else 1))
+            cin = cout
+    return layers, cin
 
 
 def _build_dense(shape: tuple[int, int, int], cfg: CNNConfig):
@@ -113,11 +124,7 @@ def _build_dense(shape: tuple[int, int, int], cfg: CNNConfig):
             self.shape = shape
             self.conv1, self.bn1 = Conv(1, w[0], cfg.conv1_kernel, 2), nn.BatchNorm3d(w[0])
             self.pool = MaxPool() if cfg.max_pool else nn.Identity()
-            layers, cin = [], w[0]
-            for i, (cout, n) in enumerate(zip(w, cfg.blocks)):
-                for j in range(n):
-                    layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                    cin = cout
+            layers, cin = _stages(Block, cfg)
             self.layers = nn.Sequential(*layers)
             self.e_norm = nn.BatchNorm1d(1)
             self.fc = nn.Linear(cin + 1, 1)
@@ -163,11 +170,7 @@ def _build_sparse(cfg: CNNConfig):
             self.conv1 = snn.SparseConv3d(1, w[0], cfg.conv1_kernel, 2, **kw)
             self.bn1 = snn.SparseBatchNorm(w[0])
             self.pool = snn.SparseMaxPool3d(3, 2, 1, **kw) if cfg.max_pool else None
-            layers, cin = [], w[0]
-            for i, (cout, n) in enumerate(zip(w, cfg.blocks)):
-                for j in range(n):
-                    layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                    cin = cout
+            layers, cin = _stages(Block, cfg)
             self.layers = nn.Sequential(*layers)
             if cfg.sparse_pool not in ("grid", "occupied"):
                 msg = f"sparse_pool must be 'grid' or 'occupied', got {cfg.sparse_pool!r}"
@@ -297,13 +300,7 @@ def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray,
     from ..sparse import require_regular
 
     require_regular(geometry, f"the cls-{kind} classifier")
-    if len(gen) != len(ref):
-        msg = (f"the CNN classifier needs as many generated as reference showers (official set-up), "
-               f"got {len(gen)} and {len(ref)}; pass max_showers or use equal samples")
-        raise ValueError(msg)
-    if len(gen) < 10:
-        msg = f"the CNN classifier needs at least 10 showers per sample, got {len(gen)}"
-        raise ValueError(msg)
+    check_sample_sizes(len(gen), len(ref), "the CNN classifier")
     for name, a in (("generated", gen), ("reference", ref)):
         if np.asarray(a).ndim != 2 or np.asarray(a).shape[1] != geometry.n_voxels:
             msg = (f"{name} showers must have shape (N, {geometry.n_voxels}) for geometry {geometry.name!r}, "

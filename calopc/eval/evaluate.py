@@ -40,6 +40,14 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _require_equal_sizes(g_s: Sample, r_s: Sample) -> None:
+    """The classifiers (official set-up) compare samples of equal size."""
+    if len(g_s) != len(r_s):
+        msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
+               f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
+        raise ValueError(msg)
+
+
 def evaluate(
     gen: str | os.PathLike,
     ref: str | os.PathLike,
@@ -154,10 +162,7 @@ def evaluate(
         if f"cls-{kind}" not in metrics:
             continue
         t = time.perf_counter()
-        if len(g_s) != len(r_s):
-            msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
-                   f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
-            raise ValueError(msg)
+        _require_equal_sizes(g_s, r_s)
         n = len(g_s)
         if kind == "high":
             xg, xr = hl_gen[:n], hl_ref[:n]
@@ -201,10 +206,7 @@ def evaluate(
         from .cnn import CNNConfig, cnn_metric
 
         t = time.perf_counter()
-        if len(g_s) != len(r_s):
-            msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
-                   f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
-            raise ValueError(msg)
+        _require_equal_sizes(g_s, r_s)
         n = len(g_s)
         cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size, **(cnn_options or {})})
         r = cnn_metric(kind, g_s.low[:n], g_s.features.e_inc[:n], r_s.low[:n], r_s.features.e_inc[:n], geo,

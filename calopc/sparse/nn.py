@@ -53,7 +53,21 @@ class _Base(nn.Module):
                 f"backend={self.backend!r}")
 
 
-class SparseConv3d(_Base):
+class _Conv(_Base):
+    """What the convolutions share: a kernel ``(K, C_in, C_out)`` (Kaiming-uniform, as ``nn.Conv3d``) and a bias."""
+
+    def _init_kernel(self, in_channels: int, out_channels: int, bias: bool) -> None:
+        k = math.prod(self.kernel)
+        self.weight = nn.Parameter(torch.empty(k, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight.view(k * in_channels, out_channels).T, a=math.sqrt(5))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1])
+
+
+class SparseConv3d(_Conv):
     """Sparse 3-D convolution over ``(layer, α, r)``.
 
     Args:
@@ -86,14 +100,7 @@ class SparseConv3d(_Base):
                    f"{self.kernel}, stride {self.stride}, padding {self.padding}")
             raise ValueError(msg)
         self.output = output
-        k = math.prod(self.kernel)
-        self.weight = nn.Parameter(torch.empty(k, in_channels, out_channels))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.kaiming_uniform_(self.weight.view(k * in_channels, out_channels).T, a=math.sqrt(5))
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.weight.shape[1])
+        self._init_kernel(in_channels, out_channels, bias)
 
     @property
     def out_channels(self) -> int:
@@ -118,7 +125,7 @@ class SubMConv3d(SparseConv3d):
                          wrap_alpha=wrap_alpha, backend=backend)
 
 
-class SparseConvTranspose3d(_Base):
+class SparseConvTranspose3d(_Conv):
     """Transposed convolution: the exact adjoint of :class:`SparseConv3d` with the same kernel, stride and padding.
 
     The output cells are those of ``target`` (e.g. the encoder tensor of that resolution) or, without
@@ -134,14 +141,7 @@ class SparseConvTranspose3d(_Base):
         kern = _triple(kernel_size, "kernel_size")
         super().__init__(kern, stride, tuple(k // 2 if k % 2 else 0 for k in kern) if padding is None else padding,
                          wrap_alpha, backend)
-        k = math.prod(self.kernel)
-        self.weight = nn.Parameter(torch.empty(k, in_channels, out_channels))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.kaiming_uniform_(self.weight.view(k * in_channels, out_channels).T, a=math.sqrt(5))
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.weight.shape[1])
+        self._init_kernel(in_channels, out_channels, bias)
 
     def forward(self, x: SparseShowers, target: SparseShowers | None = None, *,
                 output_shape: tuple[int, int, int] | None = None) -> SparseShowers:
