@@ -22,6 +22,7 @@ __all__ = [
     "dense_weight",
     "global_pool",
     "pool",
+    "schedule",
     "sparse_weight",
 ]
 
@@ -33,31 +34,79 @@ from .kernel import KernelMap
 #: padded pairs × channels of one batched gather–GEMM–scatter chunk (bounds the transient memory)
 CHUNK_ELEMS = 1 << 24
 
-#: ``"loop"`` (one gather, GEMM and scatter per kernel offset), ``"batched"`` (offsets padded into chunks:
-#: one gather, ``bmm`` and scatter per chunk) or ``"auto"``: batched on CUDA, where the per-offset loop is
-#: bound by kernel launches, loop on the CPU, where it is faster (no padding, contiguous GEMMs)
+#: Schedule of the gather–GEMM–scatter:
+#:
+#: * ``"loop"``: one gather, GEMM and scatter per kernel offset (no padding, contiguous GEMMs);
+#: * ``"batched"``: offsets padded to the largest offset of a chunk: one gather, ``bmm`` and scatter per chunk;
+#: * ``"grouped"``: one gather, one ``torch.nn.functional.grouped_mm`` over all offsets (jagged groups,
+#:   no padding) and one scatter (float32 / bfloat16 / float16 with channel counts whose rows are multiples
+#:   of 16 bytes; otherwise ``"loop"``);
+#: * ``"gather"``: output-stationary over the map's neighbour table (kernels ≤ 3×3×3): ``im2col`` rows
+#:   ``(P_out, K · C_in)`` times the ``(K · C_in, C_out)`` weight in chunks; no scatter and, for submanifold
+#:   maps, no scatter in the backward pass either (deterministic on every device); empty neighbours are
+#:   multiplied as zero rows, so it pays where the table is full enough (:data:`GATHER_MIN_FILL`);
+#: * ``"auto"`` (default): ``"gather"`` for maps with a table at least :data:`GATHER_MIN_FILL` full, else
+#:   ``"grouped"`` on CUDA and ``"loop"`` on the CPU.
 EXECUTION = "auto"
+SCHEDULES = ("auto", "loop", "batched", "grouped", "gather")
+
+#: neighbour-table fill (pairs / (K · P_out)) from which ``"auto"`` uses the output-stationary ``"gather"``
+GATHER_MIN_FILL = 0.25
 
 
-def _batched(feats: torch.Tensor) -> bool:
-    return EXECUTION == "batched" or (EXECUTION == "auto" and feats.device.type == "cuda")
+def _grouped_ok(feats: torch.Tensor, c_in: int, c_out: int) -> bool:
+    if not hasattr(F, "grouped_mm") or feats.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    per16 = 16 // feats.element_size()
+    return c_in % per16 == 0 and c_out % per16 == 0
+
+
+def schedule(kmap: KernelMap, feats: torch.Tensor, c_in: int, c_out: int, transpose: bool) -> str:
+    """The schedule :data:`EXECUTION` gives for this map, features and channels (see there)."""
+    mode = EXECUTION
+    if mode not in SCHEDULES:
+        msg = f"calopc.sparse.functional.EXECUTION must be one of {', '.join(SCHEDULES)}, got {mode!r}"
+        raise ValueError(msg)
+    if mode == "auto":
+        if kmap.table is not None and not transpose and kmap.fill >= GATHER_MIN_FILL:
+            return "gather"
+        mode = "grouped" if feats.device.type == "cuda" else "loop"
+    if mode == "gather" and (kmap.table is None or transpose):
+        mode = "loop"
+    if mode == "grouped" and not _grouped_ok(feats, c_in, c_out):
+        mode = "batched" if feats.device.type == "cuda" else "loop"
+    return mode
+
+
+def _rows_per_chunk(k: int, c: int) -> int:
+    return max(1, CHUNK_ELEMS // max(1, k * c))
 
 
 class _GatherGemmScatter(torch.autograd.Function):
     """``out[o] += feats[i] @ weight[k]`` over the pairs of a kernel map (``transpose``: roles of i and o swapped).
 
     Only the features, the weight and the (cached) kernel map are kept for the backward pass. The identity
-    offset of a submanifold map is a plain matrix product. See :data:`EXECUTION` for the two schedules.
+    offset of a submanifold map is a plain matrix product. See :data:`EXECUTION` for the schedules.
     """
 
     @staticmethod
     def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, transpose: bool) -> torch.Tensor:
         n_dst = kmap.n_in if transpose else kmap.n_out
         c_in, c_out = weight.shape[1], weight.shape[2]
+        mode = schedule(kmap, feats, c_in, c_out, transpose)
+        ctx.save_for_backward(feats, weight)
+        ctx.kmap, ctx.transpose, ctx.mode = kmap, transpose, mode
+        if mode == "gather":
+            return _gather_forward(feats, weight, kmap)
         out = feats.new_zeros(n_dst + 1, c_out)
+        if mode == "grouped":
+            src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
+            y = F.grouped_mm(feats.index_select(0, src), weight, offs=kmap.offs())
+            out.index_add_(0, dst.long(), y)
+            return out[:n_dst]
         if kmap.identity is not None:
             out[:n_dst] += feats @ weight[kmap.identity]
-        if _batched(feats):
+        if mode == "batched":
             # padding sentinels: n_in in ip, n_out in op, i.e. the extra zero row of the source / dropped output row
             xz = torch.cat([feats, feats.new_zeros(1, c_in)])
             for offs, ip, op in kmap.chunks(max(1, CHUNK_ELEMS // max(c_in, c_out))):
@@ -71,26 +120,36 @@ class _GatherGemmScatter(torch.autograd.Function):
                 src, dst = (o, i) if transpose else (i, o)
                 # int32 maps: index_select is fast with them, index_add_ needs int64 for its fast path
                 out.index_add_(0, dst.long(), feats.index_select(0, src) @ weight[k])
-        ctx.save_for_backward(feats, weight)
-        ctx.kmap, ctx.transpose = kmap, transpose
         return out[:n_dst]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         feats, weight = ctx.saved_tensors
-        kmap, transpose = ctx.kmap, ctx.transpose
+        kmap, transpose, mode = ctx.kmap, ctx.transpose, ctx.mode
+        grad = grad.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if mode == "gather":
+            gx, gw = _gather_backward(feats, weight, kmap, grad, need_x, need_w)
+            return gx, gw, None, None
         n_src = kmap.n_out if transpose else kmap.n_in
         c_in, c_out = weight.shape[1], weight.shape[2]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx = feats.new_zeros(n_src + 1, c_in) if need_x else None
         gw = torch.zeros_like(weight) if need_w else None
+        if mode == "grouped":
+            src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
+            g = grad.index_select(0, dst)
+            if need_x:
+                gx.index_add_(0, src.long(), F.grouped_mm(g, weight.transpose(1, 2), offs=kmap.offs()))
+            if need_w:
+                gw = F.grouped_mm(feats.index_select(0, src).T, g, offs=kmap.offs())
+            return (gx[:n_src] if need_x else None), gw, None, None
         if kmap.identity is not None:
             if need_x:
                 gx[:n_src] += grad @ weight[kmap.identity].T
             if need_w:
                 gw[kmap.identity] = feats.T @ grad
-        if _batched(feats):
+        if mode == "batched":
             xz = torch.cat([feats, feats.new_zeros(1, c_in)])
             gz = torch.cat([grad, grad.new_zeros(1, c_out)])
             for offs, ip, op in kmap.chunks(max(1, CHUNK_ELEMS // max(c_in, c_out))):
@@ -112,6 +171,57 @@ class _GatherGemmScatter(torch.autograd.Function):
                 if need_w:
                     gw[k] = feats.index_select(0, src).T @ g
         return (gx[:n_src] if need_x else None), gw, None, None
+
+
+def _gather_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    """Output-stationary product over the neighbour table: ``out = im2col(feats) @ weight`` in row chunks."""
+    k, c_in, c_out = weight.shape
+    xz = torch.cat([feats, feats.new_zeros(1, c_in)])
+    w2 = weight.reshape(k * c_in, c_out)
+    out = feats.new_empty(kmap.n_out, c_out)
+    step = _rows_per_chunk(k, c_in)
+    tab = kmap.table
+    for a in range(0, kmap.n_out, step):
+        t = tab[:, a:a + step].T.reshape(-1)  # (rows · K,) output-major
+        cols = xz.index_select(0, t).view(-1, k * c_in)
+        torch.mm(cols, w2, out=out[a:a + step])
+    return out
+
+
+def _gather_backward(feats, weight, kmap: KernelMap, grad, need_x: bool, need_w: bool):
+    k, c_in, c_out = weight.shape
+    n_in, n_out = kmap.n_in, kmap.n_out
+    tab = kmap.table
+    gw = None
+    if need_w:
+        xz = torch.cat([feats, feats.new_zeros(1, c_in)])
+        acc = feats.new_zeros(k * c_in, c_out)
+        step = _rows_per_chunk(k, c_in)
+        for a in range(0, n_out, step):
+            cols = xz.index_select(0, tab[:, a:a + step].T.reshape(-1)).view(-1, k * c_in)
+            acc.addmm_(cols.T, grad[a:a + step])
+        gw = acc.view(k, c_in, c_out)
+    gx = None
+    if need_x:
+        if kmap.symmetric:
+            # input i is read by output tab[K-1-k][i] at offset k: a gather of the gradient, no scatter
+            gz = torch.cat([grad, grad.new_zeros(1, c_out)])
+            wt = weight.transpose(1, 2).reshape(k * c_out, c_in)
+            gx = feats.new_empty(n_in, c_in)
+            step = _rows_per_chunk(k, c_out)
+            rev = tab.flip(0)
+            for a in range(0, n_in, step):
+                cols = gz.index_select(0, rev[:, a:a + step].T.reshape(-1)).view(-1, k * c_out)
+                torch.mm(cols, wt, out=gx[a:a + step])
+        else:
+            gxz = feats.new_zeros(n_in + 1, c_in)
+            w2t = weight.reshape(k * c_in, c_out).T
+            step = _rows_per_chunk(k, c_in)
+            for a in range(0, n_out, step):
+                rows = (grad[a:a + step] @ w2t).view(-1, c_in)  # (rows · K, C_in) output-major
+                gxz.index_add_(0, tab[:, a:a + step].T.reshape(-1).long(), rows)
+            gx = gxz[:n_in]
+    return gx, gw
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, *, transpose: bool = False,

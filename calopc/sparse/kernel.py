@@ -15,7 +15,8 @@ Output coordinates (``policy``):
   (exactly the support of the dense result).
 
 A kernel map lists, per kernel offset, the pairs ``(input row, output row)``. It is
-built output-driven: for every output cell and offset the input key is computed
+built output-driven, on the device (one ``nonzero`` and one read of the per-offset counts per map, none
+per offset; maps are cached, so a batch pays them once per resolution): for every output cell and offset the input key is computed
 and looked up with ``searchsorted`` in the sorted input keys (or, for batch grids up
 to :data:`DIRECT_TABLE_MAX` cells, in a direct-address table of the keys). Maps and output
 coordinates are stored in the batch's shared ``ctx`` and reused by every layer with
@@ -155,6 +156,9 @@ def transposed_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding:
     return out
 
 
+#: kernels with at most this many offsets keep their neighbour table (:attr:`KernelMap.table`)
+TABLE_MAX_OFFSETS = 27
+
 #: largest batch grid (showers · cells) looked up through a direct-address table instead of a binary search
 DIRECT_TABLE_MAX = 1 << 25
 
@@ -200,6 +204,11 @@ class KernelMap:
 
     Offsets are numbered ``(j_layer · k_alpha + j_alpha) · k_r + j_r``. ``identity`` is the offset whose
     pairs are ``(i, i)`` for every row (the centre of a submanifold convolution), if any.
+
+    ``table`` (kept for kernels of at most :data:`TABLE_MAX_OFFSETS` offsets) is the same map as a
+    ``(K, n_out)`` neighbour table: the input row each output reads at each offset, ``n_in`` (a zero row)
+    where there is none. ``symmetric`` marks submanifold maps, where output ``o`` reads ``i`` at offset ``k``
+    exactly when ``i`` reads ``o`` at offset ``K − 1 − k`` (so the backward pass is a gather too).
     """
 
     in_idx: torch.Tensor
@@ -208,6 +217,21 @@ class KernelMap:
     n_in: int
     n_out: int
     identity: int | None = None
+    table: torch.Tensor | None = None
+    symmetric: bool = False
+
+    @property
+    def fill(self) -> float:
+        """Pairs over ``K · n_out``: the share of the neighbour table that holds a cell."""
+        return self.n_pairs / max(1, len(self.splits) * self.n_out)
+
+    def offs(self) -> torch.Tensor:
+        """``(K,)`` int32 end of each offset's pairs (``cumsum(splits)``) on the map's device, cached."""
+        o = self.__dict__.get("_offs")
+        if o is None:
+            o = torch.tensor(self.splits, dtype=torch.long).cumsum(0).to(torch.int32).to(self.in_idx.device)
+            self.__dict__["_offs"] = o
+        return o
 
     @property
     def n_pairs(self) -> int:
@@ -281,34 +305,26 @@ def kernel_map(x: SparseShowers, out: SparseShowers, kernel: Triple, stride: Tri
     base = oc[:, 0].to(kt) * L
     find = _finder(x)
     K = kl * ka * kr
-    # submanifold maps are symmetric: the pairs of offset K-1-j are those of offset j swapped
-    symmetric = (x.cid == out.cid and all(s == 1 for s in stride) and all(k % 2 == 1 for k in kernel)
-                 and all(p == k // 2 for p, k in zip(padding, kernel)))
-    groups: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * K
+    # (K, P_out) input row of every (offset, output) pair, -1 where the cell is empty or outside the grid: built
+    # plane by plane of layer offsets into one preallocated table, all on the device (no host read per offset)
+    idx_t = torch.int32 if n_in < 2**31 - 1 else torch.long
+    table = torch.empty((K, n_out), dtype=idx_t, device=dev)
     ia_t, ir_t = ia.T, ir.T  # (ka, P_out), (kr, P_out)
     ok_ar = ((ia_t >= 0)[:, None, :] & (ir_t >= 0)[None, :, :]).reshape(ka * kr, n_out)
-    rows = torch.arange(n_out, device=dev, dtype=torch.int32 if n_out < 2**31 else torch.long).repeat(ka * kr)
-    for jl in range(kl // 2 + 1 if symmetric else kl):
+    for jl in range(kl):
         kbl = (base + il[:, jl]) * A
         # (ka · kr, P_out) input keys of this layer offset, offset-major
         k3 = ((kbl[None, :] + ia_t)[:, None, :] * R + ir_t[None, :, :]).reshape(ka * kr, n_out)
         ok = ok_ar & (il[:, jl] >= 0)[None, :]
-        idx = find(k3, ok).reshape(-1)
-        found = idx >= 0
-
-        cnt = found.reshape(ka * kr, n_out).sum(1).tolist()
-        pos = torch.nonzero(found).squeeze(1)
-        ins_j, outs_j = idx.index_select(0, pos).split(cnt), rows.index_select(0, pos).split(cnt)
-        for q in range(ka * kr):
-            groups[jl * ka * kr + q] = (ins_j[q], outs_j[q])
-    if symmetric:
-        for j in range(K):
-            if groups[j] is None:
-                i, o = groups[K - 1 - j]
-                groups[j] = (o, i)
-    splits = [int(g[0].shape[0]) for g in groups]
-    in_idx = torch.cat([g[0] for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=dev)
-    out_idx = torch.cat([g[1] for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=dev)
+        table[jl * ka * kr:(jl + 1) * ka * kr] = find(k3, ok).to(idx_t)
+    # the pairs, offset-major: one nonzero and one read of the per-offset counts per map (cached per batch)
+    found = table >= 0
+    splits = found.sum(1).tolist()
+    pos = torch.nonzero(found.reshape(-1)).squeeze(1)
+    in_idx = table.reshape(-1).index_select(0, pos)
+    out_idx = pos % n_out if n_out else pos
+    symmetric = (x.cid == out.cid and all(s == 1 for s in stride) and all(k % 2 == 1 for k in kernel)
+                 and all(p == k // 2 for p, k in zip(padding, kernel)))
     identity = None
     if x.cid == out.cid and all(s == 1 for s in stride):
         c = (kl // 2 * ka + ka // 2) * kr + kr // 2
@@ -316,6 +332,10 @@ def kernel_map(x: SparseShowers, out: SparseShowers, kernel: Triple, stride: Tri
             identity = c
     if max(n_in, n_out) < 2**31:  # int32 pairs: half the memory of the cached map
         in_idx, out_idx = in_idx.to(torch.int32), out_idx.to(torch.int32)
-    km = KernelMap(in_idx, out_idx, splits, n_in, n_out, identity)
+    # the neighbour table is kept where it is small (kernels up to 3×3×3): the output-stationary schedule uses it
+    keep_table = K <= TABLE_MAX_OFFSETS
+    km = KernelMap(in_idx, out_idx, splits, n_in, n_out, identity,
+                   table=torch.where(found, table, torch.full_like(table, n_in)) if keep_table else None,
+                   symmetric=symmetric)
     x.ctx[key] = km
     return km

@@ -25,7 +25,7 @@ def sparse_factory():
     return random_sparse
 
 
-@pytest.fixture(params=["loop", "batched"])
+@pytest.fixture(params=["loop", "batched", "grouped", "gather"])
 def execution(request, monkeypatch):
     """Run a test with both schedules of the torch backend's gather–GEMM–scatter."""
     from calopc.sparse import functional
