@@ -62,6 +62,8 @@ from .shower import ShowerModel, ShowerModelConfig
 
 DENOISERS = ("pointwise", "transformer")
 ALPHA = ("model", "free")
+#: what a saved config without these switches meant (run directories written before them)
+_BEFORE_SWITCHES = {"time_mlp": False, "diffuse_free_alpha": True}
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ class CaloCloudsConfig:
     shower_hidden: tuple[int, ...] = (128, 128)            # shower model: hidden layers
     shower_bins: int = 8                                   # shower model: spline bins
     shower_passes: int | None = None                       # shower model: None autoregressive; 2 coupling (~70x faster to sample)
+    time_mlp: bool = True                                  # pointwise: Linear(fourier, fourier) + LeakyReLU on the time features
+    diffuse_free_alpha: bool = False                       # alpha="free": also diffuse the (unused) α column (older runs)
+
+    #: CaloClouds II's training recipe (RAdam 1e-4 constant, EMA warm-up to 0.9999, batch 128, clip 10);
+    #: the defaults of ``calopc train caloclouds`` before any --config, flag or --set
+    TRAINING_DEFAULTS = {"optimizer": "radam", "lr": 1e-4, "schedule": "constant", "warmup": 0,
+                         "ema_decay": 0.9999, "ema_warmup": "power", "batch_size": 128, "grad_clip": 10.0}
 
     def __post_init__(self) -> None:
         if self.denoiser not in DENOISERS:
@@ -115,7 +124,11 @@ class CaloCloudsConfig:
         if unknown:
             msg = f"unknown CaloClouds config keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}"
             raise ValueError(msg)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if "n_layers" in d:  # a saved config: a missing switch means what the model did before it existed
+            for k, v in _BEFORE_SWITCHES.items():
+                d.setdefault(k, v)
+        return cls(**d)
 
     def preprocessing(self) -> dict:
         """Options of :meth:`Preprocessor.fit` this model needs."""
@@ -153,11 +166,15 @@ class CaloClouds(nn.Module):
                                   ShowerModelConfig(cfg.shower_transforms, cfg.shower_hidden, cfg.shower_bins,
                                                     cfg.shower_passes))
         self.layer_emb = nn.Embedding(cfg.n_layers, cfg.layer_embedding)
+        self.alpha_free = cfg.alpha == "free" and not cfg.diffuse_free_alpha
         ctx = cfg.cond_features + 3 + cfg.layer_embedding
+        # alpha="free": α is drawn at placement, so only (r, log E/E_l) are diffused
+        self.point_dims = list(range(1, cfg.point_features)) if self.alpha_free else list(range(cfg.point_features))
+        feats = len(self.point_dims)
         if cfg.denoiser == "pointwise":
-            net: nn.Module = PointwiseNet(cfg.point_features, ctx, cfg.widths, cfg.fourier)
+            net: nn.Module = PointwiseNet(feats, ctx, cfg.widths, cfg.fourier, time_mlp=cfg.time_mlp)
         else:
-            net = BandTransformer(cfg.point_features, ctx, cfg.n_layers, dim=cfg.dim, heads=cfg.heads,
+            net = BandTransformer(feats, ctx, cfg.n_layers, dim=cfg.dim, heads=cfg.heads,
                                   blocks=cfg.blocks, mlp=cfg.mlp, band=cfg.band, fourier=cfg.fourier)
         self.denoiser = (ConsistencyPrecond(net, cfg.sigma_data, cfg.sigma_min) if cfg.consistency
                          else EDMPrecond(net, cfg.sigma_data))
@@ -216,6 +233,8 @@ class CaloClouds(nn.Module):
         cond, s = batch.cond, batch.shower
         shower_nll = self.shower.loss(cond, s)
         x, shower_of, layer = self.flatten(batch)
+        if self.alpha_free:
+            x = x[:, 1:]
         b = cond.shape[0]
         if cfg.points_per_shower_loss and x.shape[0] > cfg.points_per_shower_loss:
             keep = self.subsample(shower_of, b, cfg.points_per_shower_loss)
@@ -244,12 +263,13 @@ class CaloClouds(nn.Module):
             latents: the ``N(0, 1)`` start noise (drawn when None).
 
         Shapes:
-            cond: ``(B, C)``; shower: ``(B, 2L)``; shower_of, layer: ``(P,)``; returns ``(P, F)``.
+            cond: ``(B, C)``; shower: ``(B, 2L)``; shower_of, layer: ``(P,)``; returns ``(P, F)``
+            (``F`` diffused features: without the α column when α is free).
         """
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         if latents is None:
-            latents = torch.randn(shower_of.shape[0], cfg.point_features, device=cond.device, dtype=cond.dtype)
+            latents = torch.randn(shower_of.shape[0], len(self.point_dims), device=cond.device, dtype=cond.dtype)
         kw = self.net_inputs(cond, shower, shower_of, layer)
         run = consistency_sample if cfg.consistency else sample
         key = "steps" if cfg.consistency else "num_steps"
@@ -303,7 +323,9 @@ class CaloClouds(nn.Module):
                 sl = slice(start, ends[i])
                 y_parts.append(self.sample_points(cond, s, shower_of[sl], layer[sl], steps=steps))
                 start = ends[i]
-        y = torch.cat(y_parts) if y_parts else s.new_zeros(0, cfg.point_features)
+        y = torch.cat(y_parts) if y_parts else s.new_zeros(0, len(self.point_dims))
+        if self.alpha_free:  # the α column is not diffused: any value, its inverse is not used
+            y = torch.cat([y.new_zeros(y.shape[0], 1), y], dim=1)
         alpha, r, w = self._inverse(y, layer, prep)
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w / tot.clamp(min=1e-300)[group] * e_layer.reshape(-1).to(w.dtype)[group]

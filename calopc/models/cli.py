@@ -55,13 +55,14 @@ def _load_config_file(path: Path) -> dict:
 
 
 def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(model config dict, train config dict) from defaults < --config < flags < --set."""
+    """(model config dict, train config dict) from defaults < the family's training defaults < --config
+    < flags < --set."""
     from ..models import get_model  # no torch: get_model imports the model module only when called
     from .train import TrainConfig
 
     _, cfg_cls = get_model(args.model)
     model_cfg: dict = {}
-    train_cfg: dict = {}
+    train_cfg: dict = dict(getattr(cfg_cls, "TRAINING_DEFAULTS", {}))
     if args.config is not None:
         d = _load_config_file(args.config)
         model_cfg.update(d.get("model") or {})
@@ -160,7 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override one option, e.g. model.latent=32 or train.lr=3e-4 (repeatable; default: none)")
     defaults = _train_defaults()
     for flag, (name, typ, hlp) in _TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
+        t.add_argument(flag, type=typ, default=None,
+                       help=f"{hlp} (default: the model family's, else {defaults[name]})")
     t.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA (default: off)")
     t.add_argument("--bucket", action="store_true",
                    help="batches of showers of similar size, padded to a multiple of 32 (default: off)")

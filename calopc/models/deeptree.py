@@ -75,6 +75,12 @@ from .shower import ShowerModel, ShowerModelConfig
 PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
     "ds2": {"branches": (2, 3, 4, 5, 5, 10), "features": (64, 25, 15, 10, 8, 6, 4)},        # 6,000 leaves
     "ds3": {"branches": (3, 4, 5, 6, 8, 10), "features": (64, 25, 15, 10, 8, 6, 4)},        # 28,800 leaves
+    "published": {"branches": (2, 3, 4, 5, 5, 10), "features": (64, 25, 15, 10, 8, 6, 4)},  # ds2 tree, wider nets
+}
+#: sizes a preset sets unless the config gives them (``published``: the generator at the published
+#: capacity, ~0.53 M parameters instead of the ~77 k of the default widths)
+PRESET_SIZES: dict[str, dict[str, int]] = {
+    "published": {"branch_hidden": 480, "gin_hidden": 128, "n_global": 10, "cond_hidden": 64, "head_hidden": 256},
 }
 CRITICS = ("pool", "meanfield")
 ALPHA_MODES = ("model", "free")
@@ -128,6 +134,11 @@ class DeepTreeConfig:
     point_mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # set from the data: point standardisation (variant II)
     point_std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
+    #: the published GAN recipe: constant learning rates, no warm-up, no gradient clipping, no EMA
+    #: (the generic loop's cosine, clip and EMA of generator *and* critic are off); batch 40
+    TRAINING_DEFAULTS = {"schedule": "constant", "warmup": 0, "grad_clip": 0.0, "ema_decay": 0.0,
+                         "batch_size": 40}
+
     @classmethod
     def from_dict(cls, d: dict) -> DeepTreeConfig:
         known = set(cls.__dataclass_fields__)
@@ -136,6 +147,7 @@ class DeepTreeConfig:
             msg = f"unknown DeepTree config keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}"
             raise ValueError(msg)
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        d = {**PRESET_SIZES.get(d.get("preset", ""), {}), **d}   # the preset's sizes, unless given
         cfg = cls(**d)
         cfg.check()
         return cfg

@@ -120,7 +120,7 @@ class ConcatSquashLinear(nn.Module):
         return torch.addcmul(bias, self.layer(x), gate)
 
 
-def _group_context(time: FourierEmbedding, c_noise: Tensor, ctx: Tensor, ctx_index: Tensor | None,
+def _group_context(time: Callable[[Tensor], Tensor], c_noise: Tensor, ctx: Tensor, ctx_index: Tensor | None,
                    dtype: torch.dtype) -> Tensor:
     """``[Fourier(c_noise), ctx]`` per point, or per group when ``ctx_index`` maps points to the rows of ``ctx``
     (the points of a group share their noise level)."""
@@ -140,6 +140,9 @@ class PointwiseNet(nn.Module):
         context: context features ``C``.
         widths: hidden widths. Defaults to CaloClouds II's ``(128, 256, 512, 256, 128)``.
         fourier: size of the time embedding.
+        time_mlp: CaloClouds II's trainable ``Linear(fourier, fourier) → LeakyReLU`` after the
+            Fourier features (off: the Fourier features go to the layers directly, as in run
+            directories written before the option existed).
 
     Shapes:
         x: ``(P, F)``; c_noise: ``(P,)``; ctx: ``(P, C)``, or ``(G, C)`` per group of points
@@ -148,15 +151,20 @@ class PointwiseNet(nn.Module):
     """
 
     def __init__(self, features: int, context: int, widths: tuple[int, ...] = (128, 256, 512, 256, 128),
-                 fourier: int = 64) -> None:
+                 fourier: int = 64, *, time_mlp: bool = False) -> None:
         super().__init__()
         self.time = FourierEmbedding(fourier)
+        self.time_mlp = nn.Sequential(nn.Linear(fourier, fourier), nn.LeakyReLU()) if time_mlp else None
         dims = (features, *widths, features)
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b, fourier + context) for a, b in zip(dims[:-1], dims[1:]))
 
+    def _time(self, c_noise: Tensor) -> Tensor:
+        t = self.time(c_noise)
+        return t if self.time_mlp is None else self.time_mlp(t.to(self.time_mlp[0].weight.dtype))
+
     def forward(self, x: Tensor, c_noise: Tensor, ctx: Tensor, shower: Tensor | None = None,
                 layer: Tensor | None = None, ctx_index: Tensor | None = None) -> Tensor:
-        c = _group_context(self.time, c_noise, ctx, ctx_index, x.dtype)
+        c = _group_context(self._time, c_noise, ctx, ctx_index, x.dtype)
         h = x
         for i, lay in enumerate(self.layers):
             h = lay(h, c, ctx_index)

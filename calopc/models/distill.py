@@ -213,6 +213,7 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
             for batch in iterate_batches(dataset, collate, cfg.batch_size, seed=cfg.seed, epoch=epoch):
                 batch = batch.to(device)
                 x, shower_of, layer = CaloClouds.flatten(batch)
+                x = x[:, student.point_dims]            # without the α column when α is free
                 b = batch.cond.shape[0]
                 if cfg.points_per_shower and x.shape[0] > cfg.points_per_shower:
                     keep = CaloClouds.subsample(shower_of, b, cfg.points_per_shower)

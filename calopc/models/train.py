@@ -27,7 +27,7 @@ turned into ``KeyboardInterrupt``) writes a checkpoint and re-raises.
 
 from __future__ import annotations
 
-__all__ = ["RUN_FILES", "TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["RUN_FILES", "TrainConfig", "TrainingDiverged", "train", "train_config", "training_defaults"]
 
 import contextlib
 import json
@@ -46,6 +46,10 @@ from . import checkpoint as ckpt
 from .data import DeviceCollate, ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
 from .utils import EMA, resolve_device, seed_everything
 
+OPTIMIZERS = ("adamw", "adam", "radam")
+SCHEDULES = ("cosine", "constant")
+EMA_WARMUPS = ("linear", "power")
+
 #: files of a run directory that ``overwrite`` replaces
 RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.EMA_WEIGHTS, ckpt.STATE, "training_options.json", "stats.jsonl")
 
@@ -60,11 +64,14 @@ class TrainConfig:
 
     steps: int = 2000                 # optimizer steps in total (a resumed run continues up to this)
     batch_size: int = 32              # showers per step (per process under torchrun)
-    lr: float = 1e-3                  # peak learning rate (AdamW)
+    lr: float = 1e-3                  # peak learning rate
     weight_decay: float = 0.0
-    warmup: int = 100                 # linear warm-up steps, then cosine decay to lr/20
+    warmup: int = 100                 # linear warm-up steps, then the schedule
     grad_clip: float = 5.0            # max gradient norm (0: off)
     ema_decay: float = 0.999          # EMA of the weights (0: no EMA)
+    optimizer: str = "adamw"          # default path: adamw, adam or radam (GANs choose their own)
+    schedule: str = "cosine"          # after warm-up: cosine (to lr/20 at the end of the budget) or constant
+    ema_warmup: str = "linear"        # EMA decay early on: linear min(d, (1+s)/(10+s)) or power (1 - (1+s)^-2/3)
     seed: int = 0
     device: str = "auto"              # auto, cpu, cuda
     amp: bool = False                 # bfloat16 autocast on CUDA (ignored on CPU)
@@ -98,6 +105,9 @@ class TrainConfig:
                   ("log_every", self.log_every >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
                   ("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0, "finite and >= 0"),
                   ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"), ("warmup", self.warmup >= 0, ">= 0"),
+                  ("optimizer", self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
+                  ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
+                  ("ema_warmup", self.ema_warmup in EMA_WARMUPS, ", ".join(EMA_WARMUPS)),
                   ("pipeline", self.pipeline in ("device", "numpy"), "device or numpy"),
                   ("fast_splines", self.fast_splines in ("auto", "on", "matmul", "off"), "auto, on, matmul or off")]
         for name, ok, want in checks:
@@ -106,11 +116,35 @@ class TrainConfig:
                 raise ValueError(msg)
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning-rate factor at ``step`` after ``elapsed`` seconds of training.
+
+    The schedule runs over the budget that ends the run: with a ``time_limit`` the progress
+    is the larger of the step fraction and the time fraction, so a run stopped by the clock
+    has decayed its learning rate when it stops.
+    """
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return 1.0
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_limit is not None and cfg.time_limit > 0:
+        t = max(t, elapsed / cfg.time_limit)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def training_defaults(model_name: str) -> dict[str, Any]:
+    """The training options a model family trains with unless told otherwise (its config class's
+    ``TRAINING_DEFAULTS``; empty for families that use :class:`TrainConfig`'s defaults)."""
+    from . import get_model
+
+    _, cfg_cls = get_model(model_name)
+    return dict(getattr(cfg_cls, "TRAINING_DEFAULTS", {}))
+
+
+def train_config(model_name: str, **overrides: Any) -> TrainConfig:
+    """:class:`TrainConfig` for a model family: its :func:`training_defaults`, then ``overrides``."""
+    return TrainConfig.from_dict({**training_defaults(model_name), **overrides})
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -169,8 +203,8 @@ class _Stepper:
         # on CPU a read-back costs nothing: skip exactly; on CUDA zero the gradients instead of syncing
         self.exact_skip = device.type != "cuda"
 
-    def set_lr(self, step: int) -> None:
-        f = _lr_factor(step, self.cfg)
+    def set_lr(self, step: int, elapsed: float = 0.0) -> None:
+        f = _lr_factor(step, self.cfg, elapsed)
         for o in self.opts.values():
             for g in o.param_groups:
                 g["lr"] = g["initial_lr"] * f
@@ -221,7 +255,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
             :class:`StreamingShowerDataset`.
         out: run directory. Must be empty or absent unless ``resume`` or ``overwrite``.
         model_config: overrides of the model's config dataclass.
-        config: training options. Defaults to :class:`TrainConfig()`.
+        config: training options. Defaults to the family's (:func:`train_config`).
         resume: continue from ``out/training_state.pt`` (model config and preprocessing
             come from ``out/config.json``).
         overwrite: start afresh in a non-empty run directory (its run files are replaced).
@@ -234,7 +268,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
     """
     from . import get_model
 
-    cfg = config or TrainConfig()
+    cfg = config or train_config(model_name)
     cfg.validate()
     rank, world, local_rank = _dist_env()
     distributed = world > 1
@@ -279,7 +313,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         model = model_cls(model_cfg.with_data(prep))
     model.to(device)
     _fast_splines(model, cfg.fast_splines, device)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
     if state is not None and ema is not None and (out / ckpt.EMA_WEIGHTS).exists():
         ema.module.load_state_dict(ckpt.load(out, ema=True).model.state_dict())
     if ema is not None:
@@ -294,7 +328,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
             msg = f"{model_name}.configure_optimizers must return a non-empty dict of torch optimizers, got {opts!r}"
             raise TypeError(msg)
     else:
-        opts = {"model": _adamw(model, cfg)}
+        opts = {"model": _optimizer(model, cfg)}
     stepper = _Stepper(opts, cfg, device, world if custom else 1)
     step, epoch = 0, 0
     if state is not None:
@@ -374,7 +408,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
                                          world_size=world, bucket=cfg.bucket):
                 if step >= cfg.steps:
                     break
-                stepper.set_lr(step)
+                stepper.set_lr(step, time.perf_counter() - t0)
                 batch = batch.to(device)
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
                 if custom:
@@ -452,6 +486,16 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
                 torch.distributed.destroy_process_group()
     return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - t0,
             "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped)}
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of the default path: ``cfg.optimizer`` over all parameters (AdamW: see :func:`_adamw`;
+    RAdam and Adam: multi-tensor)."""
+    if cfg.optimizer == "adamw":
+        return _adamw(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -84,19 +84,31 @@ class EMA:
 
     Args:
         model: the module to track (the unwrapped one, not a DDP wrapper).
-        decay: weight of the old average per update. Defaults to 0.999; early updates
-            use ``min(decay, (1 + step) / (10 + step))``.
+        decay: weight of the old average per update. Defaults to 0.999.
+        warmup: the decay of early updates (when ``update`` is given the step): ``"linear"``
+            ``min(decay, (1 + step) / (10 + step))``; ``"power"`` (CaloClouds II, k-diffusion's
+            EMA warm-up with power 2/3) ``min(decay, 1 − (1 + step)^(−2/3))``.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: str = "linear") -> None:
+        if warmup not in ("linear", "power"):
+            msg = f"EMA warmup must be 'linear' or 'power', got {warmup!r}"
+            raise ValueError(msg)
         self.decay = decay
+        self.warmup = warmup
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """The warm-up decay of update ``step`` (before the cap at ``decay``)."""
+        if self.warmup == "power":
+            return 1.0 - (1.0 + step) ** (-2.0 / 3.0)
+        return (1 + step) / (10 + step)
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
-        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        d = self.decay if step is None else min(self.decay, self.decay_at(step))
         ema_p = [e for e in self.module.parameters()]
         if ema_p:  # one multi-tensor op instead of one per parameter
             torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)  # noqa: SLF001
