@@ -1,6 +1,6 @@
 r"""calopc: calorimeter showers as point clouds and sparse data.
 
-Light at import: numpy only. Subpackages (``calopc.converters``, ``calopc.eval``,
+Light at import: the standard library only (numpy on first use of the geometry). Subpackages (``calopc.converters``, ``calopc.eval``,
 ``calopc.models``) load on first use; torch is imported only when a model is used.
 """
 
@@ -11,14 +11,17 @@ __all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_ge
 import importlib
 
 from ._version import __version__
-from .geometry import DATASETS, Geometry, load_geometry
 
 _LAZY = {"converters", "eval", "models", "synth", "io"}
+#: attributes imported on first use (``calopc --help`` needs no numpy)
+_LAZY_ATTRS = {"DATASETS": "geometry", "Geometry": "geometry", "load_geometry": "geometry"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_ATTRS[name]}"), name)
     msg = f"module 'calopc' has no attribute {name!r}"
     raise AttributeError(msg)
 

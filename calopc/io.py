@@ -350,12 +350,11 @@ def json_dumps(obj: Any, **kw: Any) -> str:
 
 
 def progress_bar(total: int | None = None, desc: str = "", *, enabled: bool = True, unit: str = "shower", **kw: Any):
-    """A tqdm progress bar shown only when ``enabled`` and stderr is a terminal (never ``\\r`` lines in logs)."""
-    from tqdm.auto import tqdm
+    """Progress of long work (:class:`calopc.progress.Progress`): a tqdm bar when stderr is a terminal,
+    else a plain log line every ~30 s (never ``\\r`` lines in logs); nothing when not ``enabled``."""
+    from .progress import Progress
 
-    kw.setdefault("leave", False)
-    kw.setdefault("dynamic_ncols", True)
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, **kw)
+    return Progress(total, desc, unit=unit, enabled=enabled, **kw)
 
 
 def native_float_dtype(dtype: np.dtype | type | str) -> np.dtype:

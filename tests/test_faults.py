@@ -573,7 +573,7 @@ def test_progress_bar_only_on_a_terminal(capsys):
 
 
 def test_warnings_are_one_line(monkeypatch, capsys):
-    import calopc.cli as cli
+    import calopc.cli.data as cli
 
     def noisy(args):
         with np.errstate(divide="warn"):
@@ -587,7 +587,7 @@ def test_warnings_are_one_line(monkeypatch, capsys):
 
 
 def test_unexpected_errors_are_one_line(monkeypatch, capsys):
-    import calopc.cli as cli
+    import calopc.cli.data as cli
 
     def boom(args):
         raise KeyError("layer_ids")

@@ -59,7 +59,7 @@ examples:
 
 def _resolve_official(args: argparse.Namespace) -> None:
     """Turn the official evaluate.py spellings (-i, -r, -m, --no_cuda, ...) into calopc's options."""
-    from ..cli import CLIError
+    from ..cli.options import CLIError
 
     for pos, opt, flag in (("generated", "input_file", "-i/--input_file"), ("reference", "reference_file",
                                                                              "-r/--reference_file")):
@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import COLLISIONS, positive_int, threshold_arg
+    from ..cli.options import COLLISIONS, positive_int, threshold_arg
 
     p = sub.add_parser("evaluate", help="compare a generated sample with a reference: CaloChallenge metrics, plots, report",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

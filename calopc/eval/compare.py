@@ -576,7 +576,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``calopc compare`` to the CLI."""
-    from ..cli import COLLISIONS, positive_int, threshold_arg
+    from ..cli.options import COLLISIONS, positive_int, threshold_arg
 
     p = sub.add_parser("compare", help="compare several generated samples with one reference: multi-class "
                                        "log-posterior and a leaderboard",

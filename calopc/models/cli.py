@@ -13,8 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-#: collision policies of generate (calopc.models.cells.PLACEMENT_POLICIES; mirrored so --help needs no torch)
-_COLLISIONS = ("auto", "alpha-free", "nearest-free", "sum", "max")
 _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--steps": ("steps", int, "optimizer steps in total"),
     "--batch-size": ("batch_size", int, "showers per step (per process under torchrun)"),
@@ -140,7 +138,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``generate`` subcommands to the ``calopc`` parser."""
-    from ..cli import positive_int, threshold_arg  # the option types every command shares
+    from ..cli.options import COLLISIONS, positive_int, threshold_arg  # the option types every command shares
     t = sub.add_parser("train", help="train a generative model on point-cloud Parquet showers",
                        description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...",
                        epilog="example: calopc train calopointflow --data train.parquet -o runs/cpf --steps 20000 "
@@ -181,7 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="incident energies (MeV): FILE.hdf5|FILE.parquet, log-uniform:LO:HI, uniform:LO:HI or E1,E2,... (required)")
     g.add_argument("-o", "--output", type=Path, default=None,
                    help="output: .parquet (point clouds) or .hdf5 (official voxel format); default: none, only time the sampling")
-    g.add_argument("--collisions", choices=_COLLISIONS, default="auto",
+    g.add_argument("--collisions", choices=COLLISIONS, default="auto",
                    help="points sharing a cell: alpha-free draws the α bins of each (layer, r) ring without replacement "
                         "(models without α), nearest-free moves them to the nearest free cell, sum adds, max keeps the "
                         "largest; auto picks alpha-free or nearest-free by the model (default: %(default)s)")

@@ -202,9 +202,9 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
 
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
+        from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
-        bar = tqdm(total=cfg.steps, unit="step", desc="distill caloclouds", disable=None)
+        bar = Progress(total=cfg.steps, unit="step", desc="distill caloclouds", per_unit=(cfg.batch_size, "showers"))
     log = open(tmp / "stats.jsonl", "a")  # noqa: SIM115
     collate = ShowerCollate(prep, seed=cfg.seed * 1000 + 17)
     t0 = time.perf_counter()
@@ -243,7 +243,7 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     last = float(loss.detach())
                     if bar is not None:
-                        bar.set_postfix(loss=f"{last:.4f}")
+                        bar.set_postfix(loss=last)
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": last, "grad_norm": float(gn),
                                           "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
                     log.flush()

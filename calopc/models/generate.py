@@ -305,9 +305,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     stats: dict[str, float] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
-        bar = tqdm(total=energies.shape[0], unit="shower", desc="generate", disable=None, leave=False)
+        bar = Progress(total=energies.shape[0], unit="shower", desc="generate")
 
     def sync() -> None:
         if dev.type == "cuda":

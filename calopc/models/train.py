@@ -367,9 +367,10 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
     log = open(out / "stats.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     bar = None
     if cfg.progress and rank == 0:
-        from tqdm.auto import tqdm
+        from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train {name}", disable=None, leave=False)
+        bar = Progress(total=cfg.steps, initial=step, unit="step", desc=f"train {name}",
+                       per_unit=(cfg.batch_size * world, "showers"))
     amp = cfg.amp and device.type == "cuda"
     t0 = time.perf_counter()
     last = float("nan")
@@ -442,7 +443,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     if bar is not None:
-                        bar.set_postfix(loss=f"{last:.4f}")
+                        bar.set_postfix(loss=last)
                     loss_sum.zero_()
                     n_sum, since = 0, step
                     extra_sums = {}

@@ -140,6 +140,6 @@ def test_legacy_tuple_and_errors(toy_geometry):
 
 def test_cli_collision_choices_mirror_the_policies():
     from calopc.models.cells import PLACEMENT_POLICIES
-    from calopc.models.cli import _COLLISIONS
+    from calopc.cli.options import COLLISIONS
 
-    assert _COLLISIONS == PLACEMENT_POLICIES
+    assert COLLISIONS == PLACEMENT_POLICIES

@@ -1,0 +1,151 @@
+r"""The data commands: ``calopc synth``, ``convert``, ``voxelize``, ``info`` and ``demo``.
+
+:func:`register` adds them to the ``calopc`` parser; each handler imports the library code it
+runs only when called (no torch anywhere).
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+import argparse
+import sys
+from pathlib import Path
+
+from .options import (
+    FORMATTER,
+    add_collisions,
+    add_geometry,
+    add_output,
+    add_progress,
+    add_threshold,
+    file_threshold_arg,
+    fraction,
+    one_output,
+    positive_int,
+)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ..synth import write_synthetic
+
+    output = one_output(args, "synth")
+    write_synthetic(output, dataset=args.geometry, n=args.n, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {args.n} synthetic dataset-{args.geometry} showers to {output}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ..converters import convert_file
+    from ..geometry import load_geometry
+
+    geometry = load_geometry(args.geometry) if args.geometry else None
+    threshold = "official" if args.threshold is None else args.threshold
+    out = convert_file(args.input, args.output, geometry=geometry, step_size=args.step_size, threshold=threshold,
+                       progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_voxelize(args: argparse.Namespace) -> int:
+    from ..converters import voxelize_file
+    from ..geometry import load_geometry
+
+    geometry = load_geometry(args.geometry) if args.geometry else None
+    stats = voxelize_file(args.input, args.output, collisions=args.collisions,
+                          threshold="official" if args.threshold is None else args.threshold, geometry=geometry,
+                          max_outside=args.max_outside, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {args.output}: {stats}")
+    if stats.n_outside:
+        print(f"calopc voxelize: warning: {stats.n_outside} of {stats.n_points} points lie outside the calorimeter "
+              "and were dropped", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ..converters import file_info
+    from ..geometry import load_geometry
+
+    geometry = load_geometry(args.geometry) if args.geometry else None
+    info = file_info(args.input, progress=not args.no_progress, geometry=geometry)
+    if args.json:
+        from ..io import json_dumps
+
+        print(json_dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['kind']}, dataset {info['dataset']} ({info['n_voxels']} voxels), "
+          f"{info['n_showers']} showers, dtype {info['dtype']}")
+    if info["n_showers"]:
+        print(f"  hits/shower: mean {info['hits_mean']:.1f} ± {info['hits_std']:.1f}, min {info['hits_min']}, "
+              f"median {info['hits_median']:.0f}, max {info['hits_max']}, empty showers {info['empty_showers']}")
+        print(f"  occupancy {100 * info['occupancy_mean']:.1f}%, E_inc {info['e_inc_min']:.4g}–{info['e_inc_max']:.4g} MeV, "
+              f"E_dep/E_inc {info['e_dep_over_e_inc_mean']:.4g} ± {info['e_dep_over_e_inc_std']:.4g}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.output, dataset=args.geometry, n=args.n, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``synth``, ``convert``, ``voxelize``, ``info`` and ``demo`` to the ``calopc`` parser."""
+    p = sub.add_parser("synth", help="write a synthetic shower file in the official CaloChallenge format",
+                       formatter_class=FORMATTER,
+                       epilog="example:\n  calopc synth showers.hdf5 -n 2000 --geometry 2 --seed 1")
+    p.add_argument("output_pos", nargs="?", type=Path, default=None, metavar="OUTPUT", help="output HDF5 file")
+    add_output(p, "output HDF5 file (instead of the positional OUTPUT)")
+    add_geometry(p, "dataset geometry (default: %(default)s)", official_only=True, default="2",
+                 aliases=("--dataset", "-d"))
+    p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_progress(p)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("convert", help="CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)",
+                       formatter_class=FORMATTER,
+                       epilog="example:\n  calopc convert dataset_2_1.hdf5 -o train.parquet --step-size '512 MB'")
+    p.add_argument("input", type=Path, help="input HDF5 file (incident_energies, showers)")
+    add_output(p, "output Parquet file (default: INPUT.parquet)")
+    add_geometry(p, "dataset name or binning XML (default: detected from the voxel count)")
+    p.add_argument("--step-size", default="256 MB", help="dense input per chunk (default: %(default)s)")
+    add_threshold(p, 0.0, "; 0 keeps every non-zero cell (lossless)")
+    add_progress(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("voxelize", help="point-cloud Parquet -> CaloChallenge HDF5", formatter_class=FORMATTER,
+                       epilog="example:\n  calopc voxelize gen.parquet -o gen.hdf5 --threshold official")
+    p.add_argument("input", type=Path, help="input Parquet file written by 'calopc convert' or 'calopc generate'")
+    add_output(p, "output HDF5 file", required=True)
+    add_geometry(p, "dataset name or binning XML, instead of the file's metadata (default: the file's)")
+    add_collisions(p)
+    p.add_argument("--threshold", type=file_threshold_arg, default="file", metavar="MEV|official|file",
+                   help="cells with less energy (MeV) are empty; 'official': the dataset's readout threshold "
+                        "(1 MeV ds1, 15.15 keV ds2/3); 'file': the one the input's metadata records ('calopc "
+                        "convert' records the one it applied, so the round trip is exact; 0 when none is recorded) "
+                        "(default: file)")
+    p.add_argument("--max-outside", type=fraction, default=0.01,
+                   help="largest share of points outside the calorimeter before it is an error (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --collisions alpha-free (default: %(default)s)")
+    add_progress(p)
+    p.set_defaults(func=_cmd_voxelize)
+
+    p = sub.add_parser("info", help="dataset, number of showers and hits/shower of an HDF5 or Parquet file",
+                       formatter_class=FORMATTER, epilog="example:\n  calopc info dataset_2_1.hdf5 --json")
+    p.add_argument("input", type=Path, help="HDF5 or Parquet file")
+    add_geometry(p, "dataset name or binning XML (default: detected, or the Parquet file's metadata)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_progress(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="the embedded default job: synthetic showers -> points -> voxels, with a summary",
+                       formatter_class=FORMATTER, epilog="example:\n  calopc demo -o demo/ -n 500 --geometry 1-photons")
+    add_output(p, "output folder (default: %(default)s)", default=Path("demo"), aliases=("--out",))
+    add_geometry(p, "dataset geometry (default: %(default)s)", official_only=True, default="2",
+                 aliases=("--dataset", "-d"))
+    p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_progress(p)
+    p.set_defaults(func=_cmd_demo)
