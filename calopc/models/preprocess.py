@@ -19,8 +19,19 @@ Point features, in order: ``(z, alpha, r, E)``.
     ``(z, α, r, log E/E_inc)`` with ``z`` dequantised inside its layer.
   - ``"II"`` (CaloPointFlow II, the default): the number of points and the energy of every
     layer, ``log(n_l + u)`` with ``u ~ U(0, 1)`` (dequantised counts, ``n_l = ⌊exp⌋`` inverts
-    it exactly) and ``log(E_l / E_inc + δ v)`` (``δ = 1e-9``, ``v ~ U(0, 1)``, so that empty
-    layers are not a point mass; the inverse subtracts ``δ/2``); points are ``(α, r, log E/E_l)`` and carry their layer.
+    it exactly) and the layer energy feature; points are ``(α, r, log E/E_l)`` and carry their layer.
+    The energy feature of an empty layer carries no information (the count says the layer is
+    empty), so where it sits must not distort the occupied layers (``empty_energy``):
+
+    * ``"occupied"`` (fits since the option exists): ``log(E_l / E_inc)`` for a layer with points;
+      an empty layer gets a draw ``μ_l + σ_l Φ⁻¹(v)`` from a normal with the mean and spread of
+      the occupied values of that layer (fitted), so after standardisation the occupied values
+      keep their full spread and the flow sees one mode per layer. The inverse gives an empty
+      layer (``n_l = 0``) no energy whatever the feature says;
+    * ``"floor"`` (run directories written before the option): ``log(E_l / E_inc + δ v)``
+      (``δ = 1e-9``, ``v ~ U(0, 1)``; the inverse subtracts ``δ/2``). Empty layers land near
+      ``log 1e-9 ≈ −21``, far below the occupied ones (about −3 … −12), and standardisation
+      squeezes the occupied spread of partly empty layers to 0.2–0.4 of a unit.
 
   The condition is ``log E_inc``. Everything is standardised.
 
@@ -45,8 +56,9 @@ if TYPE_CHECKING:
     import torch
 
 _EPS = 1e-6  # logit clipping
-_DELTA = 1e-9  # energy-fraction floor of the layer energies (variant II)
+_DELTA = 1e-9  # energy-fraction floor of the layer energies (variant II, empty_energy="floor")
 VARIANTS = ("I", "II")
+EMPTY_ENERGY = ("floor", "occupied")
 
 
 def _logit(u: np.ndarray) -> np.ndarray:
@@ -130,6 +142,11 @@ class Preprocessor:
         variant: ``"I"`` or ``"II"`` (see the module docstring).
         dequantisation: ``"uniform"`` (logit of the scaled coordinate) or ``"cdf"`` (variant II).
         pdf_alpha, pdf_r: ``"cdf"``: per layer, the training points' distribution over its α / r bins.
+        empty_energy: variant II, the energy feature of empty layers: ``"floor"`` (the default
+            of a saved config without the key: runs written before it existed) or ``"occupied"``
+            (what :meth:`fit` uses; see the module docstring).
+        empty_mean, empty_std: ``"occupied"``: per layer, mean and spread of ``log(E_l/E_inc)``
+            where the layer has points.
     """
 
     geometry: Geometry
@@ -144,6 +161,9 @@ class Preprocessor:
     dequantisation: str = "uniform"
     pdf_alpha: list[list[float]] = field(default_factory=list)
     pdf_r: list[list[float]] = field(default_factory=list)
+    empty_energy: str = "floor"
+    empty_mean: list[float] = field(default_factory=list)
+    empty_std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -151,6 +171,9 @@ class Preprocessor:
             raise ValueError(msg)
         if self.dequantisation not in DEQUANTISATIONS:
             msg = f"preprocessing dequantisation must be one of {DEQUANTISATIONS}, got {self.dequantisation!r}"
+            raise ValueError(msg)
+        if self.empty_energy not in EMPTY_ENERGY:
+            msg = f"preprocessing empty_energy must be one of {EMPTY_ENERGY}, got {self.empty_energy!r}"
             raise ValueError(msg)
         if self.dequantisation == "cdf" and self.variant != "II":
             msg = f"CDF dequantisation is for preprocessing variant 'II', got variant {self.variant!r}"
@@ -326,8 +349,38 @@ class Preprocessor:
         else:
             u = 1e-3 + (1 - 2e-3) * rng.random(n_layer.shape)
             v = 1e-3 + (1 - 2e-3) * rng.random(n_layer.shape)
-        s = np.concatenate([np.log(n_layer + u), np.log(frac + _DELTA * v)], axis=1)
+        if self.empty_energy == "floor":
+            le = np.log(frac + _DELTA * v)
+        else:
+            mu, sd = self._empty_stats()
+            le = np.where(n_layer > 0, np.log(np.maximum(frac, 1e-30)), mu + sd * _ndtri(v))
+        s = np.concatenate([np.log(n_layer + u), le], axis=1)
         return ((s - np.asarray(self.shower_mean)) / np.asarray(self.shower_std)).astype(np.float32)
+
+    def _empty_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(μ_l, σ_l)`` of ``empty_energy="occupied"``, ``(L,)`` each."""
+        n_l = self.geometry.n_layers
+        if len(self.empty_mean) != n_l or len(self.empty_std) != n_l:
+            msg = (f"empty_energy='occupied' needs empty_mean and empty_std with one entry per layer ({n_l}); got "
+                   f"{len(self.empty_mean)} and {len(self.empty_std)} (fit the preprocessing)")
+            raise ValueError(msg)
+        return np.asarray(self.empty_mean, dtype=np.float64), np.asarray(self.empty_std, dtype=np.float64)
+
+    def _fit_empty(self, n_layer: np.ndarray, e_layer: np.ndarray, e_inc: np.ndarray) -> None:
+        """Per layer, mean and spread of ``log(E_l/E_inc)`` over the showers where the layer has points
+        (layers with fewer than two such showers get the values of all occupied layers)."""
+        occ = np.asarray(n_layer) > 0
+        lf = np.log(np.maximum(np.asarray(e_layer, dtype=np.float64) / np.asarray(e_inc, dtype=np.float64)[:, None],
+                               1e-30))
+        all_occ = lf[occ]
+        g_mu = float(all_occ.mean()) if all_occ.size else 0.0
+        g_sd = float(all_occ.std()) if all_occ.size > 1 else 1.0
+        cnt = occ.sum(0)
+        mu = np.where(cnt >= 2, (lf * occ).sum(0) / np.maximum(cnt, 1), g_mu)
+        var = (((lf - mu) ** 2) * occ).sum(0) / np.maximum(cnt, 1)
+        sd = np.where(cnt >= 2, np.sqrt(var), g_sd)
+        self.empty_mean = mu.tolist()
+        self.empty_std = np.maximum(sd, 1e-3).tolist()
 
     def inverse_layers(self, s: np.ndarray, e_inc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Standardised variant II shower features → ``(n_l (B, L) int64, E_l (B, L) MeV)``.
@@ -340,7 +393,10 @@ class Preprocessor:
         cap = np.asarray(self.geometry.voxels_per_layer, dtype=np.int64)
         n = np.floor(np.exp(np.clip(s[:, :n_l], -30, 30))).astype(np.int64)
         n = np.clip(n, 0, cap)
-        frac = np.clip(np.exp(np.clip(s[:, n_l:], -80, 0)) - 0.5 * _DELTA, 0.01 * _DELTA, 1.0)  # ≤ E_inc
+        if self.empty_energy == "floor":
+            frac = np.clip(np.exp(np.clip(s[:, n_l:], -80, 0)) - 0.5 * _DELTA, 0.01 * _DELTA, 1.0)  # ≤ E_inc
+        else:
+            frac = np.exp(np.clip(s[:, n_l:], -80, 0))
         e = frac * np.asarray(e_inc, dtype=np.float64)[:, None]
         empty = n.sum(1) == 0
         if empty.any():
@@ -355,7 +411,7 @@ class Preprocessor:
     @classmethod
     def fit(cls, geometry: Geometry, cell: np.ndarray, energy: np.ndarray, counts: np.ndarray, e_inc: np.ndarray,
             *, seed: int = 0, max_points: int = 2_000_000, variant: str = "I",
-            dequantisation: str = "uniform") -> Preprocessor:
+            dequantisation: str = "uniform", empty_energy: str = "occupied") -> Preprocessor:
         """Fit the standardisation on (a subsample of) training data.
 
         Args:
@@ -363,8 +419,9 @@ class Preprocessor:
             counts: points per shower ``(B,)``; e_inc: incident energies ``(B,)``.
             variant: ``"I"`` or ``"II"``.
             dequantisation: ``"uniform"`` or ``"cdf"`` (variant II; the bin distributions are fitted here).
+            empty_energy: variant II, the energy feature of empty layers (``"occupied"`` or the older ``"floor"``).
         """
-        p = cls(geometry, variant=variant, dequantisation=dequantisation)
+        p = cls(geometry, variant=variant, dequantisation=dequantisation, empty_energy=empty_energy)
         rng = np.random.default_rng(seed)
         e_inc = np.asarray(e_inc, dtype=np.float64)
         counts = np.asarray(counts, dtype=np.int64)
@@ -393,6 +450,8 @@ class Preprocessor:
         else:
             p.point_mean, p.point_std = [0.0] * 3, [1.0] * 3
             p.shower_mean, p.shower_std = [0.0] * p.n_shower_features, [1.0] * p.n_shower_features
+            if p.empty_energy == "occupied":
+                p._fit_empty(n_layer, e_layer, e_inc)
             layer = np.asarray(geometry.cell_layer)[cell_s]
             y = p.forward_points_layer(p.dequantise(cell_s, rng), energy_s, e_layer[shower_of, layer],
                                        layer).astype(np.float64)
@@ -497,6 +556,11 @@ class TorchPreprocessor:
         self.ranges = prep._ranges
         self.n_layers = g.n_layers
         self.cap = torch.as_tensor(g.voxels_per_layer, dtype=torch.int64, device=dev)
+        self.empty_floor = prep.empty_energy == "floor"
+        if not self.empty_floor:
+            mu, sd = prep._empty_stats()
+            self.empty_mean = torch.as_tensor(mu, dtype=f64, device=dev)
+            self.empty_std = torch.as_tensor(sd, dtype=f64, device=dev)
         self.cdf = None
         if prep.dequantisation == "cdf":  # the CDF search tables of α and r on the device
             self.cdf = tuple({k: torch.as_tensor(v, device=dev) for k, v in t.items()} for t in prep._cdf())
@@ -565,7 +629,12 @@ class TorchPreprocessor:
         else:
             u = 1e-3 + (1 - 2e-3) * u.to(torch.float64)
             v = 1e-3 + (1 - 2e-3) * v.to(torch.float64)
-        s = torch.cat([torch.log(n_layer + u), torch.log(frac + _DELTA * v)], 1)
+        if self.empty_floor:
+            le = torch.log(frac + _DELTA * v)
+        else:
+            le = torch.where(n_layer > 0, torch.log(frac.clamp(min=1e-30)),
+                             self.empty_mean + self.empty_std * torch.special.ndtri(v))
+        s = torch.cat([torch.log(n_layer + u), le], 1)
         return ((s - self.shower_mean) / self.shower_std).to(torch.float32)
 
     def inverse_points_layer(self, y: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -592,7 +661,10 @@ class TorchPreprocessor:
         s = s.to(torch.float64) * self.shower_std + self.shower_mean
         n = torch.floor(torch.exp(s[:, :n_l].clamp(-30, 30))).to(torch.int64)
         n = torch.minimum(n.clamp(min=0), self.cap)
-        frac = (torch.exp(s[:, n_l:].clamp(-80, 0)) - 0.5 * _DELTA).clamp(0.01 * _DELTA, 1.0)
+        if self.empty_floor:
+            frac = (torch.exp(s[:, n_l:].clamp(-80, 0)) - 0.5 * _DELTA).clamp(0.01 * _DELTA, 1.0)
+        else:
+            frac = torch.exp(s[:, n_l:].clamp(-80, 0))
         e = frac * e_inc.to(torch.float64)[:, None]
         empty = (n.sum(1) == 0).to(torch.int64)
         n = n.scatter_add(1, e.argmax(1, keepdim=True), empty[:, None])   # one point where a shower has none
