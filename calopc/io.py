@@ -46,6 +46,7 @@ import signal
 import socket
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -462,6 +463,10 @@ class ShowerFile:
             raise ShowerFileError(msg)
         self.geometry = geometry
         self._inc, self._sh = inc, sh
+        from ._h5direct import chunk_plan
+
+        self._plan = chunk_plan(self._f, sh)  # None: h5py reads (other filters, contiguous, ...)
+        self.threads: int | None = None  # inflating threads of the direct reader (None: the usable CPUs)
 
     # ------------------------------------------------------------------ info
     def __len__(self) -> int:
@@ -498,8 +503,17 @@ class ShowerFile:
         stop = max(start, stop)
         try:
             inc = np.asarray(self._inc[start:stop]).reshape(-1)
-            sh = np.asarray(self._sh[start:stop])
-        except (OSError, RuntimeError, ValueError) as err:
+            if self._plan is not None:
+                sh = np.empty((stop - start, self.n_voxels), dtype=self.dtype)
+
+                def put(r0: int, r1: int, band: np.ndarray) -> None:
+                    sh[r0 - start:r1 - start] = band  # in the worker thread; casts big-endian to native
+
+                for _ in self._plan.map_bands(put, start, stop, threads=self.threads):
+                    pass
+            else:
+                sh = np.asarray(self._sh[start:stop])
+        except (OSError, RuntimeError, ValueError, zlib.error) as err:
             msg = f"{self.path}: failed to read rows {start}:{stop} (corrupt or truncated file?): {err}"
             raise ShowerFileError(msg) from err
         # big-endian or long-double files: compute in native float (awkward and torch need it)
@@ -525,6 +539,94 @@ class ShowerFile:
         step = self.rows_per_step(step_size)
         for i in range(start, stop, step):
             yield self.read(i, min(i + step, stop))
+
+
+    def iterate_sparse(self, step_size: int | str = "256 MB", *, threshold: float = 0.0, start: int = 0,
+                       stop: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(first row, incident (n,), counts (n,), cell int32 (P,), E (P,))`` per chunk of about ``step_size``.
+
+        The non-empty cells of each shower in increasing cell order: energies ``> 0`` (with a
+        ``threshold`` > 0: ``>= threshold``), in the file's float dtype (native byte order).
+        Gzip files are inflated, scanned and validated in worker threads (:attr:`threads`);
+        validation sees every non-zero value (NaN, inf and negative energies are errors) and
+        the incident energies. Memory: the sparse data of one step plus a few HDF5 chunks.
+        """
+        stop = len(self) if stop is None else min(stop, len(self))
+        step = self.rows_per_step(step_size)
+        n_vox = self.n_voxels
+        dtype = self.dtype
+
+        def sparse(r0: int, r1: int, band: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            a = band if band.dtype == dtype else band.astype(dtype)
+            flat = a.reshape(-1)
+            idx = np.flatnonzero(flat)  # NaN is non-zero too: validated below
+            e = flat[idx]
+            if self.validate:
+                bad = ~np.isfinite(e) | (e < 0)
+                if bad.any():
+                    j = int(idx[np.flatnonzero(bad)[0]])
+                    row, col = r0 + j // n_vox, j % n_vox
+                    what = "negative" if np.isfinite(e[bad][0]) else "non-finite"
+                    want = "energies >= 0 MeV" if what == "negative" else "finite energies in MeV"
+                    msg = (f"{self.path} rows {r0}:{r1}: dataset {SHOWERS_KEY!r} holds {what} values (first at "
+                           f"index ({row}, {col}): {flat[j]}); expected {want}")
+                    raise ShowerFileError(msg)
+            if threshold > 0:
+                keep = e >= threshold
+                idx, e = idx[keep], e[keep]
+            bounds = np.searchsorted(idx, np.arange(r1 - r0 + 1, dtype=np.int64) * n_vox)
+            counts = np.diff(bounds)
+            cell = (idx - np.repeat(np.arange(r1 - r0, dtype=np.int64) * n_vox, counts)).astype(np.int32)
+            return counts, cell, e
+
+        def bands() -> Iterator[tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+            if self._plan is not None:  # one pipeline over the whole range: the threads never wait for a step
+                yield from self._plan.map_bands(sparse, start, stop, threads=self.threads)
+                return
+            for i in range(start, stop, step):
+                j = min(i + step, stop)
+                yield i, j, sparse(i, j, np.asarray(self._sh[i:j]))
+
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        first = last = start
+        it = bands()
+        while True:
+            try:
+                item = next(it, None)
+            except ShowerFileError:
+                raise
+            except (OSError, RuntimeError, ValueError, zlib.error) as err:
+                msg = f"{self.path}: failed to read rows {first}:{min(first + step, stop)} (corrupt or truncated file?): {err}"
+                raise ShowerFileError(msg) from err
+            if item is not None:
+                parts.append(item[2])
+                last = item[1]
+                if last - first < step:
+                    continue
+            if not parts:
+                break
+            counts, cell, e = parts[0] if len(parts) == 1 else (np.concatenate(x) for x in zip(*parts))
+            parts = []
+            while last - first >= step or (item is None and last > first):  # chunks of exactly step rows
+                k = min(step, last - first)
+                p = int(counts[:k].sum())
+                yield first, self._read_incident(first, first + k), counts[:k], cell[:p], e[:p]
+                counts, cell, e = counts[k:], cell[p:], e[p:]
+                first += k
+            if last > first:
+                parts = [(counts, cell, e)]
+            if item is None:
+                break
+
+    def _read_incident(self, start: int, stop: int) -> np.ndarray:
+        try:
+            inc = np.asarray(self._inc[start:stop]).reshape(-1).astype(self.incident_dtype, copy=False)
+        except (OSError, RuntimeError, ValueError) as err:
+            msg = f"{self.path}: failed to read rows {start}:{stop} (corrupt or truncated file?): {err}"
+            raise ShowerFileError(msg) from err
+        if self.validate:
+            check_energies(inc, where=f"{self.path} rows {start}:{stop}", key=INCIDENT_KEY, positive=True)
+        return inc
 
 
 def open_showers(path: str | os.PathLike, *, geometry: Geometry | None = None, validate: bool = True) -> ShowerFile:
@@ -556,7 +658,7 @@ class ShowerWriter:
 
     def __init__(self, path: Path, n_voxels: int, *, dtype: np.dtype | type = np.float64, compression: str | None = "gzip",
                  attrs: dict | None = None, incident_dtype: np.dtype | type | None = None,
-                 target: Path | None = None) -> None:
+                 target: Path | None = None, threads: int | None = None) -> None:
         import h5py
 
         self.target = Path(target) if target is not None else Path(path)
@@ -573,6 +675,13 @@ class ShowerWriter:
                                               chunks=(chunk_rows, n_voxels), **kw)
             for k, v in (attrs or {}).items():
                 self._f.attrs[k] = v
+            self._direct = None
+            from ._h5direct import enabled
+
+            if compression == "gzip" and enabled():  # chunks deflated in worker threads, stored directly (calopc._h5direct)
+                from ._h5direct import DeflateWriter
+
+                self._direct = DeflateWriter(self._sh, threads=threads)
         except BaseException:
             self._failed()
             self.abort()
@@ -600,9 +709,12 @@ class ShowerWriter:
                 raise OutputError(str(err)) from None
         try:
             self._inc.resize(self.n + n, axis=0)
-            self._sh.resize(self.n + n, axis=0)
             self._inc[self.n:] = incident
-            self._sh[self.n:] = showers
+            if self._direct is not None:
+                self._direct.append(showers)
+            else:
+                self._sh.resize(self.n + n, axis=0)
+                self._sh[self.n:] = showers
         except BaseException:
             self._failed()
             raise
@@ -618,6 +730,9 @@ class ShowerWriter:
         if self._f is None:
             return
         try:
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
             self._f.close()
         except BaseException:
             self._failed()
@@ -632,6 +747,11 @@ class ShowerWriter:
         the process (h5py issue 914), so they are parked, never closed; ``calopc.cli`` then leaves
         with ``os._exit``. After other failures the file is closed normally.
         """
+        direct = getattr(self, "_direct", None)
+        if direct is not None:
+            with contextlib.suppress(Exception):
+                direct.abort()
+            self._direct = None
         if self._f is None:
             return
         if self._failed_here:

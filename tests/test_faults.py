@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from calopc.cli import main
-from calopc.converters import convert_file, file_info, open_points, voxelize_file, write_points
+from calopc.converters import convert_file, file_info, open_points, read_points, voxelize_file, write_points
 from calopc.geometry import Geometry, GeometryError
 from calopc.io import (
     Interrupted,
@@ -76,14 +76,14 @@ def ds2(tmp_path_factory):
 
 def _rewrite_parquet(src: Path, dst: Path, *, points=None, incident=None, meta: dict | None = None,
                      drop_meta: tuple[bytes, ...] = ()) -> Path:
-    """A copy of ``src`` with replaced columns and/or schema metadata."""
+    """A copy of ``src`` with replaced columns and/or schema metadata (every point field stored, as older files)."""
     table = pq.read_table(src)
-    events = ak.from_arrow(table)
+    events = read_points(src)[0]
     if points is not None or incident is not None:
         events = ak.zip({"incident_energy": events.incident_energy if incident is None else incident,
                          "points": events.points if points is None else points}, depth_limit=1)
     t = ak.to_arrow_table(events, extensionarray=False)
-    m = {k: v for k, v in (table.schema.metadata or {}).items() if k not in drop_meta}
+    m = {k: v for k, v in (table.schema.metadata or {}).items() if k not in (*drop_meta, b"calopc.layout")}
     m.update(meta or {})
     pq.write_table(t.replace_schema_metadata(m), dst)
     return dst
@@ -151,7 +151,7 @@ def test_info_prints_no_raw_runtime_warning(tmp_path):
 # ============================================================================ Parquet inputs
 def test_points_outside_the_geometry_are_an_error(tmp_path, ds2, capsys):
     _, pqf, *_ = ds2
-    ev = ak.from_parquet(pqf)
+    ev = read_points(pqf)[0]
     cell = ak.to_numpy(ak.flatten(ev.points.cell)).copy()
     cell[::10] = 99999  # 10 % of the points
     pts = ak.with_field(ev.points, ak.unflatten(cell, ak.num(ev.points)), "cell")
@@ -174,7 +174,7 @@ def test_points_outside_the_geometry_are_an_error(tmp_path, ds2, capsys):
 
 def test_continuous_points_outside_are_an_error(tmp_path, ds2):
     _, pqf, *_ = ds2
-    ev = ak.from_parquet(pqf)
+    ev = read_points(pqf)[0]
     p = ev.points[["r", "alpha", "z", "E"]]
     r = ak.to_numpy(ak.flatten(p.r)).copy()
     r[::20] = 1e6  # 5 % far outside
@@ -226,7 +226,7 @@ def test_geometry_from_dict_errors():
 @pytest.mark.parametrize("case", ["nan_E", "neg_E", "no_E", "nan_inc"])
 def test_bad_point_values_name_the_file(tmp_path, ds2, capsys, case):
     _, pqf, *_ = ds2
-    ev = ak.from_parquet(pqf)
+    ev = read_points(pqf)[0]
     e = ak.to_numpy(ak.flatten(ev.points.E)).copy()
     kw = {}
     if case in ("nan_E", "neg_E"):

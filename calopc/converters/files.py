@@ -62,37 +62,246 @@ def _check_suffix(path: Path, wrong: tuple[str, ...], kind: str, hint: str) -> N
         raise OutputError(msg)
 
 
-class PointsWriter:
-    """Append event chunks to a Parquet file; the geometry goes into the schema metadata."""
+#: Schema metadata key naming the column layout: ``cell-E`` (only ``cell`` and ``E`` stored; ``r``, ``alpha``,
+#: ``z`` are the cell centres, looked up on read). Files without it store every point field.
+_META_LAYOUT = b"calopc.layout"
+_LAYOUT_CELL_E = b"cell-E"
 
-    def __init__(self, path: Path, geometry: Geometry, *, info: dict | None = None, compression: str = "zstd") -> None:
+#: Points per Parquet row group (about 25 MB of float64 energies and cells before compression): what
+#: training and the lazy reader read at once.
+ROW_GROUP_POINTS = 1 << 21
+
+#: Energy dtypes ``convert`` can store. float32 keeps 24 significant bits: relative rounding error <= 2**-24
+#: (6.0e-8) per cell, exact for float32 input.
+ENERGY_DTYPES = ("float64", "float32")
+
+
+def _column_options(compression: str) -> dict:
+    """ParquetWriter options of the compact layout: delta-encoded cells, byte-stream-split energies."""
+    return {
+        "compression": compression,
+        "compression_level": 1 if compression == "zstd" else None,
+        "use_dictionary": False,
+        "column_encoding": {"incident_energy": "PLAIN", "points.list.element.cell": "DELTA_BINARY_PACKED",
+                            "points.list.element.E": "BYTE_STREAM_SPLIT"},
+    }
+
+
+class PointsWriter:
+    """Append event chunks to a Parquet file; the geometry goes into the schema metadata.
+
+    Points in cells (a ``cell`` field, and ``r``, ``alpha``, ``z`` absent or the cell centres) are
+    stored compactly: ``cell`` (sorted within a shower, delta encoded) and ``E`` (byte-stream
+    split), zstd; readers add the centres back. Other points (continuous coordinates) are
+    stored field by field. Row groups hold about ``row_group_points`` points.
+    ``background=True``: compression and writing run in a thread, overlapping the caller's work.
+    """
+
+    def __init__(self, path: Path, geometry: Geometry, *, info: dict | None = None, compression: str = "zstd",
+                 row_group_points: int = ROW_GROUP_POINTS, background: bool = False) -> None:
         self.path = Path(path)
         self.geometry = geometry
         self.info = info or {}
         self.compression = compression
+        self.row_group_points = max(1, int(row_group_points))
         self._writer = None
+        self._compact: bool | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_points = 0
         self.n = 0
+        self._thread = None
+        if background:
+            import queue
+            import threading
 
-    def append(self, events: ak.Array) -> None:
+            self._queue: queue.Queue = queue.Queue(maxsize=2)
+            self._error: BaseException | None = None
+            self._thread = threading.Thread(target=self._run, name="calopc-parquet", daemon=True)
+            self._thread.start()
+
+    # ---------------------------------------------------------------- background thread
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self._write_table(job)
+                except BaseException as err:  # reported to the caller at its next call
+                    self._error = err
+
+    def _raise_background(self) -> None:
+        if self._thread is not None and self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _metadata(self, compact: bool) -> dict:
+        meta = {_META_GEOMETRY: self.geometry.to_json().encode(), _META_VERSION: __version__.encode(),
+                _META_INFO: json.dumps(self.info).encode()}
+        if compact:
+            meta[_META_LAYOUT] = _LAYOUT_CELL_E
+        return meta
+
+    def _write_table(self, table: object) -> None:
         import pyarrow.parquet as pq
 
+        if self._writer is None:
+            kw = _column_options(self.compression) if self._compact else {"compression": self.compression}
+            self._writer = pq.ParquetWriter(self.path, table.schema, **kw)
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def _emit(self, table: object) -> None:
+        if self._thread is None:
+            self._write_table(table)
+            return
+        self._raise_background()
+        self._queue.put(table)
+        self._raise_background()
+
+    # ---------------------------------------------------------------- compact rows
+    def append_sparse(self, incident: np.ndarray, counts: np.ndarray, cell: np.ndarray, energy: np.ndarray) -> None:
+        """Append showers given as ``incident (n,)``, ``counts (n,)`` and flat ``cell``/``E`` (cells increasing per shower)."""
+        check_interrupt()
+        if self._compact is False:
+            msg = "this file stores continuous points; append_sparse cannot be mixed with them"
+            raise ValueError(msg)
+        self._compact = True
+        incident = np.asarray(incident, dtype=np.float64).reshape(-1)
+        counts = np.asarray(counts, dtype=np.int64)
+        self._pending.append((incident, counts, np.asarray(cell, dtype=np.int32), np.asarray(energy)))
+        self._pending_points += int(cell.shape[0])
+        self.n += incident.shape[0]
+        if self._pending_points >= self.row_group_points:
+            self._flush_groups(final=False)
+
+    def _flush_groups(self, *, final: bool) -> None:
+        if not self._pending:
+            return
+        if len(self._pending) == 1:
+            inc, counts, cell, e = self._pending[0]
+        else:
+            inc, counts, cell, e = (np.concatenate(x) for x in zip(*self._pending))
+        offsets = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        # whole row groups of about row_group_points points (at least one shower each)
+        cuts = [0]
+        target = self.row_group_points
+        while True:
+            k = int(np.searchsorted(offsets, offsets[cuts[-1]] + target, side="left"))
+            k = max(k, cuts[-1] + 1)
+            if k >= counts.shape[0]:
+                break
+            cuts.append(k)
+        if final:
+            cuts.append(counts.shape[0])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            self._emit(self._table(inc[a:b], offsets[a:b + 1], cell, e))
+        rest = cuts[-1]
+        if rest < counts.shape[0]:
+            p0 = offsets[rest]
+            self._pending = [(inc[rest:], counts[rest:], cell[p0:], e[p0:])]
+            self._pending_points = int(offsets[-1] - p0)
+        else:
+            self._pending, self._pending_points = [], 0
+
+    def _table(self, inc: np.ndarray, offsets: np.ndarray, cell: np.ndarray, e: np.ndarray) -> object:
+        import pyarrow as pa
+
+        p0, p1 = int(offsets[0]), int(offsets[-1])
+        values = pa.StructArray.from_arrays([pa.array(cell[p0:p1]), pa.array(e[p0:p1])], names=["cell", "E"])
+        off = offsets - p0
+        points = pa.ListArray.from_arrays(pa.array(off.astype(np.int32) if p1 - p0 < 2**31 else off), values)
+        table = pa.table({"incident_energy": pa.array(np.ascontiguousarray(inc)), "points": points})
+        return table.replace_schema_metadata(self._metadata(True))
+
+    # ---------------------------------------------------------------- events
+    def append(self, events: ak.Array) -> None:
+        """Append awkward events (as from :func:`voxels_to_points`); points in cells are stored compactly."""
+        sparse = _as_sparse(events, self.geometry) if self._compact is not False else None
+        if sparse is not None:
+            self.append_sparse(*sparse)
+            return
+        if self._compact:
+            msg = "this file stores points in cells; events with other coordinates cannot be appended"
+            raise ValueError(msg)
+        self._compact = False
+        check_interrupt()
         table = ak.to_arrow_table(events, extensionarray=False)
         meta = dict(table.schema.metadata or {})
-        meta[_META_GEOMETRY] = self.geometry.to_json().encode()
-        meta[_META_VERSION] = __version__.encode()
-        meta[_META_INFO] = json.dumps(self.info).encode()
-        table = table.replace_schema_metadata(meta)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, table.schema, compression=self.compression)
-        check_interrupt()
-        self._writer.write_table(table)
+        meta.update(self._metadata(False))
+        self._emit(table.replace_schema_metadata(meta))
         self.n += len(events)
 
     def close(self) -> None:
-        if self._writer is None:  # no chunk at all: still write a valid, empty file
-            empty = voxels_to_points(np.zeros((0, self.geometry.n_voxels)), self.geometry)
-            self.append(empty)
-        self._writer.close()
+        try:
+            if self._compact:
+                self._flush_groups(final=True)
+            elif self._writer is None and self._compact is None:  # nothing at all: a valid, empty file
+                self._compact = True
+                z = np.zeros(0)
+                self._emit(self._table(z, np.zeros(1, dtype=np.int64), np.zeros(0, np.int32), z))
+            self._stop_thread()
+        except BaseException:
+            self.abort()
+            raise
+        if self._writer is not None:
+            self._writer.close()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+
+    def abort(self) -> None:
+        """Stop the background thread and close the file without finishing it (it is about to be removed)."""
+        if self._thread is not None:
+            with contextlib.suppress(BaseException):
+                while True:  # drop what waits, then stop
+                    self._queue.get_nowait()
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+
+
+def _as_sparse(events: ak.Array, geometry: Geometry) -> tuple[np.ndarray, ...] | None:
+    """``(incident, counts, cell, E)`` when the points are in cells (r/alpha/z absent or the cell centres), else None."""
+    if "points" not in ak.fields(events) or "incident_energy" not in ak.fields(events):
+        return None
+    pts = events["points"]
+    fields = set(ak.fields(pts))
+    if not {"cell", "E"} <= fields or not fields <= {"cell", "E", "r", "alpha", "z"}:
+        return None
+    cell = np.asarray(ak.flatten(pts["cell"], axis=None))
+    e = np.asarray(ak.flatten(pts["E"], axis=None))
+    if cell.dtype.kind not in "iu" or e.dtype.kind != "f":
+        return None
+    if cell.size and (cell.min() < 0 or cell.max() >= geometry.n_voxels):
+        return None
+    counts = np.asarray(ak.num(pts, axis=1), dtype=np.int64)
+    if cell.size > 1:  # cells must increase within each shower (the delta encoding and the lookup assume it)
+        inc_ok = cell[1:] > cell[:-1]
+        starts = np.cumsum(counts)[:-1]
+        starts = starts[(starts > 0) & (starts < cell.size)]
+        inc_ok[starts - 1] = True
+        if not inc_ok.all():
+            return None
+    from .core import _coordinate_tables
+
+    tab = _coordinate_tables(geometry)
+    for f in ("r", "alpha", "z"):
+        if f in fields:
+            v = np.asarray(ak.flatten(pts[f], axis=None))
+            if v.dtype != np.float32 or not np.array_equal(v, tab[f][cell]):
+                return None
+    return np.asarray(events["incident_energy"], dtype=np.float64), counts, cell.astype(np.int32), e
 
 
 @contextlib.contextmanager
@@ -112,9 +321,8 @@ def points_writer(path: str | os.PathLike, geometry: Geometry, **kw: object) -> 
         finally:
             if ok:
                 w.close()
-            elif w._writer is not None:
-                with contextlib.suppress(Exception):
-                    w._writer.close()
+            else:
+                w.abort()
         check_interrupt()
 
 
@@ -182,6 +390,16 @@ class PointsFile:
         if "points" not in names or "incident_energy" not in names:
             msg = f"{self.path}: expected columns 'incident_energy' and 'points', found {names}"
             raise ShowerFileError(msg)
+        #: only ``cell`` and ``E`` stored; the cell centres are added on read
+        self.compact = meta.get(_META_LAYOUT) == _LAYOUT_CELL_E
+        if self.compact:
+            ptype = self._pf.schema_arrow.field("points").type
+            inner = getattr(ptype, "value_type", None)
+            sub = [inner.field(i).name for i in range(inner.num_fields)] if inner is not None and \
+                hasattr(inner, "num_fields") else []
+            if not {"cell", "E"} <= set(sub):
+                msg = f"{self.path}: the points of a 'cell-E' file need 'cell' and 'E' fields; found {sub}"
+                raise ShowerFileError(msg)
         self._checked = False
 
     def __len__(self) -> int:
@@ -207,7 +425,7 @@ class PointsFile:
         n_pending = 0
         done = 0
         for i in range(self._pf.metadata.num_row_groups):
-            group = ak.from_arrow(self._read_group(i), highlevel=True)
+            group = self._events(self._read_group(i))
             pending.append(group)
             n_pending += len(group)
             while n_pending >= step_size:
@@ -236,9 +454,26 @@ class PointsFile:
         except Exception as err:
             msg = f"{self.path}: failed to read (corrupt or truncated file?): {err}"
             raise ShowerFileError(msg) from err
-        events = ak.from_arrow(table, highlevel=True)
+        events = self._events(table)
         self.check(events, 0)
         return events
+
+    @property
+    def num_row_groups(self) -> int:
+        return int(self._pf.metadata.num_row_groups)
+
+    def read_row_group(self, i: int) -> ak.Array:
+        """Row group ``i`` as events (validated like :meth:`iterate` chunks, the geometry check included)."""
+        events = self._events(self._read_group(i))
+        first = sum(self._pf.metadata.row_group(k).num_rows for k in range(i))
+        self.check(events, first)
+        return events
+
+    def _events(self, table: object) -> ak.Array:
+        """Awkward events of an Arrow table: compact files get their cell centres back (vectorised lookup)."""
+        if not self.compact:
+            return ak.from_arrow(table, highlevel=True)
+        return events_from_arrow(table, self.geometry)
 
     def check(self, chunk: ak.Array, start: int = 0) -> None:
         """Validate showers ``start:start+len(chunk)``; the first non-empty chunk also against the geometry."""
@@ -254,6 +489,8 @@ class PointsFile:
             raise ShowerFileError(msg)
         pts = chunk["points"]
         fields = set(ak.fields(pts))
+        if self.compact:  # r, alpha and z were looked up from the cells: nothing to compare
+            fields -= {"r", "alpha", "z"}
         if "E" not in fields:
             msg = f"{self.path}: the points have no 'E' field (energy, MeV); found fields {sorted(fields)}"
             raise ShowerFileError(msg)
@@ -322,6 +559,37 @@ class PointsFile:
                 raise ShowerFileError(msg)
 
 
+def events_from_arrow(table: object, geometry: Geometry) -> ak.Array:
+    """Events of an Arrow table of the compact layout (``incident_energy``, ``points: list<cell, E>``).
+
+    ``r``, ``alpha`` and ``z`` are the cell centres (float32, as :func:`voxels_to_points` gives
+    them); cells outside the geometry get NaN coordinates (the file check counts them).
+    """
+    import pyarrow as pa
+
+    pts = table.column("points")
+    pts = pts.combine_chunks() if isinstance(pts, pa.ChunkedArray) else pts
+    offsets = np.asarray(pts.offsets, dtype=np.int64)
+    values = pts.values
+    p0, p1 = int(offsets[0]), int(offsets[-1])
+    cell = np.asarray(values.field("cell").to_numpy(zero_copy_only=False))[p0:p1]
+    e = np.asarray(values.field("E").to_numpy(zero_copy_only=False))[p0:p1]
+    if cell.dtype != np.int32:
+        cell = cell.astype(np.int32)
+    inc = np.asarray(table.column("incident_energy").to_numpy(), dtype=np.float64)
+    from .core import _build_events, _coordinate_tables
+
+    tab = _coordinate_tables(geometry)
+    n_vox = geometry.n_voxels
+    outside = (cell < 0) | (cell >= n_vox) if cell.size else np.zeros(0, dtype=bool)
+    if outside.any():
+        safe = np.where(outside, 0, cell)
+        xyz = {k: np.where(outside, np.float32(np.nan), tab[k][safe]) for k in ("r", "alpha", "z")}
+    else:
+        xyz = {k: tab[k][cell] for k in ("r", "alpha", "z")}
+    return _build_events(inc, offsets - p0, {**xyz, "E": e, "cell": cell})
+
+
 def open_points(path: str | os.PathLike, *, geometry: Geometry | None = None, max_outside: float = MAX_OUTSIDE
                 ) -> PointsFile:
     """Open a points file (see :class:`PointsFile`)."""
@@ -342,11 +610,20 @@ def convert_file(
     step_size: int | str = "256 MB",
     threshold: float | str = 0.0,
     progress: bool = True,
+    energy_dtype: str | np.dtype | None = None,
+    threads: int | None = None,
+    row_group_points: int = ROW_GROUP_POINTS,
 ) -> Path:
     """Convert a CaloChallenge HDF5 file to a point-cloud Parquet file, streaming in chunks.
 
-    Memory is bounded by ``step_size`` of dense input (plus the points of one chunk).
-    Returns the output path (default: the input with suffix ``.parquet``).
+    Gzip chunks are inflated, scanned for non-empty cells and validated in ``threads`` worker
+    threads (default: the usable CPUs), while another thread compresses and writes the Parquet
+    row groups. Memory is bounded by the points of ``step_size`` of dense input plus a few HDF5
+    chunks. Returns the output path (default: the input with suffix ``.parquet``).
+
+    ``energy_dtype``: ``"float64"`` or ``"float32"`` for the stored energies; default: the
+    file's dtype (lossless). float32 rounds each energy to 24 significant bits (relative error
+    <= 2**-24 = 6.0e-8) and halves the file; it is exact for float32 input.
     """
     input = Path(input)
     output = Path(output) if output is not None else input.with_suffix(".parquet")
@@ -355,18 +632,37 @@ def convert_file(
     if step <= 0:
         msg = f"step size must be > 0, got {step_size!r}"
         raise ValueError(msg)
+    edt = _energy_dtype(energy_dtype)
     check_not_input(output, [input])
     _check_suffix(output, _HDF5_SUFFIXES, "Parquet point clouds", "use a .parquet name (voxelize writes HDF5)")
     with open_showers(input, geometry=geometry) as f:
-        info = {"source": input.name, "n_showers": len(f), "dtype": str(f.dtype),
+        f.threads = threads
+        store = f.dtype if edt is None else edt
+        info = {"source": input.name, "n_showers": len(f), "dtype": str(store),
                 "incident_dtype": str(f.incident_dtype), "threshold": threshold}
+        if store != f.dtype:
+            info["source_dtype"] = str(f.dtype)
         expected = 0.5 * input.stat().st_size
-        with points_writer(output, f.geometry, info=info, expected_bytes=expected) as w, \
+        with points_writer(output, f.geometry, info=info, expected_bytes=expected, background=True,
+                           row_group_points=row_group_points) as w, \
                 _progress(len(f), f"convert {input.name}", progress) as bar:
-            for inc, sh in f.iterate(step_size):
-                w.append(voxels_to_points(sh, f.geometry, incident_energies=inc, threshold=threshold))
+            for _, inc, counts, cell, e in f.iterate_sparse(step_size, threshold=threshold):
+                w.append_sparse(inc, counts, cell, e.astype(store, copy=False))
                 bar.update(len(inc))
     return output
+
+
+def _energy_dtype(name: str | np.dtype | None) -> np.dtype | None:
+    if name is None:
+        return None
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ENERGY_DTYPES:
+        msg = f"energy dtype must be one of {', '.join(ENERGY_DTYPES)}, got {name!r}"
+        raise ValueError(msg)
+    return dt
 
 
 def voxelize_file(

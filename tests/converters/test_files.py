@@ -149,7 +149,7 @@ def test_interrupted_convert_leaves_nothing(tmp_path, ds2_file, monkeypatch):
     from calopc.converters import files
 
     calls = {"n": 0}
-    real = files.voxels_to_points
+    real = files.PointsWriter.append_sparse
 
     def boom(*a, **k):
         calls["n"] += 1
@@ -157,7 +157,7 @@ def test_interrupted_convert_leaves_nothing(tmp_path, ds2_file, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(files, "voxels_to_points", boom)
+    monkeypatch.setattr(files.PointsWriter, "append_sparse", boom)
     out = tmp_path / "out.parquet"
     with pytest.raises(KeyboardInterrupt):
         convert_file(ds2_file[0], out, step_size=50, progress=False)
