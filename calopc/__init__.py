@@ -2,11 +2,13 @@ r"""calopc: calorimeter showers as point clouds and sparse data.
 
 Light at import: the standard library only (numpy on first use of the geometry). Subpackages (``calopc.converters``, ``calopc.eval``,
 ``calopc.models``) load on first use; torch is imported only when a model is used.
+``calopc.open_points(path_or_glob)``: the point clouds of one or several Parquet files as a lazy
+dask-awkward array (the ``dask`` extra).
 """
 
 from __future__ import annotations
 
-__all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_geometry", "models"]
+__all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_geometry", "models", "open_points"]
 
 import importlib
 
@@ -18,6 +20,10 @@ _LAZY_ATTRS = {"DATASETS": "geometry", "Geometry": "geometry", "load_geometry": 
 
 
 def __getattr__(name: str):
+    if name == "open_points":  # lazy dask-awkward reader of point-cloud files, folders and globs
+        from .converters.dataset import open_points_lazy
+
+        return open_points_lazy
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY_ATTRS:

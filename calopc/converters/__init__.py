@@ -7,12 +7,16 @@ from __future__ import annotations
 
 __all__ = [
     "COLLISION_POLICIES",
+    "PointsDataset",
     "PointsFile",
     "VoxelizeStats",
     "convert_file",
+    "convert_files",
     "file_info",
     "neighbour_table",
     "open_points",
+    "open_points_lazy",
+    "points_paths",
     "points_to_voxels",
     "points_writer",
     "read_points",
@@ -21,6 +25,7 @@ __all__ = [
     "write_points",
 ]
 
+from .dataset import PointsDataset, convert_files, open_points_lazy, points_paths
 from .core import COLLISION_POLICIES, VoxelizeStats, neighbour_table, points_to_voxels, voxels_to_points
 from .files import (
     PointsFile,

@@ -283,23 +283,16 @@ def _as_sparse(events: ak.Array, geometry: Geometry) -> tuple[np.ndarray, ...] |
     e = np.asarray(ak.flatten(pts["E"], axis=None))
     if cell.dtype.kind not in "iu" or e.dtype.kind != "f":
         return None
-    if cell.size and (cell.min() < 0 or cell.max() >= geometry.n_voxels):
-        return None
     counts = np.asarray(ak.num(pts, axis=1), dtype=np.int64)
-    if cell.size > 1:  # cells must increase within each shower (the delta encoding and the lookup assume it)
-        inc_ok = cell[1:] > cell[:-1]
-        starts = np.cumsum(counts)[:-1]
-        starts = starts[(starts > 0) & (starts < cell.size)]
-        inc_ok[starts - 1] = True
-        if not inc_ok.all():
-            return None
+    # cells outside the geometry are kept (readers give them NaN coordinates and count them as outside)
+    inside = (cell >= 0) & (cell < geometry.n_voxels)
     from .core import _coordinate_tables
 
     tab = _coordinate_tables(geometry)
     for f in ("r", "alpha", "z"):
         if f in fields:
             v = np.asarray(ak.flatten(pts[f], axis=None))
-            if v.dtype != np.float32 or not np.array_equal(v, tab[f][cell]):
+            if v.dtype != np.float32 or not np.array_equal(v[inside], tab[f][cell[inside]]):
                 return None
     return np.asarray(events["incident_energy"], dtype=np.float64), counts, cell.astype(np.int32), e
 
@@ -590,15 +583,23 @@ def events_from_arrow(table: object, geometry: Geometry) -> ak.Array:
     return _build_events(inc, offsets - p0, {**xyz, "E": e, "cell": cell})
 
 
-def open_points(path: str | os.PathLike, *, geometry: Geometry | None = None, max_outside: float = MAX_OUTSIDE
+def open_points(path: str | os.PathLike | list, *, geometry: Geometry | None = None, max_outside: float = MAX_OUTSIDE
                 ) -> PointsFile:
-    """Open a points file (see :class:`PointsFile`)."""
-    return PointsFile(path, geometry=geometry, max_outside=max_outside)
+    """Open a points file (see :class:`PointsFile`), or a dataset: a folder of them, a glob or a list
+    (a :class:`~calopc.converters.dataset.PointsDataset`, same interface)."""
+    from .dataset import PointsDataset
+
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
+        return PointsFile(path, geometry=geometry, max_outside=max_outside)
+    if isinstance(path, (str, os.PathLike)) and not Path(path).exists() and not any(c in os.fspath(path) for c in "*?["):
+        msg = f"{path}: no such file"
+        raise FileNotFoundError(msg)
+    return PointsDataset(path, geometry=geometry, max_outside=max_outside)
 
 
-def read_points(path: str | os.PathLike, *, geometry: Geometry | None = None) -> tuple[ak.Array, Geometry]:
-    """Read a whole points file: ``(events, geometry)``."""
-    with PointsFile(path, geometry=geometry) as f:
+def read_points(path: str | os.PathLike | list, *, geometry: Geometry | None = None) -> tuple[ak.Array, Geometry]:
+    """Read a whole points file (or a folder, glob or list of them): ``(events, geometry)``."""
+    with open_points(path, geometry=geometry) as f:
         return f.read(), f.geometry
 
 
@@ -698,11 +699,11 @@ def voxelize_file(
     if int(step_size) <= 0:
         msg = f"step_size must be >= 1 showers, got {step_size}"
         raise ValueError(msg)
-    check_not_input(output, [input])
+    check_not_input(output, [input] if Path(input).exists() else [])
     _check_suffix(output, _PARQUET_SUFFIXES, "HDF5 voxels", "use a .hdf5 name (convert writes Parquet)")
     total = VoxelizeStats()
     rng = np.random.default_rng(seed)
-    with PointsFile(input, geometry=geometry, max_outside=max_outside) as f:
+    with open_points(input, geometry=geometry, max_outside=max_outside) as f:
         g = f.geometry
         if isinstance(threshold, str) and threshold.strip().lower() == "file":
             recorded = f.info.get("threshold", 0.0)
@@ -717,8 +718,9 @@ def voxelize_file(
             dtype = _stored_dtype(f.info.get("dtype"), np.float64)
         inc_dtype = _stored_dtype(f.info.get("incident_dtype"), np.float64)  # older files: float64 (lossless)
         step = max(1, min(int(step_size), parse_size("256 MB") // (g.n_voxels * np.dtype(dtype).itemsize)))
+        in_bytes = f.size_bytes if hasattr(f, "size_bytes") else input.stat().st_size
         with shower_writer(output, g.n_voxels, dtype=dtype, incident_dtype=inc_dtype,
-                           expected_bytes=0.3 * input.stat().st_size) as w, \
+                           expected_bytes=0.3 * in_bytes) as w, \
                 _progress(len(f), f"voxelize {input.name}", progress) as bar:
             for chunk in f.iterate(step):
                 sh, st = points_to_voxels(chunk, g, collisions=collisions, threshold=threshold, dtype=dtype,
@@ -749,16 +751,20 @@ def _stored_dtype(name: object, default: type) -> np.dtype:
 def file_info(path: str | os.PathLike, *, step_size: int | str = "256 MB", progress: bool = False,
               geometry: Geometry | None = None) -> dict:
     """Dataset, number of showers and hits-per-shower statistics of an HDF5 or Parquet file."""
+    from .dataset import is_points_source
+
     path = Path(path)
-    if not path.exists():
+    dataset = path.is_dir() or (not path.exists() and any(c in str(path) for c in "*?["))
+    if not path.exists() and not dataset:
         msg = f"{path}: no such file"
         raise FileNotFoundError(msg)
     hits: list[np.ndarray] = []
     inc: list[np.ndarray] = []
     etot: list[np.ndarray] = []
-    if _is_parquet(path):
-        with PointsFile(path, geometry=geometry) as f:
-            g, kind, n = f.geometry, "points (Parquet)", len(f)
+    if is_points_source(path) if dataset else _is_parquet(path):
+        with open_points(path, geometry=geometry) as f:
+            g, n = f.geometry, len(f)
+            kind = f"points (Parquet, {len(f.paths)} files)" if dataset else "points (Parquet)"
             with _progress(n, f"info {path.name}", progress) as bar:
                 for ch in f.iterate():
                     hits.append(np.asarray(ak.num(ch["points"], axis=1)))

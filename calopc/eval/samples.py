@@ -57,13 +57,14 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
     from ..io import open_showers
 
     path = Path(path)
-    if not path.exists():
+    dataset = path.is_dir() or (not path.exists() and any(c in str(path) for c in "*?["))  # folder or glob of Parquet
+    if not path.exists() and not dataset:
         msg = f"{path}: no such file"
         raise FileNotFoundError(msg)
     feats, spectra, lows, pes = [], [], [], []
     sum_sh = None
     stats = None
-    if _is_parquet(path):
+    if dataset or _is_parquet(path):
         kind = "points"
         f = open_points(path)
         chunks_of = lambda: f.iterate(2000)

@@ -94,7 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           "overwrite": args.overwrite, "model_config": model_cfg, "train": train_cfg}, indent=2))
         return 0
     for p in args.data:
-        if not p.exists():
+        if not p.exists() and not any(c in str(p) for c in "*?["):  # a file, a dataset folder or a glob
             msg = f"--data {p}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
             raise ValueError(msg)
     from .train import TrainConfig, train

@@ -171,9 +171,9 @@ class _Sources:
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, max_showers: int | None = None) -> None:
         from ..converters import open_points
 
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        self.paths = [Path(p) for p in paths]
+        from ..converters import points_paths
+
+        self.paths = points_paths(paths) if (isinstance(paths, (str, os.PathLike)) or len(paths)) else []  # folders, globs
         if not self.paths:
             msg = "no training files given"
             raise ValueError(msg)
