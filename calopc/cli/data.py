@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .options import (
     FORMATTER,
+    CLIError,
     add_collisions,
     add_geometry,
     add_output,
@@ -36,14 +37,33 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ..converters import convert_file
+    import glob
+    import os
+
+    from ..converters import convert_file, convert_files
     from ..geometry import load_geometry
 
     geometry = load_geometry(args.geometry) if args.geometry else None
     threshold = "official" if args.threshold is None else args.threshold
-    out = convert_file(args.input, args.output, geometry=geometry, step_size=args.step_size, threshold=threshold,
-                       progress=not args.no_progress)
-    print(f"wrote {out}")
+    kw = {"geometry": geometry, "step_size": args.step_size, "threshold": threshold, "progress": not args.no_progress,
+          "energy_dtype": args.energy_dtype}
+    inputs = []
+    for s in map(str, args.input):  # quoted globs are expanded here (the shell expands unquoted ones)
+        found = sorted(glob.glob(s)) if not os.path.exists(s) and any(c in s for c in "*?[") else [s]
+        if not found:
+            msg = f"{s}: no file matches this pattern"
+            raise CLIError(msg)
+        inputs.extend(found)
+    out = args.output
+    to_folder = len(inputs) > 1 or (out is not None and (out.is_dir() or str(out).endswith(os.sep)))
+    if not to_folder:
+        print(f"wrote {convert_file(inputs[0], out, **kw)}")
+        return 0
+    if out is None:
+        msg = f"{len(inputs)} inputs: name the output folder of the dataset with -o DIR/"
+        raise CLIError(msg)
+    files = convert_files(inputs, out, workers=args.workers, log=print, **kw)
+    print(f"wrote {len(files)} Parquet files to {out}/")
     return 0
 
 
@@ -106,18 +126,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("convert", help="CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)",
                        formatter_class=FORMATTER,
-                       epilog="example:\n  calopc convert dataset_2_1.hdf5 -o train.parquet --step-size '512 MB'")
-    p.add_argument("input", type=Path, help="input HDF5 file (incident_energies, showers)")
-    add_output(p, "output Parquet file (default: INPUT.parquet)")
+                       epilog="examples:\n  calopc convert dataset_2_1.hdf5 -o train.parquet --step-size '512 MB'\n"
+                              "  calopc convert dataset_3_*.hdf5 -o ds3/ --workers 2     # a dataset folder\n"
+                              "  calopc convert dataset_3_1.hdf5 --energy-dtype float32   # half the size")
+    p.add_argument("input", type=Path, nargs="+",
+                   help="input HDF5 file(s) (incident_energies, showers), or a quoted glob; several inputs write a "
+                        "dataset folder of Parquet files (-o DIR/)")
+    add_output(p, "output Parquet file (default: INPUT.parquet), or the dataset folder for several inputs (a name "
+                  "ending in / or an existing folder)")
     add_geometry(p, "dataset name or binning XML (default: detected from the voxel count)")
     p.add_argument("--step-size", default="256 MB", help="dense input per chunk (default: %(default)s)")
     add_threshold(p, 0.0, "; 0 keeps every non-zero cell (lossless)")
+    p.add_argument("--energy-dtype", choices=("float64", "float32"), default=None,
+                   help="stored point energies: float32 rounds each to 24 significant bits (relative error <= 6e-8; "
+                        "exact for float32 input) and halves the file (default: the input's dtype, lossless)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="convert several inputs in parallel processes (default: %(default)s)")
     add_progress(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("voxelize", help="point-cloud Parquet -> CaloChallenge HDF5", formatter_class=FORMATTER,
                        epilog="example:\n  calopc voxelize gen.parquet -o gen.hdf5 --threshold official")
-    p.add_argument("input", type=Path, help="input Parquet file written by 'calopc convert' or 'calopc generate'")
+    p.add_argument("input", type=Path, help="input Parquet file written by 'calopc convert' or 'calopc generate', "
+                                            "or a dataset folder or quoted glob of them")
     add_output(p, "output HDF5 file", required=True)
     add_geometry(p, "dataset name or binning XML, instead of the file's metadata (default: the file's)")
     add_collisions(p)
@@ -134,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="dataset, number of showers and hits/shower of an HDF5 or Parquet file",
                        formatter_class=FORMATTER, epilog="example:\n  calopc info dataset_2_1.hdf5 --json")
-    p.add_argument("input", type=Path, help="HDF5 or Parquet file")
+    p.add_argument("input", type=Path, help="HDF5 or Parquet file, or a dataset folder or quoted glob of Parquet files")
     add_geometry(p, "dataset name or binning XML (default: detected, or the Parquet file's metadata)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_progress(p)
