@@ -1,144 +1,310 @@
-r"""Converter throughput and memory on a synthetic dataset-3 file.
+r"""Conversion, Parquet size, read-back, HDF5 writing and lazy-reading figures, old vs new in one run.
 
-Measures, in one run:
+"Old" is calopc at a baseline commit (default: the last one before the direct-chunk reader and
+the compact Parquet layout), unpacked with ``git archive`` into the work folder and run in
+separate processes with ``PYTHONPATH`` pointing at it; "new" is this working tree. Every
+figure is a wall time of a separate process (imports included) and its peak resident memory.
 
-* ``voxels_to_points`` and ``points_to_voxels`` on chunks read from the file (GB/s of
-  dense input, showers/s), against a naive per-shower Python loop on the same data;
-* ``calopc convert`` / ``calopc voxelize`` file to file (wall time, peak resident
-  memory of the process), for two file sizes, to show memory does not grow with the file.
+Sections (``--sections``, comma separated; default all):
+
+* ``convert``: ``calopc convert`` of the large ds3 file (``--n`` showers), old vs new; the
+  outputs are compared shower by shower (must be identical); a plain single-threaded h5py
+  read of the same file (``f["showers"][i:j]`` in 256 MB steps) as the floor.
+* ``small``: the same on a ``--n-small``-shower ds3 file (the "≤ 2× a plain h5py read" target).
+* ``sizes``: Parquet / gzip HDF5 size for ds2 and ds3, float64 and float32 showers, lossless
+  and ``--energy-dtype float32``; bytes per point per column.
+* ``readback``: reading the whole Parquet file back as awkward events (old file, old reader vs
+  new file, new reader).
+* ``writer``: writing ``--n-write`` ds3 showers to gzip HDF5 (``calopc.io.write_showers``, as
+  ``voxelize`` and ``generate`` do), old vs new.
+* ``dask``: ``--n-dask`` ds3 showers in each of 2 files converted into a dataset folder
+  (``--workers 2``), then hits per layer of every shower through ``calopc.open_points``
+  (dask-awkward) on 1 and 2 worker processes, checked against the eager result.
 
 Usage::
 
-    python benchmarks/convert.py [--n 5000] [--workdir bench-out] [--threads 1]
+    python benchmarks/convert.py --n 50000 --workdir /tmp/bench [--sections convert,sizes]
+
+Big files are written to the work folder; ``--clean`` removes them at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _naive_to_points(showers, incident, geometry):
-    """What one writes without thinking about speed: a Python loop over showers, building records."""
-    import awkward as ak
-    import numpy as np
-
-    events = []
-    for e_inc, row in zip(incident, showers):
-        pts = []
-        for c in np.flatnonzero(row):
-            pts.append({"r": float(geometry.cell_r[c]), "alpha": float(geometry.cell_alpha[c]),
-                        "z": float(geometry.cell_z[c]), "E": float(row[c]), "cell": int(c)})
-        events.append({"incident_energy": float(e_inc), "points": pts})
-    return ak.Array(events)
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "9be3461"  # the last commit before the direct-chunk reader and the compact Parquet layout
 
 
-def _naive_to_voxels(events, geometry):
-    import numpy as np
-
-    out = np.zeros((len(events), geometry.n_voxels))
-    for i, ev in enumerate(events.points.tolist()):
-        for p in ev:
-            out[i, p["cell"]] += p["E"]
-    return out
-
-
-def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS in GB) of that child alone."""
-    code = (
+def _run(code_or_cmd: list[str] | str, *, old: bool, workdir: Path, env: dict | None = None) -> tuple[float, float, str]:
+    """Run a calopc command (list) or Python code (str) in a fresh process; (wall s, peak RSS GB, stdout)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    e["PYTHONPATH"] = str(workdir / "baseline") if old else str(ROOT)
+    if isinstance(code_or_cmd, list):
+        inner = [sys.executable, "-m", "calopc.cli", *code_or_cmd]
+    else:
+        inner = [sys.executable, "-c", code_or_cmd]
+    wrap = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        f"subprocess.run({cmd!r}, check=True, stdout=subprocess.DEVNULL); "
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        f"r = subprocess.run({inner!r}, capture_output=True, text=True); "
+        "dt = time.perf_counter() - t; sys.stderr.write(r.stderr); "
+        "print(r.stdout); print('@@', r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]) / 1e6  # ru_maxrss is in KiB on Linux
+    out = subprocess.run([sys.executable, "-c", wrap], check=True, capture_output=True, text=True, env=e)
+    lines = out.stdout.strip().splitlines()
+    _, rc, dt, rss = lines[-1].split()
+    if int(rc) != 0:
+        raise RuntimeError(f"{code_or_cmd} failed ({rc}):\n{out.stderr[-3000:]}")
+    return float(dt), float(rss) / 1e6, "\n".join(lines[:-1])
+
+
+def _load() -> str:
+    try:
+        return "load %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load ?"
+
+
+def _baseline(workdir: Path, rev: str) -> None:
+    dst = workdir / "baseline"
+    if (dst / "calopc" / "__init__.py").exists():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "calopc"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=arch, check=True)
+
+
+def _synth(path: Path, dataset: str, n: int, dtype: str = "float64", seed: int = 1) -> Path:
+    if path.exists():
+        return path
+    t = time.perf_counter()
+    if dtype == "float64":
+        subprocess.run([sys.executable, "-m", "calopc.cli", "synth", str(path), "-n", str(n), "--geometry", dataset,
+                        "--seed", str(seed), "--no-progress"], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    else:
+        import numpy as np
+
+        from calopc.io import open_showers, shower_writer
+
+        src = _synth(path.with_name(path.stem.replace("_f32", "") + ".hdf5"), dataset, n)
+        with open_showers(src) as f, shower_writer(path, f.n_voxels, dtype=np.float32) as w:
+            for inc, sh in f.iterate("256 MB"):
+                w.append(inc, sh.astype(np.float32))
+    print(f"  synthesised {path.name}: {n} ds{dataset} showers, {path.stat().st_size / 1e9:.3f} GB "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return path
+
+
+_H5READ = """
+import h5py, sys
+path, step = sys.argv[1], int(sys.argv[2])
+with h5py.File(path) as f:
+    ds = f["showers"]
+    n = ds.shape[0]
+    rows = max(1, step // (ds.shape[1] * ds.dtype.itemsize))
+    for i in range(0, n, rows):
+        x = ds[i:i + rows]
+        f["incident_energies"][i:i + rows]
+"""
+
+_COMPARE = """
+import sys, numpy as np, awkward as ak
+from calopc.converters import open_points
+a, b = sys.argv[1], sys.argv[2]
+n = 0
+with open_points(a) as fa, open_points(b) as fb:
+    assert len(fa) == len(fb), (len(fa), len(fb))
+    for x, y in zip(fa.iterate(2000), fb.iterate(2000)):
+        assert ak.array_equal(x, y), f"showers {n}:{n + len(x)} differ"
+        n += len(x)
+print(n)
+"""
+
+_READBACK = """
+import sys, awkward as ak
+from calopc.converters import open_points
+n = p = 0
+with open_points(sys.argv[1]) as f:
+    for ch in f.iterate(10000):
+        n += len(ch)
+        p += int(ak.sum(ak.num(ch.points, axis=1)))
+print(n, p)
+"""
+
+_WRITE = """
+import sys, time, numpy as np
+from calopc.io import write_showers
+from calopc.synth import generate
+n = int(sys.argv[2])
+inc, sh = generate("3", n, seed=3)
+t = time.perf_counter()
+write_showers(sys.argv[1], inc, sh)
+print(time.perf_counter() - t, sh.nbytes)
+"""
+
+_DASK = """
+import sys, time, numpy as np, awkward as ak, dask
+import calopc
+from calopc.converters import read_points
+src, workers, scheduler = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+t = time.perf_counter()
+ev = calopc.open_points(src)
+layer = ak.values_astype(ev.points.z, np.int64)
+hits = [ak.sum(layer == k, axis=1) for k in range(45)]
+res = dask.compute(*hits, scheduler=scheduler, num_workers=workers)
+dt = time.perf_counter() - t
+if len(sys.argv) > 4:  # eager check
+    eg, _ = read_points(src)
+    lay = ak.values_astype(eg.points.z, np.int64)
+    for k in (0, 7, 22, 44):
+        assert ak.array_equal(res[k], ak.sum(lay == k, axis=1)), k
+    print("equal", end=" ")
+print(dt, ev.npartitions, sum(len(r) for r in res[:1]))
+"""
+
+
+def section_convert(args: argparse.Namespace, n: int, label: str) -> None:
+    w = args.workdir
+    src = _synth(w / f"ds3_{n}.hdf5", "3", n)
+    dense = n * 40500 * 8 / 1e9
+    print(f"\n[{label}] calopc convert, {n} ds3 showers ({dense:.1f} GB dense, {src.stat().st_size / 1e9:.2f} GB gzip "
+          f"HDF5); {_load()}", flush=True)
+    t_h5, rss_h5, _ = _run(_H5READ.replace("sys.argv[1]", repr(str(src))).replace("int(sys.argv[2])", "256_000_000"),
+                           old=False, workdir=w)
+    print(f"  plain h5py read (one thread, 256 MB steps): {t_h5:6.1f} s, peak RSS {rss_h5:.2f} GB", flush=True)
+    res = {}
+    for old in (True, False):
+        out = w / f"ds3_{n}_{'old' if old else 'new'}.parquet"
+        t, rss, _ = _run(["convert", str(src), "-o", str(out), "--no-progress"], old=old, workdir=w)
+        res[old] = (t, rss, out)
+        print(f"  {'old' if old else 'new'} convert: {t:6.1f} s ({n / t:6.0f} showers/s, {t / t_h5:.2f}x the h5py read), "
+              f"peak RSS {rss:.2f} GB, Parquet {out.stat().st_size / 1e9:.3f} GB "
+              f"({out.stat().st_size / src.stat().st_size:.2f}x the HDF5); {_load()}", flush=True)
+    print(f"  new / old wall time: {res[False][0] / res[True][0]:.2f} (speed-up {res[True][0] / res[False][0]:.2f}x)")
+    t, _, out = _run(_COMPARE.replace("sys.argv[1]", repr(str(res[True][2]))).replace("sys.argv[2]", repr(str(res[False][2]))),
+                     old=False, workdir=w)
+    print(f"  outputs identical: {out.strip()} showers compared as awkward records ({t:.0f} s)")
+    if "readback" in args.sections:
+        for old in (True, False):
+            code = _READBACK.replace("sys.argv[1]", repr(str(res[old][2])))
+            t, rss, out = _run(code, old=old, workdir=w)
+            print(f"  read back ({'old file, old reader' if old else 'new file, new reader'}): {t:6.1f} s, "
+                  f"peak RSS {rss:.2f} GB ({out.strip()} showers, points)", flush=True)
+    if args.clean:
+        for old in (True, False):
+            res[old][2].unlink(missing_ok=True)
+
+
+def section_sizes(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    w = args.workdir
+    print(f"\n[sizes] Parquet size / gzip HDF5 size; {_load()}")
+    print(f"  {'file':<22} {'HDF5 MB':>8} {'B/pt':>6} | {'lossless':>8} {'ratio':>6} {'cell B/pt':>9} {'E B/pt':>6} | "
+          f"{'E float32':>9} {'ratio':>6}")
+    for ds, n in (("2", args.n_sizes * 4), ("3", args.n_sizes)):
+        for dt in ("float64", "float32"):
+            src = _synth(w / (f"ds{ds}_{n}" + ("_f32" if dt == "float32" else "") + ".hdf5"), ds, n, dt)
+            row = []
+            for edt in (None, "float32"):
+                out = w / f"{src.stem}_{edt or 'same'}.parquet"
+                cmd = ["convert", str(src), "-o", str(out), "--no-progress"] + (["--energy-dtype", edt] if edt else [])
+                _run(cmd, old=False, workdir=w)
+                md = pq.ParquetFile(out).metadata
+                cols: dict[str, int] = {}
+                for g in range(md.num_row_groups):
+                    for c in range(md.num_columns):
+                        cc = md.row_group(g).column(c)
+                        cols[cc.path_in_schema.rsplit(".", 1)[-1]] = cols.get(cc.path_in_schema.rsplit(".", 1)[-1], 0) + cc.total_compressed_size
+                n_pts = sum(md.row_group(g).column(1).num_values for g in range(md.num_row_groups))
+                row.append((out.stat().st_size, cols, n_pts))
+                out.unlink()
+            h5 = src.stat().st_size
+            (s0, c0, p0), (s1, _, _) = row
+            print(f"  {src.name:<22} {h5 / 1e6:8.1f} {h5 / p0:6.2f} | {s0 / 1e6:8.1f} {s0 / h5:6.3f} {c0['cell'] / p0:9.2f} "
+                  f"{c0['E'] / p0:6.2f} | {s1 / 1e6:9.1f} {s1 / h5:6.3f}", flush=True)
+
+
+def section_writer(args: argparse.Namespace) -> None:
+    w = args.workdir
+    n = args.n_write
+    print(f"\n[writer] write_showers of {n} ds3 showers ({n * 40500 * 8 / 1e9:.2f} GB dense) to gzip HDF5; {_load()}")
+    rates = {}
+    for old in (True, False):
+        out = w / f"write_{'old' if old else 'new'}.hdf5"
+        _, rss, txt = _run(_WRITE.replace("sys.argv[1]", repr(str(out))).replace("sys.argv[2]", repr(str(n))),
+                           old=old, workdir=w)
+        t, nbytes = (float(x) for x in txt.split())
+        rates[old] = nbytes / t / 1e9
+        print(f"  {'old' if old else 'new'}: {t:6.1f} s, {rates[old]:.2f} GB/s dense, file {out.stat().st_size / 1e6:.0f} MB, "
+              f"peak RSS {rss:.2f} GB", flush=True)
+    import h5py
+    import numpy as np
+
+    with h5py.File(w / "write_old.hdf5") as a, h5py.File(w / "write_new.hdf5") as b:
+        same = all(np.array_equal(a[k][:], b[k][:]) for k in ("showers", "incident_energies"))
+        comp = b["showers"].compression
+    print(f"  new / old rate: {rates[False] / rates[True]:.2f}x; files hold the same data: {same}; "
+          f"plain h5py reads the new file ({comp})")
+    for old in (True, False):
+        (w / f"write_{'old' if old else 'new'}.hdf5").unlink()
+
+
+def section_dask(args: argparse.Namespace) -> None:
+    w = args.workdir
+    n = args.n_dask
+    srcs = [_synth(w / f"dask_{k}_{n}.hdf5", "3", n, seed=k) for k in (1, 2)]
+    folder = w / f"dask_{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n[dask] 2 x {n} ds3 showers; {_load()}")
+    t, rss, _ = _run(["convert", *map(str, srcs), "-o", f"{folder}/", "--workers", "2", "--no-progress"], old=False,
+                     workdir=w)
+    print(f"  convert 2 files --workers 2: {t:.1f} s, peak RSS (largest process) {rss:.2f} GB", flush=True)
+    for k, sched in ((1, "sync"), (2, "threads"), (2, "processes")):
+        code = _DASK.replace("sys.argv[1]", repr(str(folder))).replace("int(sys.argv[2])", str(k))
+        code = code.replace("sys.argv[3]", repr(sched))
+        if k == 1:
+            code = code.replace("len(sys.argv) > 4", "True")
+        _, rss, out = _run(code, old=False, workdir=w)
+        print(f"  hits per layer (45 layers) over {2 * n} showers, {k} worker(s), {sched} scheduler: {out.strip()} "
+              f"[seconds, partitions, showers]; peak RSS {rss:.2f} GB; {_load()}", flush=True)
+    if args.clean:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=5000, help="showers in the large file (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=5000, help="showers in the large ds3 file (default: %(default)s)")
+    ap.add_argument("--n-small", type=int, default=3000, help="showers in the small ds3 file (default: %(default)s)")
+    ap.add_argument("--n-sizes", type=int, default=1000, help="ds3 showers for the size table; ds2: 4x (default: %(default)s)")
+    ap.add_argument("--n-write", type=int, default=2000, help="ds3 showers for the writer (default: %(default)s)")
+    ap.add_argument("--n-dask", type=int, default=20000, help="ds3 showers per file for dask (default: %(default)s)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"), help="where files go (default: %(default)s)")
-    ap.add_argument("--naive", type=int, default=40, help="showers for the naive baseline (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads (default: %(default)s)")
+    ap.add_argument("--baseline", default=BASELINE, help="git revision of the old code (default: %(default)s)")
+    ap.add_argument("--sections", default="convert,small,sizes,readback,writer,dask")
+    ap.add_argument("--clean", action="store_true", help="remove the large files written")
     args = ap.parse_args()
-    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[v] = str(args.threads)
-
-    import awkward as ak
-    import numpy as np
-
-    from calopc.converters import points_to_voxels, voxels_to_points
-    from calopc.io import open_showers
-    from calopc.synth import write_synthetic
-
+    args.sections = set(args.sections.split(","))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    big = args.workdir / f"ds3_{args.n}.hdf5"
-    small = args.workdir / "ds3_1000.hdf5"
-    for path, n in ((big, args.n), (small, 1000)):
-        if not path.exists():
-            t = time.perf_counter()
-            write_synthetic(path, dataset="3", n=n, seed=1)
-            print(f"synthesised {n} ds3 showers in {time.perf_counter() - t:.1f} s -> {path} "
-                  f"({path.stat().st_size / 1e9:.2f} GB on disk)")
-
-    # ---------------------------------------------------------------- in-memory throughput
-    t_read = t_v2p = t_p2v = 0.0
-    dense_bytes = n_showers = n_points = 0
-    with open_showers(big) as f:
-        g = f.geometry
-        t0 = time.perf_counter()
-        for inc, sh in f.iterate("256 MB"):
-            t1 = time.perf_counter()
-            t_read += t1 - t0
-            ev = voxels_to_points(sh, g, incident_energies=inc)
-            t2 = time.perf_counter()
-            back = points_to_voxels(ev, g)
-            t3 = time.perf_counter()
-            assert np.array_equal(back, sh), "round trip is not exact"
-            del back
-            t_v2p += t2 - t1
-            t_p2v += t3 - t2
-            dense_bytes += sh.nbytes
-            n_showers += len(sh)
-            n_points += int(ak.sum(ak.num(ev.points, axis=1)))
-            t0 = time.perf_counter()
-        naive_inc, naive_sh = f.read(0, args.naive)
-    gb = dense_bytes / 1e9
-    print(f"\ndata: {n_showers} ds3 showers, {gb:.2f} GB dense ({naive_sh.dtype}), "
-          f"{n_points / max(n_showers, 1):.0f} points/shower; HDF5 read+gunzip {gb / t_read:.2f} GB/s")
-    print(f"voxels_to_points: {gb / t_v2p:6.2f} GB/s dense, {n_showers / t_v2p:9.0f} showers/s")
-    print(f"points_to_voxels: {gb / t_p2v:6.2f} GB/s dense, {n_showers / t_p2v:9.0f} showers/s")
-
-    t = time.perf_counter()
-    ev = _naive_to_points(naive_sh, naive_inc, g)
-    t_nv = time.perf_counter() - t
-    t = time.perf_counter()
-    back = _naive_to_voxels(ev, g)
-    t_nb = time.perf_counter() - t
-    assert np.array_equal(back, naive_sh)
-    nv_rate, nb_rate = args.naive / t_nv, args.naive / t_nb
-    print(f"naive loop ({args.naive} showers): to points {nv_rate:.1f} showers/s, to voxels {nb_rate:.1f} showers/s")
-    print(f"speed-up over the naive loop: to points {n_showers / t_v2p / nv_rate:.0f}x, "
-          f"to voxels {n_showers / t_p2v / nb_rate:.0f}x")
-
-    # ---------------------------------------------------------------- file to file, peak memory
-    print("\nfile to file (separate processes; peak RSS of that process):")
-    exe = [sys.executable, "-m", "calopc.cli"]
-    for path, n in ((small, 1000), (big, args.n)):
-        pq = path.with_suffix(".parquet")
-        wall, rss = _peak_rss_of([*exe, "convert", str(path), "-o", str(pq), "--no-progress"])
-        dense = n * g.n_voxels * 8 / 1e9
-        print(f"  convert  {n:>6} showers ({dense:5.2f} GB dense): {wall:6.1f} s, {n / wall:6.0f} showers/s, "
-              f"peak RSS {rss:.2f} GB; parquet {pq.stat().st_size / 1e9:.2f} GB")
-        out = path.with_name(path.stem + "_back.hdf5")
-        wall, rss = _peak_rss_of([*exe, "voxelize", str(pq), "-o", str(out), "--no-progress"])
-        print(f"  voxelize {n:>6} showers: {wall:6.1f} s, {n / wall:6.0f} showers/s, peak RSS {rss:.2f} GB")
-    print(f"\nthis process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    _baseline(args.workdir, args.baseline)
+    print(f"calopc convert benchmark: baseline {args.baseline}, {os.cpu_count()} CPUs, {_load()}", flush=True)
+    if "convert" in args.sections:
+        section_convert(args, args.n, "convert")
+    if "small" in args.sections:
+        section_convert(args, args.n_small, "small")
+    if "sizes" in args.sections:
+        section_sizes(args)
+    if "writer" in args.sections:
+        section_writer(args)
+    if "dask" in args.sections:
+        section_dask(args)
 
 
 if __name__ == "__main__":
