@@ -209,11 +209,15 @@ class PointsWriter:
         import pyarrow as pa
 
         p0, p1 = int(offsets[0]), int(offsets[-1])
-        values = pa.StructArray.from_arrays([pa.array(cell[p0:p1]), pa.array(e[p0:p1])], names=["cell", "E"])
-        off = offsets - p0
-        points = pa.ListArray.from_arrays(pa.array(off.astype(np.int32) if p1 - p0 < 2**31 else off), values)
-        table = pa.table({"incident_energy": pa.array(np.ascontiguousarray(inc)), "points": points})
-        return table.replace_schema_metadata(self._metadata(True))
+        c, ev = pa.array(np.ascontiguousarray(cell[p0:p1])), pa.array(np.ascontiguousarray(e[p0:p1]))
+        # no nulls anywhere: non-nullable fields, so that awkward/pandas readers see plain (not option) types
+        item = pa.struct([pa.field("cell", c.type, nullable=False), pa.field("E", ev.type, nullable=False)])
+        values = pa.StructArray.from_arrays([c, ev], fields=list(item))
+        points = pa.LargeListArray.from_arrays(pa.array(offsets - p0, type=pa.int64()), values)
+        points = points.cast(pa.large_list(pa.field("element", item, nullable=False)))
+        schema = pa.schema([pa.field("incident_energy", pa.float64(), nullable=False),
+                            pa.field("points", points.type, nullable=False)], metadata=self._metadata(True))
+        return pa.Table.from_arrays([pa.array(np.ascontiguousarray(inc)), points], schema=schema)
 
     # ---------------------------------------------------------------- events
     def append(self, events: ak.Array) -> None:
