@@ -83,6 +83,7 @@ class CaloCloudsConfig:
     blocks: int = 2                                        # transformer: blocks
     mlp: int = 128                                         # transformer: hidden width of the MLPs
     band: int = 2                                          # transformer: layers each side a point attends to
+    max_group: int = 0                                     # set from the data: most cells of a layer (0: read per call)
     sigma_data: float = 0.5                                # EDM data scale
     p_mean: float = -1.2                                   # training ln(sigma) mean
     p_std: float = 1.2                                     # training ln(sigma) standard deviation
@@ -140,7 +141,7 @@ class CaloCloudsConfig:
             msg = f"CaloClouds needs variant-II preprocessing, got variant {prep.variant!r}"
             raise ValueError(msg)
         return replace(self, n_layers=prep.geometry.n_layers, point_features=prep.n_point_features,
-                       shower_features=prep.n_shower_features)
+                       shower_features=prep.n_shower_features, max_group=max(prep.geometry.voxels_per_layer))
 
 
 class CaloClouds(nn.Module):
@@ -175,7 +176,8 @@ class CaloClouds(nn.Module):
             net: nn.Module = PointwiseNet(feats, ctx, cfg.widths, cfg.fourier, time_mlp=cfg.time_mlp)
         else:
             net = BandTransformer(feats, ctx, cfg.n_layers, dim=cfg.dim, heads=cfg.heads,
-                                  blocks=cfg.blocks, mlp=cfg.mlp, band=cfg.band, fourier=cfg.fourier)
+                                  blocks=cfg.blocks, mlp=cfg.mlp, band=cfg.band, fourier=cfg.fourier,
+                                  max_group=cfg.max_group or None)
         self.denoiser = (ConsistencyPrecond(net, cfg.sigma_data, cfg.sigma_min) if cfg.consistency
                          else EDMPrecond(net, cfg.sigma_data))
 
@@ -202,7 +204,10 @@ class CaloClouds(nn.Module):
 
     @staticmethod
     def flatten(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """The real points of a padded batch: ``(x (P, F), shower_of (P,), layer (P,))``."""
+        """The real points of a padded batch: ``(x (P, F), shower_of (P,), layer (P,))`` (the collate's
+        packed layout when the batch has it: no boolean indexing, no host sync on CUDA)."""
+        if batch.points is not None and batch.point_shower is not None and batch.point_layer is not None:
+            return batch.points, batch.point_shower, batch.point_layer
         mask = batch.mask
         b, n = mask.shape
         shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
@@ -217,7 +222,8 @@ class CaloClouds(nn.Module):
         """
         p = shower_of.shape[0]
         order = torch.argsort(shower_of.to(torch.float64) + torch.rand(p, device=shower_of.device, dtype=torch.float64))
-        counts = torch.bincount(shower_of, minlength=n_showers)
+        counts = torch.zeros(n_showers, dtype=torch.int64, device=shower_of.device).index_add_(
+            0, shower_of, torch.ones_like(shower_of))
         start = torch.cumsum(counts, 0) - counts
         return torch.sort(order[torch.arange(p, device=shower_of.device) - start[shower_of[order]] < k]).values
 
@@ -241,8 +247,11 @@ class CaloClouds(nn.Module):
             x, shower_of, layer = x[keep], shower_of[keep], layer[keep]
         sigma = (cfg.p_mean + cfg.p_std * torch.randn(b, device=x.device, dtype=x.dtype)).exp()  # one per shower
         per_point = edm_loss(self.denoiser, x, sigma[shower_of], **self.net_inputs(cond, s, shower_of, layer))
-        has = torch.bincount(shower_of, minlength=b) > 0
-        points = segment_mean(per_point, shower_of, b)[has].mean() if x.shape[0] else per_point.sum()
+        if x.shape[0]:  # mean over the showers that have points (no boolean indexing: no host sync)
+            has = torch.zeros(b, dtype=per_point.dtype, device=x.device).index_fill_(0, shower_of, 1.0)
+            points = (segment_mean(per_point, shower_of, b) * has).sum() / has.sum().clamp(min=1)
+        else:
+            points = per_point.sum()
         return {"loss": shower_nll + points, "shower": shower_nll, "points": points}
 
     def loss(self, batch: Batch) -> Tensor:

@@ -272,6 +272,9 @@ class SetCoupling(nn.Module):
         x: ``(P, F)``; context: ``(P, C)``; returns ``(P, F)`` and ``ladj (P,)``.
     """
 
+    #: the spline class; :func:`calopc.models.flows.use_fast_splines` swaps it (one place for every flow)
+    univariate: type = zuko.transforms.MonotonicRQSTransform
+
     def __init__(self, features: int, context: int, transformed: list[int], hidden: tuple[int, ...], bins: int,
                  set_hidden: int, set_features: int, bound: float = 5.0) -> None:
         super().__init__()
@@ -297,7 +300,7 @@ class SetCoupling(nn.Module):
             h.append(summary[sets.group])
         p = self.net(torch.cat(h, -1)).unflatten(-1, (self.idx_t.shape[0], 3 * self.bins - 1))
         w, hh, d = p.split((self.bins, self.bins, self.bins - 1), dim=-1)
-        return zuko.transforms.MonotonicRQSTransform(w, hh, d, bound=self.bound)
+        return self.univariate(w, hh, d, bound=self.bound)
 
     def forward(self, x: Tensor, context: Tensor, sets: PointSets) -> tuple[Tensor, Tensor]:
         t = self._spline(x[:, self.idx_f], context, sets)
@@ -373,10 +376,16 @@ class DeepSetsEncoder(nn.Module):
         self.rho = nn.Sequential(nn.Linear(2 * hidden + context, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 2 * latent))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = x.shape[0]
-        idx = torch.arange(b, device=x.device)[:, None].expand_as(mask)[mask]     # (P,) shower of each real point
-        h = self.phi(torch.cat([x[mask], context[idx]], dim=-1))                    # only real points, no padding
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
+                packed: tuple[Tensor, Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``packed``: the real points ``(P, F)`` and their shower ``(P,)`` (then ``x`` is not read; no host sync)."""
+        b = mask.shape[0]
+        if packed is None:
+            idx = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]  # (P,) shower of each real point
+            pts = x[mask]
+        else:
+            pts, idx = packed
+        h = self.phi(torch.cat([pts, context[idx]], dim=-1))                        # only real points, no padding
         n = mask.sum(1).clamp(min=1).to(h.dtype)[:, None]
         mean = h.new_zeros(b, h.shape[1]).index_add_(0, idx, h) / n
         mx = h.new_zeros(b, h.shape[1]).scatter_reduce_(0, idx[:, None].expand_as(h), h, "amax", include_self=False)
@@ -473,15 +482,24 @@ class CaloPointFlow(nn.Module):
         ctx = torch.cat([cond, s], dim=-1)
         shower_nll = self.shower_flow.loss(cond, s)                                        # per feature
         x_all = batch.x[..., self.point_dims]
-        enc_x = torch.cat([x_all, self._layer_pos(batch.layer, batch.x.dtype)], -1) if self.layered else x_all
-        mu, log_var = self.encoder(enc_x, batch.mask, ctx)
+        k = cfg.points_per_shower_loss
+        packed = batch.points is not None and batch.point_shower is not None and batch.point_layer is not None
+        if packed:  # the collate's packed layout: no boolean indexing (no host sync on CUDA)
+            xp = batch.points[:, self.point_dims]
+            enc_p = torch.cat([xp, self._layer_pos(batch.point_layer, xp.dtype)], -1) if self.layered else xp
+            mu, log_var = self.encoder(batch.x, batch.mask, ctx, packed=(enc_p, batch.point_shower))
+        else:
+            enc_x = torch.cat([x_all, self._layer_pos(batch.layer, batch.x.dtype)], -1) if self.layered else x_all
+            mu, log_var = self.encoder(enc_x, batch.mask, ctx)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         prior = -self.latent_flow(ctx).log_prob(z)                                         # (B,)
         entropy = 0.5 * (log_var + 1 + math.log(2 * math.pi)).sum(-1)                        # (B,)
         mask = batch.mask
         weight = None
-        k = cfg.points_per_shower_loss
-        if k and mask.shape[1] > k:
+        if packed and not (k and mask.shape[1] > k):
+            b = mask.shape[0]
+            shower_of, lay, xs = batch.point_shower, batch.point_layer, xp
+        elif k and mask.shape[1] > k:
             # a random subset of k points per shower; weight n/k keeps the estimate unbiased
             score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
             keep = torch.zeros_like(mask)
@@ -490,11 +508,12 @@ class CaloPointFlow(nn.Module):
             n = mask.sum(1)
             weight = (n / keep.sum(1).clamp(min=1)).to(mu.dtype)[:, None].expand_as(mask)[keep]
             mask = keep
-        b, n_max = mask.shape
-        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
-        lay = batch.layer[mask]
+        if weight is not None or not packed:
+            b, n_max = mask.shape
+            shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
+            lay, xs = batch.layer[mask], x_all[mask]
         pc = self._flat_context(z, cond, s, shower_of, lay)
-        nll = -self._point_log_prob(x_all[mask], pc, self._sets(shower_of, lay, b, pc.dtype))   # (P,)
+        nll = -self._point_log_prob(xs, pc, self._sets(shower_of, lay, b, pc.dtype))   # (P,)
         if weight is not None:
             nll = nll * weight
         n_points = batch.mask.sum().clamp(min=1)

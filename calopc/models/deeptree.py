@@ -53,16 +53,17 @@ __all__ = ["PRESETS", "DeepTree", "DeepTreeConfig", "MeanFieldCritic", "PoolCrit
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 try:
     from torch_geometric.nn import GINConv, global_mean_pool
-    from torch_geometric.utils import to_dense_batch
 except ModuleNotFoundError as err:  # pragma: no cover - depends on the environment
     msg = "the DeepTree model needs torch-geometric: pip install 'calopc[gnn]'"
     raise ModuleNotFoundError(msg) from err
@@ -226,6 +227,56 @@ class DeepTreeConfig:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
+class _OncePerUpdateSpectralNorm(_SpectralNorm):
+    """torch's spectral normalisation with one power iteration per weight update instead of one per forward
+    pass in train mode: the first forward after :func:`_sn_weights_changed` iterates, the others reuse
+    ``u, v``. The critic runs 4 passes per training step but is updated once (same state-dict keys as
+    :func:`torch.nn.utils.parametrizations.spectral_norm`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.pending = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        weight_mat = self._reshape_weight_to_matrix(weight)
+        if self.training and self.pending:
+            self._power_method(weight_mat, self.n_power_iterations)
+            self.pending = False
+        # u, v change in place only in the first forward after an update, before any graph of that update
+        # is built, so unlike torch's version no clone is needed (a misuse fails loudly in backward)
+        return weight / torch.vdot(self._u, torch.mv(weight_mat, self._v))
+
+
+def spectral_norm(module: nn.Linear) -> nn.Linear:
+    """``module.weight`` spectral-normalised, with power iterations once per weight update."""
+    parametrize.register_parametrization(module, "weight", _OncePerUpdateSpectralNorm(module.weight))
+    return module
+
+
+def _sn_weights_changed(module: nn.Module) -> None:
+    """Mark every spectral norm inside ``module``: its next train-mode forward runs a power iteration."""
+    for m in module.modules():
+        if isinstance(m, _OncePerUpdateSpectralNorm):
+            m.pending = True
+
+
+def _adam(params: Any, **kw: Any) -> torch.optim.Optimizer:
+    """Fused Adam (one kernel per step; non-finite steps skipped on the device), else multi-tensor Adam."""
+    params = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, fused=True, **kw)
+    except RuntimeError:  # a device or dtype fused Adam does not support
+        return torch.optim.Adam(params, foreach=True, **kw)
+
+
+def _packed_index(shower_of: torch.Tensor, n: torch.Tensor, n_max: int) -> torch.Tensor:
+    """Position in a flattened ``(B, n_max)`` padded layout of every packed point (shower after shower)."""
+    first = torch.cumsum(n, 0) - n
+    return shower_of * n_max + torch.arange(shower_of.shape[0], device=n.device) - first[shower_of]
+
+
 def _mlp(sizes: list[int], *, act: Callable[[], nn.Module] = lambda: nn.LeakyReLU(0.2), sn: bool = False,
          dropout: float = 0.0) -> nn.Sequential:
     """Fully connected network; ``sn``: spectral-normalised linear layers."""
@@ -355,14 +406,15 @@ class TreeGenerator(nn.Module):
         src = [offsets[k] + nodes // _leaves(self.branches[k:level]) for k in range(level)]
         return torch.stack([torch.cat(src), dst.repeat(level)])
 
-    def grow(self, cond: torch.Tensor, noise: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             ) -> torch.Tensor:
+    def grow(self, cond: torch.Tensor, noise: torch.Tensor | None = None, keep: torch.Tensor | None = None, *,
+             keep_nodes: torch.Tensor | None = None) -> torch.Tensor:
         """Grow the trees; returns the leaves, shower after shower.
 
         Args:
             keep: ``(B · prod(branches),)`` bool, the leaves to return (pruning). Leaves see only
                 their ancestors, so pruning before the last message passing changes nothing but
                 the cost. Default: all leaves.
+            keep_nodes: the same as leaf numbers (int64, increasing): no host sync on CUDA.
         """
         b = cond.shape[0]
         c = self.cond_embed(cond)
@@ -378,8 +430,8 @@ class TreeGenerator(nn.Module):
             n_nodes *= k
             t = i + 1
             nodes = None
-            if keep is not None and t == depth:
-                nodes = keep.nonzero().squeeze(1)
+            if t == depth and (keep is not None or keep_nodes is not None):
+                nodes = keep_nodes if keep_nodes is not None else keep.nonzero().squeeze(1)
                 h = h[nodes]
             src = torch.cat([self.proj[i][a](levels[a]) for a in range(t)])
             offsets = np.cumsum([0] + [x.shape[0] for x in levels[:-1]]).tolist()
@@ -389,22 +441,29 @@ class TreeGenerator(nn.Module):
 
     def points(self, cond: torch.Tensor, shower: torch.Tensor, n_layer: torch.Tensor,
                noise: torch.Tensor | None = None, *, energy_norm: tuple[float, float] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               total: int | None = None, n_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Grow, keep the first ``n`` leaves of each shower, give them their layers and map them to points.
 
         Args:
             energy_norm: ``(mean, std)`` of the standardised energy feature: when given, the
                 energies of each (shower, layer) are normalised to shares that sum to 1.
+            total, n_max: the number of points ``n_layer.sum()`` and an upper bound of the points of
+                a shower, when the host knows them (training: the batch's shapes): then nothing is
+                read back from the device.
         """
         b, n_l = n_layer.shape
         n = n_layer.sum(1)
-        if int(n.max()) > self.leaves:
-            msg = f"a shower of {int(n.max())} points needs more than the tree's {self.leaves} leaves"
-            raise ValueError(msg)
-        keep = torch.arange(self.leaves, device=n.device)[None, :] < n[:, None]        # pruning: first n leaves
-        h = self.grow(cond, noise, keep.reshape(-1))                                   # (P, F)
-        shower_of = torch.arange(b, device=n.device).repeat_interleave(n)
-        layer = torch.arange(n_l, device=n.device).repeat(b).repeat_interleave(n_layer.reshape(-1))
+        if n_max is None or n_max > self.leaves:
+            if int(n.max()) > self.leaves:
+                msg = f"a shower of {int(n.max())} points needs more than the tree's {self.leaves} leaves"
+                raise ValueError(msg)
+        if total is None:
+            total = int(n.sum())
+        shower_of = torch.arange(b, device=n.device).repeat_interleave(n, output_size=total)
+        first = torch.cumsum(n, 0) - n
+        leaf = shower_of * self.leaves + torch.arange(total, device=n.device) - first[shower_of]  # first n leaves
+        h = self.grow(cond, noise, keep_nodes=leaf)                                              # (P, F)
+        layer = torch.arange(n_l, device=n.device).repeat(b).repeat_interleave(n_layer.reshape(-1), output_size=total)
         pos = 2 * layer.to(h.dtype) / max(n_l - 1, 1) - 1
         per_layer = torch.stack([shower[shower_of, layer], shower[shower_of, n_l + layer]], -1)
         c = self.cond_embed(cond)
@@ -443,20 +502,25 @@ class _PointInput(nn.Module):
         self.out = _linear(cfg.critic_hidden, cfg.critic_hidden, sn=True)
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-                shower: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``packed``: ``(points (P, 3), layer (P,), shower (P,), position in the flattened (B, N) layout (P,))``
+        of the real points (no boolean indexing: no host sync on CUDA)."""
+        b, n = mask.shape
         n_l = self.n_layers
-        shower_of = torch.arange(b, device=x.device)[:, None].expand(b, n)[mask]
-        lay = layer[mask]
-        pos = 2 * lay.to(x.dtype) / max(n_l - 1, 1) - 1
+        if packed is None:
+            shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
+            lay = layer[mask]
+            xm = x[mask]
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+        else:
+            xm, lay, shower_of, idx = packed
+        pos = 2 * lay.to(xm.dtype) / max(n_l - 1, 1) - 1
         per_layer = torch.stack([shower[shower_of, lay], shower[shower_of, n_l + lay]], -1)
-        xm = x[mask]
         u = torch.sigmoid(xm[:, :2] * self.std + self.mean)                              # α, r in (0, 1)
         ang = (2 * u[:, 0] - 1) * math.pi
         xy = torch.stack([u[:, 1] * torch.cos(ang), u[:, 1] * torch.sin(ang)], -1)
         h = self.point(torch.cat([xm, xy, self.layer_embed(lay), pos[:, None], per_layer], -1))
         h = self.out(F.leaky_relu(h + self.cond(cond)[shower_of], 0.2))
-        idx = mask.reshape(-1).nonzero().squeeze(1)
         return h.new_zeros(b * n, h.shape[-1]).index_copy(0, idx, h).view(b, n, -1)
 
 
@@ -501,8 +565,8 @@ class PoolCritic(nn.Module):
         self.point_sub = _SumCritic(hdim, cond_features, cfg.critic_dropout) if cfg.critic_point_level else None
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-                shower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.inp(x, layer, mask, cond, shower)
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x, layer, mask, cond, shower, packed)
         m: torch.Tensor | None = mask
         scores, feats = [], []
         if self.point_sub is not None:
@@ -543,8 +607,8 @@ class MeanFieldCritic(nn.Module):
         self.out = _mlp([hdim + cond_features, hdim, 1], sn=True, dropout=cfg.critic_dropout)
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-                shower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.inp(x, layer, mask, cond, shower)
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x, layer, mask, cond, shower, packed)
         w = mask.to(h.dtype)[..., None]
         mean = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
         t = self.tokens[None] + mean                                                   # (B, k, H)
@@ -627,27 +691,44 @@ class DeepTree(nn.Module):
         Shapes:
             returns x ``(B, N, 3)``, layer ``(B, N)``, mask ``(B, N)``, ``N = max n``.
         """
-        x, layer, shower_of = self.generator.points(cond, batch.shower, n_layer, noise, energy_norm=self._energy_norm)
-        b = n_layer.shape[0]
-        n_max = int(batch.n.max()) if batch.n.numel() else 0
-        xd, mask = to_dense_batch(x, shower_of, batch_size=b, max_num_nodes=n_max)
-        ld, _ = to_dense_batch(layer, shower_of, batch_size=b, max_num_nodes=n_max)
-        return xd, ld, mask
+        return self._fake(batch, cond, n_layer, noise)[0]
+
+    def _fake(self, batch: Batch, cond: torch.Tensor, n_layer: torch.Tensor, noise: torch.Tensor | None = None,
+              ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """:meth:`fake` and the packed layout of the fakes (for the critic). The sizes come from the
+        batch's shapes (points ``P`` and padded length ``N``): no host sync."""
+        b, n_max = batch.mask.shape
+        total = batch.points.shape[0] if batch.points is not None else None
+        x, layer, shower_of = self.generator.points(cond, batch.shower, n_layer, noise, energy_norm=self._energy_norm,
+                                                    total=total, n_max=n_max)
+        n = n_layer.sum(1)
+        idx = _packed_index(shower_of, n, n_max)
+        xd = x.new_zeros(b * n_max, x.shape[1]).index_copy(0, idx, x).view(b, n_max, -1)
+        ld = layer.new_zeros(b * n_max).index_copy(0, idx, layer).view(b, n_max)
+        mask = torch.arange(n_max, device=n.device)[None, :] < n[:, None]
+        return (xd, ld, mask), (x, layer, shower_of, idx)
+
+    def _real(self, batch: Batch) -> tuple[torch.Tensor, ...] | None:
+        """The packed layout of the batch's real points for the critic (None when the batch has none)."""
+        if batch.points is None or batch.point_shower is None or batch.point_layer is None:
+            return None
+        return (batch.points, batch.point_layer, batch.point_shower,
+                _packed_index(batch.point_shower, batch.n, batch.mask.shape[1]))
 
     # ------------------------------------------------------------------ losses
     def critic_loss(self, batch: Batch, fake: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     cond: torch.Tensor) -> torch.Tensor:
         """Hinge loss of the critic, averaged over its sub-critics."""
-        d_real, _ = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower)
-        d_fake, _ = self.critic(*fake, cond, batch.shower)
+        d_real, _ = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
+        d_fake, _ = self.critic(*fake[:3], cond, batch.shower, *fake[3:])
         return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
 
     def generator_loss(self, batch: Batch, fake: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                        cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hinge generator loss + ``feature_matching`` × feature matching; returns ``(total, feature matching)``."""
-        d_fake, f_fake = self.critic(*fake, cond, batch.shower)
+        d_fake, f_fake = self.critic(*fake[:3], cond, batch.shower, *fake[3:])
         with torch.no_grad():
-            _, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower)
+            _, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
         fm = (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
         return -d_fake.mean() + self.config.feature_matching * fm, fm
 
@@ -658,21 +739,23 @@ class DeepTree(nn.Module):
     def loss(self, batch: Batch) -> torch.Tensor:
         """Shower-model NLL + generator loss of a batch (a monitor: training goes through :meth:`training_step`)."""
         cond = self.condition(batch.cond, batch.n, batch.shower)
-        fake = self.fake(batch, cond, self.layer_counts(batch))
-        return self.shower_model.loss(batch.cond, batch.shower) + self.generator_loss(batch, fake, cond)[0]
+        fake, packed = self._fake(batch, cond, self.layer_counts(batch))
+        return self.shower_model.loss(batch.cond, batch.shower) + self.generator_loss(batch, (*fake, packed), cond)[0]
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self, train_cfg: object) -> dict[str, torch.optim.Optimizer]:
-        """Adam for the generator and the critic (their own learning rates), Adam for the shower model."""
+        """Adam for the generator and the critic (their own learning rates), Adam for the shower model
+        (fused where torch supports it). A critic update marks its spectral norms for one power iteration."""
         cfg = self.config
         betas = (float(cfg.betas[0]), float(cfg.betas[1]))
         lr_shower = cfg.lr_shower if cfg.lr_shower is not None else float(getattr(train_cfg, "lr", 1e-3))
+        critic = _adam(self.critic.parameters(), lr=cfg.lr_critic, betas=betas, weight_decay=cfg.weight_decay)
+        critic.register_step_post_hook(lambda *_: _sn_weights_changed(self.critic))
         return {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=betas,
-                                          weight_decay=cfg.weight_decay),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic, betas=betas,
-                                       weight_decay=cfg.weight_decay),
-            "shower": torch.optim.Adam(self.shower_model.parameters(), lr=lr_shower),
+            "generator": _adam(self.generator.parameters(), lr=cfg.lr_generator, betas=betas,
+                               weight_decay=cfg.weight_decay),
+            "critic": critic,
+            "shower": _adam(self.shower_model.parameters(), lr=lr_shower),
         }
 
     def training_step(self, batch: Batch, step: int, backward: Callable[[torch.Tensor, str], None],
@@ -690,12 +773,13 @@ class DeepTree(nn.Module):
         n_layer = self.layer_counts(batch)
         for _ in range(self.config.critic_steps):
             with torch.no_grad():
-                fake = self.fake(batch, cond, n_layer)
-            ld = self.critic_loss(batch, fake, cond)
+                fake, packed = self._fake(batch, cond, n_layer)
+            ld = self.critic_loss(batch, (*fake, packed), cond)
             backward(ld, "critic")
         self.critic.requires_grad_(False)
         try:
-            lg, fm = self.generator_loss(batch, self.fake(batch, cond, n_layer), cond)
+            fake, packed = self._fake(batch, cond, n_layer)
+            lg, fm = self.generator_loss(batch, (*fake, packed), cond)
             backward(lg, "generator")
         finally:
             self.critic.requires_grad_(True)

@@ -30,12 +30,13 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["BandTransformer", "ConcatSquashLinear", "ConsistencyPrecond", "EDMPrecond", "FourierEmbedding",
-           "PointwiseNet", "band_attention", "consistency_loss", "consistency_sample", "edm_loss", "heun_step",
+__all__ = ["BandPlan", "BandTransformer", "ConcatSquashLinear", "ConsistencyPrecond", "EDMPrecond", "FourierEmbedding",
+           "PointwiseNet", "band_attention", "band_plan", "consistency_loss", "consistency_sample", "edm_loss", "heun_step",
            "karras_sigmas", "sample", "segment_mean"]
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -174,66 +175,95 @@ class PointwiseNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ band attention
+@dataclass
+class BandPlan:
+    """Where the queries and key windows of :func:`band_attention` lie, for one set of points (built once,
+    shared by the blocks of a transformer).
+
+    Points are sorted by ``(shower, layer)`` and cut into tiles of ``tile`` consecutive queries.
+    The keys of a query lie within ``(band + 1) · max_group`` sorted positions on either side, so
+    every tile reads one window of ``tile + 2 (band + 1) max_group`` keys: all shapes follow from
+    ``P`` and ``max_group`` (host integers), so nothing is read back from the device.
+    """
+
+    order: Tensor      # (P,) sorted position → point
+    mask: Tensor       # (T, 1, tile, W) bool: key allowed for the query
+    pad: int           # keys padded on each side of the sorted sequence
+    tile: int
+    window: int
+    n_tiles: int
+
+
+def band_plan(shower: Tensor, layer: Tensor, n_layers: int, band: int = 2, *, max_group: int | None = None,
+              tile: int = 64) -> BandPlan:
+    """The plan of :func:`band_attention`.
+
+    Args:
+        max_group: an upper bound of the points of one ``(shower, layer)`` (e.g. the most cells of
+            a layer). None: the largest group of these points (one host read).
+        tile: queries per tile.
+    """
+    p = shower.shape[0]
+    dev = shower.device
+    group = shower * n_layers + layer
+    order = torch.argsort(group, stable=True)
+    if max_group is None:
+        max_group = int(torch.zeros(int(group.max()) + 1 if p else 1, dtype=torch.int64, device=dev).index_add_(
+            0, group, torch.ones_like(group)).max()) if p else 1
+    tile = max(1, min(tile, p))
+    pad = (band + 1) * max(int(max_group), 1)
+    n_tiles = -(-p // tile)
+    window = tile + 2 * pad
+    sh = F.pad(shower[order], (pad, pad + n_tiles * tile - p), value=-1)       # (pad + T·tile + pad,)
+    ly = F.pad(layer[order], (pad, pad + n_tiles * tile - p), value=0)
+    q_sh = sh[pad:pad + n_tiles * tile].view(n_tiles, tile, 1)
+    q_ly = ly[pad:pad + n_tiles * tile].view(n_tiles, tile, 1)
+    k_sh = sh.unfold(0, window, tile)                                           # (T, W) overlapping windows
+    k_ly = ly.unfold(0, window, tile)
+    mask = (q_sh == k_sh[:, None, :]) & ((q_ly - k_ly[:, None, :]).abs() <= band)
+    mask |= q_sh < 0                         # padded queries (discarded) see every key: no empty row
+    return BandPlan(order, mask[:, None], pad, tile, window, n_tiles)
+
+
 def band_attention(q: Tensor, k: Tensor, v: Tensor, shower: Tensor, layer: Tensor, n_layers: int, band: int = 2,
-                   *, max_elements: int = 1 << 24) -> Tensor:
+                   *, max_elements: int = 1 << 28, max_group: int | None = None, plan: BandPlan | None = None,
+                   ) -> Tensor:
     r"""Attention of every point to the points of the same shower in layers ``|Δlayer| ≤ band``.
 
-    A block mask without a ``P × P`` matrix: points are grouped by ``(shower, layer)``; the
-    queries of group ``(b, l)`` attend to the keys of groups ``(b, l−band … l+band)``. Groups
-    are sorted by the size of their largest neighbour group and processed in chunks padded
-    only to that chunk's sizes, each chunk holding at most ``max_elements`` attention scores
-    (one group at least). Cost and memory are ``O(Σ_groups G_q · (2 band + 1) G_k)``: linear
-    in the number of layers and showers, quadratic only in the points of a few layers. On
-    dataset 3 (≤ 900 cells per layer) a chunk is at least one group, ``heads · 900 · 4500``
-    scores (65 MB in float32 with 4 heads) in the worst case; typical groups are far smaller.
+    A block mask without a ``P × P`` matrix and without a loop over groups (:class:`BandPlan`):
+    points sorted by ``(shower, layer)`` are cut into tiles of consecutive queries, each tile
+    attends to one window of keys around it (a view of the sorted keys), masked to its band, in
+    one ``scaled_dot_product_attention`` call; the output is put back in the points' order with
+    one ``index_copy``. With ``max_group`` (or a ``plan`` built with it) known on the host, no
+    value is read back from the device. Cost: ``P · (tile + 2 (band + 1) max_group)`` scores per
+    head. Tiles are processed in chunks of at most ``max_elements`` scores (one chunk unless the
+    problem is large; the chunk bounds follow from the shapes, never from the data).
 
     Shapes:
         q, k, v: ``(P, H, D)``; shower, layer: ``(P,)`` int64; returns ``(P, H, D)``.
     """
-    p, h, _ = q.shape
+    p, h, d = q.shape
     if p == 0:
         return q.clone()
-    dev = q.device
-    n_showers = int(shower.max()) + 1
-    n_groups = n_showers * n_layers
-    group = shower * n_layers + layer
-    order = torch.argsort(group, stable=True)
-    g_sorted = group[order]
-    counts = torch.bincount(group, minlength=n_groups)
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(p, device=dev) - start[g_sorted]                            # position inside its group
-    table = torch.full((n_groups, int(counts.max())), -1, dtype=torch.long, device=dev)   # group → its points
-    table[g_sorted, slot] = order
-    width = 2 * band + 1
-    offs = torch.arange(-band, band + 1, device=dev)
-    lay = torch.arange(n_groups, device=dev) % n_layers
-    ok = ((lay[:, None] + offs) >= 0) & ((lay[:, None] + offs) < n_layers)          # (n_groups, width)
-    nb = (torch.arange(n_groups, device=dev)[:, None] + offs).clamp(0, n_groups - 1)
-    nb_count = torch.where(ok, counts[nb], torch.zeros_like(nb))                     # (n_groups, width)
-    busy = torch.nonzero(counts > 0).flatten()
-    size = nb_count[busy].amax(1)                                                    # ≥ own count
-    busy = busy[torch.argsort(size, stable=True)]
-    size_l = torch.sort(size).values.tolist()
-    out = torch.zeros_like(q)
-    a = 0
-    while a < len(size_l):
-        b = a + 1
-        while b < len(size_l) and (b + 1 - a) * h * width * size_l[b] ** 2 <= max_elements:
-            b += 1
-        gq = busy[a:b]
-        g_q = int(counts[gq].max())
-        g_k = int(size_l[b - 1])
-        q_idx = table[gq, :g_q]                                                      # (c, G_q)
-        key_idx = table[nb[gq], :g_k]                                                # (c, width, G_k)
-        key_idx = torch.where(ok[gq][:, :, None], key_idx, torch.full_like(key_idx, -1)).flatten(1)
-        q_ok = q_idx >= 0
-        qq = q[q_idx.clamp(min=0)].transpose(1, 2)                                  # (c, H, G_q, D)
-        kk = k[key_idx.clamp(min=0)].transpose(1, 2)                                # (c, H, width G_k, D)
-        vv = v[key_idx.clamp(min=0)].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=(key_idx >= 0)[:, None, None, :])
-        out = out.index_put((q_idx[q_ok],), o.transpose(1, 2)[q_ok])
-        a = b
-    return out
+    if plan is None:
+        plan = band_plan(shower, layer, n_layers, band, max_group=max_group)
+    n_t, tile, w, pad = plan.n_tiles, plan.tile, plan.window, plan.pad
+    extra = n_t * tile - p
+
+    def sorted_padded(t: Tensor, lo: int, hi: int) -> Tensor:
+        return F.pad(t[plan.order].flatten(1), (0, 0, lo, hi)).view(-1, h, d)
+
+    qs = sorted_padded(q, 0, extra).view(n_t, tile, h, d).transpose(1, 2)        # (T, H, tile, D)
+    ks = sorted_padded(k, pad, pad + extra).unfold(0, w, tile)                    # (T, H, D, W)
+    vs = sorted_padded(v, pad, pad + extra).unfold(0, w, tile)
+    per_chunk = max(1, max_elements // max(1, h * tile * w))
+    outs = []
+    for a in range(0, n_t, per_chunk):   # bounds from the shapes only; usually one chunk
+        b = min(n_t, a + per_chunk)
+        outs.append(F.scaled_dot_product_attention(qs[a:b], ks[a:b].transpose(2, 3), vs[a:b].transpose(2, 3),
+                                                   attn_mask=plan.mask[a:b]))
+    o = (outs[0] if len(outs) == 1 else torch.cat(outs)).transpose(1, 2).reshape(n_t * tile, h, d)[:p]
+    return torch.empty_like(q).index_copy_(0, plan.order, o)
 
 
 class _Block(nn.Module):
@@ -251,11 +281,12 @@ class _Block(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
-    def forward(self, h: Tensor, c: Tensor, shower: Tensor, layer: Tensor, n_layers: int, band: int) -> Tensor:
+    def forward(self, h: Tensor, c: Tensor, shower: Tensor, layer: Tensor, n_layers: int, band: int,
+                plan: BandPlan | None = None) -> Tensor:
         s1, b1, s2, b2 = self.film(c).chunk(4, dim=-1)
         p, dim = h.shape
         q, k, v = self.qkv(self.norm1(h) * (1 + s1) + b1).view(p, 3, self.heads, dim // self.heads).unbind(1)
-        h = h + self.proj(band_attention(q, k, v, shower, layer, n_layers, band).reshape(p, dim))
+        h = h + self.proj(band_attention(q, k, v, shower, layer, n_layers, band, plan=plan).reshape(p, dim))
         return h + self.mlp(self.norm2(h) * (1 + s2) + b2)
 
 
@@ -277,8 +308,9 @@ class BandTransformer(nn.Module):
     """
 
     def __init__(self, features: int, context: int, n_layers: int, *, dim: int = 64, heads: int = 4, blocks: int = 2,
-                 mlp: int = 128, band: int = 2, fourier: int = 64) -> None:
+                 mlp: int = 128, band: int = 2, fourier: int = 64, max_group: int | None = None) -> None:
         super().__init__()
+        self.max_group = max_group   # most points of one (shower, layer); None: read from the data (one host read)
         if dim % heads:
             msg = f"transformer dim ({dim}) must be a multiple of heads ({heads})"
             raise ValueError(msg)
@@ -299,8 +331,9 @@ class BandTransformer(nn.Module):
         if ctx_index is not None:
             c = c[ctx_index]
         h = self.inp(torch.cat([x, c], dim=-1))
+        plan = band_plan(shower, layer, self.n_layers, self.band, max_group=self.max_group) if x.shape[0] else None
         for blk in self.blocks:
-            h = blk(h, c, shower, layer, self.n_layers, self.band)
+            h = blk(h, c, shower, layer, self.n_layers, self.band, plan)
         return self.out(h)
 
 

@@ -237,12 +237,34 @@ class _Stepper:
                 opt.step()
             return
         # no sync: non-finite gradients become zeros (the step then only decays the optimizer's moments)
-        torch._foreach_mul_(grads, finite.to(grads[0].dtype))  # noqa: SLF001
-        for g in grads:
-            g.nan_to_num_(0.0, 0.0, 0.0)
+        # one flat copy instead of a Python loop of one nan_to_num_ per gradient
+        flat = torch.cat([g.reshape(-1) for g in grads]).nan_to_num_(0.0, 0.0, 0.0)
+        flat *= finite.to(flat.dtype)
+        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)])  # noqa: SLF001
         opt.step()
 
 
+def _fast_matmul_on_cuda(fn: Callable) -> Callable:
+    """Run ``train`` with TF32 matmuls when it trains on CUDA (scoped: the caller's settings come back)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model_name: str, data: Any, out: Any, *, config: TrainConfig | None = None, **kw: Any) -> dict:
+        from .precision import fast_matmul
+
+        dev = resolve_device((config or train_config(model_name)).device)
+        with fast_matmul(dev):
+            return fn(model_name, data, out, config=config, **kw)
+
+    return wrapper
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of the model's random draws (noise levels, latents, GAN noise) on DDP rank ``rank``."""
+    return seed + 1000 * rank
+
+
+@_fast_matmul_on_cuda
 def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
           out: str | os.PathLike, *,
           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
@@ -313,6 +335,8 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         model = model_cls(model_cfg.with_data(prep))
     model.to(device)
     _fast_splines(model, cfg.fast_splines, device)
+    if distributed:  # the model was built under the common seed; each rank then draws its own model noise
+        seed_everything(rank_seed(cfg.seed, rank))
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
     if state is not None and ema is not None and (out / ckpt.EMA_WEIGHTS).exists():
         ema.module.load_state_dict(ckpt.load(out, ema=True).model.state_dict())
@@ -339,6 +363,10 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
     loss_fn: Callable = net
     if cfg.compile and not custom:
         loss_fn = torch.compile(net, dynamic=True)  # the number of points changes every batch
+    elif cfg.compile:
+        msg = (f"--compile: the {name} model trains through its own training_step (several optimizers), which "
+               "calopc does not compile; train without --compile")
+        raise ValueError(msg)
 
     good = {"step": step if state is not None else None}
 

@@ -1,0 +1,193 @@
+r"""Count kernel-launching operators and host-device syncs of a piece of torch code, on any device.
+
+A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen operator that
+reaches a backend kernel (after autograd, composite operators already decomposed), forward
+and backward. :func:`count_dispatch` counts
+
+* ``ops``: operators that launch a kernel on a GPU: everything except views, metadata and
+  allocation-only operators (``empty``, ``detach``, ``view``, …) and the syncs below.
+  A multi-tensor (``_foreach_*``) or fused (``_fused_adam_``) operator counts once, as it
+  launches one kernel per chunk of tensors on CUDA;
+* ``syncs``: operators that, on CUDA, make the host wait for the device: reading a value
+  (``.item()``, ``float(t)``, ``bool(t)``, ``if t:`` → ``_local_scalar_dense``), and
+  operators whose output size depends on the data (boolean-mask indexing, ``nonzero``,
+  ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``,
+  ``torch.equal``, …).
+
+On the CPU the same code path runs, so the counts a CPU test asserts are the launches and
+syncs the code would make on CUDA (``.tolist()`` and ``.cpu()`` copies are not operators of
+their own on the CPU: code under test should not use them).
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(10)
+    >>> c = count_dispatch(lambda: x[x > 0].sum())
+    >>> c.syncs, c.ops
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+__all__ = ["DispatchCount", "count_dispatch", "host_scalars", "training_step"]
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+
+# operators that allocate, alias or read metadata only: no kernel launch
+_FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+         "alias", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type",
+         "set_", "resize_", "_reshape_alias", "_unsafe_view", "view", "as_strided", "expand", "permute", "t",
+         "transpose", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "unbind", "narrow",
+         "unfold", "diagonal", "view_as_real", "view_as_complex", "movedim", "_conj", "_neg_view", "conj",
+         "resolve_conj", "resolve_neg", "record_stream", "is_pinned", "_pin_memory", "lift_fresh_copy", "dim",
+         "size", "stride", "is_complex", "is_floating_point", "result_type", "_record_function_enter",
+         "_record_function_enter_new", "_record_function_exit"}
+
+# operators whose output size (or value on the host) depends on the data: a sync on CUDA
+_SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+         "unique_dim_consecutive", "bincount", "equal", "allclose", "is_nonzero", "nonzero_numpy", "histogram",
+         "masked_scatter_backward"}
+
+
+def _is_bool_index(func: Any, args: tuple) -> bool:
+    name = func.__name__.split(".")[0]
+    if name not in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        return False
+    idx = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in (idx or ()))
+
+
+@dataclass
+class DispatchCount:
+    """The result of :func:`count_dispatch`: totals and per-operator counters."""
+
+    ops: int = 0
+    syncs: int = 0
+    op_names: Counter = field(default_factory=Counter)
+    sync_names: Counter = field(default_factory=Counter)
+
+    def top(self, k: int = 10) -> list[tuple[str, int]]:
+        return self.op_names.most_common(k)
+
+    def __str__(self) -> str:
+        s = ", ".join(f"{k} {v}" for k, v in self.sync_names.most_common())
+        return f"{self.ops} ops, {self.syncs} syncs" + (f" ({s})" if s else "")
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, result: DispatchCount) -> None:
+        super().__init__()
+        self.r = result
+        self.host_scalars = False   # inside an optimizer step: CPU step counters (host-only on CUDA too)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        sync = name in _SYNC or _is_bool_index(func, args)
+        if name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) < 4:
+            sync = True
+        if sync and name == "_local_scalar_dense" and self.host_scalars:
+            return func(*args, **kwargs)
+        if sync:
+            self.r.syncs += 1
+            self.r.sync_names[name] += 1
+            if name == "_local_scalar_dense":
+                return func(*args, **kwargs)
+        if name not in _FREE and not getattr(func, "is_view", False):
+            self.r.ops += 1
+            self.r.op_names[name] += 1
+        return func(*args, **kwargs)
+
+
+_ACTIVE: list[_Counter] = []
+
+
+class host_scalars:  # noqa: N801
+    """Inside :func:`count_dispatch`: value reads (``.item()``) are not counted as syncs. For the
+    step counters of non-capturable torch optimizers, which live on the host on CUDA as well."""
+
+    def __enter__(self) -> None:
+        self.prev = [c.host_scalars for c in _ACTIVE]
+        for c in _ACTIVE:
+            c.host_scalars = True
+
+    def __exit__(self, *exc: object) -> None:
+        for c, p in zip(_ACTIVE, self.prev):
+            c.host_scalars = p
+
+
+def count_dispatch(fn: Callable[[], Any], *, repeat: int = 1) -> DispatchCount:
+    """Run ``fn()`` ``repeat`` times and count its kernel launches and host syncs (per call, rounded down)."""
+    r = DispatchCount()
+    counter = _Counter(r)
+    _ACTIVE.append(counter)
+    with counter:
+        try:
+            for _ in range(repeat):
+                fn()
+        finally:
+            _ACTIVE.remove(counter)
+    if repeat > 1:
+        r.ops //= repeat
+        r.syncs //= repeat
+    return r
+
+
+def training_step(model: torch.nn.Module, batch: Any, *, device: torch.device | str = "cpu",
+                  fast_splines: str = "on", ema: bool = True) -> Callable[[int], Any]:
+    """``one(i)``: one step of :func:`calopc.models.train.train`'s device pipeline on ``batch``: the
+    loss (or the model's ``training_step``), backward, clip, non-finite skip, the optimizers and the EMA.
+
+    Models train in place. Used by the GPU-readiness tests and ``benchmarks/throughput.py``.
+    """
+    from dataclasses import replace
+
+    from .train import TrainConfig, _fast_splines, _optimizer, _Stepper, train_config
+    from .utils import EMA
+
+    dev = torch.device(device)
+    from . import available, get_model
+
+    name = next((n for n in available() if get_model(n)[0] is type(model)), None)
+    cfg = train_config(name) if name else TrainConfig()
+    cfg = replace(cfg, batch_size=len(batch), device=str(dev), steps=10 ** 6, warmup=0)
+    _fast_splines(model, fast_splines, dev)
+    avg = EMA(model, 0.999) if ema else None
+    custom = callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
+    opts = dict(model.configure_optimizers(cfg)) if custom else {"model": _optimizer(model, cfg)}
+    for o in opts.values():
+        o.step = _host_scalar_step(o.step)
+    stepper = _Stepper(opts, cfg, dev, 1)
+    stepper.exact_skip = False   # the CUDA path (no read-back to skip a non-finite step), on every device
+
+    def backward(loss: torch.Tensor, name: str) -> None:
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        stepper.update(name)
+
+    def one(i: int) -> torch.Tensor:
+        if custom:
+            loss = model.training_step(batch, i, backward)["loss"]
+        else:
+            loss = model(batch)
+            backward(loss, "model")
+        if avg is not None:
+            avg.update(model, i)
+        return loss.detach()
+
+    return one
+
+
+def _host_scalar_step(step: Callable) -> Callable:
+    def wrapped(*a: Any, **k: Any) -> Any:
+        with host_scalars():
+            return step(*a, **k)
+
+    return wrapped
