@@ -145,9 +145,27 @@ def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r
     return out.to(r.dtype), changed.sum()
 
 
+#: named configurations (``--set model.preset=NAME``); the keys a user gives override the preset's
+PRESETS: dict[str, dict] = {
+    # calopc's variant: the per-layer shower model shared with CaloClouds and DeepTree, points per layer
+    "calopc": {},
+    # CaloPointFlow II as published (simonschnake/CaloPointFlow configs/d2_II.yaml): a 2-dim shower flow
+    # over (log n − ½ log E_inc, log ΣE/E_inc) with 12 transforms of 128×3 and 12 bins; points (z, r, E/ΣE),
+    # z, α and r CDF-dequantised, α free at placement with energies of an overfull ring added (merge);
+    # latent 128; DeepSetFlow with 12 couplings of 128×3 and 8 bins; per-shower ELBO weighting. The
+    # encoder and latent-flow widths are reduced (640; 256×3) to the 14.2 M parameters of the challenge entry.
+    "published": {"variant": "I", "alpha": "free", "dequantisation": "cdf", "set_summary": True, "overflow": "merge",
+                  "latent": 128, "encoder_hidden": 640, "point_transforms": 12, "point_hidden": (128, 128, 128),
+                  "point_bins": 8, "set_hidden": 256, "set_features": 128, "latent_transforms": 8,
+                  "latent_hidden": (256, 256, 256), "shower_transforms": 12, "shower_hidden": (128, 128, 128),
+                  "shower_bins": 12, "loss_weighting": "shower"},
+}
+
+
 @dataclass(frozen=True)
 class CaloPointFlowConfig:
-    """Hyper-parameters of :class:`CaloPointFlow` (defaults: the benchmark model, CaloPointFlow II as published)."""
+    """Hyper-parameters of :class:`CaloPointFlow` (defaults: calopc's per-layer CaloPointFlow II; the
+    ``published`` preset is CaloPointFlow II as published)."""
 
     variant: str = "II"                           # "I" (n, ΣE) or "II" (points and energy per layer)
     n_layers: int = 0                             # set from the data (variant II)
@@ -173,6 +191,8 @@ class CaloPointFlowConfig:
     set_features: int = 32                        # size of the set summary given to each conditioner
     dequantisation: str = "cdf"                   # II: "cdf" (empirical CDF + probit) or "uniform" (+ logit)
     overflow: str = "move"                        # α free: a ring's points beyond its α bins "move" or "merge"
+    loss_weighting: str = "points"                # "points": ELBO per point; "shower": per-shower means (published)
+    preset: str = "calopc"                        # "calopc" (per-layer variant) or "published" (see PRESETS)
 
     @classmethod
     def from_dict(cls, d: dict) -> CaloPointFlowConfig:
@@ -182,6 +202,11 @@ class CaloPointFlowConfig:
             msg = f"unknown CaloPointFlow config keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}"
             raise ValueError(msg)
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        preset = d.get("preset", "calopc")
+        if preset not in PRESETS:
+            msg = f"CaloPointFlow preset must be one of {', '.join(PRESETS)}, got {preset!r}"
+            raise ValueError(msg)
+        d = {**PRESETS[preset], **d}                                  # the preset, then what is given
         d.setdefault("variant", "I" if "n_layers" not in d and "point_features" in d else "II")  # runs before variants
         if d["variant"] not in ("I", "II"):
             msg = f"CaloPointFlow variant must be 'I' or 'II', got {d['variant']!r}"
@@ -201,9 +226,14 @@ class CaloPointFlowConfig:
         if d.get("dequantisation", "cdf") not in ("cdf", "uniform"):
             msg = f"CaloPointFlow config 'dequantisation' must be 'cdf' or 'uniform', got {d['dequantisation']!r}"
             raise ValueError(msg)
-        if d["variant"] == "I" and (d["alpha"] != "model" or d["dequantisation"] != "uniform"):
-            msg = (f"CaloPointFlow I models α and uses uniform dequantisation; got alpha={d['alpha']!r}, "
-                   f"dequantisation={d['dequantisation']!r} (these switches are for variant II)")
+        if d.get("loss_weighting", "points") not in ("points", "shower"):
+            msg = f"CaloPointFlow config 'loss_weighting' must be 'points' or 'shower', got {d['loss_weighting']!r}"
+            raise ValueError(msg)
+        if "n_layers" not in d and d.get("points_per_shower_loss", 0) and _as_bool(d.get("set_summary", True),
+                                                                                  "set_summary"):
+            msg = (f"CaloPointFlow points_per_shower_loss={d['points_per_shower_loss']} with set_summary=true: the set "
+                   "summaries of a thinned shower are not those the model samples with (a biased loss); use "
+                   "points_per_shower_loss=0 or set_summary=false")
             raise ValueError(msg)
         return cls(**d)
 
@@ -211,6 +241,8 @@ class CaloPointFlowConfig:
         """Options of :meth:`Preprocessor.fit` this model needs."""
         if self.dequantisation == "uniform":
             return {"variant": self.variant}
+        if self.variant == "I":  # the published points: (z, r, E/ΣE)
+            return {"variant": "I", "dequantisation": self.dequantisation, "energy_ref": "sum"}
         return {"variant": self.variant, "dequantisation": self.dequantisation}
 
     def with_data(self, prep: Preprocessor) -> CaloPointFlowConfig:
@@ -417,9 +449,10 @@ class CaloPointFlow(nn.Module):
             msg = (f"CaloPointFlow II needs n_layers and shower_features = 2 n_layers (config.with_data(prep)); "
                    f"got n_layers={cfg.n_layers}, shower_features={cfg.shower_features}")
             raise ValueError(msg)
-        self.alpha_free = self.layered and cfg.alpha == "free"
-        # columns of batch.x the point flow models: variant II with α free drops the α column
-        self.point_dims = list(range(1, cfg.point_features)) if self.alpha_free else list(range(cfg.point_features))
+        self.alpha_free = cfg.alpha == "free"
+        # columns of batch.x the point flow models: α free drops the α column (II: column 0; I: column 1)
+        a_col = 0 if self.layered else 1
+        self.point_dims = [i for i in range(cfg.point_features) if not (self.alpha_free and i == a_col)]
         self.flow_features = len(self.point_dims)
         ctx = cfg.cond_features + cfg.shower_features
         # variant II: each point also sees its layer (position in [-1, 1]) and that layer's (n_l, E_l) features
@@ -519,6 +552,12 @@ class CaloPointFlow(nn.Module):
         n_points = batch.mask.sum().clamp(min=1)
         points = nll.sum() / n_points
         kl = (prior - entropy).sum() / n_points
+        if cfg.loss_weighting == "shower":  # published: per-shower mean NLL / point dims, latent terms / latent dims
+            w = torch.ones_like(nll) if weight is None else weight
+            per = torch.zeros(b, dtype=nll.dtype, device=nll.device).index_add_(0, shower_of, nll)
+            cnt = torch.zeros(b, dtype=nll.dtype, device=nll.device).index_add_(0, shower_of, w)
+            points = (per / cnt.clamp(min=1e-12)).mean() / self.flow_features
+            kl = (prior - entropy).mean() / cfg.latent
         return {"loss": shower_nll + points + cfg.kl_weight * kl, "shower": shower_nll, "points": points, "kl": kl}
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -595,10 +634,21 @@ class CaloPointFlow(nn.Module):
             s = self.sample_shower(cond)
             n, e_sum = prep.inverse_shower(s.float().cpu().numpy(), e_np)
             x, mask = self.sample(cond, torch.from_numpy(n).to(device), s)
-            zar, en = prep.inverse_points(x[mask].float().cpu().numpy(), np.repeat(e_np, n))
+            xm = x[mask]
+            if self.alpha_free:  # the α column is not modelled: any value, its inverse is not used
+                xm = torch.cat([xm[:, :1], xm.new_zeros(xm.shape[0], 1), xm[:, 1:]], dim=1)
+            zar, en = prep.inverse_points(xm.float().cpu().numpy(), np.repeat(e_np, n))
             # scale the point energies so that each shower carries the sampled total
             en = _scale_groups(en, np.repeat(np.arange(e_np.shape[0]), n), e_sum)
-            return GeneratedShowers.from_numpy(n, zar, en, device)
+            g = GeneratedShowers.from_numpy(n, zar, en, device)
+            if self.alpha_free:
+                g.alpha = None
+                if self.config.overflow == "move":
+                    n_l = prep.geometry.n_layers
+                    lay = g.layer.clamp(0, n_l - 1)
+                    sh = torch.repeat_interleave(torch.arange(g.n_showers, device=device), g.counts)
+                    g.r, g.n_moved_ring = fit_rings(prep.geometry, sh * n_l + lay, g.n_showers * n_l, lay, g.r)
+            return g
         e = _as_tensor(e_inc, device, torch.float64).reshape(-1)
         b, n_l = e.shape[0], self.config.n_layers
         s, n_layer, e_layer = self.shower_flow.sample_layers(e, prep)

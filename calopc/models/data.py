@@ -441,8 +441,8 @@ class ShowerCollate:
         shower_of = np.repeat(np.arange(len(items)), counts)
         layer = np.asarray(prep.geometry.cell_layer, dtype=np.int64)[cell]
         if prep.variant == "I":
-            y = prep.forward_points(zar, energy, np.repeat(e_inc, counts))
             e_sum = np.bincount(shower_of, weights=energy, minlength=len(items))
+            y = prep.forward_points(zar, energy, np.repeat(e_inc, counts), np.repeat(e_sum, counts))
             s = prep.forward_shower(counts, e_sum, e_inc)
         else:
             n_layer, e_layer = layer_sums(prep.geometry, cell, energy, counts)

@@ -16,7 +16,10 @@ Point features, in order: ``(z, alpha, r, E)``.
 * Shower-level features, two variants:
 
   - ``"I"`` (CaloPointFlow): ``log n − ½ log E_inc`` and ``log(ΣE / E_inc)``; points are
-    ``(z, α, r, log E/E_inc)`` with ``z`` dequantised inside its layer.
+    ``(z, α, r, log E/E_inc)`` with ``z`` dequantised inside its layer. CaloPointFlow II as
+    published (the ``published`` preset) uses this variant with ``dequantisation="cdf"`` (``z``
+    through the empirical CDF of the layers, ``α`` and ``r`` through the CDFs of their bins in the
+    point's layer, each then probit) and ``energy_ref="sum"`` (energies ``log(E / ΣE)``).
   - ``"II"`` (CaloPointFlow II, the default): the number of points and the energy of every
     layer, ``log(n_l + u)`` with ``u ~ U(0, 1)`` (dequantised counts, ``n_l = ⌊exp⌋`` inverts
     it exactly) and the layer energy feature; points are ``(α, r, log E/E_l)`` and carry their layer.
@@ -147,6 +150,9 @@ class Preprocessor:
             (what :meth:`fit` uses; see the module docstring).
         empty_mean, empty_std: ``"occupied"``: per layer, mean and spread of ``log(E_l/E_inc)``
             where the layer has points.
+        energy_ref: variant I, point energies relative to ``"inc"`` (``E_inc``) or ``"sum"`` (the
+            shower's ``ΣE``, CaloPointFlow II as published).
+        pdf_z: variant I with ``"cdf"``: the training points' distribution over the layers.
     """
 
     geometry: Geometry
@@ -164,6 +170,8 @@ class Preprocessor:
     empty_energy: str = "floor"
     empty_mean: list[float] = field(default_factory=list)
     empty_std: list[float] = field(default_factory=list)
+    energy_ref: str = "inc"
+    pdf_z: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -175,8 +183,8 @@ class Preprocessor:
         if self.empty_energy not in EMPTY_ENERGY:
             msg = f"preprocessing empty_energy must be one of {EMPTY_ENERGY}, got {self.empty_energy!r}"
             raise ValueError(msg)
-        if self.dequantisation == "cdf" and self.variant != "II":
-            msg = f"CDF dequantisation is for preprocessing variant 'II', got variant {self.variant!r}"
+        if self.energy_ref not in ("inc", "sum"):
+            msg = f"preprocessing energy_ref must be 'inc' or 'sum', got {self.energy_ref!r}"
             raise ValueError(msg)
 
     # ------------------------------------------------------------ CDF dequantisation
@@ -197,7 +205,27 @@ class Preprocessor:
                             minlength=g.n_layers * width).reshape(g.n_layers, width)
             out.append([((h[l, :n] + 0.5) / (h[l, :n].sum() + 0.5 * n)).tolist() for l, n in enumerate(nb)])
         self.pdf_alpha, self.pdf_r = out
+        if self.variant == "I":
+            h = np.bincount(layer, weights=per_cell, minlength=g.n_layers)
+            self.pdf_z = ((h + 0.5) / (h.sum() + 0.5 * g.n_layers)).tolist()
         self.__dict__.pop("_cdf_tables", None)
+        self.__dict__.pop("_cdf_z_table", None)
+
+    def _cdf_z(self) -> dict:
+        """The (cached) search table of the layer CDF (variant I with ``"cdf"``): one "layer" of ``L`` bins."""
+        t = self.__dict__.get("_cdf_z_table")
+        if t is None:
+            n_l = self.geometry.n_layers
+            if len(self.pdf_z) != n_l:
+                msg = (f"CDF dequantisation of z needs pdf_z with one entry per layer ({n_l}); got {len(self.pdf_z)} "
+                       "(fit the preprocessing with dequantisation='cdf')")
+                raise ValueError(msg)
+            t = _cdf_table([np.arange(n_l + 1, dtype=np.float64) - 0.5], [self.pdf_z])
+            self.__dict__["_cdf_z_table"] = t
+        return t
+
+    def _layer_of_z(self, z: np.ndarray) -> np.ndarray:
+        return np.clip(np.floor(np.asarray(z, dtype=np.float64) + 0.5), 0, self.geometry.n_layers - 1).astype(np.int64)
 
     def _cdf(self) -> tuple[dict, dict]:
         """The (cached) search tables of the α and r CDFs."""
@@ -248,31 +276,57 @@ class Preprocessor:
         return out
 
     # ------------------------------------------------------------ point features
-    def forward_points(self, zar: np.ndarray, energy: np.ndarray, e_inc: np.ndarray) -> np.ndarray:
+    def forward_points(self, zar: np.ndarray, energy: np.ndarray, e_inc: np.ndarray,
+                       e_sum: np.ndarray | None = None) -> np.ndarray:
         """Continuous ``(z, alpha, r)``, energies and per-point incident energy → model features.
 
+        ``e_sum``: per-point shower energy ``ΣE`` (needed with ``energy_ref="sum"``).
+
         Shapes:
-            zar: ``(P, 3)``; energy, e_inc: ``(P,)``; returns ``(P, 4)`` float32.
+            zar: ``(P, 3)``; energy, e_inc, e_sum: ``(P,)``; returns ``(P, 4)`` float32.
         """
         z0, z1, r0, r1 = self._ranges
         y = np.empty((zar.shape[0], 4))
-        y[:, 0] = _logit((zar[:, 0] - z0) / (z1 - z0))
-        y[:, 1] = _logit((zar[:, 1] + math.pi) / (2 * math.pi))
-        y[:, 2] = _logit((zar[:, 2] - r0) / (r1 - r0))
-        y[:, 3] = np.log(np.maximum(energy, 1e-30)) - np.log(e_inc)
+        if self.dequantisation == "cdf":
+            ta, tr = self._cdf()
+            layer = self._layer_of_z(zar[:, 0])
+            y[:, 0] = _cdf_forward(self._cdf_z(), zar[:, 0], np.zeros_like(layer))
+            y[:, 1] = _cdf_forward(ta, zar[:, 1], layer)
+            y[:, 2] = _cdf_forward(tr, zar[:, 2], layer)
+        else:
+            y[:, 0] = _logit((zar[:, 0] - z0) / (z1 - z0))
+            y[:, 1] = _logit((zar[:, 1] + math.pi) / (2 * math.pi))
+            y[:, 2] = _logit((zar[:, 2] - r0) / (r1 - r0))
+        y[:, 3] = np.log(np.maximum(energy, 1e-30)) - np.log(self._energy_ref(e_inc, e_sum))
         return ((y - np.asarray(self.point_mean)) / np.asarray(self.point_std)).astype(np.float32)
 
     def inverse_points(self, y: np.ndarray, e_inc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model features → ``((z, alpha, r) (P, 3), E (P,))``; exact inverse of :meth:`forward_points`
-        (up to the logit clipping at 1e-6)."""
+        (up to the logit clipping at 1e-6). With ``energy_ref="sum"`` the energies are relative to
+        ``e_inc``, not to the unknown ``ΣE``: rescale them per shower to the sampled ``ΣE``."""
         y = np.asarray(y, dtype=np.float64) * np.asarray(self.point_std) + np.asarray(self.point_mean)
         z0, z1, r0, r1 = self._ranges
         zar = np.empty((y.shape[0], 3))
-        zar[:, 0] = z0 + _sigmoid(y[:, 0]) * (z1 - z0)
-        zar[:, 1] = _sigmoid(y[:, 1]) * 2 * math.pi - math.pi
-        zar[:, 2] = r0 + _sigmoid(y[:, 2]) * (r1 - r0)
+        if self.dequantisation == "cdf":
+            ta, tr = self._cdf()
+            zar[:, 0] = _cdf_inverse(self._cdf_z(), y[:, 0], np.zeros(y.shape[0], dtype=np.int64))
+            layer = self._layer_of_z(zar[:, 0])
+            zar[:, 1] = _cdf_inverse(ta, y[:, 1], layer)
+            zar[:, 2] = _cdf_inverse(tr, y[:, 2], layer)
+        else:
+            zar[:, 0] = z0 + _sigmoid(y[:, 0]) * (z1 - z0)
+            zar[:, 1] = _sigmoid(y[:, 1]) * 2 * math.pi - math.pi
+            zar[:, 2] = r0 + _sigmoid(y[:, 2]) * (r1 - r0)
         energy = np.exp(np.clip(y[:, 3], -80, 80)) * e_inc
         return zar, energy
+
+    def _energy_ref(self, e_inc: np.ndarray, e_sum: np.ndarray | None) -> np.ndarray:
+        if self.energy_ref == "inc":
+            return np.asarray(e_inc, dtype=np.float64)
+        if e_sum is None:
+            msg = "preprocessing energy_ref='sum' needs the shower energies (e_sum) of the points"
+            raise ValueError(msg)
+        return np.maximum(np.asarray(e_sum, dtype=np.float64), 1e-30)
 
     # ------------------------------------------------------- shower / condition
     def forward_shower(self, n: np.ndarray, e_sum: np.ndarray, e_inc: np.ndarray) -> np.ndarray:
@@ -411,7 +465,7 @@ class Preprocessor:
     @classmethod
     def fit(cls, geometry: Geometry, cell: np.ndarray, energy: np.ndarray, counts: np.ndarray, e_inc: np.ndarray,
             *, seed: int = 0, max_points: int = 2_000_000, variant: str = "I",
-            dequantisation: str = "uniform", empty_energy: str = "occupied") -> Preprocessor:
+            dequantisation: str = "uniform", empty_energy: str = "occupied", energy_ref: str = "inc") -> Preprocessor:
         """Fit the standardisation on (a subsample of) training data.
 
         Args:
@@ -420,8 +474,10 @@ class Preprocessor:
             variant: ``"I"`` or ``"II"``.
             dequantisation: ``"uniform"`` or ``"cdf"`` (variant II; the bin distributions are fitted here).
             empty_energy: variant II, the energy feature of empty layers (``"occupied"`` or the older ``"floor"``).
+            energy_ref: variant I, point energies relative to ``"inc"`` or ``"sum"``.
         """
-        p = cls(geometry, variant=variant, dequantisation=dequantisation, empty_energy=empty_energy)
+        p = cls(geometry, variant=variant, dequantisation=dequantisation, empty_energy=empty_energy,
+                energy_ref=energy_ref)
         rng = np.random.default_rng(seed)
         e_inc = np.asarray(e_inc, dtype=np.float64)
         counts = np.asarray(counts, dtype=np.int64)
@@ -445,7 +501,8 @@ class Preprocessor:
         if dequantisation == "cdf":
             p._fit_pdfs(cell_s)
         if variant == "I":
-            y = p.forward_points(p.dequantise(cell_s, rng), energy_s, e_inc[shower_of]).astype(np.float64)
+            y = p.forward_points(p.dequantise(cell_s, rng), energy_s, e_inc[shower_of],
+                                 e_layer.sum(1)[shower_of]).astype(np.float64)
             s = p.forward_shower(counts, e_layer.sum(1), e_inc).astype(np.float64)
         else:
             p.point_mean, p.point_std = [0.0] * 3, [1.0] * 3
@@ -556,7 +613,7 @@ class TorchPreprocessor:
         self.ranges = prep._ranges
         self.n_layers = g.n_layers
         self.cap = torch.as_tensor(g.voxels_per_layer, dtype=torch.int64, device=dev)
-        self.empty_floor = prep.empty_energy == "floor"
+        self.empty_floor = prep.empty_energy == "floor" or prep.variant != "II"
         if not self.empty_floor:
             mu, sd = prep._empty_stats()
             self.empty_mean = torch.as_tensor(mu, dtype=f64, device=dev)
@@ -564,6 +621,8 @@ class TorchPreprocessor:
         self.cdf = None
         if prep.dequantisation == "cdf":  # the CDF search tables of α and r on the device
             self.cdf = tuple({k: torch.as_tensor(v, device=dev) for k, v in t.items()} for t in prep._cdf())
+            if prep.variant == "I":
+                self.cdf_z = {k: torch.as_tensor(v, device=dev) for k, v in prep._cdf_z().items()}
 
     @staticmethod
     def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -579,15 +638,26 @@ class TorchPreprocessor:
         u = 1e-4 + (1 - 2e-4) * u.to(torch.float64)
         return self.bounds[cell] + u * self.width[cell]
 
-    def forward_points(self, zar: torch.Tensor, energy: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+    def forward_points(self, zar: torch.Tensor, energy: torch.Tensor, e_inc: torch.Tensor,
+                       e_sum: torch.Tensor | None = None) -> torch.Tensor:
         """Variant I point features, see :meth:`Preprocessor.forward_points`. Returns ``(P, 4)`` float32."""
         import torch
 
         z0, z1, r0, r1 = self.ranges
-        y = torch.stack([self._logit((zar[:, 0] - z0) / (z1 - z0)),
-                         self._logit((zar[:, 1] + math.pi) / (2 * math.pi)),
-                         self._logit((zar[:, 2] - r0) / (r1 - r0)),
-                         torch.log(energy.to(torch.float64).clamp(min=1e-30)) - torch.log(e_inc.to(torch.float64))], 1)
+        ref = e_inc if self.prep.energy_ref == "inc" else e_sum
+        if ref is None:
+            msg = "preprocessing energy_ref='sum' needs the shower energies (e_sum) of the points"
+            raise ValueError(msg)
+        e_part = torch.log(energy.to(torch.float64).clamp(min=1e-30)) - torch.log(ref.to(torch.float64).clamp(min=1e-30))
+        if self.cdf is not None:
+            layer = torch.floor(zar[:, 0] + 0.5).clamp(0, self.n_layers - 1).to(torch.int64)
+            y = torch.stack([_cdf_forward_t(self.cdf_z, zar[:, 0], torch.zeros_like(layer)),
+                             _cdf_forward_t(self.cdf[0], zar[:, 1], layer),
+                             _cdf_forward_t(self.cdf[1], zar[:, 2], layer), e_part], 1)
+        else:
+            y = torch.stack([self._logit((zar[:, 0] - z0) / (z1 - z0)),
+                             self._logit((zar[:, 1] + math.pi) / (2 * math.pi)),
+                             self._logit((zar[:, 2] - r0) / (r1 - r0)), e_part], 1)
         return ((y - self.point_mean) / self.point_std).to(torch.float32)
 
     def forward_points_layer(self, zar: torch.Tensor, energy: torch.Tensor, e_layer: torch.Tensor,
@@ -697,8 +767,8 @@ class TorchPreprocessor:
         layer = self.cell_layer[cell]
         energy = energy.to(torch.float64)
         if self.variant == "I":
-            y = self.forward_points(zar, energy, e_inc[shower_of])
             e_sum = torch.zeros(b, dtype=torch.float64, device=energy.device).index_add_(0, shower_of, energy)
+            y = self.forward_points(zar, energy, e_inc[shower_of], e_sum[shower_of])
             n = torch.zeros(b, dtype=torch.int64, device=energy.device).index_add_(0, shower_of, torch.ones_like(shower_of))
             s = self.forward_shower(n, e_sum, e_inc)
         else:

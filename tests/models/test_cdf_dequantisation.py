@@ -81,8 +81,9 @@ def test_cdf_preprocessing_round_trips_through_json(fitted):
 
 
 def test_cdf_errors(toy_geometry):
-    with pytest.raises(ValueError, match="for preprocessing variant 'II'"):
-        Preprocessor(toy_geometry, variant="I", dequantisation="cdf")
+    p1 = Preprocessor(toy_geometry, variant="I", dequantisation="cdf")   # the published CaloPointFlow II points
+    with pytest.raises(ValueError, match="needs pdf_alpha and pdf_r"):
+        p1.forward_points(np.zeros((1, 3)), np.ones(1), np.ones(1))
     with pytest.raises(ValueError, match="dequantisation must be one of"):
         Preprocessor(toy_geometry, variant="II", dequantisation="gauss")
     p = Preprocessor(toy_geometry, variant="II", dequantisation="cdf", point_mean=[0.0] * 3, point_std=[1.0] * 3)
