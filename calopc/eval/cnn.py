@@ -39,24 +39,45 @@ from .classifier import ClassifierConfig, ClassifierResult, check_sample_sizes, 
 
 @dataclass(frozen=True)
 class CNNConfig:
-    widths: tuple[int, int, int, int] = (32, 64, 64, 128)  # channels of the four stages (official)
-    blocks: tuple[int, int, int, int] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
-    conv1_kernel: int = 7  # first convolution: kernel, stride 2, padding kernel // 2
+    widths: tuple[int, ...] | None = None  # channels per stage (None: cls-cnn (32, 64, 64, 128), official;
+                                           # cls-sparse native (16, 32, 48, 64))
+    blocks: tuple[int, ...] | None = None  # residual blocks per stage (None: cls-cnn (2, 2, 2, 2) = ResNet-18;
+                                           # cls-sparse native (0, 1, 1, 1))
+    conv1_kernel: int = 7  # cls-cnn (and sparse_arch="resnet") first convolution: kernel, stride 2, padding k // 2
     max_pool: bool = True  # max pool 3×3×3 / 2 after conv1 (official)
-    periodic_alpha: bool = False  # pad α circularly instead of with zeros (official: zeros)
+    periodic_alpha: bool = False  # pad α circularly instead of with zeros (official: zeros); cls-sparse native: True
     lr: float = 2e-4  # Adam learning rate (official)
     batch_size: int = 1000  # showers per step (official --cls_batch_size)
     epochs: int = 50  # official
-    dtype: str = "float64"  # official (the evaluation sets float64 as default dtype)
+    dtype: str | None = None  # None: float64 for cls-cnn (the official evaluation's default dtype), float32 for
+                              # cls-sparse; "float32" / "float64" for either
     backend: str | None = None  # sparse backend of cls-sparse (None: $CALOPC_SPARSE_BACKEND)
-    sparse_pool: str = "grid"  # cls-sparse global pool: "grid" (sum / cells of the last grid, the dense average
-                               # over zero-filled cells) or "occupied" (mean over the occupied cells)
+    sparse_arch: str = "native"  # cls-sparse network: "native" (submanifold residual stages, strided 2×2×2
+                                 # downsampling) or "resnet" (the cls-cnn network run on the occupied cells)
+    sparse_pool: str = "grid"  # sparse_arch="resnet" global pool: "grid" (sum / cells of the last grid, the dense
+                               # average over zero-filled cells) or "occupied" (mean over the occupied cells)
     bn_momentum: float | None = 0.1  # batch-norm running-stat momentum (official 0.1; None: cumulative average,
                                      # for short runs: the tiny input scale, voxels / E_inc, needs ~10^2 steps at 0.1)
 
+    def resolved(self, kind: str) -> CNNConfig:
+        """This configuration with the per-network defaults (widths, blocks, dtype) of ``kind`` filled in."""
+        from dataclasses import replace
+
+        native = kind == "sparse" and self.sparse_arch == "native"
+        if self.sparse_arch not in ("native", "resnet"):
+            msg = f"sparse_arch must be 'native' or 'resnet', got {self.sparse_arch!r}"
+            raise ValueError(msg)
+        widths = self.widths or ((16, 32, 48, 64) if native else (32, 64, 64, 128))
+        blocks = self.blocks or (((0,) + (1,) * (len(widths) - 1)) if native else (2,) * len(widths))
+        if len(blocks) != len(widths) or not widths or min(widths) < 1 or min(blocks) < 0:
+            msg = f"widths and blocks need one positive entry per stage, got {widths} and {blocks}"
+            raise ValueError(msg)
+        return replace(self, widths=tuple(widths), blocks=tuple(blocks),
+                       dtype=self.dtype or ("float32" if kind == "sparse" else "float64"))
+
     def classifier(self, dataset: str, n: int) -> ClassifierConfig:
-        return ClassifierConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, dtype=self.dtype,
-                                counts=official_split(dataset, n))
+        return ClassifierConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs,
+                                dtype=self.dtype or "float64", counts=official_split(dataset, n))
 
 
 def _torch():
@@ -195,6 +216,68 @@ def _build_sparse(cfg: CNNConfig):
     return SparseResNetImpl()
 
 
+def _build_sparse_native(cfg: CNNConfig):
+    """cls-sparse: a sparse-native residual network (see the module docstring)."""
+    torch = _torch()
+    from ..sparse import nn as snn
+
+    nn = torch.nn
+    kw = {"wrap_alpha": True, "backend": cfg.backend}
+
+    class Block(nn.Module):
+        """Two submanifold 3×3×3 convolutions with batch norm and an identity shortcut."""
+
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = snn.SubMConv3d(c, c, 3, **kw), snn.SparseBatchNorm(c)
+            self.c2, self.b2 = snn.SubMConv3d(c, c, 3, **kw), snn.SparseBatchNorm(c)
+
+        def forward(self, x):
+            out = self.b1(self.c1(x))
+            out = self.b2(self.c2(out.replace(torch.relu(out.feats))))
+            return out.replace(torch.relu(out.feats + x.feats))
+
+    class Down(nn.Module):
+        """2×2×2 / 2 patch convolution onto the coarse cells ``unique(cell // 2)`` (grid ``ceil(d / 2)``: no
+        edge cell is lost; each cell feeds exactly one coarse cell) with batch norm and ReLU."""
+
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.conv = snn.SparseConv3d(cin, cout, 2, 2, 0, output="patch", **kw)
+            self.bn = snn.SparseBatchNorm(cout)
+
+        def forward(self, x):
+            x = self.bn(self.conv(x))
+            return x.replace(torch.relu(x.feats))
+
+    class SparseNativeImpl(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w, b = cfg.widths, cfg.blocks
+            self.stem = Down(2, w[0])  # patch stem: the full-resolution cells are read once, by a strided conv
+            stages = []
+            for i, (c, n) in enumerate(zip(w, b)):
+                mods = ([Down(w[i - 1], c)] if i else []) + [Block(c) for _ in range(n)]
+                stages.append(nn.Sequential(*mods))
+            self.stages = nn.Sequential(*stages)
+            self.mean, self.max = snn.SparseGlobalPool("mean"), snn.SparseGlobalPool("max")
+            self.e_norm = nn.BatchNorm1d(2)
+            self.fc = nn.Linear(2 * w[-1] + 2, 1)
+            _init(self, nn, cfg.bn_momentum)
+
+        def forward(self, x, log_e):
+            """x: :class:`~calopc.sparse.SparseShowers`, feature E / E_inc; log_e: ``(B, 1)`` → ``(B, 1)`` logits."""
+            f = x.feats[:, :1]
+            u = torch.log10(f.clamp_min(1e-12))
+            x = x.replace(torch.cat([(u + 4.0) / 2.0, f * 100.0], 1))  # O(1) inputs: log and linear cell energy
+            n_cells = torch.log10(x.counts.to(f.dtype).clamp_min(1.0))[:, None]
+            x = self.stages(self.stem(x))
+            g = torch.cat([self.mean(x), self.max(x), self.e_norm(torch.cat([log_e, n_cells], 1))], 1)
+            return self.fc(g)
+
+    return SparseNativeImpl()
+
+
 def _init(net, nn, momentum: float | None) -> None:
     """Kaiming-normal (fan-out) convolutions, unit batch norms (as the official network)."""
     from ..sparse.nn import SparseConv3d
@@ -216,15 +299,17 @@ def DenseResNet(geometry: Geometry, config: CNNConfig | None = None):
     """The dense ``cls-resnet`` network for a regular geometry."""
     from ..sparse import require_regular
 
-    return _build_dense(require_regular(geometry, "the CNN classifier"), config or CNNConfig())
+    return _build_dense(require_regular(geometry, "the CNN classifier"), (config or CNNConfig()).resolved("cnn"))
 
 
 def SparseResNet(geometry: Geometry, config: CNNConfig | None = None):
-    """The same network from sparse layers (occupied cells only)."""
+    """The cls-sparse network: sparse-native (default) or the cls-cnn ResNet on the occupied cells
+    (``sparse_arch="resnet"``)."""
     from ..sparse import require_regular
 
     require_regular(geometry, "the sparse CNN classifier")
-    return _build_sparse(config or CNNConfig())
+    cfg = (config or CNNConfig()).resolved("sparse")
+    return _build_sparse_native(cfg) if cfg.sparse_arch == "native" else _build_sparse(cfg)
 
 
 class _Pool:
@@ -293,10 +378,10 @@ def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray,
     Returns:
         A :class:`~calopc.eval.classifier.ClassifierResult` (``kind`` ``"cnn"`` or ``"sparse"``).
     """
-    cfg = config or CNNConfig()
     if kind not in ("cnn", "sparse"):
         msg = f"CNN classifier kind must be 'cnn' or 'sparse', got {kind!r}"
         raise ValueError(msg)
+    cfg = (config or CNNConfig()).resolved(kind)
     from ..sparse import require_regular
 
     require_regular(geometry, f"the cls-{kind} classifier")

@@ -44,14 +44,11 @@ CHUNK_ELEMS = 1 << 24
 #: * ``"gather"``: output-stationary over the map's neighbour table (kernels ≤ 3×3×3): ``im2col`` rows
 #:   ``(P_out, K · C_in)`` times the ``(K · C_in, C_out)`` weight in chunks; no scatter and, for submanifold
 #:   maps, no scatter in the backward pass either (deterministic on every device); empty neighbours are
-#:   multiplied as zero rows, so it pays where the table is full enough (:data:`GATHER_MIN_FILL`);
-#: * ``"auto"`` (default): ``"gather"`` for maps with a table at least :data:`GATHER_MIN_FILL` full, else
-#:   ``"grouped"`` on CUDA and ``"loop"`` on the CPU.
+#:   multiplied as zero rows (wasted work of ``1 − fill``);
+#: * ``"auto"`` (default): ``"loop"`` on the CPU (measured fastest there: ``benchmarks/sparse.py --schedules``),
+#:   ``"grouped"`` on CUDA (one kernel for all offsets instead of one launch per offset; not measured here).
 EXECUTION = "auto"
 SCHEDULES = ("auto", "loop", "batched", "grouped", "gather")
-
-#: neighbour-table fill (pairs / (K · P_out)) from which ``"auto"`` uses the output-stationary ``"gather"``
-GATHER_MIN_FILL = 0.25
 
 
 def _grouped_ok(feats: torch.Tensor, c_in: int, c_out: int) -> bool:
@@ -68,10 +65,8 @@ def schedule(kmap: KernelMap, feats: torch.Tensor, c_in: int, c_out: int, transp
         msg = f"calopc.sparse.functional.EXECUTION must be one of {', '.join(SCHEDULES)}, got {mode!r}"
         raise ValueError(msg)
     if mode == "auto":
-        if kmap.table is not None and not transpose and kmap.fill >= GATHER_MIN_FILL:
-            return "gather"
         mode = "grouped" if feats.device.type == "cuda" else "loop"
-    if mode == "gather" and (kmap.table is None or transpose):
+    if mode == "gather" and (transpose):
         mode = "loop"
     if mode == "grouped" and not _grouped_ok(feats, c_in, c_out):
         mode = "batched" if feats.device.type == "cuda" else "loop"
@@ -180,7 +175,7 @@ def _gather_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) 
     w2 = weight.reshape(k * c_in, c_out)
     out = feats.new_empty(kmap.n_out, c_out)
     step = _rows_per_chunk(k, c_in)
-    tab = kmap.table
+    tab = kmap.neighbour_table()
     for a in range(0, kmap.n_out, step):
         t = tab[:, a:a + step].T.reshape(-1)  # (rows · K,) output-major
         cols = xz.index_select(0, t).view(-1, k * c_in)
@@ -191,7 +186,7 @@ def _gather_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) 
 def _gather_backward(feats, weight, kmap: KernelMap, grad, need_x: bool, need_w: bool):
     k, c_in, c_out = weight.shape
     n_in, n_out = kmap.n_in, kmap.n_out
-    tab = kmap.table
+    tab = kmap.neighbour_table()
     gw = None
     if need_w:
         xz = torch.cat([feats, feats.new_zeros(1, c_in)])

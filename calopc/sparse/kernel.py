@@ -12,7 +12,10 @@ Output coordinates (``policy``):
 * ``"stride"``: ``unique(input // s)`` (the rule of MinkowskiEngine and spconv for strided
   convolutions: every output cell lies under an occupied input cell);
 * ``"full"``: every output cell whose receptive field holds an occupied input cell
-  (exactly the support of the dense result).
+  (exactly the support of the dense result);
+* ``"patch"`` (kernel = stride, padding 0): ``unique(input // s)`` on the grid ``ceil(D / s)``, so no
+  cell at the end of an axis is dropped (positions past the end of the grid are empty, also along α).
+  Every input cell feeds exactly one output cell, and the map is built directly from the coordinates.
 
 A kernel map lists, per kernel offset, the pairs ``(input row, output row)``. It is
 built output-driven, on the device (one ``nonzero`` and one read of the per-offset counts per map, none
@@ -106,9 +109,15 @@ def output_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding: Tri
     """Output cells (as a feature-less :class:`SparseShowers` sharing ``x.ctx``) of a conv/pool on ``x``."""
     if policy == "same":
         return x.replace(x.feats[:, :0])
-    shp = [out_size(d, k, s, p) for d, k, s, p in zip(x.shape, kernel, stride, padding)]
+    if policy == "patch":
+        if tuple(kernel) != tuple(stride) or any(padding):
+            msg = f"output='patch' needs kernel = stride and padding 0, got kernel {kernel}, stride {stride}, padding {padding}"
+            raise ValueError(msg)
+        shp = [-(-d // s) for d, s in zip(x.shape, stride)]
+    else:
+        shp = [out_size(d, k, s, p) for d, k, s, p in zip(x.shape, kernel, stride, padding)]
     # "stride" outputs depend on the stride and the output grid only: layers that differ in kernel share them
-    key = (_cache_key("coords", x, stride, tuple(shp), policy) if policy == "stride"
+    key = (_cache_key("coords", x, stride, tuple(shp), "stride") if policy in ("stride", "patch")
            else _cache_key("coords", x, kernel, stride, padding, wrap, policy))
     hit = x.ctx.get(key)
     if hit is not None:
@@ -117,21 +126,42 @@ def output_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding: Tri
         msg = f"kernel {kernel}, stride {stride}, padding {padding} leave no output cell on grid {x.shape}"
         raise ValueError(msg)
     c = x.coords
-    if policy == "stride":
-        o = torch.cat([c[:, :1], c[:, 1:] // torch.tensor(stride, device=c.device)], 1)
-        inside = (o[:, 1:] < torch.tensor(shp, device=c.device)).all(1)
-        o = _unique_rows(o[inside], x.batch_size, shp)
+    inverse = None
+    if policy in ("stride", "patch"):
+        cols = [_div(c[:, ax + 1], stride[ax]) for ax in range(3)]
+        kc = ((c[:, 0] * shp[0] + cols[0]) * shp[1] + cols[1]) * shp[2] + cols[2]
+        if all(-(-d // s) == n for d, s, n in zip(x.shape, stride, shp)):  # every cell has its coarse cell
+            uniq, inverse = torch.unique(kc, return_inverse=True)
+        else:
+            inside = (cols[0] < shp[0]) & (cols[1] < shp[1]) & (cols[2] < shp[2])
+            uniq = torch.unique(kc[inside])
+        o = delinearise(uniq, (x.batch_size, *shp))
     elif policy == "full":
         tables = [_axis_inv(_axis_fwd(x.shape[ax], shp[ax], kernel[ax], stride[ax], padding[ax], wrap and ax == 1,
                                       c.device), x.shape[ax]) for ax in range(3)]
         o = _map_axes(c, x.batch_size, list(x.shape), tables, shp)
     else:
-        msg = f"output policy must be 'same', 'stride' or 'full', got {policy!r}"
+        msg = f"output policy must be 'same', 'stride', 'full' or 'patch', got {policy!r}"
         raise ValueError(msg)
     stride_total = tuple(a * b for a, b in zip(x.stride, stride))
     out = SparseShowers(o, x.feats.new_zeros(o.shape[0], 0), x.batch_size, tuple(shp), x.geometry, stride_total, x.ctx)
     x.ctx[key] = out
+    if inverse is not None:  # the coarse cell of every input cell: the map of a patch convolution for free
+        x.ctx[("inverse", x.cid, out.cid)] = inverse
     return out
+
+
+def _div(v: torch.Tensor, s: int) -> torch.Tensor:
+    """``v // s`` for non-negative ``v`` (a shift for powers of two)."""
+    if s == 1:
+        return v
+    return v >> (s.bit_length() - 1) if s & (s - 1) == 0 else v // s
+
+
+def _mod(v: torch.Tensor, s: int) -> torch.Tensor:
+    if s == 1:
+        return torch.zeros_like(v)
+    return v & (s - 1) if s & (s - 1) == 0 else v % s
 
 
 def transposed_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding: Triple, wrap: bool,
@@ -156,9 +186,6 @@ def transposed_coords(x: SparseShowers, kernel: Triple, stride: Triple, padding:
     return out
 
 
-#: kernels with at most this many offsets keep their neighbour table (:attr:`KernelMap.table`)
-TABLE_MAX_OFFSETS = 27
-
 #: largest batch grid (showers · cells) looked up through a direct-address table instead of a binary search
 DIRECT_TABLE_MAX = 1 << 25
 
@@ -167,8 +194,8 @@ def _finder(x: SparseShowers):
     """``find(keys, ok) -> rows`` (-1 where absent or not ``ok``) for the cells of ``x``.
 
     Small grids (``batch · L · A · R ≤ DIRECT_TABLE_MAX``) use a direct-address table (one gather per
-    query, built once per coordinate set and cached); larger ones a binary search (``searchsorted``)
-    in the sorted keys.
+    query, built for the map and freed with it: only the maps are cached); larger ones a binary search
+    (``searchsorted``) in the sorted keys.
     """
     keys = x.key
     n = len(x)
@@ -176,11 +203,9 @@ def _finder(x: SparseShowers):
     if n == 0:
         return lambda k, ok: torch.full_like(k, -1)
     if n_grid <= DIRECT_TABLE_MAX:
-        table = x.ctx.get(("table", x.cid))
-        if table is None:  # row of every grid cell (-1: empty), plus a last -1 entry for invalid queries
-            table = torch.full((n_grid + 1,), -1, dtype=torch.int32, device=keys.device)
-            table[keys] = torch.arange(n, device=keys.device, dtype=torch.int32)
-            x.ctx[("table", x.cid)] = table
+        # row of every grid cell (-1: empty), plus a last -1 entry for invalid queries
+        table = torch.full((n_grid + 1,), -1, dtype=torch.int32, device=keys.device)
+        table[keys] = torch.arange(n, device=keys.device, dtype=torch.int32)
 
         def find(k: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
             k = torch.where(ok, k, torch.full_like(k, n_grid))
@@ -205,9 +230,8 @@ class KernelMap:
     Offsets are numbered ``(j_layer · k_alpha + j_alpha) · k_r + j_r``. ``identity`` is the offset whose
     pairs are ``(i, i)`` for every row (the centre of a submanifold convolution), if any.
 
-    ``table`` (kept for kernels of at most :data:`TABLE_MAX_OFFSETS` offsets) is the same map as a
-    ``(K, n_out)`` neighbour table: the input row each output reads at each offset, ``n_in`` (a zero row)
-    where there is none. ``symmetric`` marks submanifold maps, where output ``o`` reads ``i`` at offset ``k``
+    :meth:`neighbour_table` is the same map as a ``(K, n_out)`` table (the input row each output reads at each
+    offset, ``n_in`` where none). ``symmetric`` marks submanifold maps, where output ``o`` reads ``i`` at offset ``k``
     exactly when ``i`` reads ``o`` at offset ``K − 1 − k`` (so the backward pass is a gather too).
     """
 
@@ -217,8 +241,21 @@ class KernelMap:
     n_in: int
     n_out: int
     identity: int | None = None
-    table: torch.Tensor | None = None
     symmetric: bool = False
+
+    def neighbour_table(self) -> torch.Tensor:
+        """``(K, n_out)`` input row that each output reads at each offset, ``n_in`` (a zero row) where none; built
+        from the pairs on first use and cached (only the output-stationary schedule needs it)."""
+        t = self.__dict__.get("_table")
+        if t is None:
+            k = len(self.splits)
+            t = torch.full((k, self.n_out), self.n_in, dtype=self.in_idx.dtype, device=self.in_idx.device)
+            off = torch.repeat_interleave(torch.arange(k, device=self.in_idx.device),
+                                          torch.tensor(self.splits, device=self.in_idx.device),
+                                          output_size=self.n_pairs)
+            t.view(-1)[off * self.n_out + self.out_idx.long()] = self.in_idx
+            self.__dict__["_table"] = t
+        return t
 
     @property
     def fill(self) -> float:
@@ -289,6 +326,11 @@ def kernel_map(x: SparseShowers, out: SparseShowers, kernel: Triple, stride: Tri
     if hit is not None:
         return hit
     dev = x.coords.device
+    if tuple(kernel) == tuple(stride) and not any(padding) and all(
+            o in (out_size(d, k, k, 0), -(-d // k)) for d, o, k in zip(x.shape, out.shape, kernel)):
+        km = _patch_map(x, out, kernel)
+        x.ctx[key] = km
+        return km
     tabs = [_axis_fwd(x.shape[ax], out.shape[ax], kernel[ax], stride[ax], padding[ax], wrap and ax == 1, dev)
             for ax in range(3)]
     n_in, n_out = len(x), len(out)
@@ -332,10 +374,32 @@ def kernel_map(x: SparseShowers, out: SparseShowers, kernel: Triple, stride: Tri
             identity = c
     if max(n_in, n_out) < 2**31:  # int32 pairs: half the memory of the cached map
         in_idx, out_idx = in_idx.to(torch.int32), out_idx.to(torch.int32)
-    # the neighbour table is kept where it is small (kernels up to 3×3×3): the output-stationary schedule uses it
-    keep_table = K <= TABLE_MAX_OFFSETS
-    km = KernelMap(in_idx, out_idx, splits, n_in, n_out, identity,
-                   table=torch.where(found, table, torch.full_like(table, n_in)) if keep_table else None,
-                   symmetric=symmetric)
+    km = KernelMap(in_idx, out_idx, splits, n_in, n_out, identity, symmetric=symmetric)
     x.ctx[key] = km
     return km
+
+
+def _patch_map(x: SparseShowers, out: SparseShowers, kernel: Triple) -> KernelMap:
+    """Map of a convolution with kernel = stride and padding 0: input ``c`` feeds output ``c // s`` at offset
+    ``c % s`` (if that output exists), nothing else; built directly from the coordinates."""
+    c = x.coords
+    K = kernel[0] * kernel[1] * kernel[2]
+    k = (_mod(c[:, 1], kernel[0]) * kernel[1] + _mod(c[:, 2], kernel[1])) * kernel[2] + _mod(c[:, 3], kernel[2])
+    row = x.ctx.get(("inverse", x.cid, out.cid))
+    if row is not None:  # every input has its output (see output_coords)
+        found = None
+    else:
+        cols = [_div(c[:, ax + 1], kernel[ax]) for ax in range(3)]
+        ok = (cols[0] < out.shape[0]) & (cols[1] < out.shape[1]) & (cols[2] < out.shape[2])
+        kc = ((c[:, 0] * out.shape[0] + cols[0]) * out.shape[1] + cols[1]) * out.shape[2] + cols[2]
+        row = _finder(out)(torch.where(ok, kc, torch.zeros_like(kc)), ok)
+        found = row >= 0
+    if found is not None:
+        k = torch.where(found, k, torch.full_like(k, K))  # absent: sorted last, cut off below
+    order = torch.argsort(k, stable=True)
+    counts = torch.bincount(k, minlength=K + 1)
+    splits = counts.tolist()
+    n = sum(splits[:K])
+    order = order[:n]
+    it = torch.int32 if max(len(x), len(out)) < 2**31 else torch.long
+    return KernelMap(order.to(it), row.index_select(0, order).to(it), splits[:K], len(x), len(out))

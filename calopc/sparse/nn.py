@@ -72,11 +72,12 @@ class SparseConv3d(_Conv):
 
     Args:
         in_channels, out_channels: feature sizes.
-        kernel_size, stride, padding: as ``nn.Conv3d`` (padding defaults to ``k // 2``).
+        kernel_size, stride, padding: as ``nn.Conv3d`` (padding defaults to ``k // 2``, 0 for ``"patch"``).
         bias: add a learnable bias.
         output: output cells: ``"same"`` (submanifold; stride 1 only; the default for stride 1),
-            ``"stride"`` (``unique(input // stride)``, the default for stride > 1) or ``"full"``
-            (every cell the dense result is non-zero on).
+            ``"stride"`` (``unique(input // stride)``, the default for stride > 1), ``"full"``
+            (every cell the dense result is non-zero on) or ``"patch"`` (kernel = stride, padding 0:
+            ``unique(input // stride)`` on the grid ``ceil(D / stride)``, every input cell feeds one output).
         wrap_alpha: α is periodic (circular padding); otherwise zero padding.
         backend: ``"torch"``, ``"minkowski"`` or ``"auto"``; default ``$CALOPC_SPARSE_BACKEND``.
 
@@ -91,14 +92,16 @@ class SparseConv3d(_Conv):
         super().__init__(kernel_size, stride, padding, wrap_alpha, backend)
         if output is None:
             output = "same" if self.stride == (1, 1, 1) else "stride"
-        if output not in ("same", "stride", "full"):
-            msg = f"output must be 'same', 'stride' or 'full', got {output!r}"
+        if output not in ("same", "stride", "full", "patch"):
+            msg = f"output must be 'same', 'stride', 'full' or 'patch', got {output!r}"
             raise ValueError(msg)
         if output == "same" and (self.stride != (1, 1, 1) or self.padding != tuple(k // 2 for k in self.kernel)
                                  or any(k % 2 == 0 for k in self.kernel)):
             msg = (f"output='same' (submanifold) needs stride 1, an odd kernel and padding k // 2; got kernel "
                    f"{self.kernel}, stride {self.stride}, padding {self.padding}")
             raise ValueError(msg)
+        if output == "patch" and padding is None:
+            self.padding = (0, 0, 0)
         self.output = output
         self._init_kernel(in_channels, out_channels, bias)
 

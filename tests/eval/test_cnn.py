@@ -43,7 +43,7 @@ def test_distorted_sample_is_found(samples, kind):
 
 def test_networks_follow_the_official_architecture():
     g = Geometry.calochallenge("2")
-    dense, sparse = DenseResNet(g), SparseResNet(g)
+    dense, sparse = DenseResNet(g), SparseResNet(g, CNNConfig(sparse_arch="resnet"))
     n_dense = sum(p.numel() for p in dense.parameters())
     n_sparse = sum(p.numel() for p in sparse.parameters())
     assert n_dense == n_sparse  # the same layers, weights of the same sizes
@@ -101,7 +101,7 @@ def test_sparse_network_same_on_both_backends(samples):
     inc_a, a, inc_b, b = samples
     pool = _Pool(a, inc_a, b, inc_b, GRID, dense=False)
     idx = np.arange(0, 2 * N, 16)
-    nets = [SparseResNet(GRID, replace(TINY, backend=be)) for be in ("torch", "minkowski")]
+    nets = [SparseResNet(GRID, replace(TINY, backend=be, periodic_alpha=True)) for be in ("torch", "minkowski")]
     nets[1].load_state_dict(nets[0].state_dict())
     outs = []
     for net in nets:
@@ -112,3 +112,27 @@ def test_sparse_network_same_on_both_backends(samples):
         outs.append((y.detach(), net.conv1.weight.grad.clone()))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-3)
+
+
+def test_sparse_native_network_keeps_maps_small():
+    """cls-sparse (native): a patch stem (one pair per occupied cell), 3×3×3 submanifold blocks, float32 default."""
+    from calopc.eval.cnn import _Pool
+    from calopc.sparse.kernel import KernelMap
+
+    cfg = CNNConfig()
+    assert cfg.resolved("sparse").dtype == "float32" and cfg.resolved("cnn").dtype == "float64"
+    assert cfg.resolved("sparse").widths == (16, 32, 48, 64) and cfg.resolved("cnn").widths == (32, 64, 64, 128)
+    g = Geometry.calochallenge("3")
+    inc, v = generate(g, 4, seed=0)
+    pool = _Pool(v, inc, v, inc, g, dense=False)
+    net = SparseResNet(g)
+    x, log_e = pool(np.arange(4), torch.device("cpu"), torch.float32)
+    out = net(x, log_e)
+    assert out.shape == (4, 1) and torch.isfinite(out).all()
+    maps = {k: m for k, m in x.ctx.items() if isinstance(m, KernelMap)}
+    stem = maps[next(k for k in maps if k[1] == x.cid)]
+    assert stem.n_pairs == len(x) and len(stem.splits) == 8  # each cell read once (the 7³/2 conv1 read it ~31 times)
+    assert max(len(m.splits) for m in maps.values()) == 27
+    assert all(m.n_pairs <= 27 * m.n_in for m in maps.values())
+    with pytest.raises(ValueError, match="sparse_arch must be"):
+        SparseResNet(g, CNNConfig(sparse_arch="vit"))

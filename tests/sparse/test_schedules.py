@@ -25,7 +25,7 @@ def _run(x, conv, mode, monkeypatch):
 
 
 @pytest.mark.parametrize(("kernel", "stride", "output"), [(3, 1, "same"), (3, 2, "stride"), (2, 2, "stride"),
-                                                          (3, 1, "full")])
+                                                          (3, 1, "full"), (2, 2, "patch")])
 def test_every_schedule_equals_the_loop(sparse_factory, monkeypatch, kernel, stride, output):
     torch.manual_seed(0)
     x = sparse_factory(shape=(6, 8, 5), batch=3, channels=4, occupancy=0.4)
@@ -41,13 +41,15 @@ def test_every_schedule_equals_the_loop(sparse_factory, monkeypatch, kernel, str
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_gather_for_full_tables_and_falls_back(sparse_factory, monkeypatch):
+def test_schedule_choice_and_fallbacks(sparse_factory, monkeypatch):
     x = sparse_factory(shape=(6, 8, 5), batch=2, channels=4, occupancy=0.9)
     out = output_coords(x, (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "same")
     km = kernel_map(x, out, (3, 3, 3), (1, 1, 1), (1, 1, 1), True)
-    assert km.symmetric and km.table.shape == (27, len(x)) and km.fill > Fs.GATHER_MIN_FILL
+    assert km.symmetric and km.neighbour_table().shape == (27, len(x)) and 0.5 < km.fill <= 1
     monkeypatch.setattr(Fs, "EXECUTION", "auto")
-    assert Fs.schedule(km, x.feats, 4, 8, False) == "gather"
+    assert Fs.schedule(km, x.feats, 4, 8, False) == "loop"  # CPU
+    assert Fs.schedule(km, x.feats.to("meta"), 4, 8, False) == "loop"
+    monkeypatch.setattr(Fs, "EXECUTION", "gather")
     assert Fs.schedule(km, x.feats, 4, 8, True) == "loop"  # transposed: no table schedule
     monkeypatch.setattr(Fs, "EXECUTION", "grouped")
     assert Fs.schedule(km, x.feats.double(), 4, 8, False) == "loop"  # grouped_mm has no float64
@@ -86,3 +88,22 @@ def test_kernel_map_syncs_once_per_resolution(sparse_factory):
     with _Count() as c:  # a strided layer: the coarse cells (unique) and one more map
         SparseConv3d(4, 4, 2, 2)(y)
     assert c.n <= 4, c.n
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 5), (7, 9, 4)])
+def test_patch_conv_equals_dense_on_the_ceil_grid(sparse_factory, shape):
+    """kernel = stride, padding 0, grid ceil(D / s): the dense conv of the input zero-padded at the far ends."""
+    torch.manual_seed(0)
+    x = sparse_factory(shape=shape, batch=3, channels=2, occupancy=0.3)
+    conv = SparseConv3d(2, 3, 2, 2, 0, output="patch", bias=True)
+    y = conv(x)
+    assert y.shape == tuple(-(-d // 2) for d in shape)
+    d = x.to_dense()
+    d = torch.nn.functional.pad(d, (0, shape[2] % 2, 0, shape[1] % 2, 0, shape[0] % 2))
+    dense = torch.nn.functional.conv3d(d, conv.dense_weight(), conv.bias, stride=2)
+    torch.testing.assert_close(y.feats, dense.permute(0, 2, 3, 4, 1)[tuple(y.coords.T)], atol=1e-5, rtol=1e-5)
+    # every input cell lies under exactly one output: one pair per cell
+    km = next(v for k, v in x.ctx.items() if k[0] == "kmap")
+    assert km.n_pairs == len(x) and len(km.splits) == 8
+    with pytest.raises(ValueError, match="kernel = stride and padding 0"):
+        SparseConv3d(2, 3, 3, 2, 1, output="patch")(x)
