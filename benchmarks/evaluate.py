@@ -1,10 +1,16 @@
-r"""Time every stage of ``calopc evaluate`` on synthetic dataset-2 showers; plots serial vs parallel.
+r"""Time every stage of ``calopc evaluate`` on synthetic dataset-2 showers; plots serial vs parallel;
+the FPD/KPD stage old vs new.
 
 Run 1 is the full report (reading, histograms, point-cloud view, FPD, KPD, plots in parallel processes,
 report); run 2 is the baseline of the plots stage in the same session: the same plots drawn in this
-process (``--workers 1``). Prints a table and writes JSON.
+process (``--workers 1``). The FPD/KPD stage is then timed on the same features both ways: the old
+stage (official FPD and KPD of the samples, plus the same two distances for a reference-vs-reference
+floor of two halves and for the first half against the generated sample: six estimator calls) and the
+new one (the official FPD and KPD once, plus the calibrated permutation tests that replace the floor);
+the official values must be identical. Prints a table, the machine load, and writes JSON.
 
-    python benchmarks/evaluate.py                    # 10k vs 10k, all CPUs for the plots
+    python benchmarks/evaluate.py -n 1000 --official     # the audit's case: 1k vs 1k, official batch sizes
+    python benchmarks/evaluate.py                        # 10k vs 10k, all CPUs for the plots
     python benchmarks/evaluate.py -n 2000 --workers 2 --json bench-out/evaluate.json
     python benchmarks/evaluate.py --metrics hist,plots --formats png,pdf
 """
@@ -27,14 +33,48 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime
 
 
+def _stage_compare(gen: Path, ref: Path, size: int) -> dict:
+    """The FPD/KPD stage of evaluate, old procedure vs new, on the same features and settings."""
+    import warnings
+
+    from calopc.eval.distances import calibrated_tests, fpd, kpd
+    from calopc.eval.features import high_level_vector
+    from calopc.eval.samples import load_sample
+
+    hg = high_level_vector(load_sample(gen, keep_voxels=False).features)
+    hr = high_level_vector(load_sample(ref, keep_voxels=False).features)
+    m = min(len(hr) // 2, len(hg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t, c = time.perf_counter(), _cpu()
+        old = {}
+        for name, func, kw in (("fpd", fpd, {"min_samples": size}), ("kpd", kpd, {"batch_size": size})):
+            old[name] = func(hr, hg, seed=42, **kw)
+            func(hr[:m], hr[m:2 * m], seed=42, **kw)  # the floor of the old readout
+            func(hr[:m], hg[:m], seed=42, **kw)  # the value at the floor's size
+        old_s, old_cpu = time.perf_counter() - t, _cpu() - c
+        t, c = time.perf_counter(), _cpu()
+        new = {"fpd": fpd(hr, hg, seed=42, min_samples=size), "kpd": kpd(hr, hg, seed=42, batch_size=size)}
+        tests = calibrated_tests(hr, hg)
+        new_s, new_cpu = time.perf_counter() - t, _cpu() - c
+    return {"old_s": old_s, "old_cpu_s": old_cpu, "new_s": new_s, "new_cpu_s": new_cpu,
+            "identical": all(old[k] == new[k] for k in old), "values": {k: list(v) for k, v in new.items()},
+            "tests": {k: {"p_value": v["p_value"], "compatible": v["compatible"]} for k, v in tests.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="showers per sample (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None, help="plot processes of the parallel run (default: all CPUs)")
-    ap.add_argument("--metrics", default="hist,pointcloud,fpd,kpd,plots",
+    ap.add_argument("--metrics", default="hist,cls-low,cls-high,fpd,kpd,pointcloud,plots",
                     help="metrics of the full run (default: %(default)s; add cls-high etc. to time classifiers)")
     ap.add_argument("--formats", default="png", help="plot formats (default: %(default)s)")
     ap.add_argument("--no-serial", action="store_true", help="skip the serial plots baseline")
+    ap.add_argument("--official", action="store_true",
+                    help="official FPD/KPD batch sizes (10,000) whatever -n (default: half the sample, at most 10,000)")
+    ap.add_argument("--cls", default="2,64,1", metavar="EPOCHS,HIDDEN,SEEDS",
+                    help="classifier settings when --metrics has cls-* (default: %(default)s, the audit's quick run)")
+    ap.add_argument("--no-stage-compare", action="store_true", help="skip the old-vs-new FPD/KPD stage timing")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     ap.add_argument("--keep", type=Path, default=None, help="keep the reports in this folder")
     args = ap.parse_args(argv)
@@ -55,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         write_showers(base / "ref.hdf5", *generate("2", args.n, seed=1))
         write_showers(base / "gen.hdf5", *generate("2", args.n, seed=2))
         t_synth = time.perf_counter() - t
-        common = dict(progress=False, formats=formats, fpd_min_samples=min(10_000, args.n // 2),
-                      kpd_batch_size=min(10_000, args.n // 2), command="benchmarks/evaluate.py")
+        size = 10_000 if args.official else min(10_000, args.n // 2)
+        ep, hid, sd = (int(x) for x in args.cls.split(","))
+        common = dict(progress=False, formats=formats, fpd_min_samples=size, kpd_batch_size=size,
+                      cls_epochs=ep, cls_hidden=hid, cls_seeds=sd, command="benchmarks/evaluate.py")
         t, c = time.perf_counter(), _cpu()
         par = evaluate(base / "gen.hdf5", base / "ref.hdf5", base / "parallel", metrics=metrics, plot_workers=workers,
                        **common)
@@ -70,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             runs["serial_plots"] = {"workers": 1, "wall_s": time.perf_counter() - t, "cpu_s": _cpu() - c,
                                     "stages_s": ser["timings_s"],
                                     "figures": len(ser.get("plots", {}))}
+        stage = None if args.no_stage_compare else _stage_compare(base / "gen.hdf5", base / "ref.hdf5", size)
     out = {"n": args.n, "metrics": list(metrics), "formats": list(formats), "cpus": os.cpu_count(),
-           "machine": platform.platform(), "synth_s": t_synth, "runs": runs}
+           "machine": platform.platform(), "synth_s": t_synth, "runs": runs, "fpd_kpd_stage": stage,
+           "load_avg": os.getloadavg()}
     stages = sorted({k for r in runs.values() for k in r["stages_s"]}, key=lambda k: (k == "total", k))
     print(f"calopc evaluate, synthetic ds2, {args.n} vs {args.n} showers, {os.cpu_count()} CPUs, "
           f"formats {args.formats}")
@@ -97,6 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         out["projected_plots_s"] = {w: pc / w for w in (1, 2, 4, 8, 16)}
         print("plots on an idle machine (drawing CPU / workers, before start-up and imbalance): "
               + ", ".join(f"{w} workers {pc / w:.1f} s" for w in (1, 2, 4, 8, 16)))
+    if stage:
+        print(f"FPD/KPD stage, batch sizes {size}: old (6 official estimator calls, floor of reference halves) "
+              f"{stage['old_s']:.1f} s wall / {stage['old_cpu_s']:.1f} s CPU; new (2 official calls + calibrated "
+              f"permutation tests) {stage['new_s']:.1f} s wall / {stage['new_cpu_s']:.1f} s CPU: "
+              f"{stage['old_cpu_s'] / stage['new_cpu_s']:.2f}x (CPU); official values identical: {stage['identical']}")
+        tot = runs["parallel"]["stages_s"]["total"]
+        stages_new = sum(runs["parallel"]["stages_s"].get(k, 0.0) for k in ("fpd", "kpd", "fpd/kpd test"))
+        if stages_new:
+            out["old_total_projected_s"] = tot - stages_new + stage["old_s"]
+            print(f"evaluate total: new {tot:.1f} s; old projected (the old FPD/KPD stage in place of the new) "
+                  f"{out['old_total_projected_s']:.1f} s")
+    la = os.getloadavg()
+    print(f"load average during the run: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs "
+          "(wall times scale with it; CPU seconds much less)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))

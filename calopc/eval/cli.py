@@ -133,23 +133,34 @@ def _run(args: argparse.Namespace) -> int:
         cls_epochs=args.cls_epochs, cls_seeds=args.cls_seeds, cls_hidden=args.cls_hidden,
         cls_batch_size=args.cls_batch_size, fpd_min_samples=args.fpd_min_samples, kpd_batch_size=args.kpd_batch_size,
         cnn_options={k: v for k, v in (("widths", args.cnn_widths), ("blocks", args.cnn_blocks)) if v is not None},
-        fpd_estimator=args.fpd_estimator, low_normed=args.low_normed, prdc_k=args.prdc_k,
+        fpd_estimator=args.fpd_estimator, test_permutations=args.test_permutations, low_normed=args.low_normed, prdc_k=args.prdc_k,
         collisions=args.collisions, device=args.device, seed=args.seed, progress=not args.no_progress,
         formats=args.formats, plot_workers=args.plot_workers,
     )
     print(f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers")
     for kind, c in res.get("classifier", {}).items():
-        print(f"  classifier {kind:<10} AUC {c['auc']:.4f} ± {c['auc_err'] or 0:.4f}   JSD {c['jsd']:.4f} ± {c['jsd_err'] or 0:.4f}")
+        err = "" if c.get("auc_err") is None or len(c.get("aucs") or ()) < 2 else f" ± {c['auc_err']:.4f}"
+        jerr = "" if c.get("jsd_err") is None or len(c.get("jsds") or ()) < 2 else f" ± {c['jsd_err']:.4f}"
+        print(f"  classifier {kind:<10} AUC {c['auc']:.4f}{err}   JSD {c['jsd']:.4f}{jerr}   "
+              f"{_reading(c.get('test'))}")
     for key, label in (("fpd_x1e3", "FPD x1e3"), ("kpd_x1e3", "KPD x1e3")):
         if key in res:
             d = res[key]
-            fl = "–" if d["ref_floor"] is None else f"{d['ref_floor']:.3f} ± {d['ref_floor_error'] or 0:.3f}"
+            t = d.get("test") or {}
+            null = (f"; a perfect generator at these sizes: {t['null_mean']:.3f} ± {t['null_sd']:.3f}"
+                    if t.get("null_mean") is not None and t.get("null_sd") is not None else "")
             print(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   "
-                  f"(reference-vs-reference floor {fl} at {d['floor_size']} vs {d['floor_size']} showers)")
+                  f"{_reading(t)} (test statistic {t.get('observed', float('nan')):.3f}{null})")
     if "prdc" in res:
         p = res["prdc"]
         print(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
               f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
+    st = res.get("separation_test") or {}
+    for key, label in (("E_ratio", "separation E_dep/E_inc"), ("mean", "separation, mean of all")):
+        t = st.get(key)
+        if t:
+            print(f"  {label}: {t['observed']:.4f} (a perfect generator at these sizes: {t['null_mean']:.4f} ± "
+                  f"{t['null_sd']:.4f})   {_reading(t)}")
     summ = res.get("separation_summary", {})
     if summ:
         print("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
@@ -158,6 +169,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  points/shower: generated {pc['generated']:.1f}, reference {pc['reference']:.1f}")
     print(f"wrote {Path(args.output) / 'metrics.json'} and {Path(args.output) / 'report.html'}")
     return 0
+
+
+def _reading(t: dict | None) -> str:
+    """One-word reading of a calibrated test and its p-value."""
+    if not t or t.get("compatible") is None:
+        return "(not tested)"
+    p = t.get("p_value")
+    n = t.get("permutations")
+    ptxt = f"p <= {1 / (n + 1):.2g}" if n and p is not None and p <= 1 / (n + 1) + 1e-12 else f"p = {p:.2g}"
+    return f"{'compatible' if t['compatible'] else 'NOT compatible'} with a perfect generator ({ptxt})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -207,6 +228,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fpd-estimator", choices=("official", "calopc"), default="official",
                    help="FPD/KPD estimator: official (jetnet: batches with replacement, bounded fit; the published "
                         "numbers) or calopc (without replacement) (default: %(default)s)")
+    p.add_argument("--test-permutations", type=positive_int, default=99,
+                   help="label shuffles of the calibrated 'compatible / not compatible' tests of FPD, KPD and the "
+                        "separation powers (default: %(default)s; at least 19 for a 5 %% test)")
     p.add_argument("--low-normed", choices=("official", "calopc"), default="official",
                    help="cls-low-normed input: official (unthresholded voxels / thresholded layer energy) or calopc "
                         "(thresholded voxels) (default: %(default)s)")

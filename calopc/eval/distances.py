@@ -27,7 +27,7 @@ through the ``jetnet`` package. Two estimators are offered (``estimator=``):
 
 from __future__ import annotations
 
-__all__ = ["ESTIMATORS", "fpd", "frechet_distance", "kpd", "mmd_poly_unbiased"]
+__all__ = ["ESTIMATORS", "calibrated_tests", "fpd", "frechet_distance", "kpd", "mmd_poly_unbiased"]
 
 import warnings
 
@@ -268,3 +268,157 @@ def kpd(real: np.ndarray, gen: np.ndarray, *, estimator: str = "official", num_b
         vals.append(mmd_poly_unbiased(r, g, degree=degree))
     lo, hi = np.percentile(vals, [16, 84])
     return float(np.median(vals)), float((hi - lo) / 2)
+
+
+# ------------------------------------------------------------------------------ calibrated two-sample tests
+#: largest number of showers per sample that the calibrated tests use (a random subset beyond it)
+TEST_MAX_SHOWERS = 5_000
+#: label permutations of the calibrated tests (with the observed labelling, 100 values: p in steps of 0.01)
+TEST_PERMUTATIONS = 99
+#: level of the "compatible / not compatible" readout: a perfect generator reads "compatible" in 95 % of samples
+TEST_LEVEL = 0.05
+
+
+def _permutation_summary(observed: float, null: np.ndarray, n_real: int, n_gen: int, what: str) -> dict:
+    null = np.asarray(null, dtype=np.float64)
+    # the observed labelling counts as one of the permutations: p >= 1/(P+1), exact level under exchangeability
+    p = float((1 + np.count_nonzero(null >= observed)) / (1 + len(null)))
+    sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
+    mean = float(null.mean()) if len(null) else float("nan")
+    return {"statistic": what, "observed": float(observed), "null_mean": mean, "null_sd": sd,
+            "excess": float(observed - mean), "p_value": p, "permutations": int(len(null)),
+            "n_real": int(n_real), "n_gen": int(n_gen), "level": TEST_LEVEL, "compatible": bool(p > TEST_LEVEL)}
+
+
+def _frechet_fast(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """:func:`frechet_distance` through a Cholesky factor ``s1 = L Lᵀ`` (``Lᵀ s2 L`` has the eigenvalues of
+    ``s1 s2``): one symmetric eigenvalue problem instead of two; falls back to it for singular ``s1``."""
+    try:
+        low = np.linalg.cholesky(s1)
+    except np.linalg.LinAlgError:
+        return frechet_distance(mu1, s1, mu2, s2)
+    m = low.T @ s2 @ low
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def _group_moments(x: np.ndarray, z: np.ndarray, total: np.ndarray, total_sq: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and covariance (``ddof=1``) of the rows with ``z == 1`` and of the others, from one weighted product."""
+    rows = x[z > 0]
+    m = len(rows)
+    n = len(x) - m
+    s1 = rows.sum(0)
+    q1 = rows.T @ rows
+    s2, q2 = total - s1, total_sq - q1
+    mu1, mu2 = s1 / m, s2 / n
+    c1 = (q1 - m * np.outer(mu1, mu1)) / (m - 1)
+    c2 = (q2 - n * np.outer(mu2, mu2)) / (n - 1)
+    return mu1, c1, mu2, c2
+
+
+def _kernel_times(pool: np.ndarray, labels: np.ndarray, degree: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """``K @ labels`` and ``diag(K)`` of the kernel matrix ``K = (x·y/d + 1)^degree`` of ``pool``, row block by
+    row block (memory ``block × len(pool)``, never the whole matrix)."""
+    gamma = 1.0 / pool.shape[1]
+    out = np.empty((len(pool), labels.shape[1]))
+    for i in range(0, len(pool), block):
+        t = pool[i:i + block] @ pool.T
+        t *= gamma
+        t += 1.0
+        p = t.copy() if degree % 2 else np.ones_like(t)
+        e = degree >> 1
+        while e:
+            t *= t
+            if e & 1:
+                p *= t
+            e >>= 1
+        out[i:i + block] = p @ labels
+    diag = (np.einsum("ij,ij->i", pool, pool) * gamma + 1.0) ** degree
+    return out, diag
+
+
+def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, ...] = ("fpd", "kpd"),
+                     permutations: int = TEST_PERMUTATIONS, max_showers: int = TEST_MAX_SHOWERS, degree: int = 4,
+                     seed: int = 0, progress=None) -> dict[str, dict]:
+    r"""Permutation tests of "same distribution" for the FPD and KPD, calibrated at every sample size.
+
+    The official FPD/KPD values are biased at finite sample size (with replacement, a sample of N
+    showers drawn into batches of 10,000–50,000 keeps its own estimation noise in the value) and their
+    errors describe the resampling, not the spread from one pair of samples to the next. These tests
+    measure that spread directly: the two samples are pooled, the labels "reference"/"generated" are
+    shuffled ``permutations`` times keeping both sample sizes, and the statistic is recomputed each time.
+    A perfect generator is exchangeable with the reference, so its observed statistic is one more draw
+    of that null distribution: ``p = (1 + #{null >= observed}) / (1 + permutations)`` is an exact p-value
+    and "compatible" (``p > 0.05``) is read for 95 % of perfect-generator samples, at any N.
+
+    Statistics (features scaled by the largest absolute value of each column in both samples together,
+    which does not depend on the labels):
+
+    ``fpd``: the Fréchet distance between Gaussians with the two samples' means and covariances (the
+    official estimator's value for samples smaller than its batches tends to this number).
+    ``kpd``: the unbiased squared MMD of the two samples with the kernel ``(x·y/d + 1)^degree``.
+
+    Samples larger than ``max_showers`` are tested on a random subset of that size (a valid test, with
+    less power than the whole sample). The kernel is evaluated once for all permutations in row blocks.
+
+    Returns ``{"fpd": {...}, "kpd": {...}}`` with ``observed``, ``null_mean``, ``null_sd``, ``excess``
+    (observed − null mean: the distance beyond what sample size alone gives), ``p_value``,
+    ``compatible``, ``permutations``, ``n_real``, ``n_gen``, ``level``.
+    ``progress``: optional callable called with the stage name ("fpd test", "kpd test").
+    """
+    real = np.asarray(real, dtype=np.float64)
+    gen = np.asarray(gen, dtype=np.float64)
+    if real.ndim != 2 or gen.ndim != 2 or real.shape[1] != gen.shape[1]:
+        msg = f"real and gen must be (N, d) with the same d, got {real.shape} and {gen.shape}"
+        raise ValueError(msg)
+    if min(len(real), len(gen)) < 2:
+        msg = f"need at least 2 samples in each set, got {len(real)} and {len(gen)}"
+        raise ValueError(msg)
+    if permutations < 1:
+        msg = f"permutations must be >= 1, got {permutations}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    if len(real) > max_showers:
+        real = real[np.sort(rng.choice(len(real), max_showers, replace=False))]
+    if len(gen) > max_showers:
+        gen = gen[np.sort(rng.choice(len(gen), max_showers, replace=False))]
+    pool = np.concatenate([real, gen])
+    if not np.isfinite(pool).all():
+        msg = "FPD/KPD features contain NaN or inf"
+        raise ValueError(msg)
+    scale = np.abs(pool).max(0)
+    scale[scale == 0] = 1.0
+    pool /= scale
+    m, n = len(real), len(gen)
+    z = np.zeros((len(pool), permutations + 1))
+    z[:m, 0] = 1.0  # column 0: the observed labelling (1 = reference)
+    for j in range(1, permutations + 1):
+        z[rng.permutation(len(pool))[:m], j] = 1.0
+    out: dict[str, dict] = {}
+    if "fpd" in metrics:
+        if progress:
+            progress("fpd test")
+        total, total_sq = pool.sum(0), pool.T @ pool
+        vals = np.empty(permutations + 1)
+        for j in range(permutations + 1):
+            vals[j] = _frechet_fast(*_group_moments(pool, z[:, j], total, total_sq))
+        out["fpd"] = _permutation_summary(vals[0], vals[1:], m, n, "Fréchet distance of the samples' moments")
+    if "kpd" in metrics:
+        if progress:
+            progress("kpd test")
+        ones = np.ones((len(pool), 1))
+        kz, diag = _kernel_times(pool, np.concatenate([z, ones], axis=1), degree)
+        k1 = kz[:, -1]  # K @ 1
+        kz = kz[:, :-1]
+        zkz = np.einsum("ij,ij->j", z, kz)  # z^T K z for every labelling
+        zk1 = z.T @ k1  # 1^T K z
+        one_k_one = float(k1.sum())
+        zd = z.T @ diag
+        kxx = zkz - zd
+        kyy = one_k_one - 2 * zk1 + zkz - (diag.sum() - zd)
+        kxy = zk1 - zkz
+        vals = kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * kxy / (m * n)
+        out["kpd"] = _permutation_summary(vals[0], vals[1:], m, n, "unbiased squared MMD of the samples")
+    return out

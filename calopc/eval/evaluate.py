@@ -15,15 +15,30 @@ import numpy as np
 
 from ..geometry import Geometry
 from .classifier import ClassifierConfig, classifier_inputs, classifier_metric, official_split, raw_voxels
-from .distances import ESTIMATORS, fpd, kpd
+from .distances import ESTIMATORS, TEST_LEVEL, TEST_MAX_SHOWERS, TEST_PERMUTATIONS, calibrated_tests, fpd, kpd
 from .features import high_level_vector, match_official
-from .histograms import FeatureHist, feature_histograms, histogram_ranges, separation_power, voxel_spectrum
+from .histograms import (
+    FeatureHist,
+    feature_histograms,
+    histogram_ranges,
+    separation_power,
+    separation_tests,
+    shower_histogram_specs,
+    voxel_spectrum,
+)
 from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
 METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "cls-cnn", "cls-sparse", "fpd", "kpd", "prdc", "pointcloud",
            "plots")
 DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd", "pointcloud", "plots")
+#: test entries in the units of the value (x1e3)
+_SCALED = ("observed", "null_mean", "null_sd", "excess")
+TEST_NOTE = (f"calibrated readout: a permutation test per distance ({TEST_PERMUTATIONS} shuffles of the labels "
+             f"generated/reference over the pooled showers, at most {TEST_MAX_SHOWERS:,} per sample); 'compatible' "
+             f"means p > {TEST_LEVEL:g}, which a perfect generator reads in {100 * (1 - TEST_LEVEL):g} % of its samples; "
+             "'perfect generator' is the mean ± standard deviation of the statistic over the shuffles, the value "
+             "sample size alone gives")
 
 
 def _summary(hists: list[FeatureHist]) -> dict[str, float]:
@@ -65,6 +80,7 @@ def evaluate(
     fpd_min_samples: int = 10_000,
     kpd_batch_size: int = 10_000,
     fpd_estimator: str = "official",
+    test_permutations: int = TEST_PERMUTATIONS,
     low_normed: str = "official",
     prdc_k: int = 5,
     collisions: str = "sum",
@@ -90,10 +106,10 @@ def evaluate(
             (e.g. ``{"widths": (8, 16, 16, 32)}``); epochs and batch size come from ``cls_epochs``, ``cls_batch_size``.
         fpd_min_samples, kpd_batch_size: FPD/KPD batch sizes (official: 10,000).
         fpd_estimator: ``"official"`` (jetnet's: batches with replacement, bounded fit) or ``"calopc"``
-            (without replacement); see :mod:`calopc.eval.distances`. The reference-vs-reference floor
-            uses the same estimator, on two disjoint reference halves of ``m`` showers each, and
-            ``value_at_floor_size`` is the measured distance at those sizes (first half vs ``m``
-            generated showers).
+            (without replacement); see :mod:`calopc.eval.distances`. Either way the readout comes from
+            a calibrated permutation test of the two samples (``fpd_x1e3["test"]``).
+        test_permutations: label permutations of the calibrated FPD/KPD tests (the "compatible / not
+            compatible" readout; see :func:`calopc.eval.distances.calibrated_tests`).
         low_normed: ``cls-low-normed`` input, ``"official"`` (unthresholded voxels over the thresholded
             layer energy) or ``"calopc"`` (thresholded voxels); see :mod:`calopc.eval.classifier`.
         prdc_k: nearest neighbours of the PRDC metric (official: 5).
@@ -111,6 +127,10 @@ def evaluate(
     if fpd_estimator not in ESTIMATORS:
         msg = f"fpd_estimator must be one of {', '.join(ESTIMATORS)}, got {fpd_estimator!r}"
         raise ValueError(msg)
+    if test_permutations < round(1 / TEST_LEVEL) - 1:
+        msg = (f"test_permutations must be at least {round(1 / TEST_LEVEL) - 1} for a {100 * TEST_LEVEL:g} % test "
+               f"(p is at least 1/(permutations + 1)), got {test_permutations}")
+        raise ValueError(msg)
     if low_normed not in ("official", "calopc"):
         msg = f"low_normed must be 'official' or 'calopc', got {low_normed!r}"
         raise ValueError(msg)
@@ -122,190 +142,231 @@ def evaluate(
             msg = (f"geometry {geometry.name!r} does not match any official dataset binning, so it has no official "
                    "cell threshold; pass --threshold (MeV), e.g. --threshold 0 for none")
             raise ValueError(msg)
-    t0 = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keep = any(m in metrics for m in ("cls-low", "cls-low-normed", "cls-cnn", "cls-sparse", "prdc"))
-    g_s = load_sample(gen, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
-                      collisions=collisions, progress=progress)
-    r_s = load_sample(ref, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
-                      collisions=collisions, progress=progress)
-    if g_s.geometry != r_s.geometry:
-        msg = (f"geometries differ: {g_s.path} is {g_s.geometry.name!r} ({g_s.geometry.n_voxels} voxels), "
-               f"{r_s.path} is {r_s.geometry.name!r} ({r_s.geometry.n_voxels} voxels)")
-        raise ValueError(msg)
-    geo = r_s.geometry
-    thr = r_s.extra["threshold"]
-    res: dict = {
-        "generated": str(g_s.path), "reference": str(r_s.path), "dataset": geo.name, "n_voxels": geo.n_voxels,
-        "n_generated": len(g_s), "n_reference": len(r_s), "threshold_mev": thr,
-        "histogram_ranges": histogram_ranges(geo),
-    }
-    timings: dict[str, float] = {"load": time.perf_counter() - t0}
-    plots: dict[str, list[str]] = {}
-    hists: list[FeatureHist] = []
+    from ..progress import Progress
 
-    if "hist" in metrics or "plots" in metrics:
-        t = time.perf_counter()
-        hists = feature_histograms(r_s.features, g_s.features, geo, threshold=thr)
-        hists.append(voxel_spectrum(r_s.voxel_energies, g_s.voxel_energies, thr))  # official: 49 log bins, float64
-        res["separation"] = {h.name: _finite(h.separation) for h in hists}
-        res["separation_summary"] = _summary(hists)
-        timings["hist"] = time.perf_counter() - t
+    prog = Progress(desc="evaluate", enabled=progress, unit="stage")
+    stage = prog.stage
+    with prog:
+        t0 = time.perf_counter()
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = any(m in metrics for m in ("cls-low", "cls-low-normed", "cls-cnn", "cls-sparse", "prdc"))
+        stage(f"reading {Path(gen).name}")
+        g_s = load_sample(gen, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
+                          collisions=collisions, progress=progress)
+        stage(f"reading {Path(ref).name}")
+        r_s = load_sample(ref, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
+                          collisions=collisions, progress=progress)
+        if g_s.geometry != r_s.geometry:
+            msg = (f"geometries differ: {g_s.path} is {g_s.geometry.name!r} ({g_s.geometry.n_voxels} voxels), "
+                   f"{r_s.path} is {r_s.geometry.name!r} ({r_s.geometry.n_voxels} voxels)")
+            raise ValueError(msg)
+        geo = r_s.geometry
+        thr = r_s.extra["threshold"]
+        res: dict = {
+            "generated": str(g_s.path), "reference": str(r_s.path), "dataset": geo.name, "n_voxels": geo.n_voxels,
+            "n_generated": len(g_s), "n_reference": len(r_s), "threshold_mev": thr,
+            "histogram_ranges": histogram_ranges(geo),
+        }
+        timings: dict[str, float] = {"load": time.perf_counter() - t0}
+        plots: dict[str, list[str]] = {}
+        hists: list[FeatureHist] = []
 
-    hl_gen = hl_ref = None
-    if any(m in metrics for m in ("cls-high", "fpd", "kpd")):
-        hl_gen, hl_ref = high_level_vector(g_s.features), high_level_vector(r_s.features)
-
-    cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size)
-    for kind in ("low", "low-normed", "high"):
-        if f"cls-{kind}" not in metrics:
-            continue
-        t = time.perf_counter()
-        _require_equal_sizes(g_s, r_s)
-        n = len(g_s)
-        if kind == "high":
-            xg, xr = hl_gen[:n], hl_ref[:n]
-        elif kind == "low-normed" and low_normed == "official":  # the unthresholded voxels, re-read
-            xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=n, geometry=geometry,
-                                                         collisions=collisions),
-                                        s.features.e_inc[:n], geo, normed="official", threshold=thr)
-                      for s in (g_s, r_s))
-        else:
-            xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
-            xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
-        counts = official_split(geo.name, n)
-        r = classifier_metric(kind, xg, xr, config=replace(cls_cfg, counts=counts), seeds=cls_seeds, seed=seed,
-                              device=device, progress=progress)
-        entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
-        entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
-                          else "60/20/20 % per class")
-        if kind == "low-normed":
-            entry["definition"] = low_normed
-        res.setdefault("classifier", {})[kind] = entry
-        timings[f"cls-{kind}"] = time.perf_counter() - t
-    if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
-        from .classifier import OFFICIAL_SPLITS
-
-        counts = official_split(geo.name, len(g_s))
-        need = OFFICIAL_SPLITS.get(geo.name)
-        note = "classifier split per class: " + (
-            f"the official fixed counts, {counts[0]:,} train / {counts[1]:,} test / the rest validation" if counts
-            else "60/20/20 % train/test/validation"
-            + (f" (the official fixed counts need {sum(need):,} showers per sample)" if need else ""))
-        if "cls-low-normed" in metrics:
-            note += ("; low-normed input: official definition (unthresholded voxels / (thresholded layer energy "
-                     "+ 1e-16); a sub-threshold voxel in an empty layer gives up to ~1e16)" if low_normed == "official"
-                     else "; low-normed input: calopc definition (thresholded voxels / (thresholded layer energy "
-                     "+ 1e-16))")
-        res["classifier_note"] = note
-
-    for kind in ("cnn", "sparse"):  # the official ResNet classifier, dense and on occupied cells (calopc.eval.cnn)
-        if f"cls-{kind}" not in metrics:
-            continue
-        from .cnn import CNNConfig, cnn_metric
-
-        t = time.perf_counter()
-        _require_equal_sizes(g_s, r_s)
-        n = len(g_s)
-        cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size, **(cnn_options or {})})
-        r = cnn_metric(kind, g_s.low[:n], g_s.features.e_inc[:n], r_s.low[:n], r_s.features.e_inc[:n], geo,
-                       config=cnn_cfg, seeds=cls_seeds, seed=seed, device=device, progress=progress)
-        entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
-        counts = official_split(geo.name, n)
-        entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
-                          else "60/20/20 % per class")
-        entry["network"] = {"widths": list(cnn_cfg.widths), "blocks": list(cnn_cfg.blocks),
-                            "periodic_alpha": cnn_cfg.periodic_alpha}
-        res.setdefault("classifier", {})[kind] = entry
-        timings[f"cls-{kind}"] = time.perf_counter() - t
-
-    if "fpd" in metrics or "kpd" in metrics:
-        # the reference-vs-reference floor: two disjoint reference halves of m showers, same estimator and
-        # settings; value_at_floor_size: the first half against m generated showers (the same sizes)
-        m = min(len(hl_ref) // 2, len(hl_gen))
-        ra, rb, gm = hl_ref[:m], hl_ref[m:2 * m], hl_gen[:m]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(3 if m >= 2 else 1 for x in ("fpd", "kpd") if x in metrics), desc="FPD/KPD",
-                   disable=None if progress else True, leave=False)
-        for name, func, kw in (("fpd", fpd, {"min_samples": fpd_min_samples}),
-                               ("kpd", kpd, {"batch_size": kpd_batch_size})):
-            if name not in metrics:
-                continue
+        if "hist" in metrics or "plots" in metrics:
+            stage("histograms")
             t = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                v, e = func(hl_ref, hl_gen, estimator=fpd_estimator, seed=42 + seed, **kw)
-                bar.update(1)
-                if m >= 2:
-                    fv, fe = func(ra, rb, estimator=fpd_estimator, seed=42 + seed, **kw)
-                    bar.update(1)
-                    sv, se = func(ra, gm, estimator=fpd_estimator, seed=42 + seed, **kw)
-                    bar.update(1)
-                else:
-                    fv = fe = sv = se = float("nan")
-            res[f"{name}_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "ref_floor": _finite(fv * 1e3),
-                                   "ref_floor_error": _finite(fe * 1e3), "value_at_floor_size": _finite(sv * 1e3),
-                                   "value_at_floor_size_error": _finite(se * 1e3), "floor_size": m,
-                                   "estimator": fpd_estimator}
-            timings[name] = time.perf_counter() - t
-        bar.close()
-        res["fpd_estimator"] = fpd_estimator
-        if fpd_estimator == "official":
-            note = ("FPD/KPD estimator: official (jetnet, as the CaloChallenge: batches drawn with replacement, fit "
-                    "bounded at >= 0, KPD 16.275-83.725 % range)")
-            if min(len(hl_ref), len(hl_gen)) < 50_000:
-                note += (f"; samples ({len(hl_gen)} generated, {len(hl_ref)} reference) smaller than the largest FPD "
-                         "batch (50,000) are resampled with replacement, so their finite-sample noise adds to the value "
-                         "(compare with the floor)")
-        else:
-            note = "FPD/KPD estimator: calopc (batches drawn without replacement, unbounded fit)"
-            if len(hl_ref) < 2 * fpd_min_samples:
-                note += (f"; small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were capped, "
-                         "so values are not comparable with published ones")
-        res["fpd_kpd_note"] = note + f"; reference floor from two disjoint reference halves of {m} showers"
+            hists = feature_histograms(r_s.features, g_s.features, geo, threshold=thr)
+            hists.append(voxel_spectrum(r_s.voxel_energies, g_s.voxel_energies, thr, n_ref=len(r_s), n_gen=len(g_s)))  # official: 49 log bins, float64
+            res["separation"] = {h.name: _finite(h.separation) for h in hists}
+            res["separation_summary"] = _summary(hists)
+            timings["hist"] = time.perf_counter() - t
+            if "hist" in metrics:  # calibrated readout of the separation powers (permutations of the showers)
+                stage("histogram test")
+                t = time.perf_counter()
+                res["separation_test"] = separation_tests(
+                    shower_histogram_specs(r_s.features, g_s.features, geo, threshold=thr),
+                    permutations=test_permutations, seed=seed, level=TEST_LEVEL)
+                timings["hist test"] = time.perf_counter() - t
 
-    if "prdc" in metrics:
-        from .prdc import prdc, prdc_features
+        hl_gen = hl_ref = None
+        if any(m in metrics for m in ("cls-high", "fpd", "kpd")):
+            hl_gen, hl_ref = high_level_vector(g_s.features), high_level_vector(r_s.features)
 
-        t = time.perf_counter()
-        p = prdc(prdc_features(r_s.low), prdc_features(g_s.low), k=prdc_k, device=device, progress=progress)
-        res["prdc"] = p.as_dict()
-        timings["prdc"] = time.perf_counter() - t
+        cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size)
+        for kind in ("low", "low-normed", "high"):
+            if f"cls-{kind}" not in metrics:
+                continue
+            stage(f"classifier {kind}")
+            t = time.perf_counter()
+            _require_equal_sizes(g_s, r_s)
+            n = len(g_s)
+            if kind == "high":
+                xg, xr = hl_gen[:n], hl_ref[:n]
+            elif kind == "low-normed" and low_normed == "official":  # the unthresholded voxels, re-read
+                xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=n, geometry=geometry,
+                                                             collisions=collisions),
+                                            s.features.e_inc[:n], geo, normed="official", threshold=thr)
+                          for s in (g_s, r_s))
+            else:
+                xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
+                xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
+            counts = official_split(geo.name, n)
+            r = classifier_metric(kind, xg, xr, config=replace(cls_cfg, counts=counts), seeds=cls_seeds, seed=seed,
+                                  device=device, progress=progress)
+            entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
+            entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
+                              else "60/20/20 % per class")
+            if kind == "low-normed":
+                entry["definition"] = low_normed
+            entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            res.setdefault("classifier", {})[kind] = entry
+            timings[f"cls-{kind}"] = time.perf_counter() - t
+        if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
+            from .classifier import OFFICIAL_SPLITS
 
-    if "pointcloud" in metrics:
-        res["pointcloud"] = _pointcloud(g_s, r_s)
+            counts = official_split(geo.name, len(g_s))
+            need = OFFICIAL_SPLITS.get(geo.name)
+            note = "classifier split per class: " + (
+                f"the official fixed counts, {counts[0]:,} train / {counts[1]:,} test / the rest validation" if counts
+                else "60/20/20 % train/test/validation"
+                + (f" (the official fixed counts need {sum(need):,} showers per sample)" if need else ""))
+            if "cls-low-normed" in metrics:
+                note += ("; low-normed input: official definition (unthresholded voxels / (thresholded layer energy "
+                         "+ 1e-16); a sub-threshold voxel in an empty layer gives up to ~1e16)" if low_normed == "official"
+                         else "; low-normed input: calopc definition (thresholded voxels / (thresholded layer energy "
+                         "+ 1e-16))")
+            res["classifier_note"] = note
 
-    if "plots" in metrics:
-        t = time.perf_counter()
-        pstats: dict = {}
-        plots, res["plot_pages"], res["plot_index"] = _make_plots(out, hists, g_s, r_s, geo, formats=tuple(formats),
-                                                                  workers=plot_workers, progress=progress,
-                                                                  stats=pstats)
-        timings["plots"] = time.perf_counter() - t
-        timings["plots_cpu"] = pstats.get("cpu_s", 0.0)  # CPU seconds summed over the drawing processes
-        res["plot_workers"] = pstats.get("workers", 1)
-    timings["total"] = time.perf_counter() - t0
-    res["timings_s"] = timings
-    res["plots"] = plots
+        for kind in ("cnn", "sparse"):  # the official ResNet classifier, dense and on occupied cells (calopc.eval.cnn)
+            if f"cls-{kind}" not in metrics:
+                continue
+            from .cnn import CNNConfig, cnn_metric
 
-    from .report import provenance, write_metrics, write_report
+            stage(f"classifier {kind}")
+            t = time.perf_counter()
+            _require_equal_sizes(g_s, r_s)
+            n = len(g_s)
+            cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size,
+                                   **(cnn_options or {})}).resolved(kind)
+            r = cnn_metric(kind, g_s.low[:n], g_s.features.e_inc[:n], r_s.low[:n], r_s.features.e_inc[:n], geo,
+                           config=cnn_cfg, seeds=cls_seeds, seed=seed, device=device, progress=progress)
+            entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
+            counts = official_split(geo.name, n)
+            entry["split"] = (f"official fixed counts per class {counts[0]}/{counts[1]}/rest" if counts
+                              else "60/20/20 % per class")
+            entry["network"] = {"widths": list(cnn_cfg.widths), "blocks": list(cnn_cfg.blocks),
+                                "periodic_alpha": cnn_cfg.periodic_alpha}
+            entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            res.setdefault("classifier", {})[kind] = entry
+            timings[f"cls-{kind}"] = time.perf_counter() - t
 
-    res["provenance"] = provenance(
-        {"generated": g_s.path, "reference": r_s.path}, command=command,
-        seeds={"seed": seed,
-               "classifier": [seed + s for s in range(cls_seeds)] if any(m.startswith("cls-") for m in metrics) else [],
-               "fpd_kpd": 42 + seed if {"fpd", "kpd"} & set(metrics) else None},
-        options={"metrics": list(metrics), "threshold_mev": thr, "max_showers": max_showers, "cls_epochs": cls_epochs,
-                 "cls_seeds": cls_seeds, "cls_hidden": cls_hidden, "cls_batch_size": cls_batch_size,
-                 "fpd_min_samples": fpd_min_samples, "kpd_batch_size": kpd_batch_size, "fpd_estimator": fpd_estimator,
-                 "low_normed": low_normed, "prdc_k": prdc_k, "cnn_options": cnn_options or {}, "collisions": collisions,
-                 "device": device, "formats": list(formats)},
-        dataset_label=_dataset_text(geo))
-    write_metrics(out / "metrics.json", res)
-    write_report(out / "report.html", res)
-    return res
+        if "fpd" in metrics or "kpd" in metrics:
+            # the official values (the published numbers), then one calibrated permutation test for both
+            # (features scaled once, the kernel evaluated once for every labelling): see calibrated_tests
+            for name, func, kw in (("fpd", fpd, {"min_samples": fpd_min_samples}),
+                                   ("kpd", kpd, {"batch_size": kpd_batch_size})):
+                if name not in metrics:
+                    continue
+                stage(name.upper())
+                t = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    v, e = func(hl_ref, hl_gen, estimator=fpd_estimator, seed=42 + seed, **kw)
+                res[f"{name}_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "estimator": fpd_estimator}
+                timings[name] = time.perf_counter() - t
+            t = time.perf_counter()
+            tests = calibrated_tests(hl_ref, hl_gen, metrics=tuple(m for m in ("fpd", "kpd") if m in metrics),
+                                     permutations=test_permutations, seed=seed, progress=stage)
+            for name, d in tests.items():
+                res[f"{name}_x1e3"]["test"] = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
+            timings["fpd/kpd test"] = time.perf_counter() - t
+            res["fpd_estimator"] = fpd_estimator
+            if fpd_estimator == "official":
+                note = ("FPD/KPD estimator: official (jetnet, as the CaloChallenge: batches drawn with "
+                        "replacement, fit bounded at >= 0, KPD 16.275-83.725 % range); its error is the spread of the "
+                        "resampling, not of the samples")
+                if min(len(hl_ref), len(hl_gen)) < 50_000:
+                    note += (f"; samples ({len(hl_gen)} generated, {len(hl_ref)} reference) smaller than the largest FPD "
+                             "batch (50,000) are resampled with replacement, so their finite-sample noise is part of "
+                             "the value (a perfect generator does not reach 0)")
+            else:
+                note = "FPD/KPD estimator: calopc (batches drawn without replacement, unbounded fit)"
+                if len(hl_ref) < 2 * fpd_min_samples:
+                    note += (f"; small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were capped, "
+                             "so values are not comparable with published ones")
+            res["fpd_kpd_note"] = note + "; " + TEST_NOTE
+
+        if "prdc" in metrics:
+            from .prdc import prdc, prdc_features
+
+            stage("PRDC")
+            t = time.perf_counter()
+            p = prdc(prdc_features(r_s.low), prdc_features(g_s.low), k=prdc_k, device=device, progress=progress)
+            res["prdc"] = p.as_dict()
+            timings["prdc"] = time.perf_counter() - t
+
+        if "pointcloud" in metrics:
+            stage("point-cloud view")
+            res["pointcloud"] = _pointcloud(g_s, r_s)
+
+        if "plots" in metrics:
+            stage("plots")
+            t = time.perf_counter()
+            pstats: dict = {}
+            plots, res["plot_pages"], res["plot_index"] = _make_plots(out, hists, g_s, r_s, geo, formats=tuple(formats),
+                                                                      workers=plot_workers, progress=progress,
+                                                                      stats=pstats)
+            timings["plots"] = time.perf_counter() - t
+            timings["plots_cpu"] = pstats.get("cpu_s", 0.0)  # CPU seconds summed over the drawing processes
+            res["plot_workers"] = pstats.get("workers", 1)
+        timings["total"] = time.perf_counter() - t0
+        res["timings_s"] = timings
+        res["plots"] = plots
+
+        from .report import provenance, remove_stale_plots, write_metrics, write_report
+
+        res["provenance"] = provenance(
+            {"generated": g_s.path, "reference": r_s.path}, command=command,
+            seeds={"seed": seed,
+                   "classifier": [seed + s for s in range(cls_seeds)] if any(m.startswith("cls-") for m in metrics) else [],
+                   "fpd_kpd": 42 + seed if {"fpd", "kpd"} & set(metrics) else None},
+            options={"metrics": list(metrics), "threshold_mev": thr, "max_showers": max_showers, "cls_epochs": cls_epochs,
+                     "cls_seeds": cls_seeds, "cls_hidden": cls_hidden, "cls_batch_size": cls_batch_size,
+                     "fpd_min_samples": fpd_min_samples, "kpd_batch_size": kpd_batch_size, "fpd_estimator": fpd_estimator,
+                     "low_normed": low_normed, "prdc_k": prdc_k, "cnn_options": cnn_options or {}, "collisions": collisions,
+                     "device": device, "formats": list(formats)},
+            dataset_label=_dataset_text(geo))
+        stage("report")
+        remove_stale_plots(out, plots)
+        write_metrics(out / "metrics.json", res)
+        write_report(out / "report.html", res)
+        return res
+
+
+def _n_validation(dataset: str, n: int) -> int:
+    """Showers per class in the classifiers' validation split (the AUC is measured there)."""
+    from .classifier import _split_sizes
+
+    a, b = _split_sizes(n, ClassifierConfig(counts=official_split(dataset, n)))
+    return n - a - b
+
+
+def auc_test(auc: float | None, n_val: int) -> dict:
+    """Calibrated readout of a classifier AUC: a one-sided test of "no better than chance".
+
+    The AUC is measured on a validation split that took no part in training or calibration, so for a
+    perfect generator the labels are independent of the scores and the AUC is a Mann–Whitney statistic
+    with mean 0.5 and standard deviation ``sqrt((2 n + 1) / (12 n²))`` for ``n`` showers per class (ties
+    from the isotonic calibration only narrow it, so the test is conservative). The mean over several
+    seeds has at most that spread. "Compatible" means ``p > 0.05`` (one-sided, normal approximation).
+    """
+    sd = math.sqrt((2 * n_val + 1) / (12 * n_val * n_val)) if n_val > 0 else float("nan")
+    out = {"statistic": "AUC on the validation split", "null_mean": 0.5, "null_sd": sd, "n_validation_per_class": n_val,
+           "level": TEST_LEVEL}
+    if auc is None or not math.isfinite(auc) or not math.isfinite(sd):
+        return {**out, "p_value": None, "compatible": None}
+    p = 0.5 * math.erfc((auc - 0.5) / sd / math.sqrt(2))
+    return {**out, "z": (auc - 0.5) / sd, "p_value": p, "compatible": p > TEST_LEVEL}
 
 
 def _dataset_text(geo: Geometry) -> str:

@@ -2,7 +2,9 @@ r"""Feature histograms with the official binnings, and their separation power.
 
 Separation power of two histograms normalised to unit sum (arXiv:2009.03796, eq. 15):
 ``S = ½ Σ_i (h1_i − h2_i)² / (h1_i + h2_i)``, 0 for identical shapes, 1 for disjoint ones.
-Entries outside the binning are ignored, as with ``numpy.histogram(density=True)``.
+Entries outside the binning are ignored, as with ``numpy.histogram(density=True)``; but a sample
+that has showers and no entry at all inside the binning (e.g. an all-zero generator, whose
+E_dep/E_inc is 0) is as different from the other as can be: its separation power is 1, not NaN.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ __all__ = [
     "feature_histograms",
     "histogram_ranges",
     "separation_power",
+    "separation_tests",
+    "shower_histogram_specs",
     "voxel_spectrum",
     "voxel_spectrum_edges",
 ]
@@ -26,12 +30,19 @@ from ..geometry import Geometry
 from .features import Features
 
 
-def separation_power(h1: np.ndarray, h2: np.ndarray) -> float:
-    """Separation power of two histograms (counts or densities over the same bins)."""
+def separation_power(h1: np.ndarray, h2: np.ndarray, n1: int | None = None, n2: int | None = None) -> float:
+    """Separation power of two histograms (counts or densities over the same bins).
+
+    ``n1``, ``n2``: the number of showers behind each histogram, when known. A histogram with no entries
+    in its bins from a sample that has showers (all of them fell outside the binning) separates
+    completely from a non-empty one: 1. Without showers (or counts) on a side there is nothing to compare: NaN.
+    """
     h1 = np.asarray(h1, dtype=np.float64)
     h2 = np.asarray(h2, dtype=np.float64)
     s1, s2 = h1.sum(), h2.sum()
     if s1 <= 0 or s2 <= 0:
+        if (s1 <= 0 and bool(n1) and s2 > 0) or (s2 <= 0 and bool(n2) and s1 > 0):
+            return 1.0
         return float("nan")
     p, q = h1 / s1, h2 / s2
     return float(0.5 * np.sum((p - q) ** 2 / (p + q + 1e-16)))
@@ -47,10 +58,12 @@ class FeatureHist:
     ref: np.ndarray  # counts
     gen: np.ndarray
     log_x: bool = False
+    n_ref: int | None = None  # showers behind each histogram (a sample entirely outside the bins separates fully)
+    n_gen: int | None = None
 
     @property
     def separation(self) -> float:
-        return separation_power(self.ref, self.gen)
+        return separation_power(self.ref, self.gen, self.n_ref, self.n_gen)
 
 
 #: incident-energy bin edges of the per-energy E_tot/E_inc histograms of dataset 1 (2^8 … 2^23 MeV)
@@ -97,10 +110,12 @@ def voxel_spectrum_edges(threshold: float, ref_max: float) -> np.ndarray:
     return np.logspace(np.log10(lo), np.log10(hi), 50)
 
 
-def voxel_spectrum(ref_voxels: np.ndarray, gen_voxels: np.ndarray, threshold: float) -> FeatureHist:
+def voxel_spectrum(ref_voxels: np.ndarray, gen_voxels: np.ndarray, threshold: float, *, n_ref: int | None = None,
+                   n_gen: int | None = None) -> FeatureHist:
     """The voxel-energy spectrum of all cells (zeros fall below the first edge), in float64.
 
-    With ``threshold`` 0 the first edge is the smallest non-zero reference cell energy.
+    With ``threshold`` 0 the first edge is the smallest non-zero reference cell energy. ``n_ref``,
+    ``n_gen``: showers per sample (a sample of showers without a cell in the bins separates fully).
     """
     ref_voxels = np.asarray(ref_voxels, dtype=np.float64).reshape(-1)
     gen_voxels = np.asarray(gen_voxels, dtype=np.float64).reshape(-1)
@@ -110,7 +125,7 @@ def voxel_spectrum(ref_voxels: np.ndarray, gen_voxels: np.ndarray, threshold: fl
         lo = float(pos.min()) if pos.size else 1e-3
     edges = voxel_spectrum_edges(lo, ref_voxels.max() if ref_voxels.size else lo * 10)
     return FeatureHist("voxel_spectrum", "cell energy [MeV]", edges, np.histogram(ref_voxels, edges)[0],
-                       np.histogram(gen_voxels, edges)[0], log_x=True)
+                       np.histogram(gen_voxels, edges)[0], log_x=True, n_ref=n_ref, n_gen=n_gen)
 
 
 def energy_ratio_per_incident(ref: Features, gen: Features, geometry: Geometry) -> list[FeatureHist]:
@@ -129,30 +144,23 @@ def energy_ratio_per_incident(ref: Features, gen: Features, geometry: Geometry) 
         e = int(edges[i])
         label = f"$E_{{dep}}/E_{{inc}}$ at $E_{{inc}}$ = {e / 1e3:g} GeV"
         out.append(FeatureHist(f"E_ratio_einc_{e}", label, bins, np.histogram(ref.e_ratio[sel_r], bins)[0],
-                               np.histogram(gen.e_ratio[sel_g], bins)[0]))
+                               np.histogram(gen.e_ratio[sel_g], bins)[0], n_ref=int(sel_r.sum()),
+                               n_gen=int(sel_g.sum())))
     return out
 
 
-def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, threshold: float,
-                       ref_voxel_max: float | None = None, ref_voxels: np.ndarray | None = None,
-                       gen_voxels: np.ndarray | None = None) -> list[FeatureHist]:
-    """All histograms of the official set plus sparsity, EC_r and width_r per layer, and hit counts.
+def shower_histogram_specs(ref: Features, gen: Features, geometry: Geometry, *, threshold: float) -> list[tuple]:
+    """Every histogram with one entry per shower: ``(name, label, edges, ref values, gen values, log_x)``.
 
-    For dataset 1 the 15 per-incident-energy E_tot/E_inc histograms are included.
-
-    ``ref_voxels``/``gen_voxels`` (precomputed voxel-energy histograms over ``voxel_edges``)
-    are passed through ``ref_voxel_max`` by the caller; see :func:`calopc.eval.evaluate`.
+    The official set (E_dep/E_inc, per layer E, centres and widths in x/y) plus sparsity, EC_r and
+    width_r per layer, and hit counts; the order of :func:`feature_histograms` (without dataset 1's
+    per-incident-energy histograms, which hold subsets of the showers).
     """
-    out: list[FeatureHist] = []
+    out: list[tuple] = [("E_ratio", r"$E_{dep}/E_{inc}$", np.linspace(0.5, 1.5, 101), ref.e_ratio, gen.e_ratio, False)]
 
     def add(name, label, edges, r, g, log_x=False):
-        hr, _ = np.histogram(r, bins=edges)
-        hg, _ = np.histogram(g, bins=edges)
-        out.append(FeatureHist(name, label, np.asarray(edges), hr, hg, log_x))
+        out.append((name, label, np.asarray(edges), r, g, log_x))
 
-    add("E_ratio", r"$E_{dep}/E_{inc}$", np.linspace(0.5, 1.5, 101), ref.e_ratio, gen.e_ratio)
-    if geometry.name in ("1-photons", "1-pions"):
-        out.extend(energy_ratio_per_incident(ref, gen, geometry))
     alpha_layers = [i for i, na in enumerate(geometry.n_alpha) if na > 1]
     for l in range(geometry.n_layers):
         lid = geometry.layer_ids[l]
@@ -172,3 +180,97 @@ def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, thre
     nmax = max(int(ref.n_hits.max()), int(gen.n_hits.max()), 1)
     add("n_hits", "points per shower", np.linspace(0, nmax * 1.05 + 1, 51), ref.n_hits, gen.n_hits)
     return out
+
+
+def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, threshold: float,
+                       ref_voxel_max: float | None = None, ref_voxels: np.ndarray | None = None,
+                       gen_voxels: np.ndarray | None = None) -> list[FeatureHist]:
+    """All histograms of the official set plus sparsity, EC_r and width_r per layer, and hit counts.
+
+    For dataset 1 the 15 per-incident-energy E_tot/E_inc histograms are included (after E_dep/E_inc).
+
+    ``ref_voxels``/``gen_voxels`` (precomputed voxel-energy histograms over ``voxel_edges``)
+    are passed through ``ref_voxel_max`` by the caller; see :func:`calopc.eval.evaluate`.
+    """
+    out: list[FeatureHist] = []
+    for i, (name, label, edges, r, g, log_x) in enumerate(shower_histogram_specs(ref, gen, geometry,
+                                                                                  threshold=threshold)):
+        hr, _ = np.histogram(r, bins=edges)
+        hg, _ = np.histogram(g, bins=edges)
+        out.append(FeatureHist(name, label, edges, hr, hg, log_x, n_ref=len(r), n_gen=len(g)))
+        if i == 0 and geometry.name in ("1-photons", "1-pions"):
+            out.extend(energy_ratio_per_incident(ref, gen, geometry))
+    return out
+
+
+def _separations(h_ref: np.ndarray, h_gen: np.ndarray, n_ref: int, n_gen: int) -> np.ndarray:
+    """:func:`separation_power` of every column pair of ``(bins, k)`` count matrices."""
+    s1, s2 = h_ref.sum(0), h_gen.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p, q = h_ref / s1, h_gen / s2
+        s = 0.5 * np.sum((p - q) ** 2 / (p + q + 1e-16), axis=0)
+    s[(s1 <= 0) | (s2 <= 0)] = np.nan
+    s[((s1 <= 0) & (n_ref > 0) & (s2 > 0)) | ((s2 <= 0) & (n_gen > 0) & (s1 > 0))] = 1.0
+    return s
+
+
+def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 0, level: float = 0.05) -> dict:
+    """Permutation tests of the separation powers: what a perfect generator gives at these sample sizes.
+
+    The showers of both samples are pooled and the labels shuffled ``permutations`` times (sizes kept);
+    every histogram of ``specs`` (from :func:`shower_histogram_specs`, one entry per shower) is refilled
+    for each shuffle from one sort of its pooled values. Returns ``{"per_histogram": {name: {observed,
+    null_mean, null_sd, p_value}}, "E_ratio": {...}, "mean": {...}}``; ``"mean"`` tests the mean separation
+    over all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
+    (``p > level``) is read for ``1 − level`` of perfect-generator samples.
+    """
+    if not specs:
+        return {}
+    n_ref, n_gen = len(specs[0][3]), len(specs[0][4])
+    rng = np.random.default_rng(seed)
+    n = n_ref + n_gen
+    z = np.zeros((n, permutations + 1))
+    z[:n_ref, 0] = 1.0
+    for j in range(1, permutations + 1):
+        z[rng.permutation(n)[:n_ref], j] = 1.0
+    ones = np.ones(n)
+    per: dict[str, dict] = {}
+    total = np.zeros(permutations + 1)
+    count = np.zeros(permutations + 1)
+    for name, _label, edges, r, g, _log in specs:
+        if len(r) != n_ref or len(g) != n_gen:
+            continue
+        v = np.concatenate([np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)])
+        nb = len(edges) - 1
+        b = np.searchsorted(edges, v, side="right") - 1
+        b[v == edges[-1]] = nb - 1  # numpy.histogram: the last bin is closed
+        b[(b < 0) | (b >= nb) | ~np.isfinite(v)] = nb  # outside: not counted
+        order = np.argsort(b, kind="stable")
+        c = np.zeros((n + 1, permutations + 1))
+        np.cumsum(z[order], axis=0, out=c[1:])
+        lims = np.searchsorted(b[order], np.arange(nb + 1))
+        h_ref = c[lims[1:]] - c[lims[:-1]]  # (nb, k): counts per bin for every labelling
+        h_all = np.bincount(b, weights=ones, minlength=nb + 1)[:nb, None]
+        s = _separations(h_ref, h_all - h_ref, n_ref, n_gen)
+        null = s[1:][np.isfinite(s[1:])]
+        if not np.isfinite(s[0]) or not null.size:
+            continue
+        per[name] = _perm_summary(float(s[0]), null, level)
+        ok = np.isfinite(s)
+        total[ok] += s[ok]
+        count[ok] += 1
+    out = {"per_histogram": per, "permutations": permutations, "n_ref": n_ref, "n_gen": n_gen, "level": level}
+    if "E_ratio" in per:
+        out["E_ratio"] = per["E_ratio"]
+    if count[0] > 0:
+        with np.errstate(invalid="ignore"):
+            mean = total / count
+        out["mean"] = {**_perm_summary(float(mean[0]), mean[1:][np.isfinite(mean[1:])], level), "histograms": len(per)}
+    return out
+
+
+def _perm_summary(observed: float, null: np.ndarray, level: float) -> dict:
+    p = float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + len(null)))
+    return {"observed": observed, "null_mean": float(null.mean()),
+            "null_sd": float(null.std(ddof=1)) if len(null) > 1 else float("nan"), "p_value": p,
+            "permutations": int(len(null)), "level": level, "compatible": p > level}

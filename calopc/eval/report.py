@@ -9,7 +9,7 @@ powers, and the provenance (calopc version, command line, seeds, input file fing
 
 from __future__ import annotations
 
-__all__ = ["file_fingerprint", "provenance", "worst_histograms", "write_metrics", "write_report"]
+__all__ = ["file_fingerprint", "provenance", "remove_stale_plots", "worst_histograms", "write_metrics", "write_report"]
 
 import datetime as _dt
 import hashlib
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -106,6 +107,37 @@ def provenance(inputs: dict[str, str | os.PathLike], *, command: str | None = No
     }
 
 
+#: file names of the figures ``calopc evaluate`` draws (``<stem>.<png|pdf|svg>``)
+_PLOT_FILE = re.compile(r"^(?:E_ratio|E_ratio_per_energy|voxel_spectrum|n_hits|longitudinal_profile|radial_profile|"
+                        r"response|hits|average_shower_(?:energy_bins|reference|generated|ratio)|"
+                        r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$")
+
+
+def remove_stale_plots(folder: str | os.PathLike, plots: dict[str, list[str]]) -> list[Path]:
+    """Remove figures of an earlier report from a reused report folder; returns the removed files.
+
+    A file goes if it is not one of this run's ``plots`` and either the folder's previous
+    ``metrics.json`` lists it or its name is one calopc gives a figure (a run killed before writing
+    ``metrics.json`` leaves such files). Other files are left alone.
+    """
+    folder = Path(folder)
+    keep = {Path(f).name for files in plots.values() for f in files}
+    listed: set[str] = set()
+    try:
+        old = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("plots") or {}
+        listed = {Path(f).name for files in old.values() for f in files if isinstance(f, str)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    removed = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if p.name in keep or not (p.name in listed or _PLOT_FILE.match(p.name)):
+            continue
+        if p.is_file() or p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_metrics(path: str | os.PathLike, res: dict) -> None:
     """``metrics.json``: valid JSON (NaN and infinities written as ``null``), written atomically."""
     text = json.dumps(_safe(res), indent=2, allow_nan=False)
@@ -146,6 +178,35 @@ def _zero_verdict(v: object, err: object, *, ideal: float = 0.0, what: str = "ze
     if abs(pull) <= 2:
         return f"<b>compatible with {what}</b> ({pull:+.1f}σ)"
     return f"differs from {what} by {pull:+.1f}σ"
+
+
+def _p_text(t: dict) -> str:
+    p = t.get("p_value")
+    n = t.get("permutations")
+    if isinstance(n, int) and n > 0 and _finite(p) and p <= 1 / (n + 1) + 1e-12:
+        return f"p ≤ {1 / (n + 1):.2g}"
+    return f"p = {p:.2g}" if _finite(p) else "p –"
+
+
+def _test_verdict(t: dict) -> str:
+    """Reading of a calibrated test (``calopc.eval.distances.calibrated_tests``, ``evaluate.auc_test``)."""
+    if t.get("compatible") is None:
+        return "not tested"
+    level = t.get("level", 0.05)
+    if t["compatible"]:
+        return f"<b>compatible with a perfect generator</b> ({_p_text(t)}; {100 * level:g} % test)"
+    return f"<b>not compatible with a perfect generator</b> ({_p_text(t)}; {100 * level:g} % test)"
+
+
+def _distance_reading(d: dict) -> str:
+    """FPD/KPD reading: the calibrated test when present (else the older floor comparison)."""
+    t = d.get("test")
+    if not isinstance(t, dict):
+        return _floor_verdict(d)
+    ex, sd = t.get("excess"), t.get("null_sd")
+    return (f"{_test_verdict(t)}; test statistic ({_e(t.get('statistic', ''))}, {t.get('n_gen', 0):,} vs "
+            f"{t.get('n_real', 0):,} showers) {_num(t.get('observed'), 3)}, beyond a perfect generator by "
+            f"{_pm(ex, sd, 3)}")
 
 
 def _floor_verdict(d: dict) -> str:
@@ -277,17 +338,27 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
            if res.get("histogram_ranges") else "") + "</table>")
 
     # ---- summary
-    if "classifier" in res or "fpd_x1e3" in res or "kpd_x1e3" in res:
-        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>reference-vs-reference floor</th>"
-            "<th>reading</th></tr>")
+    if "classifier" in res or "fpd_x1e3" in res or "kpd_x1e3" in res or "separation_test" in res:
+        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>a perfect generator at these sample "
+            "sizes</th><th>reading</th></tr>")
         for kind, c in res.get("classifier", {}).items():
+            t = c.get("test")
+            if isinstance(t, dict):
+                auc_null = _pm(0.5, t.get("null_sd"))
+                auc_read = (f"0.5 = indistinguishable; {_test_verdict(t)} (AUC on {t.get('n_validation_per_class', 0):,} "
+                            "validation showers per class against its chance spread)")
+                jsd_read = "0 = indistinguishable, lower is better; tested through the AUC"
+            else:
+                auc_null = "0.5"
+                auc_read = ("0.5 = indistinguishable; "
+                            + _zero_verdict(c.get("auc"), c.get("auc_err"), ideal=0.5, what="0.5"))
+                jsd_read = "0 = indistinguishable, lower is better; " + _zero_verdict(c.get("jsd"), c.get("jsd_err"))
             add(f"<tr><td>classifier AUC ({_e(kind)})</td><td class=n>{_pm(c.get('auc'), c.get('auc_err'))}</td>"
-                f"<td class=n>0.5</td><td>0.5 = indistinguishable; "
-                f"{_zero_verdict(c.get('auc'), c.get('auc_err'), ideal=0.5, what='0.5')}</td></tr>")
+                f"<td class=n>{auc_null}</td><td>{auc_read}</td></tr>")
             add(f"<tr><td>classifier JSD ({_e(kind)})</td><td class=n>{_pm(c.get('jsd'), c.get('jsd_err'))}</td>"
-                f"<td class=n>0</td><td>0 = indistinguishable, lower is better; "
-                f"{_zero_verdict(c.get('jsd'), c.get('jsd_err'))}</td></tr>")
-        known = {"value", "error", "ref_floor", "ref_floor_error", "value_at_floor_size", "value_at_floor_size_error"}
+                f"<td class=n>≈ 0</td><td>{jsd_read}</td></tr>")
+        known = {"value", "error", "ref_floor", "ref_floor_error", "value_at_floor_size", "value_at_floor_size_error",
+                 "test"}
         for key, name in (("fpd_x1e3", "FPD ×10³"), ("kpd_x1e3", "KPD ×10³")):
             d = res.get(key)
             if not isinstance(d, dict):
@@ -295,13 +366,36 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             extra = "; ".join(f"{_e(k)}: {_short(v)}" for k, v in d.items()
                               if k not in known and not isinstance(v, dict))
             extra = f"<br><span class=note>{extra}</span>" if extra else ""
+            t = d.get("test")
+            null = (_pm(t.get("null_mean"), t.get("null_sd"), 3) if isinstance(t, dict)
+                    else _pm(d.get("ref_floor"), d.get("ref_floor_error"), 3))
             add(f"<tr><td>{name}</td><td class=n>{_pm(d.get('value'), d.get('error'), 3)}</td>"
-                f"<td class=n>{_pm(d.get('ref_floor'), d.get('ref_floor_error'), 3)}</td>"
-                f"<td>lower is better; {_floor_verdict(d)}{extra}"
+                f"<td class=n>{null}</td>"
+                f"<td>lower is better; {_distance_reading(d)}{extra}"
                 "</td></tr>")
+        st = res.get("separation_test") or {}
+        for key, name in (("E_ratio", "separation power of E_dep/E_inc"),
+                          ("mean", f"mean separation power ({st.get('mean', {}).get('histograms', 0)} histograms)")):
+            t = st.get(key)
+            if not isinstance(t, dict):
+                continue
+            add(f"<tr><td>{_e(name)}</td><td class=n>{_num(t.get('observed'), 4)}</td>"
+                f"<td class=n>{_pm(t.get('null_mean'), t.get('null_sd'), 4)}</td>"
+                f"<td>0 = identical, lower is better; {_test_verdict(t)}</td></tr>")
         add("</table>")
-        add("<p class=note>“Compatible” means within two standard errors. The floor compares two disjoint halves "
-            "of the reference with the same estimator; it is the value a perfect generator would reach.</p>")
+        add("<p class=note><b>How to read “compatible”.</b> Each reading is a calibrated test of “the generated "
+            "showers come from the reference's distribution”: a perfect generator reads “compatible” in 95 % of its "
+            "samples, at any sample size, and “not compatible” means that a difference was found (p ≤ 0.05). "
+            "FPD, KPD: permutation tests. The two samples are pooled and the labels generated/reference shuffled "
+            "(both sizes kept); the distance is recomputed for every shuffle. The shuffles give the spread a "
+            "perfect generator would show at these sample sizes (the column “a perfect generator”: mean ± standard "
+            "deviation of the test statistic); p is the share of shuffles at least as large as the observed value. "
+            "The official values carry a finite-sample bias (with replacement, a small sample keeps its own noise), "
+            "so compare them with that column, not with 0. Their ± is the spread of the official resampling, not of "
+            "the samples. Classifiers: the AUC is measured on a validation split that played no part in training or "
+            "calibration, so for a perfect generator it follows the Mann–Whitney chance distribution (0.5 ± the value "
+            "shown, one-sided test; ties make it conservative). Separation powers: the same shuffles of the showers, "
+            "each histogram refilled (a histogram of N showers is never 0 for a perfect generator).</p>")
         for k in ("fpd_kpd_note", "classifier_note"):
             if k in res:
                 add(f"<p class=note>{_e(res[k])}</p>")
@@ -324,11 +418,16 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
         add("<h2>The 10 histograms that separate the samples most</h2>"
             "<p class=note>Separation power S = ½ Σ (p − q)²/(p + q) of the unit-sum histograms: 0 = identical, "
             "1 = disjoint; lower is better. Click a name for its plot.</p>")
-        add("<table id=worst><tr><th>#</th><th>histogram</th><th>S</th></tr>")
+        per = (res.get("separation_test") or {}).get("per_histogram", {})
+        add("<table id=worst><tr><th>#</th><th>histogram</th><th>S</th>"
+            + ("<th>a perfect generator</th><th>p</th>" if per else "") + "</tr>")
         for i, (name, v) in enumerate(worst_histograms(sep), 1):
             a = anchors.get(name, "")
             cell = f"<a href='#{_e(a)}'>{_e(_feature_text(name))}</a>" if a else _e(_feature_text(name))
-            add(f"<tr><td class=n>{i}</td><td>{cell}</td><td class=n>{v:.5f}</td></tr>")
+            t = per.get(name)
+            more = (f"<td class=n>{_pm(t.get('null_mean'), t.get('null_sd'), 5)}</td><td class=n>{_p_text(t)}</td>"
+                    if isinstance(t, dict) else ("<td></td><td></td>" if per else ""))
+            add(f"<tr><td class=n>{i}</td><td>{cell}</td><td class=n>{v:.5f}</td>{more}</tr>")
         add("</table>")
     if "separation_summary" in res:
         add("<h2>Separation power per feature</h2><table><tr><th>feature</th><th>mean S over layers</th>"

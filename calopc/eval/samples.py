@@ -66,7 +66,7 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
     stats = None
     if dataset or _is_parquet(path):
         kind = "points"
-        f = open_points(path)
+        f = open_points(path, geometry=geometry)  # --geometry also reads a file without calopc metadata
         chunks_of = lambda: f.iterate(2000)
         stats = VoxelizeStats()
     else:

@@ -91,7 +91,8 @@ def test_evaluate_end_to_end_ds1(tmp_path, capsys):
     assert m["dataset"] == "1-photons" and m["n_generated"] == 400
     assert set(m["classifier"]) == {"low", "high"}
     assert 0.3 < m["classifier"]["high"]["auc"] < 0.7
-    assert m["fpd_x1e3"]["ref_floor"] is not None and "kpd_x1e3" in m
+    assert m["fpd_x1e3"]["test"]["compatible"] is not None and "kpd_x1e3" in m
+    assert "with a perfect generator" in text
     assert m["separation_summary"]["E_ratio"] < 0.25  # 400 showers in 100 bins: statistical floor ~0.1
     assert m["pointcloud"]["revoxelization"]["generated"]["n_collisions"] == 0
     html = (out / "report.html").read_text()
@@ -224,8 +225,10 @@ def test_fpd_estimator_labels_floor_and_prdc_in_metrics(tmp_path, capsys):
     assert "PRDC (k=5)" in capsys.readouterr().out
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["fpd_estimator"] == "official" and m["fpd_x1e3"]["estimator"] == "official"
-    assert m["fpd_x1e3"]["floor_size"] == 100 and m["fpd_x1e3"]["value_at_floor_size"] >= 0
-    assert m["fpd_x1e3"]["ref_floor"] >= 0 and m["kpd_x1e3"]["estimator"] == "official"
+    t = m["fpd_x1e3"]["test"]
+    assert t["n_real"] == t["n_gen"] == 200 and t["permutations"] == 99 and 0.01 <= t["p_value"] <= 1
+    assert t["null_mean"] > 0 and t["null_sd"] > 0 and m["kpd_x1e3"]["estimator"] == "official"
+    assert m["classifier"]["low-normed"]["test"]["n_validation_per_class"] == 40
     assert set(m["prdc"]) >= {"precision", "recall", "density", "coverage"} and m["prdc"]["k"] == 5
     assert m["classifier"]["low-normed"]["definition"] == "official"
     assert m["classifier"]["low-normed"]["split"] == "60/20/20 % per class"
