@@ -674,3 +674,28 @@ def test_generate_reports_the_resolved_device(tmp_path, monkeypatch, capsys):
     assert seen["threshold"] is None  # 'official' is the default, the geometry's threshold
     with pytest.raises(SystemExit):
         main(["generate", str(tmp_path), "--energies", "1000", "--threshold", "-1"])
+
+
+def test_evaluate_reused_report_folder_drops_stale_plots(tmp_path, ds2):
+    """Audit N-6/N-72: the figures of an earlier (or killed) report are removed; other files stay."""
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    for name in ("EC_x_layers_0-8.png", "hits.pdf", "average_shower_ratio.svg", "custom_plot.png", "notes.png",
+                 "mine.txt"):
+        (rep / name).write_bytes(b"old")
+    (rep / "metrics.json").write_text(json.dumps({"plots": {"custom_plot": ["custom_plot.png"]}}))
+    assert main(["evaluate", str(ds2[0]), str(ds2[0]), "-o", str(rep), "--metrics", "hist", "--no-progress",
+                 "--test-permutations", "19"]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == ["metrics.json", "mine.txt", "notes.png", "report.html"]
+
+
+def test_evaluate_geometry_reads_parquet_without_metadata(tmp_path, ds2, capsys):
+    """Audit N-34: evaluate --geometry reads a Parquet file without calopc metadata (it asked for the flag)."""
+    nometa = _rewrite_parquet(ds2[1], tmp_path / "nometa.parquet", drop_meta=(b"calopc.geometry",))
+    args = ["evaluate", str(nometa), str(ds2[0]), "--metrics", "hist", "--no-progress", "--test-permutations", "19"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 2
+    assert "--geometry" in _one_line(capsys.readouterr().err, "evaluate")
+    assert main([*args, "-o", str(tmp_path / "b"), "--geometry", "2"]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["dataset"] == "2" and m["n_generated"] == 40
+    assert max(v for v in m["separation"].values() if v is not None) == 0.0  # the same showers as the reference
