@@ -239,3 +239,21 @@ def test_fpd_estimator_labels_floor_and_prdc_in_metrics(tmp_path, capsys):
     c = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert c["fpd_x1e3"]["estimator"] == "calopc" and "estimator: calopc" in c["fpd_kpd_note"]
     assert c["fpd_x1e3"]["value"] != m["fpd_x1e3"]["value"]
+
+
+def test_evaluate_logs_its_stages_outside_a_terminal(tmp_path, capsys, monkeypatch):
+    """Audit item 7: outside a terminal evaluate writes a plain line with its stage every interval (here 0.05 s
+    instead of 30 s) to stderr, and nothing on a quiet run (--no-progress)."""
+    monkeypatch.setenv("CALOPC_LOG_INTERVAL", "0.05")
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 300, seed=1))
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 300, seed=2))
+    args = ["evaluate", str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5"), "--metrics", "hist,fpd,kpd",
+            "--fpd-min-samples", "20000", "--kpd-batch-size", "5000"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("calopc evaluate: ")]
+    assert lines and "Traceback" not in err
+    assert any(s in err for s in ("FPD", "KPD", "fpd test", "kpd test")) and "elapsed" in lines[-1]
+    assert main([*args, "-o", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "calopc evaluate: " not in capsys.readouterr().err
