@@ -14,8 +14,10 @@ Every file is written atomically (temporary file + rename).
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "LoadedModel", "load", "load_training_state", "read_config", "save", "save_training_state"]
+__all__ = ["CheckpointError", "LoadedModel", "checkpoint_bytes", "load", "load_training_state", "read_config", "save",
+           "save_run", "save_training_state"]
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -72,6 +74,50 @@ def save(run_dir: str | os.PathLike, name: str, model: nn.Module, preprocessor: 
         with atomic_output(run / EMA_WEIGHTS) as tmp:
             save_file(_state(ema), str(tmp), metadata={"model": name, "ema": "1"})
     with atomic_output(run / CONFIG) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    return run
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def checkpoint_bytes(model: nn.Module, ema: nn.Module | None = None) -> int:
+    """A rough size of one checkpoint: weights, EMA weights and two optimizer moments per parameter."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return int((params + buffers) * (2 if ema is None else 3) + params * 2 + 64_000)
+
+
+def save_run(run_dir: str | os.PathLike, name: str, model: nn.Module, preprocessor: Preprocessor, *,
+             ema: nn.Module | None = None, train: dict | None = None,
+             optimizers: dict[str, torch.optim.Optimizer] | None = None, step: int = 0, epoch: int = 0) -> Path:
+    """A whole checkpoint (what :func:`save` and :func:`save_training_state` write) as one transaction.
+
+    Every file is written to a temporary first (with a free-space check of its size); only when
+    all are complete are they renamed. A full disk or another write error therefore leaves the
+    previous checkpoint whole and raises one :class:`~calopc.io.OutputError` naming the file.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model, "module", model).config
+    meta = {"model": name, "config": asdict(cfg), "geometry": preprocessor.geometry.to_dict(),
+            "preprocessing": preprocessor.to_dict(), "train": train or {}, "calopc_version": __version__}
+    weights = _state(model)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(run / WEIGHTS, expected_bytes=_nbytes(weights)))
+        save_file(weights, str(tmp), metadata={"model": name})
+        if ema is not None:
+            ema_w = _state(ema)
+            tmp = stack.enter_context(atomic_output(run / EMA_WEIGHTS, expected_bytes=_nbytes(ema_w)))
+            save_file(ema_w, str(tmp), metadata={"model": name, "ema": "1"})
+        if optimizers is not None:
+            states = {k: o.state_dict() for k, o in optimizers.items()}
+            state = {"optimizers": states, "optimizer": next(iter(states.values())), "step": int(step),
+                     "epoch": int(epoch)}
+            tmp = stack.enter_context(atomic_output(run / STATE))
+            torch.save(state, tmp)
+        tmp = stack.enter_context(atomic_output(run / CONFIG))
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return run
 

@@ -33,6 +33,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -107,6 +109,19 @@ def _teacher_data(run: Path) -> list[str]:
 def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
             data: str | os.PathLike | Sequence[str | os.PathLike] | Any = None,
             config: DistillConfig | None = None, overwrite: bool = False) -> dict:
+    """Distil the CaloClouds run ``run_dir`` into a consistency model in ``out`` (locked while it runs;
+    see :func:`_distill`)."""
+    from ..io import check_writable, lock_output
+
+    out = Path(out)
+    check_writable(out, folder=True)  # one line naming OUT (not its temporary folder) when it cannot be written
+    with lock_output(out, "run directory"):
+        return _distill(run_dir, out, data=data, config=config, overwrite=overwrite)
+
+
+def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
+             data: str | os.PathLike | Sequence[str | os.PathLike] | Any = None,
+             config: DistillConfig | None = None, overwrite: bool = False) -> dict:
     """Distil the CaloClouds run ``run_dir`` into a consistency model in ``out``.
 
     Args:
@@ -180,10 +195,12 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     sigmas = karras_sigmas(cfg.n_sigmas, student.config.sigma_min, student.config.sigma_max, student.config.rho,
                            device=device)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    from ..io import OutputError, _host, check_writable, sweep_stale_parts
+
+    check_writable(out, folder=True, expected_bytes=ckpt.checkpoint_bytes(student, target))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_parts(out.parent)  # temporary folders of killed runs (same .NAME.PID@HOST.XXXX.part scheme)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}@{_host()}.", suffix=".part", dir=out.parent))
     data_rec = "<dataset object>" if in_memory else [str(Path(p).resolve()) for p in paths]
     opts = {"teacher": str(run.resolve()), "data": data_rec,
             "distill": asdict(cfg)}
@@ -194,8 +211,12 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     step, epoch, last = 0, 0, float("nan")
 
     def finish() -> None:
-        ckpt.save(tmp, "caloclouds", student, prep, ema=target,
-                  train={"distill": asdict(cfg), "teacher": str(run), "steps": step})
+        try:
+            ckpt.save(tmp, "caloclouds", student, prep, ema=target,
+                      train={"distill": asdict(cfg), "teacher": str(run), "steps": step,
+                             "incident_energy_range": (meta.get("train") or {}).get("incident_energy_range")})
+        except OutputError as err:  # name the output, not its temporary folder
+            raise OutputError(str(err).replace(str(tmp), str(out))) from None
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -257,13 +278,20 @@ def distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
             last = float(loss.detach())
         log.close()
         finish()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         log.close()
-        if step:
-            finish()  # keep what was distilled so far
-        else:
+        if not step:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+        try:
+            finish()  # keep what was distilled so far
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        from ..io import Interrupted
+
+        raise Interrupted(getattr(err, "signum", signal.SIGINT),
+                          f"the student of step {step} was written to {out}") from None
     except BaseException:
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +43,10 @@ from typing import Any
 
 import torch
 
+from ..io import Interrupted, OutputError, check_writable
 from . import checkpoint as ckpt
 from .data import DeviceCollate, ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
+from .guards import dataset_energy_range
 from .utils import EMA, resolve_device, seed_everything
 
 OPTIMIZERS = ("adamw", "adam", "radam")
@@ -109,7 +112,11 @@ class TrainConfig:
                   ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
                   ("ema_warmup", self.ema_warmup in EMA_WARMUPS, ", ".join(EMA_WARMUPS)),
                   ("pipeline", self.pipeline in ("device", "numpy"), "device or numpy"),
-                  ("fast_splines", self.fast_splines in ("auto", "on", "matmul", "off"), "auto, on, matmul or off")]
+                  ("fast_splines", self.fast_splines in ("auto", "on", "matmul", "off"), "auto, on, matmul or off"),
+                  ("time_limit", self.time_limit is None or (math.isfinite(self.time_limit) and self.time_limit > 0),
+                   "a number of seconds > 0"),
+                  ("max_showers", self.max_showers is None or self.max_showers >= 1, ">= 1"),
+                  ("buffer_showers", self.buffer_showers >= 1, ">= 1")]
         for name, ok, want in checks:
             if not ok:
                 msg = f"training option {name}={getattr(self, name)!r}: expected {want}"
@@ -269,6 +276,41 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
           out: str | os.PathLike, *,
           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
           resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a registered model and write a run directory (locked for the run: see :func:`_train`)."""
+    from ..io import lock_output
+
+    rank = _dist_env()[0]
+    out = Path(out)
+    kw = {"model_config": model_config, "config": config, "resume": resume, "overwrite": overwrite}
+    if rank != 0:
+        return _train(model_name, data, out, **kw)
+    with lock_output(out, "run directory"):  # a second writer of the same run directory fails at once
+        cfg = config or train_config(model_name)
+        if resume and (out / ckpt.STATE).exists():
+            done = int(ckpt.load_training_state(out)["step"])
+            if done >= cfg.steps:  # nothing to do: say so instead of a "final loss nan"
+                return {"steps": done, "epochs": None, "final_loss": None, "seconds": 0.0, "run_dir": str(out),
+                        "world_size": _dist_env()[1], "skipped_steps": 0, "nothing_to_do": True}
+        existed = out.is_dir()
+        before = set(out.iterdir()) if existed else set()
+        try:
+            return _train(model_name, data, out, **kw)
+        except BaseException:
+            if not resume and not (out / ckpt.STATE).exists():
+                # a fresh run that wrote no checkpoint: leave no half run directory behind (it would block a re-run)
+                for p in (set(out.iterdir()) if out.is_dir() else set()) - before:
+                    if not p.is_dir():
+                        p.unlink(missing_ok=True)
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+            raise
+
+
+def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
+           out: str | os.PathLike, *,
+           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
+           resume: bool = False, overwrite: bool = False) -> dict:
     """Train a registered model and write a run directory.
 
     Args:
@@ -359,7 +401,8 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         _load_optimizers(out, opts, state)
         step, epoch = int(state["step"]), int(state["epoch"])
     name = model_name.lower()
-    train_meta = asdict(cfg)
+    # the training range of the incident energies: generation warns outside it (calopc.models.guards)
+    train_meta = {**asdict(cfg), "incident_energy_range": dataset_energy_range(dataset)}
     loss_fn: Callable = net
     if cfg.compile and not custom:
         loss_fn = torch.compile(net, dynamic=True)  # the number of points changes every batch
@@ -372,11 +415,17 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
 
     def checkpoint() -> None:
         if rank == 0:
-            ckpt.save(out, name, model, prep, ema=ema.module if ema else None, train=train_meta)
-            ckpt.save_training_state(out, opts, step, epoch)
+            try:  # every file to a temporary first: a full disk leaves the previous checkpoint whole
+                ckpt.save_run(out, name, model, prep, ema=ema.module if ema else None, train=train_meta,
+                              optimizers=opts, step=step, epoch=epoch)
+            except OutputError as err:
+                kept = (f"the last good checkpoint (step {good['step']}) is kept in {out}" if good["step"] is not None
+                        else "no checkpoint was written")
+                raise OutputError(f"checkpoint of step {step}: {err}; {kept}") from None
             good["step"] = step
 
-    if rank == 0:
+    if rank == 0:  # room for the first checkpoint (weights, EMA, optimizer state), before any training
+        check_writable(out, folder=True, expected_bytes=ckpt.checkpoint_bytes(model, ema.module if ema else None))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -494,15 +543,13 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
         if n_sum:
             last = float(loss_sum) / n_sum
         checkpoint()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if rank == 0 and not bool(bad) and step > (good["step"] or 0):
             checkpoint()
-            print(f"train: interrupted at step {step}; checkpoint written to {out} (continue with --resume)",
-                  file=sys.stderr)
-        elif rank == 0:
-            print(f"train: interrupted at step {step}; {out} keeps the checkpoint of step {good['step']}",
-                  file=sys.stderr)
-        raise
+        # one line from the command line: what the run directory holds now
+        detail = "" if good["step"] is None else \
+            f"{out} holds the checkpoint of step {good['step']} (continue with --resume)"
+        raise Interrupted(getattr(err, "signum", signal.SIGINT), detail) from None
     finally:
         if bar is not None:
             bar.close()
