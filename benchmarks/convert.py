@@ -55,14 +55,19 @@ def _run(code_or_cmd: list[str] | str, *, old: bool, workdir: Path, env: dict | 
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         f"r = subprocess.run({inner!r}, capture_output=True, text=True); "
         "dt = time.perf_counter() - t; sys.stderr.write(r.stderr); "
-        "print(r.stdout); print('@@', r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        "ru = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(r.stdout); print('@@', r.returncode, dt, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)"
     )
     out = subprocess.run([sys.executable, "-c", wrap], check=True, capture_output=True, text=True, env=e)
     lines = out.stdout.strip().splitlines()
-    _, rc, dt, rss = lines[-1].split()
+    _, rc, dt, rss, cpu = lines[-1].split()
     if int(rc) != 0:
         raise RuntimeError(f"{code_or_cmd} failed ({rc}):\n{out.stderr[-3000:]}")
+    _LAST_CPU[0] = float(cpu)
     return float(dt), float(rss) / 1e6, "\n".join(lines[:-1])
+
+
+_LAST_CPU = [0.0]  # CPU seconds (user + system) of the last _run: a figure the machine's load does not inflate much
 
 
 def _load() -> str:
@@ -178,16 +183,20 @@ def section_convert(args: argparse.Namespace, n: int, label: str) -> None:
           f"HDF5); {_load()}", flush=True)
     t_h5, rss_h5, _ = _run(_H5READ.replace("sys.argv[1]", repr(str(src))).replace("int(sys.argv[2])", "256_000_000"),
                            old=False, workdir=w)
-    print(f"  plain h5py read (one thread, 256 MB steps): {t_h5:6.1f} s, peak RSS {rss_h5:.2f} GB", flush=True)
+    cpu_h5 = _LAST_CPU[0]
+    print(f"  plain h5py read (one thread, 256 MB steps): {t_h5:6.1f} s, {cpu_h5:6.1f} CPU s, peak RSS {rss_h5:.2f} GB",
+          flush=True)
     res = {}
     for old in (True, False):
         out = w / f"ds3_{n}_{'old' if old else 'new'}.parquet"
         t, rss, _ = _run(["convert", str(src), "-o", str(out), "--no-progress"], old=old, workdir=w)
-        res[old] = (t, rss, out)
+        res[old] = (t, rss, out, _LAST_CPU[0])
         print(f"  {'old' if old else 'new'} convert: {t:6.1f} s ({n / t:6.0f} showers/s, {t / t_h5:.2f}x the h5py read), "
+              f"{_LAST_CPU[0]:6.1f} CPU s ({_LAST_CPU[0] / cpu_h5:.2f}x the h5py read's), "
               f"peak RSS {rss:.2f} GB, Parquet {out.stat().st_size / 1e9:.3f} GB "
               f"({out.stat().st_size / src.stat().st_size:.2f}x the HDF5); {_load()}", flush=True)
-    print(f"  new / old wall time: {res[False][0] / res[True][0]:.2f} (speed-up {res[True][0] / res[False][0]:.2f}x)")
+    print(f"  new / old wall time: {res[False][0] / res[True][0]:.2f} (speed-up {res[True][0] / res[False][0]:.2f}x); "
+          f"CPU time new / old {res[False][3] / res[True][3]:.2f}")
     t, _, out = _run(_COMPARE.replace("sys.argv[1]", repr(str(res[True][2]))).replace("sys.argv[2]", repr(str(res[False][2]))),
                      old=False, workdir=w)
     print(f"  outputs identical: {out.strip()} showers compared as awkward records ({t:.0f} s)")
@@ -196,6 +205,7 @@ def section_convert(args: argparse.Namespace, n: int, label: str) -> None:
             code = _READBACK.replace("sys.argv[1]", repr(str(res[old][2])))
             t, rss, out = _run(code, old=old, workdir=w)
             print(f"  read back ({'old file, old reader' if old else 'new file, new reader'}): {t:6.1f} s, "
+                  f"{_LAST_CPU[0]:6.1f} CPU s, "
                   f"peak RSS {rss:.2f} GB ({out.strip()} showers, points)", flush=True)
     if args.clean:
         for old in (True, False):
@@ -243,7 +253,7 @@ def section_writer(args: argparse.Namespace) -> None:
                            old=old, workdir=w)
         t, nbytes = (float(x) for x in txt.split())
         rates[old] = nbytes / t / 1e9
-        print(f"  {'old' if old else 'new'}: {t:6.1f} s, {rates[old]:.2f} GB/s dense, file {out.stat().st_size / 1e6:.0f} MB, "
+        print(f"  {'old' if old else 'new'}: {t:6.1f} s writing, {rates[old]:.2f} GB/s dense, file {out.stat().st_size / 1e6:.0f} MB, "
               f"peak RSS {rss:.2f} GB", flush=True)
     import h5py
     import numpy as np
