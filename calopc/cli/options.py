@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "COLLISIONS",
+    "GENERATE_COLLISIONS",
     "CLIError",
     "add_collisions",
     "add_geometry",
@@ -43,6 +44,9 @@ from pathlib import Path
 
 #: ``--collisions`` choices of every command that puts points into cells (calopc.models.cells.PLACEMENT_POLICIES)
 COLLISIONS = ("auto", "alpha-free", "nearest-free", "sum", "max")
+#: ``calopc generate --collisions``: :data:`COLLISIONS` and ``likelihood``, the cell-likelihood placement of models
+#: that sample points independently given their shower (calopc.models.cells.place_likelihood)
+GENERATE_COLLISIONS = (*COLLISIONS, "likelihood")
 #: the help formatter of commands with an example epilog (keeps its line breaks)
 FORMATTER = argparse.RawDescriptionHelpFormatter
 

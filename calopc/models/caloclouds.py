@@ -296,13 +296,17 @@ class CaloClouds(nn.Module):
         return alpha, r, y[:, 2].clamp(-80, 80).exp()
 
     @torch.no_grad()
-    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor, *, steps: int | None = None) -> GeneratedShowers:
+    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor, *, steps: int | None = None,
+                 oversample: int = 1) -> GeneratedShowers:
         """Showers in physical units for the given incident energies.
 
         Args:
             e_inc: incident energies (MeV).
             prep: the run's preprocessing.
             steps: sampler steps (see :meth:`sample_points`). Defaults to ``config.steps``.
+            oversample: ``K > 1`` draws ``K n_l`` candidate points in every layer for the ``"likelihood"``
+                placement (:func:`calopc.models.cells.place_likelihood`; pointwise denoiser only: the
+                transformer's points attend to each other, so they are not independent given the shower).
 
         Returns:
             A :class:`GeneratedShowers` on the model's device: per-layer point counts and
@@ -313,6 +317,11 @@ class CaloClouds(nn.Module):
             e_inc: ``(B,)``.
         """
         cfg = self.config
+        k = int(oversample)
+        if k < 1 or (k > 1 and cfg.denoiser != "pointwise"):
+            msg = (f"oversample={oversample}: the 'likelihood' placement needs points sampled independently given "
+                   f"their shower (denoiser='pointwise'), this CaloClouds has denoiser={cfg.denoiser!r}")
+            raise ValueError(msg)
         device = next(self.parameters()).device
         dtype = next(self.denoiser.parameters()).dtype
         e = torch.as_tensor(np.asarray(e_inc) if not isinstance(e_inc, Tensor) else e_inc, dtype=torch.float64,
@@ -321,8 +330,9 @@ class CaloClouds(nn.Module):
         cond = torch.as_tensor(prep.forward_cond(e.cpu().numpy()), device=device, dtype=dtype)
         s = s.to(dtype)
         b, n_l = n_layer.shape
-        counts = n_layer.sum(1)
-        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_layer.reshape(-1))   # (P,)
+        n_points = n_layer * k                        # K > 1: candidates for the likelihood placement
+        counts = n_points.sum(1)
+        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_points.reshape(-1))   # (P,)
         shower_of, layer = group // n_l, group % n_l
         # whole showers per sampler call, at most max_points points (unless one shower has more)
         ends = torch.cumsum(counts, 0).tolist()
@@ -338,4 +348,7 @@ class CaloClouds(nn.Module):
         alpha, r, w = self._inverse(y, layer, prep)
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w / tot.clamp(min=1e-300)[group] * e_layer.reshape(-1).to(w.dtype)[group]
+        if k > 1:
+            return GeneratedShowers(counts, layer, r, None if cfg.alpha == "free" else alpha, energy,
+                                    layer_counts=n_layer, layer_energy=e_layer, oversample=k)
         return GeneratedShowers(counts, layer, r, None if cfg.alpha == "free" else alpha, energy)

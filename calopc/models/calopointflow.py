@@ -619,8 +619,12 @@ class CaloPointFlow(nn.Module):
         return x, mask
 
     @torch.no_grad()
-    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor) -> GeneratedShowers:
+    def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor, *, oversample: int = 1) -> GeneratedShowers:
         """Showers in physical units for the given incident energies.
+
+        Args:
+            oversample: ``K > 1`` draws ``K n_l`` candidate points in every layer for the
+                ``"likelihood"`` placement (:func:`calopc.models.cells.place_likelihood`; variant II).
 
         Returns:
             A :class:`~calopc.models.cells.GeneratedShowers` on the model's device: points
@@ -628,6 +632,11 @@ class CaloPointFlow(nn.Module):
             ``alpha="free"``: drawn per ring at placement) and energy (MeV).
         """
         device = next(self.parameters()).device
+        k = int(oversample)
+        if k < 1 or (k > 1 and not self.layered):
+            msg = (f"oversample={oversample}: the 'likelihood' placement needs CaloPointFlow variant II (points per "
+                   "layer from the shower model) and oversample >= 1")
+            raise ValueError(msg)
         if not self.layered:
             e_np = np.asarray(e_inc.cpu() if isinstance(e_inc, Tensor) else e_inc, dtype=np.float64)
             cond = torch.from_numpy(prep.forward_cond(e_np)).to(device)
@@ -654,8 +663,9 @@ class CaloPointFlow(nn.Module):
         s, n_layer, e_layer = self.shower_flow.sample_layers(e, prep)
         p = torch_preprocessor(prep, device) or prep   # torch ops on the device; numpy when there are none
         cond = _as_tensor(_prep_call(p.forward_cond, e), device, torch.float32).reshape(b, -1)
-        counts = n_layer.sum(1)
-        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_layer.reshape(-1))   # (P,)
+        n_points = n_layer * k                        # K > 1: candidates for the likelihood placement
+        counts = n_points.sum(1)
+        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_points.reshape(-1))   # (P,)
         shower_of = torch.div(group, n_l, rounding_mode="floor")
         lay = group - shower_of * n_l
         x = self.sample_points(cond, s, shower_of, lay)
@@ -664,9 +674,12 @@ class CaloPointFlow(nn.Module):
         zar, w = _prep_call(p.inverse_points_layer, x, lay)
         zar, w = _as_tensor(zar, device, torch.float64), _as_tensor(w, device, torch.float64)
         r = zar[:, 2]
-        if self.alpha_free and self.config.overflow == "move":
+        if self.alpha_free and self.config.overflow == "move" and k == 1:
             r, _ = fit_rings(prep.geometry, group, b * n_l, lay, r)
         # each layer of each shower gets the sampled layer energy
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w * (e_layer.reshape(-1).to(w.dtype) / tot.clamp(min=1e-300))[group]
+        if k > 1:
+            return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy,
+                                    layer_counts=n_layer, layer_energy=e_layer, oversample=k)
         return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy)

@@ -16,6 +16,16 @@ unique, scatter and searchsorted only (no host round trip but one read of the st
 * ``"sum"`` adds the energies of points sharing a cell; ``"max"`` keeps the most energetic.
 * ``"auto"``: ``"alpha-free"`` when ``alpha`` is None, else ``"nearest-free"``. Another policy
   for showers without ``alpha`` draws uniform angles first.
+* ``"likelihood"`` (models that sample points independently given their shower, beyond the
+  published models): the model draws ``K`` times as many *candidate* points per (shower, layer)
+  as the layer has points (:attr:`GeneratedShowers.oversample`); the share of candidates in a
+  cell estimates its hit probability (with ``alpha`` None, a ring's share spread evenly over its
+  α bins); the layer's ``n`` distinct cells are drawn without replacement in proportion to it
+  (Gumbel top-k; cells without a candidate only after all those with one, nearest to the
+  candidates first); every chosen cell takes the energy of one of its candidates drawn at
+  random (the lowest candidate energy of the layer when it has none), and the energies of each
+  layer are rescaled to the layer energy. No collisions by construction; see
+  :func:`place_likelihood`.
 
 Points outside the calorimeter (layer out of range, radius outside the layer's edges,
 non-finite coordinates) are not placed and are counted in ``n_outside``. The same
@@ -24,7 +34,7 @@ non-finite coordinates) are not placed and are counted in ``n_outside``. The sam
 
 from __future__ import annotations
 
-__all__ = ["PLACEMENT_POLICIES", "GeneratedShowers", "Placed", "cell_tables", "locate", "place"]
+__all__ = ["PLACEMENT_POLICIES", "GeneratedShowers", "Placed", "cell_tables", "locate", "place", "place_likelihood"]
 
 import math
 from dataclasses import dataclass, field
@@ -34,16 +44,25 @@ import torch
 
 from ..geometry import Geometry
 
-PLACEMENT_POLICIES = ("auto", "alpha-free", "nearest-free", "sum", "max")
+PLACEMENT_POLICIES = ("auto", "alpha-free", "nearest-free", "sum", "max", "likelihood")
+#: candidate points per point of ``"likelihood"`` placement (``calopc generate --oversample``)
+DEFAULT_OVERSAMPLE = 4
 
 
 @dataclass
 class GeneratedShowers:
     """Generated showers as flat points, shower after shower, on the model's device.
 
+    With ``oversample = K > 1`` the points are *candidates* for ``"likelihood"`` placement:
+    ``K n_l`` of them in layer ``l`` of a shower that gets ``n_l = layer_counts[b, l]`` points
+    carrying ``layer_energy[b, l]`` MeV.
+
     Shapes:
         counts: ``(B,)`` int64 points per shower; layer: ``(P,)`` int64; r: ``(P,)`` mm;
-        alpha: ``(P,)`` rad or None (α not modelled: drawn at placement); E: ``(P,)`` MeV.
+        alpha: ``(P,)`` rad or None (α not modelled: drawn at placement); E: ``(P,)`` MeV;
+        layer_counts: ``(B, L)`` int64 or None; layer_energy: ``(B, L)`` MeV or None;
+        n_moved_ring: 0-d, points the model moved to another ``(layer, r)`` ring before placement
+        (CaloPointFlow's ``overflow="move"``), reported by :func:`place` as ``n_moved_ring``.
     """
 
     counts: torch.Tensor
@@ -51,6 +70,10 @@ class GeneratedShowers:
     r: torch.Tensor
     alpha: torch.Tensor | None
     E: torch.Tensor
+    layer_counts: torch.Tensor | None = None
+    layer_energy: torch.Tensor | None = None
+    oversample: int = 1
+    n_moved_ring: torch.Tensor | int = 0
 
     @property
     def n_showers(self) -> int:
@@ -65,8 +88,11 @@ class GeneratedShowers:
         return self.E.device
 
     def to(self, device: torch.device | str) -> GeneratedShowers:
-        return GeneratedShowers(self.counts.to(device), self.layer.to(device), self.r.to(device),
-                                None if self.alpha is None else self.alpha.to(device), self.E.to(device))
+        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return GeneratedShowers(self.counts.to(device), self.layer.to(device), self.r.to(device), opt(self.alpha),
+                                self.E.to(device), opt(self.layer_counts), opt(self.layer_energy), self.oversample,
+                                self.n_moved_ring.to(device) if isinstance(self.n_moved_ring, torch.Tensor)
+                                else self.n_moved_ring)
 
     @classmethod
     def from_numpy(cls, counts: np.ndarray, zar: np.ndarray, energy: np.ndarray,
@@ -207,15 +233,23 @@ def place(g: GeneratedShowers, geometry: Geometry, *, policy: str = "auto",
     Args:
         g: the generated showers (any device; the work happens there).
         geometry: the binning.
-        policy: ``"auto"``, ``"alpha-free"``, ``"nearest-free"``, ``"sum"`` or ``"max"`` (see the module docstring).
-        generator: random numbers of ``"alpha-free"`` (on the tensors' device).
+        policy: ``"auto"``, ``"alpha-free"``, ``"nearest-free"``, ``"sum"``, ``"max"`` or ``"likelihood"``
+            (see the module docstring; ``"likelihood"`` needs candidate points, ``g.oversample > 1``).
+        generator: random numbers of ``"alpha-free"`` and ``"likelihood"`` (on the tensors' device).
 
     Returns:
         A :class:`Placed` with ``stats``: ``n_points, n_outside, n_collisions, n_moved, n_merged,
-        n_dropped`` (ints) and ``collision_rate`` (collisions / points inside).
+        n_dropped, n_moved_ring`` (ints; ``n_moved_ring``: points the model itself moved to another
+        ring before placement, ``g.n_moved_ring``) and ``collision_rate`` (collisions / points inside).
     """
     if policy not in PLACEMENT_POLICIES:
         msg = f"collision policy must be one of {', '.join(PLACEMENT_POLICIES)}, got {policy!r}"
+        raise ValueError(msg)
+    if policy == "likelihood":
+        return place_likelihood(g, geometry, generator=generator)
+    if g.oversample != 1:
+        msg = (f"these are {g.oversample}x candidate points for the 'likelihood' placement; policy {policy!r} "
+               "needs the model's points (generate without oversampling)")
         raise ValueError(msg)
     if policy == "auto":
         policy = "alpha-free" if g.alpha is None else "nearest-free"
@@ -257,9 +291,11 @@ def place(g: GeneratedShowers, geometry: Geometry, *, policy: str = "auto",
         else:
             key, e_out, moved, merged = _nearest_free(geometry, key, energy, cell, shower, first, b)
     counts = torch.bincount(torch.div(key, n_vox, rounding_mode="floor"), minlength=b)
-    vals = torch.stack([n_outside, collisions, moved, merged, dropped]).tolist()  # the one read-back
+    ring = torch.as_tensor(g.n_moved_ring, dtype=torch.int64, device=device)
+    vals = torch.stack([n_outside, collisions, moved, merged, dropped, ring]).tolist()  # the one read-back
     n_points = int(g.E.shape[0])
-    stats = {"n_points": n_points, **dict(zip(("n_outside", "n_collisions", "n_moved", "n_merged", "n_dropped"), vals))}
+    stats = {"n_points": n_points, **dict(zip(("n_outside", "n_collisions", "n_moved", "n_merged", "n_dropped",
+                                               "n_moved_ring"), vals))}
     n_in = n_points - stats["n_outside"]
     stats["collision_rate"] = stats["n_collisions"] / n_in if n_in else 0.0
     return Placed(key % n_vox, e_out, counts, stats)
@@ -338,3 +374,158 @@ def _nearest_free(geometry: Geometry, key: torch.Tensor, energy: torch.Tensor, c
     keys, inv = torch.unique(keys, return_inverse=True)    # the leftovers are added to their cells
     e_out = torch.zeros(keys.shape[0], dtype=es.dtype, device=device).index_add_(0, inv, es)
     return keys, e_out, moved, pending.new_tensor(pending.numel())
+
+
+#: key shift of cells without candidates in the likelihood placement: larger than any Gumbel spread
+_EMPTY_SHIFT = 1e4
+
+
+def _likelihood_tables(geometry: Geometry, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per cell: its ring (the cell of α-bin 0 of its (layer, r-bin)) and 1/n_α of its layer; per layer the
+    cells, padded with ``n_voxels``, ``(L, C_max)``. Cached on the geometry."""
+    key = f"torch-likelihood:{device}"
+    t = geometry._cache.get(key)
+    if t is not None:
+        return t
+    lay = np.asarray(geometry.cell_layer, dtype=np.int64)
+    off = np.asarray(geometry.offsets, dtype=np.int64)
+    n_r = np.asarray(geometry.n_r, dtype=np.int64)[lay]
+    cells = np.arange(geometry.n_voxels, dtype=np.int64)
+    ring = off[lay] + (cells - off[lay]) % n_r
+    per_layer = np.diff(off)
+    table = np.full((geometry.n_layers, int(per_layer.max())), geometry.n_voxels, dtype=np.int64)
+    for i in range(geometry.n_layers):
+        table[i, :per_layer[i]] = np.arange(off[i], off[i + 1])
+    inv_na = 1.0 / np.asarray(geometry.n_alpha, dtype=np.float64)[lay]
+    t = {"ring": torch.as_tensor(ring, device=device), "inv_na": torch.as_tensor(inv_na, device=device),
+         "layer_cells": torch.as_tensor(table, device=device)}
+    geometry._cache[key] = t
+    return t
+
+
+def place_likelihood(g: GeneratedShowers, geometry: Geometry, *, generator: torch.Generator | None = None,
+                     neighbours: int = 8, floor: float = 1e-9) -> Placed:
+    r"""Cell-likelihood placement: ``n_l`` distinct cells per (shower, layer) drawn from the candidates' density.
+
+    For every shower ``b`` and layer ``l`` the model drew ``K n_l`` candidate points
+    (``g.oversample = K``). The estimated hit probability of a cell is its share of the
+    candidates (``alpha`` None: its ring's share divided by the ring's α bins). The ``n_l`` cells
+    with the largest ``log c + Gumbel`` keys are chosen: sampling without replacement with
+    probabilities proportional to ``c`` (successive draws). A layer whose candidates fall in fewer
+    than ``n_l`` cells completes with empty cells, drawn after all others with the weight
+    ``Σ_{j ≤ neighbours} c_j + δ`` (``c_j``: candidates in its nearest cells of the layer), so
+    next to the candidates first. Each chosen cell gets the energy of one of its
+    candidates (of its ring with ``alpha`` None) drawn uniformly (the lowest candidate energy of
+    the layer for a cell without candidates, counted in ``n_fallback``), and the energies of each
+    layer are rescaled to ``g.layer_energy`` (to the candidates' layer sum / K when None).
+
+    Torch operations on the candidates' device: sorts, scatters, one searchsorted, no data-dependent
+    shapes (the number of placed points is ``P / K``, known from the shapes) and one read of the
+    statistics at the end. Memory: ``B × L × max cells per layer`` keys.
+
+    Args:
+        g: candidate points with ``layer_counts`` (and ``layer_energy``) and ``oversample``.
+        geometry: the binning.
+        generator: random numbers (Gumbel keys, candidate choice) on the tensors' device.
+        neighbours: nearest cells of the same layer whose candidates lend weight to an empty cell.
+        floor: ``δ`` above, the weight of an empty cell without candidates next to it.
+
+    Returns:
+        A :class:`Placed` (sorted by shower and cell) with ``stats``: ``n_points`` (placed),
+        ``n_candidates``, ``n_candidates_outside``, ``n_fallback`` and ``n_outside, n_collisions,
+        n_moved, n_merged, n_dropped, n_moved_ring`` (all 0) and ``collision_rate`` 0.
+
+    Raises:
+        ValueError: ``g`` holds no candidates (``layer_counts`` None) or their number is not ``K Σ n_l``.
+    """
+    if g.layer_counts is None or g.oversample < 1:
+        msg = ("the 'likelihood' placement needs candidate points with per-layer counts (GeneratedShowers."
+               "layer_counts and oversample, from a model's generate(..., oversample=K)); this model output has none")
+        raise ValueError(msg)
+    device = g.E.device
+    k = int(g.oversample)
+    b = int(g.counts.shape[0])
+    n_vox, n_l = geometry.n_voxels, geometry.n_layers
+    p = int(g.E.shape[0])
+    n_cnt = g.layer_counts.to(device=device, dtype=torch.int64)
+    if tuple(n_cnt.shape) != (b, n_l):
+        msg = f"likelihood placement: layer_counts has shape {tuple(n_cnt.shape)}, expected ({b}, {n_l})"
+        raise ValueError(msg)
+    if p % k:
+        msg = f"likelihood placement: {p} candidate points is not a multiple of oversample={k}"
+        raise ValueError(msg)
+    n_total = p // k                                              # from the shapes: no host read
+    t = cell_tables(geometry, device)
+    lt = _likelihood_tables(geometry, device)
+    ring_mode = g.alpha is None
+    shower = torch.repeat_interleave(torch.arange(b, device=device), g.counts.to(device), output_size=p)
+    inside, _, cell = locate(geometry, g.layer, g.r, g.alpha)
+    dump = b * n_vox                                              # outside candidates count here
+    ckey = torch.where(inside, shower * n_vox + cell, torch.full_like(cell, dump))
+    cnt = torch.zeros(dump + 1, dtype=torch.float64, device=device).index_add_(
+        0, ckey, torch.ones(p, dtype=torch.float64, device=device))
+    # weight of every cell: its candidates (ring mode: its ring's, spread over the α bins)
+    cells = torch.arange(n_vox, device=device)
+    if ring_mode:
+        w = (cnt[:dump].view(b, n_vox)[:, lt["ring"]] * lt["inv_na"]).reshape(-1)
+    else:
+        w = cnt[:dump].clone()
+    w2 = w.view(b, n_vox)
+    nbr = _neighbours(geometry, device)[:, :neighbours]
+    near = torch.zeros_like(w2)
+    for j in range(nbr.shape[1]):
+        col = nbr[:, j]
+        near += torch.where(col >= 0, w2[:, col.clamp(min=0)], torch.zeros((), dtype=w2.dtype, device=device))
+    # cells with candidates first (weight c), then the empty ones (weight Σ c_j + δ, shifted below all others)
+    weight = torch.where(w2 > 0, w2, near + floor)
+    u = torch.rand(b, n_vox, generator=generator, device=device, dtype=torch.float64).clamp_(1e-300, 1 - 1e-16)
+    keys = weight.log() - (-u.log()).log() - torch.where(w2 > 0, 0.0, _EMPTY_SHIFT)   # log w + Gumbel
+    keys = torch.cat([keys, keys.new_full((b, 1), -math.inf)], 1)  # column n_vox: the padding of layer_cells
+    table = lt["layer_cells"]                                     # (L, C)
+    c_max = table.shape[1]
+    lk = keys[:, table]                                           # (B, L, C)
+    order = torch.argsort(lk, dim=-1, descending=True, stable=True)
+    rank_ok = torch.arange(c_max, device=device)[None, None, :] < n_cnt[:, :, None]
+    chosen = torch.zeros_like(rank_ok).scatter_(-1, order, rank_ok)   # (B, L, C), cells in increasing order
+    # compaction without a host read: the i-th chosen cell goes to slot i, the others to slot n_total
+    flat = chosen.reshape(-1)
+    pos = torch.cumsum(flat.to(torch.int64), 0) - 1
+    slot = torch.where(flat, pos, torch.full_like(pos, n_total))
+    cell_all = (table[None].expand(b, n_l, c_max) + torch.arange(b, device=device)[:, None, None] * n_vox).reshape(-1)
+    out_key = torch.zeros(n_total + 1, dtype=torch.int64, device=device).scatter_(0, slot, cell_all)[:n_total]
+    out_shower = torch.div(out_key, n_vox, rounding_mode="floor")
+    out_cell = out_key - out_shower * n_vox
+    # energy: a random candidate of the cell's bin (cell, or ring)
+    bkey = out_shower * n_vox + lt["ring"][out_cell] if ring_mode else out_key
+    if ring_mode:
+        ring_of = torch.where(inside, shower * n_vox + lt["ring"][cell.clamp(min=0)], torch.full_like(cell, dump))
+        skey, sidx = torch.sort(ring_of)
+    else:
+        skey, sidx = torch.sort(ckey)
+    e_sorted = g.E[sidx]
+    start = torch.searchsorted(skey, bkey)
+    n_bin = cnt[bkey].to(torch.int64) if not ring_mode else torch.searchsorted(skey, bkey, right=True) - start
+    pick = start + (torch.rand(n_total, generator=generator, device=device, dtype=torch.float64)
+                    * n_bin.to(torch.float64)).to(torch.int64).clamp(max=(n_bin - 1).clamp(min=0))
+    e_pick = e_sorted[pick.clamp(max=max(p - 1, 0))] if p else g.E.new_zeros(n_total)
+    lay_out = t["cell_layer"][out_cell]
+    grp = out_shower * n_l + lay_out
+    c_grp = torch.where(inside, shower * n_l + g.layer.clamp(0, n_l - 1), torch.full_like(shower, b * n_l))
+    e_min = torch.full((b * n_l + 1,), math.inf, dtype=g.E.dtype, device=device).scatter_reduce(
+        0, c_grp, g.E, "amin", include_self=True)[:b * n_l]
+    e_min = torch.where(torch.isfinite(e_min), e_min, torch.ones_like(e_min))
+    empty = n_bin == 0
+    e_cell = torch.where(empty, e_min[grp], e_pick).clamp(min=1e-300)
+    if g.layer_energy is not None:
+        target = g.layer_energy.to(device=device, dtype=e_cell.dtype).reshape(-1)
+    else:
+        target = torch.zeros(b * n_l + 1, dtype=g.E.dtype, device=device).index_add_(0, c_grp, g.E)[:b * n_l] / k
+        target = target.to(e_cell.dtype)
+    tot = torch.zeros(b * n_l, dtype=e_cell.dtype, device=device).index_add_(0, grp, e_cell)
+    energy = e_cell * (target / tot.clamp(min=1e-300))[grp]
+    counts = n_cnt.sum(1)
+    vals = torch.stack([(~inside).sum(), empty.sum()]).tolist()   # the one read-back
+    stats = {"n_points": n_total, "n_candidates": p, "n_candidates_outside": vals[0], "n_fallback": vals[1],
+             "n_outside": 0, "n_collisions": 0, "n_moved": 0, "n_merged": 0, "n_dropped": 0, "n_moved_ring": 0,
+             "collision_rate": 0.0}
+    return Placed(out_cell, energy, counts, stats)

@@ -2,7 +2,7 @@ r"""Batched generation from a run directory: point clouds (Parquet) or voxels (o
 
 from __future__ import annotations
 
-__all__ = ["GenerateResult", "generate", "parse_energies", "refuse_overwriting_inputs", "sample_events",
+__all__ = ["GenerateResult", "generate", "likelihood_kwargs", "parse_energies", "refuse_overwriting_inputs", "sample_events",
            "sample_showers"]
 
 import contextlib
@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry
-from .cells import PLACEMENT_POLICIES, GeneratedShowers, Placed, place
+from .cells import DEFAULT_OVERSAMPLE, PLACEMENT_POLICIES, GeneratedShowers, Placed, place
 from .checkpoint import LoadedModel, load
-from .guards import add_interrupt_checks, check_energy_range, count_over_incident
 from .utils import resolve_device
 
 
@@ -124,6 +123,29 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
     return vals
 
 
+def likelihood_kwargs(loaded: LoadedModel, collisions: str, oversample: int | None,
+                      model_kwargs: dict | None) -> dict | None:
+    """The model keywords of a generation with placement ``collisions``: ``oversample=K`` added for
+    ``"likelihood"`` (ValueError naming the model when it cannot draw candidate points)."""
+    if collisions != "likelihood":
+        if oversample not in (None, 1):
+            msg = f"oversample={oversample} is for --collisions likelihood, not {collisions!r}"
+            raise ValueError(msg)
+        return model_kwargs
+    import inspect
+
+    k = DEFAULT_OVERSAMPLE if oversample is None else int(oversample)
+    if k < 1:
+        msg = f"oversample must be >= 1, got {oversample}"
+        raise ValueError(msg)
+    if "oversample" not in inspect.signature(loaded.model.generate).parameters:
+        msg = (f"--collisions likelihood needs a model that samples points independently given their shower "
+               f"(calopointflow variant II, caloclouds with the pointwise denoiser); the {loaded.name} model does "
+               "not: choose another --collisions policy")
+        raise ValueError(msg)
+    return {**(model_kwargs or {}), "oversample": k}
+
+
 @torch.no_grad()
 def sample_showers(loaded: LoadedModel, e_inc: np.ndarray, device: torch.device,
                    model_kwargs: dict | None = None) -> GeneratedShowers:
@@ -147,7 +169,8 @@ def sample_showers(loaded: LoadedModel, e_inc: np.ndarray, device: torch.device,
 
 @torch.no_grad()
 def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, batch_size: int = 1000,
-                  device: str | torch.device = "cpu", collisions: str = "auto") -> Iterator[ak.Array]:
+                  device: str | torch.device = "cpu", collisions: str = "auto",
+                  oversample: int | None = None) -> Iterator[ak.Array]:
     """Yield generated showers, ``batch_size`` at a time, as awkward events
     ``{incident_energy, points: {r, alpha, z (float32 cell centres), E (float64), cell (int32)}}``,
     points placed in cells with the ``collisions`` policy (:func:`calopc.models.cells.place`).
@@ -155,6 +178,7 @@ def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, b
     The same ``seed``, energies, batch size and device give the same showers.
     """
     device = resolve_device(device)
+    kw = likelihood_kwargs(loaded, collisions, oversample, None)
     loaded.model.to(device).eval()
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
     devices = [device] if device.type == "cuda" else []
@@ -163,7 +187,7 @@ def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, b
         gen = torch.Generator(device).manual_seed(seed + 1)
         for i in range(0, energies.shape[0], batch_size):
             e = energies[i:i + batch_size]
-            pl = place(sample_showers(loaded, e, device), loaded.geometry, policy=collisions, generator=gen)
+            pl = place(sample_showers(loaded, e, device, kw), loaded.geometry, policy=collisions, generator=gen)
             yield _points_events(e, pl.cell.cpu().numpy(), pl.E.cpu().numpy(), pl.counts.cpu().numpy(),
                                  loaded.geometry)
 
@@ -247,7 +271,7 @@ def refuse_overwriting_inputs(output: str | os.PathLike | None, inputs: Iterable
 def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | os.PathLike | None = None,
              seed: int = 0, batch_size: int = 1000, device: str = "auto", ema: bool = True,
              collisions: str = "auto", threshold: float | None = None, progress: bool = False,
-             model_kwargs: dict | None = None) -> GenerateResult:
+             model_kwargs: dict | None = None, oversample: int | None = None) -> GenerateResult:
     """Generate one shower per incident energy and write them.
 
     Everything up to the finished batch stays on the device: the model samples, the points
@@ -265,10 +289,13 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         device: ``auto``, ``cpu`` or ``cuda``.
         ema: use the EMA weights. Defaults to True.
         collisions: ``auto`` (``alpha-free`` for models that generate no angle, else ``nearest-free``),
-            ``alpha-free``, ``nearest-free``, ``sum`` or ``max`` (see :mod:`calopc.models.cells`).
+            ``alpha-free``, ``nearest-free``, ``sum``, ``max`` or ``likelihood`` (see :mod:`calopc.models.cells`;
+            ``likelihood`` for models that sample points independently given their shower).
         threshold: voxel threshold (MeV) for HDF5 output; default: the geometry's.
         progress: show a progress bar (on a terminal only).
         model_kwargs: keywords of the model's ``generate`` (e.g. ``{"steps": 2}``: sampler steps of CaloClouds).
+        oversample: candidate points per point of ``collisions="likelihood"`` (default
+            :data:`calopc.models.cells.DEFAULT_OVERSAMPLE`).
 
     Returns:
         A :class:`GenerateResult` with counts, timings and collision statistics.
@@ -291,8 +318,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         raise ValueError(msg)
     dev = resolve_device(device)
     loaded = load(run_dir, ema=ema, device=dev)
-    check_energy_range(loaded.meta, energies)  # warns outside the training range (the CLI's --strict refuses)
-    add_interrupt_checks(loaded.model)  # a deferred Ctrl-C/SIGTERM stops within a sampler step, not after a batch
+    model_kwargs = likelihood_kwargs(loaded, collisions, oversample, model_kwargs)
     from .train import _fast_splines
 
     _fast_splines(loaded.model, "auto", dev)  # zuko splines with the faster knot cumsum on CUDA (calopc.models.flows)
@@ -316,8 +342,6 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    over = torch.zeros((), dtype=torch.int64, device=dev)
-
     def batches() -> Iterator[tuple[np.ndarray, Placed]]:
         nonlocal n_points
         devices = [dev] if dev.type == "cuda" else []
@@ -332,10 +356,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                 sync()
                 t1 = time.perf_counter()
                 pl = place(g, geo, policy=collisions, generator=gen)
-                over.add_(count_over_incident(pl.counts, pl.E, e))  # showers depositing more than E_inc
                 timing["sampling"] += t1 - t
                 timing["placing"] += time.perf_counter() - t1
-                n_points += g.n_points
+                n_points += g.n_points // g.oversample   # likelihood: K candidates per placed point
                 for k, v in pl.stats.items():
                     if k != "collision_rate":
                         stats[k] = stats.get(k, 0) + v
@@ -385,7 +408,6 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
     stats["collision_rate"] = stats.get("n_collisions", 0) / inside if inside else 0.0
     stats.setdefault("n_below_threshold", 0)
-    stats["n_over_incident"] = int(over)  # showers with deposited > incident energy (unphysical)
     return GenerateResult(int(energies.shape[0]), n_points, timing["sampling"], time.perf_counter() - t_start,
                           None if output is None else str(output), stats, seconds_placing=timing["placing"],
                           device=str(dev))

@@ -139,7 +139,8 @@ def test_legacy_tuple_and_errors(toy_geometry):
 
 
 def test_cli_collision_choices_mirror_the_policies():
+    from calopc.cli.options import COLLISIONS, GENERATE_COLLISIONS
     from calopc.models.cells import PLACEMENT_POLICIES
-    from calopc.cli.options import COLLISIONS
 
-    assert COLLISIONS == PLACEMENT_POLICIES
+    assert GENERATE_COLLISIONS == PLACEMENT_POLICIES
+    assert COLLISIONS == tuple(p for p in PLACEMENT_POLICIES if p != "likelihood")  # likelihood: generate only
