@@ -9,20 +9,23 @@ __all__ = ["register"]
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..cli.options import fraction, positive_float, positive_int
+
 _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
-    "--steps": ("steps", int, "optimizer steps in total"),
-    "--batch-size": ("batch_size", int, "showers per step (per process under torchrun)"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--ema-decay": ("ema_decay", float, "EMA decay of the weights (0: off)"),
-    "--time-limit": ("time_limit", float, "stop after this many seconds of training"),
-    "--max-showers": ("max_showers", int, "use only the first N training showers"),
-    "--buffer-showers": ("buffer_showers", int, "showers in the shuffle buffer when streaming"),
-    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
-    "--log-every": ("log_every", int, "steps between stats.jsonl records (and device-to-host reads)"),
+    "--steps": ("steps", positive_int, "optimizer steps in total"),
+    "--batch-size": ("batch_size", positive_int, "showers per step (per process under torchrun)"),
+    "--lr": ("lr", positive_float, "peak learning rate"),
+    "--ema-decay": ("ema_decay", fraction, "EMA decay of the weights (0: off)"),
+    "--time-limit": ("time_limit", positive_float, "stop after this many seconds of training"),
+    "--max-showers": ("max_showers", positive_int, "use only the first N training showers"),
+    "--buffer-showers": ("buffer_showers", positive_int, "showers in the shuffle buffer when streaming"),
+    "--checkpoint-every": ("checkpoint_every", positive_int, "steps between checkpoints"),
+    "--log-every": ("log_every", positive_int, "steps between stats.jsonl records (and device-to-host reads)"),
     "--pipeline": ("pipeline", str, "where batches are built: device (GPU-first) or numpy (on the host)"),
     "--fast-splines": ("fast_splines", str, "faster spline knots: auto (CUDA only), on, matmul or off"),
 }
@@ -75,13 +78,20 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
     for flag in ("amp", "bucket", "compile"):
         if getattr(args, flag):
             train_cfg[flag] = True
+    from .guards import _short, typed_options
+
+    raw: dict[str, dict[str, str]] = {"model": {}, "train": {}}  # --set texts: string options keep them verbatim
     for item in args.set or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in ("model", "train"):
-            msg = f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE"
+            msg = f"--set {_short(item)!r}: expected model.KEY=VALUE or train.KEY=VALUE"
             raise ValueError(msg)
         (model_cfg if section == "model" else train_cfg)[name] = _parse_value(value)
+        raw[section][name] = value
+    # every value against the field types, before any data is read (one line: key, value, expected type)
+    model_cfg = typed_options(cfg_cls, model_cfg, section="model", raw=raw["model"], sizes=True)
+    train_cfg = typed_options(TrainConfig, train_cfg, section="train", raw=raw["train"])
     model_obj = cfg_cls.from_dict(model_cfg)
     train_obj = TrainConfig.from_dict(train_cfg)
     return asdict(model_obj), asdict(train_obj)
@@ -101,7 +111,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
                 resume=args.resume, overwrite=args.overwrite)
-    if int(__import__("os").environ.get("RANK", 0)) == 0:
+    if int(__import__("os").environ.get("RANK", 0)) == 0 and res.get("nothing_to_do"):
+        print(f"train: {res['run_dir']} already holds {res['steps']} steps (train.steps {train_cfg['steps']}): "
+              "nothing to do; raise --steps to train longer")
+    elif int(__import__("os").environ.get("RANK", 0)) == 0:
         print(f"trained {args.model}: {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; "
               f"run directory {res['run_dir']}")
     return 0
@@ -120,6 +133,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "steps": args.steps},
                          indent=2))
         return 0
+    if args.strict:  # refuse before the model is loaded (without --strict, generate() warns)
+        from .checkpoint import read_config
+        from .guards import check_energy_range
+
+        check_energy_range(read_config(args.run_dir), energies, strict=True)
     from .generate import generate
     from .utils import resolve_device
 
@@ -134,6 +152,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"cells ({args.collisions}): {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
               f"merged {c['n_merged']}, dropped {c['n_dropped']}), {c['n_outside']} outside, "
               f"{c['n_below_threshold']} below threshold")
+    n_over = (res.collisions or {}).get("n_over_incident", 0)
+    if n_over:
+        print(f"calopc generate: warning: {n_over} of {res.n_showers} showers deposit more energy than their "
+              "incident energy", file=sys.stderr)
     return 0
 
 
@@ -196,6 +218,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=None,
                    help="sampler steps of diffusion models (caloclouds: Heun steps, 2 steps - 1 network evaluations; "
                         "a distilled run: evaluations; default: the run's, 13 and 1)")
+    g.add_argument("--strict", action="store_true",
+                   help="refuse incident energies outside the run's training range (default: warn and generate)")
     _add_common(g, "print the resolved options and exit (default: off)")
     g.set_defaults(func=_cmd_generate)
 

@@ -23,6 +23,7 @@ import torch
 from ..geometry import Geometry
 from .cells import DEFAULT_OVERSAMPLE, PLACEMENT_POLICIES, GeneratedShowers, Placed, place
 from .checkpoint import LoadedModel, load
+from .guards import add_interrupt_checks, check_energy_range, count_over_incident
 from .utils import resolve_device
 
 
@@ -319,6 +320,8 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     dev = resolve_device(device)
     loaded = load(run_dir, ema=ema, device=dev)
     model_kwargs = likelihood_kwargs(loaded, collisions, oversample, model_kwargs)
+    check_energy_range(loaded.meta, energies)  # warns outside the training range (the CLI's --strict refuses)
+    add_interrupt_checks(loaded.model)  # a deferred Ctrl-C/SIGTERM stops within a sampler step, not after a batch
     from .train import _fast_splines
 
     _fast_splines(loaded.model, "auto", dev)  # zuko splines with the faster knot cumsum on CUDA (calopc.models.flows)
@@ -342,6 +345,8 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    over = torch.zeros((), dtype=torch.int64, device=dev)
+
     def batches() -> Iterator[tuple[np.ndarray, Placed]]:
         nonlocal n_points
         devices = [dev] if dev.type == "cuda" else []
@@ -356,6 +361,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                 sync()
                 t1 = time.perf_counter()
                 pl = place(g, geo, policy=collisions, generator=gen)
+                over.add_(count_over_incident(pl.counts, pl.E, e))  # showers depositing more than E_inc
                 timing["sampling"] += t1 - t
                 timing["placing"] += time.perf_counter() - t1
                 n_points += g.n_points // g.oversample   # likelihood: K candidates per placed point
@@ -408,6 +414,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
     stats["collision_rate"] = stats.get("n_collisions", 0) / inside if inside else 0.0
     stats.setdefault("n_below_threshold", 0)
+    stats["n_over_incident"] = int(over)  # showers with deposited > incident energy (unphysical)
     return GenerateResult(int(energies.shape[0]), n_points, timing["sampling"], time.perf_counter() - t_start,
                           None if output is None else str(output), stats, seconds_placing=timing["placing"],
                           device=str(dev))
