@@ -150,7 +150,16 @@ def evaluate(
         t0 = time.perf_counter()
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        from .cnn import check_dense_memory
+        from .samples import peek_sample
+
+        # dense metrics that cannot fit (cls-low, cls-cnn on high-granularity geometries) refuse before any reading
+        peek_geo, peek_n = peek_sample(ref, geometry=geometry)
+        check_dense_memory(metrics, peek_geo, min(peek_n, max_showers or peek_n), batch_size=cls_batch_size,
+                           hidden=cls_hidden, cnn_options=cnn_options)
         keep = any(m in metrics for m in ("cls-low", "cls-low-normed", "cls-cnn", "cls-sparse", "prdc"))
+        if keep and not any(m in metrics for m in ("cls-low", "cls-low-normed", "cls-cnn", "prdc")):
+            keep = "sparse"  # only cls-sparse needs the cells: keep the occupied ones (CellRows), not N x n_voxels
         stage(f"reading {Path(gen).name}")
         g_s = load_sample(gen, threshold=threshold, geometry=geometry, keep_voxels=keep, max_showers=max_showers,
                           collisions=collisions, progress=progress)
@@ -183,9 +192,10 @@ def evaluate(
             if "hist" in metrics:  # calibrated readout of the separation powers (permutations of the showers)
                 stage("histogram test")
                 t = time.perf_counter()
-                res["separation_test"] = separation_tests(
-                    shower_histogram_specs(r_s.features, g_s.features, geo, threshold=thr),
-                    permutations=test_permutations, seed=seed, level=TEST_LEVEL)
+                with one_blas_thread():
+                    res["separation_test"] = separation_tests(
+                        shower_histogram_specs(r_s.features, g_s.features, geo, threshold=thr),
+                        permutations=test_permutations, seed=seed, level=TEST_LEVEL)
                 timings["hist test"] = time.perf_counter() - t
 
         hl_gen = hl_ref = None
@@ -248,7 +258,8 @@ def evaluate(
             n = len(g_s)
             cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size,
                                    **(cnn_options or {})}).resolved(kind)
-            r = cnn_metric(kind, g_s.low[:n], g_s.features.e_inc[:n], r_s.low[:n], r_s.features.e_inc[:n], geo,
+            xg, xr = ((s.low[:n] if s.low is not None else s.low_sparse.head(n)) for s in (g_s, r_s))
+            r = cnn_metric(kind, xg, g_s.features.e_inc[:n], xr, r_s.features.e_inc[:n], geo,
                            config=cnn_cfg, seeds=cls_seeds, seed=seed, device=device, progress=progress)
             entry = {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
             counts = official_split(geo.name, n)
@@ -269,14 +280,15 @@ def evaluate(
                     continue
                 stage(name.upper())
                 t = time.perf_counter()
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), one_blas_thread():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     v, e = func(hl_ref, hl_gen, estimator=fpd_estimator, seed=42 + seed, **kw)
                 res[f"{name}_x1e3"] = {"value": v * 1e3, "error": e * 1e3, "estimator": fpd_estimator}
                 timings[name] = time.perf_counter() - t
             t = time.perf_counter()
-            tests = calibrated_tests(hl_ref, hl_gen, metrics=tuple(m for m in ("fpd", "kpd") if m in metrics),
-                                     permutations=test_permutations, seed=seed, progress=stage)
+            with one_blas_thread():
+                tests = calibrated_tests(hl_ref, hl_gen, metrics=tuple(m for m in ("fpd", "kpd") if m in metrics),
+                                         permutations=test_permutations, seed=seed, progress=stage)
             for name, d in tests.items():
                 res[f"{name}_x1e3"]["test"] = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
             timings["fpd/kpd test"] = time.perf_counter() - t
@@ -341,6 +353,23 @@ def evaluate(
         write_metrics(out / "metrics.json", res)
         write_report(out / "report.html", res)
         return res
+
+
+def one_blas_thread():
+    """Context in which numpy's BLAS uses one thread (``threadpoolctl``; no-op without it).
+
+    The distances work on small matrices (362 features): a second BLAS thread gains little, while on a
+    shared machine with more busy processes than cores the spinning threads of OpenBLAS wait for each
+    other: one FPD of 1k showers took 188 s instead of 14 s with 2 threads at load 17 on 2 cores (the
+    audit's 829 s of FPD).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _n_validation(dataset: str, n: int) -> int:
