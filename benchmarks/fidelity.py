@@ -63,7 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: model configs sized for CPU budgets of minutes (recorded with every entry); training options are the family's
 #: defaults (calopc.models.train) except the budget
 CPU_CONFIG: dict[str, dict[str, Any]] = {
-    "calopointflow": {"point_hidden": [96, 96], "point_transforms": 5, "points_per_shower_loss": 256},
+    # the set summary (DeepSetFlow) needs all points of a shower in the loss (points_per_shower_loss=0)
+    "calopointflow": {"point_hidden": [96, 96], "point_transforms": 5, "points_per_shower_loss": 0},
     "caloclouds": {"widths": [32, 64, 128, 64, 32], "points_per_shower_loss": 256},
     "deeptree": {"critic_heads": 4, "critic_dropout": 0.0, "shower_hidden": [256, 256], "shower_steps": 4},
 }
