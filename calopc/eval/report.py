@@ -353,9 +353,12 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
                 auc_read = ("0.5 = indistinguishable; "
                             + _zero_verdict(c.get("auc"), c.get("auc_err"), ideal=0.5, what="0.5"))
                 jsd_read = "0 = indistinguishable, lower is better; " + _zero_verdict(c.get("jsd"), c.get("jsd_err"))
-            add(f"<tr><td>classifier AUC ({_e(kind)})</td><td class=n>{_pm(c.get('auc'), c.get('auc_err'))}</td>"
+            one = isinstance(c.get("aucs"), list) and len(c["aucs"]) < 2  # one training: no spread to quote
+            add(f"<tr><td>classifier AUC ({_e(kind)})</td>"
+                f"<td class=n>{_num(c.get('auc')) if one else _pm(c.get('auc'), c.get('auc_err'))}</td>"
                 f"<td class=n>{auc_null}</td><td>{auc_read}</td></tr>")
-            add(f"<tr><td>classifier JSD ({_e(kind)})</td><td class=n>{_pm(c.get('jsd'), c.get('jsd_err'))}</td>"
+            add(f"<tr><td>classifier JSD ({_e(kind)})</td>"
+                f"<td class=n>{_num(c.get('jsd')) if one else _pm(c.get('jsd'), c.get('jsd_err'))}</td>"
                 f"<td class=n>≈ 0</td><td>{jsd_read}</td></tr>")
         known = {"value", "error", "ref_floor", "ref_floor_error", "value_at_floor_size", "value_at_floor_size_error",
                  "test"}

@@ -108,6 +108,40 @@ def test_fpd_kpd_reading_and_nan_metrics(tmp_path):
     assert worst_histograms(res["separation"]) == [("E_layer_3", 0.2), ("EC_x_3", 0.1)]
 
 
+def test_calibrated_readouts_in_the_summary(tmp_path):
+    """The readouts of calibrated tests: 'compatible / not compatible with a perfect generator' with p, the
+    perfect generator's value at these sample sizes beside the official value, no ± for a single training."""
+    test = {"observed": 840.0, "null_mean": 845.0, "null_sd": 30.0, "excess": -5.0, "p_value": 0.57,
+            "permutations": 99, "n_real": 1000, "n_gen": 1000, "level": 0.05, "compatible": True,
+            "statistic": "Fréchet distance of the samples' moments"}
+    res = {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 1000, "n_reference": 1000,
+           "fpd_x1e3": {"value": 841.7, "error": 1.3, "estimator": "official", "test": test},
+           "kpd_x1e3": {"value": 0.31, "error": 0.1, "estimator": "official",
+                        "test": {**test, "observed": 9.0, "null_mean": 0.0, "null_sd": 0.4, "excess": 9.0,
+                                 "p_value": 0.01, "compatible": False}},
+           "classifier": {"high": {"auc": 0.52, "auc_err": 0.0, "jsd": 0.001, "jsd_err": 0.0, "aucs": [0.52],
+                                   "jsds": [0.001],
+                                   "test": {"null_mean": 0.5, "null_sd": 0.0323, "n_validation_per_class": 200,
+                                            "p_value": 0.27, "level": 0.05, "compatible": True}}},
+           "separation_test": {"E_ratio": {"observed": 0.098, "null_mean": 0.037, "null_sd": 0.005, "p_value": 0.01,
+                                           "permutations": 99, "level": 0.05, "compatible": False},
+                               "mean": {"observed": 0.027, "null_mean": 0.027, "null_sd": 0.001, "p_value": 0.4,
+                                        "permutations": 99, "level": 0.05, "compatible": True, "histograms": 362}}}
+    write_report(tmp_path / "r.html", res)
+    html = (tmp_path / "r.html").read_text()
+    fpd = html.split("FPD ×10³")[1].split("</tr>")[0]
+    assert "845.000 ± 30.000" in fpd and "<b>compatible with a perfect generator</b> (p = 0.57" in fpd
+    kpd = html.split("KPD ×10³")[1].split("</tr>")[0]
+    assert "<b>not compatible with a perfect generator</b> (p ≤ 0.01" in kpd
+    auc = html.split("classifier AUC (high)")[1].split("</tr>")[0]
+    assert "0.5200</td>" in auc and "± 0.0000" not in auc and "0.5000 ± 0.0323" in auc
+    assert "compatible with a perfect generator" in auc and "200 validation showers" in auc
+    e = html.split("separation power of E_dep/E_inc")[1].split("</tr>")[0]
+    assert "not compatible" in e and "0.0370 ± 0.0050" in e
+    assert "mean separation power (362 histograms)" in html and "How to read “compatible”" in html
+    assert "σ" not in html.split("<h2>Summary</h2>")[1].split("</table>")[0]  # no pulls from resampling errors
+
+
 _CHECK = """<script>
 window.addEventListener('load', function () {
   var imgs = [].slice.call(document.images);
