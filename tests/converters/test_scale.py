@@ -383,3 +383,13 @@ def test_lazy_dataset_equals_eager(folder):
     hits = ak.sum(lazy.points.z == 12, axis=1)  # hits in layer 12 per shower, lazily
     assert ak.array_equal(hits.compute(scheduler="sync"), ak.sum(eager.points.z == 12, axis=1))
     assert ak.array_equal(lazy.compute(scheduler="threads"), eager)
+
+
+def test_lazy_reader_without_dask_says_what_to_install(folder, monkeypatch):
+    import sys
+
+    import calopc
+
+    monkeypatch.setitem(sys.modules, "dask_awkward", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'calopc\[dask\]'"):
+        calopc.open_points(folder[0] / "ds")
