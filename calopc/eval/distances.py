@@ -318,7 +318,7 @@ def _group_moments(x: np.ndarray, z: np.ndarray, total: np.ndarray, total_sq: np
     return mu1, c1, mu2, c2
 
 
-def _kernel_times(pool: np.ndarray, labels: np.ndarray, degree: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def _kernel_times(pool: np.ndarray, labels: np.ndarray, degree: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """``K @ labels`` and ``diag(K)`` of the kernel matrix ``K = (x·y/d + 1)^degree`` of ``pool``, row block by
     row block (memory ``block × len(pool)``, never the whole matrix)."""
     gamma = 1.0 / pool.shape[1]

@@ -214,7 +214,8 @@ def _separations(h_ref: np.ndarray, h_gen: np.ndarray, n_ref: int, n_gen: int) -
     return s
 
 
-def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 0, level: float = 0.05) -> dict:
+def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 0, level: float = 0.05,
+                     max_showers: int = 5_000) -> dict:
     """Permutation tests of the separation powers: what a perfect generator gives at these sample sizes.
 
     The showers of both samples are pooled and the labels shuffled ``permutations`` times (sizes kept);
@@ -222,12 +223,17 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     for each shuffle from one sort of its pooled values. Returns ``{"per_histogram": {name: {observed,
     null_mean, null_sd, p_value}}, "E_ratio": {...}, "mean": {...}}``; ``"mean"`` tests the mean separation
     over all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
-    (``p > level``) is read for ``1 − level`` of perfect-generator samples.
+    (``p > level``) is read for ``1 − level`` of perfect-generator samples. Samples larger than
+    ``max_showers`` are tested on a random subset of that size (``observed`` is then the subset's).
     """
     if not specs:
         return {}
     n_ref, n_gen = len(specs[0][3]), len(specs[0][4])
     rng = np.random.default_rng(seed)
+    take_r = np.sort(rng.choice(n_ref, max_showers, replace=False)) if n_ref > max_showers else None
+    take_g = np.sort(rng.choice(n_gen, max_showers, replace=False)) if n_gen > max_showers else None
+    full = (n_ref, n_gen)
+    n_ref, n_gen = min(n_ref, max_showers), min(n_gen, max_showers)
     n = n_ref + n_gen
     z = np.zeros((n, permutations + 1))
     z[:n_ref, 0] = 1.0
@@ -238,9 +244,11 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     total = np.zeros(permutations + 1)
     count = np.zeros(permutations + 1)
     for name, _label, edges, r, g, _log in specs:
-        if len(r) != n_ref or len(g) != n_gen:
+        if (len(r), len(g)) != full:
             continue
-        v = np.concatenate([np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)])
+        r = np.asarray(r, dtype=np.float64) if take_r is None else np.asarray(r, dtype=np.float64)[take_r]
+        g = np.asarray(g, dtype=np.float64) if take_g is None else np.asarray(g, dtype=np.float64)[take_g]
+        v = np.concatenate([r, g])
         nb = len(edges) - 1
         b = np.searchsorted(edges, v, side="right") - 1
         b[v == edges[-1]] = nb - 1  # numpy.histogram: the last bin is closed

@@ -170,3 +170,15 @@ def test_all_zero_sample_separates_fully():
     assert sep["E_ratio"] == 1.0 and sep["E_layer_10"] == 1.0
     sh = np.asarray(sh, dtype=np.float64)
     assert voxel_spectrum(sh[sh > g.threshold], np.zeros(0), g.threshold, n_ref=50, n_gen=50).separation == 1.0
+
+
+def test_separation_tests_subsample_large_samples():
+    from calopc.eval.histograms import separation_tests
+
+    rng = np.random.default_rng(0)
+    edges = np.linspace(-3, 3, 21)
+    specs = [("a", "", edges, rng.normal(size=500), rng.normal(size=300), False)]
+    st = separation_tests(specs, permutations=19, max_showers=200)
+    assert (st["n_ref"], st["n_gen"]) == (200, 200) and st["per_histogram"]["a"]["permutations"] == 19
+    full = separation_tests(specs, permutations=19)
+    assert (full["n_ref"], full["n_gen"]) == (500, 300)
