@@ -151,7 +151,7 @@ def test_info_prints_no_raw_runtime_warning(tmp_path):
 # ============================================================================ Parquet inputs
 def test_points_outside_the_geometry_are_an_error(tmp_path, ds2, capsys):
     _, pqf, *_ = ds2
-    ev = read_points(pqf)[0]
+    ev = ak.from_parquet(pqf)
     cell = ak.to_numpy(ak.flatten(ev.points.cell)).copy()
     cell[::10] = 99999  # 10 % of the points
     pts = ak.with_field(ev.points, ak.unflatten(cell, ak.num(ev.points)), "cell")
@@ -161,15 +161,45 @@ def test_points_outside_the_geometry_are_an_error(tmp_path, ds2, capsys):
         line = _one_line(capsys.readouterr().err, cmd[0])
         assert "out.parquet" in line and "cell index outside geometry '2'" in line and "(10.0%)" in line
     assert not (tmp_path / "v.hdf5").exists() and not _parts(tmp_path)
-    # a few points outside (below the limit) are dropped, and the command says so
+
+
+@pytest.mark.parametrize("value", [-1, 6480])
+def test_one_rule_for_invalid_cells_in_every_reader(tmp_path, ds2, capsys, value):
+    """A single cell index outside the geometry: an error in voxelize, info and evaluate alike (train: tests/models),
+    whatever --max-outside says (that limit is for continuous points only)."""
+    _, pqf, *_ = ds2
+    ev = ak.from_parquet(pqf)
     cell = ak.to_numpy(ak.flatten(ev.points.cell)).copy()
-    cell[:3] = 99999
-    few = _rewrite_parquet(pqf, tmp_path / "few.parquet",
+    cell[7] = value
+    bad = _rewrite_parquet(pqf, tmp_path / "one.parquet",
                            points=ak.with_field(ev.points, ak.unflatten(cell, ak.num(ev.points)), "cell"))
-    assert main(["voxelize", str(few), "-o", str(tmp_path / "f.hdf5"), "--no-progress"]) == 0
-    assert "warning: 3 of" in capsys.readouterr().err
-    # and --max-outside raises the limit on purpose
-    assert main(["voxelize", str(bad), "-o", str(tmp_path / "v.hdf5"), "--max-outside", "0.2", "--no-progress"]) == 0
+    for argv in (["voxelize", str(bad), "-o", str(tmp_path / "v.hdf5"), "--max-outside", "0.5"], ["info", str(bad)],
+                 ["evaluate", str(bad), str(ds2[0]), "-o", str(tmp_path / "rep"), "--metrics", "hist"]):
+        assert main(argv) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert f"1 of " in line and f"cell index outside geometry '2' (0..6479; first: shower 0, cell {value})" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet"]
+
+
+@pytest.mark.parametrize(("column", "values", "match"), [
+    ("cell", "float", "column 'points.cell' has type double; expected integer cell indices"),
+    ("E", "string", "string; expected numbers (energies in MeV"),
+    ("incident_energy", "string", "string; expected numbers (incident energies in MeV"),
+])
+def test_columns_of_the_wrong_type_are_one_line_errors(tmp_path, ds2, capsys, column, values, match):
+    _, pqf, *_ = ds2
+    ev = ak.from_parquet(pqf)
+    if column == "incident_energy":
+        bad = _rewrite_parquet(pqf, tmp_path / "t.parquet", incident=[str(x) for x in ak.to_list(ev.incident_energy)])
+    else:
+        flat = ak.to_numpy(ak.flatten(ev.points[column]))
+        new = flat + 0.5 if values == "float" else flat.astype(str)
+        bad = _rewrite_parquet(pqf, tmp_path / "t.parquet",
+                               points=ak.with_field(ev.points, ak.unflatten(new, ak.num(ev.points)), column))
+    for argv in (["voxelize", str(bad), "-o", str(tmp_path / "v.hdf5")], ["info", str(bad)]):
+        assert main(argv) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "t.parquet" in line and match in line, line
 
 
 def test_continuous_points_outside_are_an_error(tmp_path, ds2):
@@ -699,3 +729,32 @@ def test_evaluate_geometry_reads_parquet_without_metadata(tmp_path, ds2, capsys)
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["dataset"] == "2" and m["n_generated"] == 40
     assert max(v for v in m["separation"].values() if v is not None) == 0.0  # the same showers as the reference
+
+
+# ============================================================================ issue 21: user errors, not internal ones
+def test_a_symlink_loop_is_a_one_line_user_error(tmp_path, ds2, capsys):
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    for argv in (["convert", tmp_path / "loopA", "-o", tmp_path / "x.parquet"],
+                 ["convert", ds2[0], "-o", tmp_path / "loopA"],
+                 ["evaluate", ds2[0], ds2[0], "-o", tmp_path / "loopB"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "a loop of symbolic links" in line and "internal error" not in line, line
+
+
+def test_an_hdf5_file_locked_by_its_writer_is_not_called_truncated(tmp_path, ds2):
+    src = tmp_path / "busy.hdf5"
+    src.write_bytes(ds2[0].read_bytes())
+    code = ("import sys, time, h5py\nf = h5py.File(sys.argv[1], 'a')\nprint('open', flush=True)\ntime.sleep(60)")
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(src)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        r = _calopc("info", src, env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2
+    line = _one_line(r.stderr, "info")
+    assert "another process has it open for writing" in line and "truncated" not in line, line

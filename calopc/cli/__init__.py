@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     cmd = args.command
     from ..geometry import GeometryError
-    from ..io import ShowerFileError, hdf5_write_failed
+    from ..io import ShowerFileError
 
     code: int
     with _sigterm_as_interrupt(), _one_line_warnings(cmd):
@@ -225,11 +225,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"calopc {cmd}: error: {_describe(err)}", file=sys.stderr)
             code = 2
         except Exception as err:
+            user = _user_error(err)
+            if user is not None:
+                print(f"calopc {cmd}: error: {user}", file=sys.stderr)
+                return _exit(argv, 2)
             if os.environ.get("CALOPC_DEBUG"):
                 raise
             print(f"calopc {cmd}: internal error: {type(err).__name__}: {err} (CALOPC_DEBUG=1 shows the traceback; "
                   "please report it)", file=sys.stderr)
             code = 1
+    return _exit(argv, code)
+
+
+def _exit(argv: Sequence[str] | None, code: int) -> int:
+    from ..io import hdf5_write_failed
+
     if argv is None and hdf5_write_failed():
         # h5py can crash while the interpreter shuts down after a failed write (h5py issue 914):
         # the error is reported and the temporary file removed, so leave without that teardown
@@ -238,3 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of a user error that arrives as a generic exception, else None."""
+    import re
+
+    m = re.match(r"Symlink loop from (.+)$", str(err)) if isinstance(err, RuntimeError) else None
+    if m:  # pathlib's resolve() on a loop of symbolic links (ELOOP from the OS is an OSError, handled above)
+        return f"{m.group(1).strip(chr(39))}: a loop of symbolic links; expected a file or folder"
+    return None

@@ -387,6 +387,9 @@ class PointsFile:
         if "points" not in names or "incident_energy" not in names:
             msg = f"{self.path}: expected columns 'incident_energy' and 'points', found {names}"
             raise ShowerFileError(msg)
+        from .validate import check_points_schema
+
+        check_points_schema(self.path, self._pf.schema_arrow)  # column types: one rule for every reader
         #: only ``cell`` and ``E`` stored; the cell centres are added on read
         self.compact = meta.get(_META_LAYOUT) == _LAYOUT_CELL_E
         if self.compact:
@@ -503,6 +506,11 @@ class PointsFile:
             msg = (f"{where}: {int(bad.sum())} of {e.size} points have a NaN, infinite or negative energy E (first: "
                    f"shower {start + i}, E = {e[j]}); expected finite energies >= 0 MeV")
             raise ShowerFileError(msg)
+        if "cell" in fields:  # one rule for every reader: a cell index outside the geometry is an error
+            from .validate import check_cells
+
+            check_cells(np.asarray(ak.flatten(pts["cell"], axis=None)), counts, self.geometry.n_voxels,
+                        self.geometry.name, where, start)
         if not self._checked and e.size:
             # a sample tells a wrong geometry: the first showers, up to ~200,000 points
             k = max(1, int(np.searchsorted(np.cumsum(counts), 200_000, side="right")))

@@ -109,8 +109,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(msg)
     from .train import TrainConfig, train
 
-    res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
-                resume=args.resume, overwrite=args.overwrite)
+    from ..io import ShowerFileError
+
+    try:
+        res = train(args.model, args.data, args.out, model_config=model_cfg, config=TrainConfig.from_dict(train_cfg),
+                    resume=args.resume, overwrite=args.overwrite)
+    except ShowerFileError as err:  # the readers' advice may name --geometry, which train does not have
+        raise ShowerFileError(_without_geometry_flag(str(err))) from None
     if int(__import__("os").environ.get("RANK", 0)) == 0 and res.get("nothing_to_do"):
         print(f"train: {res['run_dir']} already holds {res['steps']} steps (train.steps {train_cfg['steps']}): "
               "nothing to do; raise --steps to train longer")
@@ -118,6 +123,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {args.model}: {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; "
               f"run directory {res['run_dir']}")
     return 0
+
+
+def _without_geometry_flag(msg: str) -> str:
+    """A reader's message without its advice to pass --geometry (train reads the geometry from the files)."""
+    import re
+
+    msg = msg.replace("Pass the geometry (--geometry) to read it anyway",
+                      "write it with 'calopc convert' (which records the geometry) to train on it")
+    msg = re.sub(r"\s*\([^()]*--geometry[^()]*\)", "", msg)       # "(pass --geometry to override it)"
+    return re.sub(r";[^;]*--geometry[^;]*", "", msg)            # "; pass the right geometry with --geometry"
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -76,9 +76,9 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
             msg = f"--energies: {spec}: no such file"
             raise ValueError(msg)
         if p.suffix.lower() in (".parquet", ".pq"):
-            from ..converters import read_points
+            from .guards import read_incident_energies  # the energies only: no points, no geometry needed
 
-            e = np.asarray(read_points(p)[0]["incident_energy"], dtype=np.float64)
+            e = read_incident_energies(p)
         else:
             from ..io import open_showers
 
@@ -104,8 +104,8 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
         if n is None:
             msg = f"--energies {spec!r} needs -n (number of showers)"
             raise ValueError(msg)
-        if not 0 < lo <= hi:
-            msg = f"--energies {spec!r}: need 0 < LO <= HI"
+        if not 0 < lo <= hi < math.inf:
+            msg = f"--energies {spec!r}: need 0 < LO <= HI < inf"
             raise ValueError(msg)
         rng = np.random.default_rng(seed)
         u = rng.random(n)

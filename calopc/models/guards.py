@@ -16,7 +16,7 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 __all__ = ["add_interrupt_checks", "check_energy_range", "count_over_incident", "dataset_energy_range", "energy_range",
-           "interruptible", "typed_options"]
+           "interruptible", "read_incident_energies", "typed_options"]
 
 import contextlib
 import math
@@ -230,3 +230,30 @@ def dataset_energy_range(dataset: Any) -> list[float] | None:
     ranges = [energy_range(pq.read_table(p, columns=["incident_energy"]).column(0).to_numpy()) for p in paths]
     ranges = [r for r in ranges if r is not None]
     return [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None
+
+
+def read_incident_energies(path: str | Any) -> np.ndarray:
+    """The ``incident_energy`` column of a points Parquet file (MeV), without its points or geometry: what
+    ``generate --energies FILE.parquet`` needs (no calopc metadata required); one-line errors naming the file."""
+    import pyarrow.parquet as pq
+
+    from ..io import ShowerFileError
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for files that are not Parquet
+        msg = f"--energies {path}: cannot open as Parquet (truncated or not a Parquet file?): {err}"
+        raise ShowerFileError(msg) from None
+    with pf:
+        if "incident_energy" not in pf.schema_arrow.names:
+            msg = f"--energies {path}: no 'incident_energy' column; found {pf.schema_arrow.names}"
+            raise ShowerFileError(msg)
+        from ..converters.validate import check_points_schema
+
+        check_points_schema(path, pf.schema_arrow)
+        try:
+            col = pf.read(columns=["incident_energy"]).column(0)
+        except Exception as err:
+            msg = f"--energies {path}: failed to read the incident energies (corrupt or truncated file?): {err}"
+            raise ShowerFileError(msg) from None
+    return np.asarray(col.to_numpy(), dtype=np.float64).reshape(-1)

@@ -306,3 +306,111 @@ def test_generate_honours_a_signal_within_seconds(toy_run, tmp_path, sig, code):
     assert "interrupted" in _one_line(err, "generate") and "no output was written" in err
     assert latency < 5, latency  # a whole batch of 200000 showers takes far longer
     assert sorted(tmp_path.iterdir()) == []
+
+
+# ============================================================================ inputs: --energies, train's advice
+def test_generate_energies_from_a_parquet_file_without_metadata(toy_run, toy_parquet, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    bare = tmp_path / "nometa.parquet"
+    pq.write_table(pq.read_table(toy_parquet).replace_schema_metadata(None), bare)
+    assert main(["generate", str(toy_run), "--energies", str(bare), "-n", "3", "--dry-run"]) == 0
+    assert '"n": 3' in capsys.readouterr().out
+    # train cannot take such a file, and says what to do without naming a flag it lacks
+    argv = ["train", "calopointflow", "--data", str(bare), "-o", str(tmp_path / "r"), "--device", "cpu"]
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err, "train")
+    assert "no calopc geometry metadata" in line and "--geometry" not in line and "calopc convert" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_infinite_energy_range_is_refused_before_any_work(toy_run, capsys):
+    assert main(["generate", str(toy_run), "-n", "3", "--energies", "log-uniform:1e3:inf", "--dry-run"]) == 2
+    assert "need 0 < LO <= HI < inf" in _one_line(capsys.readouterr().err, "generate")
+
+
+# ============================================================================ distill
+@pytest.fixture(scope="module")
+def cc_teacher(tmp_path_factory, toy_parquet):
+    from .test_caloclouds import TINY_CC
+
+    out = tmp_path_factory.mktemp("cc") / "teacher"
+    train("caloclouds", toy_parquet, out, model_config=TINY_CC,
+          config=TrainConfig(steps=2, batch_size=8, warmup=1, device="cpu", progress=False))
+    return out
+
+
+def _distill_cfg(**kw):
+    from calopc.models.distill import DistillConfig
+
+    return DistillConfig(**{"steps": 6, "batch_size": 8, "device": "cpu", "progress": False, "log_every": 1, **kw})
+
+
+def test_interrupted_distill_says_what_it_wrote(cc_teacher, tmp_path, monkeypatch):
+    import calopc.models.diffusion as diff
+    from calopc.models.distill import distill
+
+    real, calls = diff.consistency_loss, {"n": 0}
+
+    def stop_at_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupted(signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(diff, "consistency_loss", stop_at_3)
+    out = tmp_path / "cm"
+    with pytest.raises(Interrupted) as err:
+        distill(cc_teacher, out, config=_distill_cfg())
+    assert err.value.signum == signal.SIGTERM and str(err.value) == f"the student of step 2 was written to {out}"
+    assert load(out).meta["train"]["steps"] == 2
+    # the student carries the teacher's training energy range: generate checks it too
+    assert load(out).meta["train"]["incident_energy_range"] == load(cc_teacher).meta["train"]["incident_energy_range"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cm"]  # no temporary folder, no lock left
+
+
+def test_full_disk_in_distill_names_the_output(cc_teacher, tmp_path, monkeypatch):
+    import calopc.models.checkpoint as ckpt
+    from calopc.models.distill import distill
+
+    def full(tensors, path, metadata=None):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    out = tmp_path / "cm"
+    with pytest.raises(OutputError) as err:
+        distill(cc_teacher, out, config=_distill_cfg(steps=1))
+    assert str(err.value).startswith(f"{out}/model.safetensors: cannot write (no space left on device)")
+    assert ".part" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_distill_temporary_folders_of_killed_runs_are_swept(cc_teacher, tmp_path):
+    from calopc.io import _host
+    from calopc.models.distill import distill
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = tmp_path / f".cm.{dead}@{_host()}.x1y2.part"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    distill(cc_teacher, tmp_path / "cm", config=_distill_cfg(steps=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cm"]
+
+
+def test_distill_into_a_read_only_folder_names_the_output(tmp_path):
+    from calopc.models.distill import distill
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    mounted = False
+    if os.access(ro, os.W_OK):  # root: permissions are not enforced; a read-only tmpfs instead
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True)
+        if r.returncode:
+            pytest.skip("root without mount: cannot make a read-only folder")
+        mounted = True
+    try:
+        with pytest.raises(OutputError, match=rf"{ro}/cm: cannot write in {ro} \((permission denied|read-only file system)\)"):
+            distill(tmp_path / "teacher", ro / "cm")
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
