@@ -758,3 +758,19 @@ def test_an_hdf5_file_locked_by_its_writer_is_not_called_truncated(tmp_path, ds2
     assert r.returncode == 2
     line = _one_line(r.stderr, "info")
     assert "another process has it open for writing" in line and "truncated" not in line, line
+
+
+def test_a_second_evaluate_into_one_report_folder_is_refused(tmp_path, ds2, capsys):
+    rep = tmp_path / "rep"
+    code = ("import sys, time; from calopc.locking import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(rep)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["evaluate", str(ds2[0]), str(ds2[0]), "-o", str(rep), "--metrics", "hist"]) == 2
+        line = _one_line(capsys.readouterr().err, "evaluate")
+        assert f"this report folder is being written by another calopc process (PID {holder.pid}" in line
+        assert not rep.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -106,6 +106,15 @@ def _run_checked(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_not_input(out, [args.generated, args.reference], folder=True, names=_REPORT_FILES)
     check_writable(out, folder=True, expected_bytes=20e6)
+    from ..io import lock_output
+
+    with lock_output(out, "report folder"):  # a second evaluate into the same folder fails at once (one line)
+        return _run_locked(args, out)
+
+
+def _run_locked(args: argparse.Namespace, out: Path) -> int:
+    import shutil
+
     existed = out.exists()
     before = set(out.iterdir()) if existed else set()
     try:
