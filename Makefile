@@ -18,27 +18,22 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/calopc demo --out demo
 
+# TEST_ARGS: extra pytest options, e.g. `make test TEST_ARGS="-n 2"` (pytest-xdist, as CI runs it)
+TEST_ARGS ?=
 test: setup
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q $(TEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/convert.py
 
-# MinkowskiEngine 0.5.4 (CPU) from the PyPI sdist into $(VENV): system openblas, no build isolation, the stdlib
-# distutils for numpy.distutils' BLAS lookup, and the collections.abc fix for Python >= 3.10. ME's setup.py calls
-# `pip uninstall`, so the venv's bin goes first on PATH. About 5 min on 2 cores.
-ME_VERSION ?= 0.5.4
+# MinkowskiEngine 0.5.4 (CPU), installed from a wheel cached OUTSIDE the clone, in
+# $(WHEEL_CACHE)/py<X.Y>-torch<version>-me<version>-<machine>/ (the compiled extension matches exactly that Python and
+# torch): a warm cache installs in seconds. Without a cached wheel (a fresh machine) it is built once from the PyPI
+# sdist (about 5 min on 2 idle cores) and cached. See .ci/minkowski.sh; `make minkowski WHEEL_CACHE=` never caches.
+ME_VERSION  ?= 0.5.4
+WHEEL_CACHE ?= $(HOME)/.cache/calopc/wheels
 minkowski: setup
-	@if $(BIN)/python -c "import MinkowskiEngine" 2>/dev/null; then echo "MinkowskiEngine already installed"; else \
-	  if ! ldconfig -p | grep -q libopenblas; then apt-get -o DPkg::Lock::Timeout=600 update -qq && \
-	    apt-get -o DPkg::Lock::Timeout=600 install -y -qq libopenblas-dev || exit 1; fi; \
-	  $(BIN)/python -m pip install --quiet $(TORCH) setuptools ninja && \
-	  PATH="$(abspath $(BIN)):$$PATH" SETUPTOOLS_USE_DISTUTILS=stdlib MAX_JOBS=$${MAX_JOBS:-2} \
-	    $(BIN)/python -m pip install --no-build-isolation --no-cache-dir MinkowskiEngine==$(ME_VERSION) && \
-	  SP=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/MinkowskiEngine && \
-	  sed -i -e 's/^from collections import Sequence, namedtuple$$/from collections import namedtuple\nfrom collections.abc import Sequence/' \
-	         -e 's/^from collections import Sequence$$/from collections.abc import Sequence/' $$SP/*.py $$SP/utils/*.py && \
-	  $(BIN)/python -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__)"; fi
+	VENV="$(VENV)" ME_VERSION="$(ME_VERSION)" TORCH="$(TORCH)" WHEEL_CACHE="$(WHEEL_CACHE)" bash .ci/minkowski.sh
 
 clean:
 	rm -rf demo bench-out .pytest_cache
