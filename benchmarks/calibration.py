@@ -41,7 +41,8 @@ def _pool(name: str, n: int, seed: int, scale: float):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="1-photons:1000,2:1000,2:5000", help="DATASET:N,... (default: %(default)s)")
+    ap.add_argument("--cases", default="1-photons:1000,2:1000,2:5000",
+                    help="DATASET:N[:PAIRS],... (default: %(default)s; PAIRS default --pairs)")
     ap.add_argument("--pairs", type=int, default=100, help="pairs per case (default: %(default)s)")
     ap.add_argument("--permutations", type=int, default=19,
                     help="shuffles per test (default: %(default)s; any P with 0.05 (P+1) integer is exact)")
@@ -49,50 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from calopc.eval.distances import calibrated_tests, fpd, kpd
-    from calopc.eval.features import high_level_vector
-    from calopc.eval.histograms import separation_tests, shower_histogram_specs
-
     out = {"pairs": args.pairs, "permutations": args.permutations, "cases": {}}
+    from calopc.eval.evaluate import one_blas_thread
+
     for case in args.cases.split(","):
-        name, n = case.split(":")
+        name, n, *rest = case.split(":")
         n = int(n)
-        t0 = time.perf_counter()
-        g, pool = _pool(name, 4 * n, seed=100, scale=1.0)
-        _, pool_scaled = _pool(name, 4 * n, seed=100, scale=1.05)  # the same showers, energies ×1.05
-        hl, hl_s = high_level_vector(pool), high_level_vector(pool_scaled)
-        rng = np.random.default_rng(7)
-        counts = {"same": {}, "x1.05": {}}
-        old = {"fpd_zero": 0, "kpd_zero": 0, "n": 0}
-        for i in range(args.pairs):
-            a = rng.integers(0, len(hl), n)
-            b = rng.integers(0, len(hl), n)
-            for label, (fb, hb) in (("same", (pool, hl)), ("x1.05", (pool_scaled, hl_s))):
-                res = calibrated_tests(hl[a], hb[b], permutations=args.permutations, seed=i)
-                st = separation_tests(shower_histogram_specs(pool.select(a), fb.select(b), g, threshold=g.threshold),
-                                      permutations=args.permutations, seed=i)
-                res["E_ratio"], res["mean_sep"] = st["E_ratio"], st["mean"]
-                for k, v in res.items():
-                    counts[label][k] = counts[label].get(k, 0) + bool(v["compatible"])
-            if i < args.old_pairs:  # the old readout: official estimator's value within 2 errors of zero
-                old["n"] += 1
-                v, e = fpd(hl[a], hl[b], min_samples=10_000)
-                old["fpd_zero"] += abs(v / e) <= 2 if e > 0 else v == 0
-                v, e = kpd(hl[a], hl[b], batch_size=10_000)
-                old["kpd_zero"] += abs(v / e) <= 2 if e > 0 else v == 0
-        rates = {lab: {k: c / args.pairs for k, c in d.items()} for lab, d in counts.items()}
-        out["cases"][case] = {"rates_compatible": rates, "old_readout_compatible": old,
-                              "seconds": time.perf_counter() - t0}
-        s = rates["same"]
-        d = rates["x1.05"]
-        print(f"{case}: same distribution, 'compatible' in " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s.items())
-              + f" of {args.pairs} pairs (stated 95%; binomial ±{100 * np.sqrt(0.95 * 0.05 / args.pairs):.1f}%)")
-        print(f"{' ' * len(case)}  x1.05 energies, flagged ('not compatible') in "
-              + ", ".join(f"{k} {100 * (1 - v):.0f}%" for k, v in d.items()))
-        if old["n"]:
-            print(f"{' ' * len(case)}  old readout (official value within 2 quoted errors of 0): FPD "
-                  f"{old['fpd_zero']}/{old['n']}, KPD {old['kpd_zero']}/{old['n']} pairs 'compatible'")
-        print(f"{' ' * len(case)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        pairs = int(rest[0]) if rest else args.pairs
+        with one_blas_thread():  # as evaluate runs them
+            out["cases"][case] = _case(name, n, pairs, args)
     la = os.getloadavg()
     out["load_avg"] = la
     print(f"load average: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs")
@@ -100,6 +66,51 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _case(name: str, n: int, pairs: int, args) -> dict:
+    from calopc.eval.distances import calibrated_tests, fpd, kpd
+    from calopc.eval.features import high_level_vector
+    from calopc.eval.histograms import separation_tests, shower_histogram_specs
+
+    case = f"{name}:{n}"
+    t0 = time.perf_counter()
+    g, pool = _pool(name, 4 * n, seed=100, scale=1.0)
+    _, pool_scaled = _pool(name, 4 * n, seed=100, scale=1.05)  # the same showers, energies ×1.05
+    hl, hl_s = high_level_vector(pool), high_level_vector(pool_scaled)
+    rng = np.random.default_rng(7)
+    counts = {"same": {}, "x1.05": {}}
+    old = {"fpd_zero": 0, "kpd_zero": 0, "n": 0}
+    for i in range(pairs):
+        a = rng.integers(0, len(hl), n)
+        b = rng.integers(0, len(hl), n)
+        for label, (fb, hb) in (("same", (pool, hl)), ("x1.05", (pool_scaled, hl_s))):
+            res = calibrated_tests(hl[a], hb[b], permutations=args.permutations, seed=i)
+            st = separation_tests(shower_histogram_specs(pool.select(a), fb.select(b), g, threshold=g.threshold),
+                                  permutations=args.permutations, seed=i)
+            res["E_ratio"], res["mean_sep"] = st["E_ratio"], st["mean"]
+            for k, v in res.items():
+                counts[label][k] = counts[label].get(k, 0) + bool(v["compatible"])
+        if i < args.old_pairs:  # the old readout: official estimator's value within 2 errors of zero
+            old["n"] += 1
+            v, e = fpd(hl[a], hl[b], min_samples=10_000)
+            old["fpd_zero"] += abs(v / e) <= 2 if e > 0 else v == 0
+            v, e = kpd(hl[a], hl[b], batch_size=10_000)
+            old["kpd_zero"] += abs(v / e) <= 2 if e > 0 else v == 0
+    rates = {lab: {k: c / pairs for k, c in d.items()} for lab, d in counts.items()}
+    result = {"pairs": pairs, "rates_compatible": rates, "old_readout_compatible": old,
+              "seconds": time.perf_counter() - t0}
+    s = rates["same"]
+    d = rates["x1.05"]
+    print(f"{case}: same distribution, 'compatible' in " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s.items())
+          + f" of {pairs} pairs (stated 95%; binomial ±{100 * np.sqrt(0.95 * 0.05 / pairs):.1f}%)")
+    print(f"{' ' * len(case)}  x1.05 energies, flagged ('not compatible') in "
+          + ", ".join(f"{k} {100 * (1 - v):.0f}%" for k, v in d.items()))
+    if old["n"]:
+        print(f"{' ' * len(case)}  old readout (official value within 2 quoted errors of 0): FPD "
+              f"{old['fpd_zero']}/{old['n']}, KPD {old['kpd_zero']}/{old['n']} pairs 'compatible'")
+    print(f"{' ' * len(case)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return result
 
 
 if __name__ == "__main__":
