@@ -774,3 +774,22 @@ def test_a_second_evaluate_into_one_report_folder_is_refused(tmp_path, ds2, caps
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(("column", "match"), [
+    ("cell", "column 'points.cell' has type double; expected integer cell indices"),
+    ("E", "string; expected numbers (energies in MeV"),
+])
+def test_evaluate_follows_the_rule_for_questionable_points(tmp_path, ds2, capsys, column, match):
+    """Audit N-26/N-28 as evaluate reads them (either sample): the readers' one-line error, no report left."""
+    _, pqf, *_ = ds2
+    ev = ak.from_parquet(pqf)
+    flat = ak.to_numpy(ak.flatten(ev.points[column]))
+    new = flat + 0.5 if column == "cell" else flat.astype(str)
+    bad = _rewrite_parquet(pqf, tmp_path / "t.parquet",
+                           points=ak.with_field(ev.points, ak.unflatten(new, ak.num(ev.points)), column))
+    for argv in (["evaluate", str(bad), str(ds2[0])], ["evaluate", str(ds2[0]), str(bad)]):
+        assert main([*argv, "-o", str(tmp_path / "rep"), "--metrics", "hist", "--no-progress"]) == 2
+        line = _one_line(capsys.readouterr().err, "evaluate")
+        assert "t.parquet" in line and match in line, line
+        assert not (tmp_path / "rep").exists()
