@@ -225,8 +225,14 @@ class _Sources:
         import pyarrow.parquet as pq
 
         fi, g, rows = self.blocks[k]
-        with pq.ParquetFile(self.paths[fi]) as pf:
-            t = pf.read_row_group(g, columns=self._columns[fi])
+        try:
+            with pq.ParquetFile(self.paths[fi]) as pf:
+                t = pf.read_row_group(g, columns=self._columns[fi])
+        except Exception as err:  # corrupt pages: pyarrow's own error types, without the file name
+            from ..io import ShowerFileError
+
+            msg = f"{self.paths[fi]}: failed to read row group {g} (corrupt or truncated file?): {err}"
+            raise ShowerFileError(msg) from None
         pts = t.column("points").combine_chunks()
         offsets = np.asarray(pts.offsets, dtype=np.int64)
         start, stop = offsets[0], offsets[rows]

@@ -414,3 +414,42 @@ def test_distill_into_a_read_only_folder_names_the_output(tmp_path):
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+# ============================================================================ training inputs
+def test_the_same_training_file_twice_is_refused(toy_parquet, tmp_path, capsys):
+    link = tmp_path / "same.parquet"
+    link.symlink_to(toy_parquet)
+    assert main(["train", "calopointflow", "--data", str(toy_parquet), str(link), "-o", str(tmp_path / "r")]) == 2
+    assert "given twice" in _one_line(capsys.readouterr().err, "train")
+
+
+def test_a_corrupt_training_file_is_named(toy, toy_parquet, tmp_path):
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "zeroed.parquet"
+    data = bytearray(toy_parquet.read_bytes())
+    meta = pq.ParquetFile(toy_parquet).metadata
+    col = meta.row_group(0).column(1)  # a data page of the points: overwrite it, keep the footer
+    start = col.data_page_offset
+    data[start + 20:start + 20 + min(200, col.total_compressed_size - 40)] = b"\0" * min(200, col.total_compressed_size - 40)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"zeroed.parquet") as err:
+        train("toy", bad, tmp_path / "r", config=CFG)
+    assert "internal" not in str(err.value)
+
+
+# ============================================================================ progress outside a terminal
+def test_train_and_generate_log_progress_lines_outside_a_terminal(toy, toy_parquet, toy_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    from calopc.models.generate import generate
+
+    monkeypatch.setenv("CALOPC_LOG_INTERVAL", "0.01")
+    train("toy", toy_parquet, tmp_path / "r", config=replace(CFG, progress=True, steps=6))
+    err = capsys.readouterr().err  # not a terminal under pytest: plain lines, no bar
+    lines = [x for x in err.splitlines() if x.startswith("calopc train toy: step ")]
+    assert lines and "\r" not in err
+    assert lines[-1].startswith("calopc train toy: step 6/6 (100.0%), loss ") and "showers/s" in lines[-1]
+    generate(toy_run, np.full(64, 5e3), batch_size=8, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "calopc generate: shower 64/64 (100.0%)" in err
