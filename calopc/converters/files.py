@@ -434,7 +434,7 @@ class PointsFile:
                 self.check(chunk, done)
                 yield chunk
                 done += len(chunk)
-                rest = buf[step_size:]
+                rest = ak.to_packed(buf[step_size:])  # a slice keeps (and concatenate copies) the whole content
                 pending, n_pending = ([rest] if len(rest) else []), len(rest)
         if n_pending:
             chunk = pending[0] if len(pending) == 1 else ak.concatenate(pending)
@@ -443,6 +443,9 @@ class PointsFile:
 
     def _read_group(self, i: int):
         try:
+            import pyarrow as pa
+
+            pa.default_memory_pool().release_unused()  # the previous group's buffers (the pool keeps them otherwise)
             return self._pf.read_row_group(i)
         except Exception as err:  # corrupt data pages
             msg = f"{self.path}: failed to read row group {i} (corrupt or truncated file?): {err}"
@@ -577,11 +580,13 @@ def events_from_arrow(table: object, geometry: Geometry) -> ak.Array:
     offsets = np.asarray(pts.offsets, dtype=np.int64)
     values = pts.values
     p0, p1 = int(offsets[0]), int(offsets[-1])
-    cell = np.asarray(values.field("cell").to_numpy(zero_copy_only=False))[p0:p1]
-    e = np.asarray(values.field("E").to_numpy(zero_copy_only=False))[p0:p1]
-    if cell.dtype != np.int32:
-        cell = cell.astype(np.int32)
-    inc = np.asarray(table.column("incident_energy").to_numpy(), dtype=np.float64)
+    # copies: NumPy owns the memory, Arrow's buffers go at once (views of them kept Arrow's allocator from
+    # giving memory back, so reading a file chunk by chunk grew without bound)
+    cell = np.array(values.field("cell").to_numpy(zero_copy_only=False)[p0:p1], dtype=np.int32)
+    e = np.array(values.field("E").to_numpy(zero_copy_only=False)[p0:p1])
+    inc = np.array(table.column("incident_energy").to_numpy(), dtype=np.float64)
+    offsets = offsets.copy()
+    del pts, values
     from .core import _build_events, _coordinate_tables
 
     tab = _coordinate_tables(geometry)
