@@ -16,6 +16,15 @@ synthetic data made like ``calopc synth`` + ``calopc convert`` in a temporary fo
     (points to the host, cells with :func:`calopc.converters.points_to_voxels`) vs ``new``
     (:func:`calopc.models.generate.generate`: cells and voxels on the device, writer thread);
 
+(e) **revs** (GPU readiness, old code vs new code in the same run): for ``--baseline`` (a git
+    revision, default: the commit before the GPU-readiness change) and for the working tree, each
+    in its own subprocess on its own synthetic ds2 data: kernel-launching operators and host
+    syncs of one training step of the device pipeline (dispatch-mode counter,
+    :mod:`calopc.models.opcount`, with the CUDA code path: no read-back to skip non-finite
+    steps), of one generation batch (model sampling; placement in cells counted apart) and of
+    the shower model's sampling; CPU training showers/s (:func:`~calopc.models.train.train`)
+    and end-to-end generation to HDF5 showers/s (sampling alone and the whole call);
+
 at batch 128 and 512 on dataset 2 and 128 on dataset 3 (``--configs``). It also counts the
 operations of one training step with ``torch.profiler`` (a proxy of kernel launches: leaf
 ``aten::`` operators that are not views), old vs new, and the ops of building one batch on the
@@ -25,6 +34,7 @@ Usage::
 
     python benchmarks/throughput.py --device cpu --n-train 1024 --steps 8
     python benchmarks/throughput.py --model calopointflow --device cuda --n-train 20000 --steps 100
+    python benchmarks/throughput.py --parts revs --steps 4 --n-generate 128      # old vs new: ops, syncs, rates
 """
 
 from __future__ import annotations
@@ -318,6 +328,155 @@ def bench_place(dataset: str, dev: torch.device, n: int, mean_points: int, repea
     return out
 
 
+# run in a subprocess with PYTHONPATH at the calopc tree to measure (old or new); the counter is loaded from the
+# working tree's calopc/models/opcount.py by path, so an old tree without it is measured the same way
+_REV_SCRIPT = r"""
+import importlib.util, json, math, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+import torch
+torch.set_num_threads(1)
+args = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("_opcount", args["opcount"])
+oc = importlib.util.module_from_spec(spec)
+sys.modules["_opcount"] = oc
+spec.loader.exec_module(oc)
+from calopc.converters import convert_file
+from calopc.models import get_model
+from calopc.models.data import DeviceCollate, ShowerDataset, iterate_batches
+import importlib
+tr = importlib.import_module("calopc.models.train")
+from calopc.models.utils import EMA
+from calopc.synth import write_synthetic
+out = {}
+with tempfile.TemporaryDirectory() as tmpd:
+    tmp = Path(tmpd)
+    h5 = write_synthetic(tmp / "ds2.hdf5", dataset="2", n=args["n_train"], seed=0)
+    pq = convert_file(h5, tmp / "ds2.parquet", progress=False)
+    ds = ShowerDataset.from_parquet(pq)
+    for name, mcfg in args["models"]:
+        label = name + ("" if not mcfg else ":" + ",".join(f"{k}={v}" for k, v in mcfg.items()))
+        r = out.setdefault(label, {})
+        try:
+            mc, cc = get_model(name)
+            cfg = cc.from_dict(dict(mcfg))
+            prep = ds.fit_preprocessor(seed=0, **cfg.preprocessing())
+            torch.manual_seed(0)
+            model = mc(cfg.with_data(prep)).train()
+            batch = next(iter(iterate_batches(ds, DeviceCollate(prep, "cpu", seed=0), args["count_batch"], seed=0)))
+            tcfg = tr.TrainConfig(batch_size=args["count_batch"], device="cpu", steps=10**6, warmup=0, lr=1e-4)
+            tr._fast_splines(model, "on", torch.device("cpu"))
+            custom = callable(getattr(model, "training_step", None))
+            mk = getattr(tr, "_optimizer", None) or tr._adamw
+            opts = dict(model.configure_optimizers(tcfg)) if custom else {"model": mk(model, tcfg)}
+            for o in opts.values():
+                o.step = (lambda f: lambda *a, **k: (oc.host_scalars().__enter__(), f(*a, **k))[1])(o.step)
+            st = tr._Stepper(opts, tcfg, torch.device("cpu"), 1)
+            st.exact_skip = False
+            ema = EMA(model, 0.999)
+            def backward(loss, n):
+                opts[n].zero_grad(set_to_none=True)
+                loss.backward()
+                st.update(n)
+            def one(i):
+                if custom:
+                    model.training_step(batch, i, backward)
+                else:
+                    backward(model(batch), "model")
+                ema.update(model, i)
+            one(0); one(1)
+            c = oc.count_dispatch(lambda: one(2))
+            r["train_ops"], r["train_syncs"], r["train_sync_names"] = c.ops, c.syncs, dict(c.sync_names)
+            model.eval()
+            e = np.exp(np.random.default_rng(0).uniform(math.log(1e3), math.log(1e6), args["gen_batch"]))
+            with torch.no_grad():
+                g = model.generate(e, prep)
+                torch.manual_seed(1)
+                c = oc.count_dispatch(lambda: model.generate(e, prep))
+                r["gen_ops"], r["gen_syncs"] = c.ops, c.syncs
+                sm = getattr(model, "shower_model", None) or getattr(model, "shower", None) or model.shower_flow
+                cond = torch.zeros(args["gen_batch"], 1)
+                c = oc.count_dispatch(lambda: sm.sample(cond))
+                r["shower_sample_ops"], r["shower_sample_syncs"] = c.ops, c.syncs
+                from calopc.models.cells import place
+                gg = model.generate(e, prep)
+                c = oc.count_dispatch(lambda: place(gg, prep.geometry, generator=torch.Generator().manual_seed(0)))
+                r["place_ops"], r["place_syncs"] = c.ops, c.syncs
+            if args["rates"]:
+                from calopc.models.generate import generate
+                run = tmp / f"run_{label.replace(':', '_').replace(',', '_').replace('=', '_')}"
+                t = time.perf_counter()
+                tr.train(name, pq, run, model_config=dict(mcfg), config=tr.TrainConfig(
+                    steps=args["steps"], batch_size=args["train_batch"], device="cpu", progress=False, warmup=1,
+                    log_every=10**6, checkpoint_every=10**9), overwrite=True)
+                r["train_showers_per_s"] = args["steps"] * args["train_batch"] / (time.perf_counter() - t)
+                energies = np.exp(np.random.default_rng(1).uniform(math.log(1e3), math.log(1e6), args["n_generate"]))
+                res = generate(run, energies, output=tmp / "gen.hdf5", batch_size=64, device="cpu")
+                r["gen_sampling_showers_per_s"] = res.n_showers / res.seconds_sampling
+                r["gen_total_showers_per_s"] = res.n_showers / res.seconds_total
+        except Exception as err:
+            r["error"] = f"{type(err).__name__}: {err}"
+        print(json.dumps({label: r}), file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+def bench_revisions(baseline: str, models: list[tuple[str, dict]], *, n_train: int, steps: int, n_generate: int,
+                    count_batch: int = 8, train_batch: int = 32, gen_batch: int = 4, rates: bool = True,
+                    timeout: float = 3600) -> dict:
+    """Ops, syncs and CPU rates of the ``baseline`` git revision and of the working tree (one subprocess each)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    args = {"opcount": str(root / "calopc" / "models" / "opcount.py"), "n_train": n_train, "steps": steps,
+            "n_generate": n_generate, "count_batch": count_batch, "train_batch": train_batch, "gen_batch": gen_batch,
+            "models": models, "rates": rates}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmpd:
+        old = Path(tmpd) / "old"
+        old.mkdir()
+        arch = subprocess.run(["git", "-C", str(root), "archive", baseline], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=arch, check=True)
+        for label, tree in (("old", old), ("new", root)):
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            print(f"-- revs: {label} ({baseline if label == 'old' else 'working tree'})", file=sys.stderr, flush=True)
+            p = subprocess.run([sys.executable, "-c", _REV_SCRIPT, json.dumps(args)], env=env, cwd=tmpd,
+                               capture_output=True, text=True, timeout=timeout)
+            if p.returncode != 0:
+                out[label] = {"error": p.stderr[-2000:]}
+                continue
+            out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _rev_table(res: dict, baseline: str) -> None:
+    old, new = res.get("old", {}), res.get("new", {})
+    for label, r in (("old", old), ("new", new)):
+        if "error" in r:
+            print(f"{label}: error: {r['error']}")
+    print(f"GPU readiness, old = {baseline} vs new = working tree (CPU, dispatch-mode counts; showers/s one thread)")
+    cols = [("train_ops", "train ops"), ("train_syncs", "train syncs"), ("gen_ops", "gen ops"),
+            ("gen_syncs", "gen syncs"), ("shower_sample_ops", "shower-model sample ops"), ("place_syncs", "place syncs"),
+            ("train_showers_per_s", "train showers/s"), ("gen_sampling_showers_per_s", "gen sampling showers/s"),
+            ("gen_total_showers_per_s", "gen to HDF5 showers/s")]
+    print(" | ".join(["model"] + [c for _, c in cols]))
+    for m in sorted(set(old) | set(new)):
+        a, b = old.get(m, {}), new.get(m, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        cells = [m]
+        for k, _ in cols:
+            va, vb = a.get(k), b.get(k)
+            fa = "-" if va is None else (f"{va:,.0f}" if isinstance(va, (int, float)) else str(va))
+            fb = "-" if vb is None else (f"{vb:,.0f}" if isinstance(vb, (int, float)) else str(vb))
+            cells.append(f"{fa} → {fb}")
+        print(" | ".join(cells))
+        for lab, r in (("old", a), ("new", b)):
+            if "error" in r:
+                print(f"   {m} {lab}: {r['error'][:300]}")
+
+
 def main() -> int:
     from calopc.models import available
 
@@ -329,9 +488,12 @@ def main() -> int:
     ap.add_argument("--n-train", type=int, default=1024, help="synthetic training showers per dataset (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps/batches per measurement (default: %(default)s)")
     ap.add_argument("--n-generate", type=int, default=256, help="showers generated per measurement (default: %(default)s)")
+    ap.add_argument("--baseline", default="7bfc57c~1",
+                    help="revs: the git revision measured as 'old' (default: %(default)s, before the GPU-readiness change)")
+    ap.add_argument("--no-rates", action="store_true", help="revs: counts only, no training/generation rates")
     ap.add_argument("--parts", default="pipeline,step,loop,generate,ops",
                     help="what to measure; ops: leaf aten ops of one step at the model's default size, first config "
-                         "only; place: points to voxels alone, old vs new, on random showers (BATCH showers) "
+                         "only; revs: ops, syncs and CPU rates of --baseline vs the working tree; place: points to voxels alone, old vs new, on random showers (BATCH showers) "
                          "(default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="model config override, e.g. calopointflow.point_transforms=2 (repeatable)")
@@ -354,6 +516,18 @@ def main() -> int:
             val = v
         overrides.setdefault(m, {})[key] = val
     parts = set(args.parts.split(","))
+    if "revs" in parts:
+        rev_models = [(m, {}) for m in models]
+        if "caloclouds" in models:
+            rev_models.append(("caloclouds", {"denoiser": "transformer"}))
+        res = bench_revisions(args.baseline, rev_models, n_train=max(args.n_train, 64), steps=args.steps,
+                              n_generate=args.n_generate, rates=not args.no_rates)
+        _rev_table(res, args.baseline)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"revs": res, "baseline": args.baseline}, indent=2) + "\n")
+        if parts == {"revs"}:
+            return 0
+        parts.discard("revs")
     configs = [(d, int(b)) for d, b in (c.split(":") for c in args.configs.split(","))]
     place_rows = []
     if "place" in parts:

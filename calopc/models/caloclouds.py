@@ -327,15 +327,17 @@ class CaloClouds(nn.Module):
         e = torch.as_tensor(np.asarray(e_inc) if not isinstance(e_inc, Tensor) else e_inc, dtype=torch.float64,
                             device=device).reshape(-1)
         s, n_layer, e_layer = self.shower.sample_layers(e, prep)
-        cond = torch.as_tensor(prep.forward_cond(e.cpu().numpy()), device=device, dtype=dtype)
+        e_host = e_inc.detach().cpu().numpy() if isinstance(e_inc, Tensor) else np.asarray(e_inc, dtype=np.float64)
+        cond = torch.as_tensor(prep.forward_cond(e_host.reshape(-1)), device=device, dtype=dtype)
         s = s.to(dtype)
         b, n_l = n_layer.shape
         n_points = n_layer * k                        # K > 1: candidates for the likelihood placement
         counts = n_points.sum(1)
-        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_points.reshape(-1))   # (P,)
-        shower_of, layer = group // n_l, group % n_l
-        # whole showers per sampler call, at most max_points points (unless one shower has more)
+        # whole showers per sampler call, at most max_points points (unless one shower has more): the one read-back
         ends = torch.cumsum(counts, 0).tolist()
+        group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_points.reshape(-1),
+                                        output_size=ends[-1] if ends else 0)   # (P,)
+        shower_of, layer = group // n_l, group % n_l
         y_parts, start = [], 0
         for i in range(b):
             if i == b - 1 or ends[i + 1] - start > cfg.max_points:

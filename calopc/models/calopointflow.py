@@ -113,7 +113,9 @@ def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r
     g_layer = torch.zeros(n_groups, dtype=torch.int64, device=device).scatter_(0, group, layer)
     cap = torch.where(torch.arange(k_max, device=device)[None, :] < t["n_r"][g_layer][:, None],
                       t["n_alpha"][g_layer][:, None], torch.zeros((), dtype=torch.int64, device=device))  # (G, K)
-    count = torch.bincount(group * k_max + rb, minlength=n_groups * k_max).reshape(n_groups, k_max)
+    key = group * k_max + rb                      # index_add, not bincount: no read-back of the largest key
+    count = torch.zeros(n_groups * k_max, dtype=torch.int64, device=device).index_add_(
+        0, key, torch.ones_like(key)).reshape(n_groups, k_max)
     new = torch.empty_like(count)
     carry = torch.zeros(n_groups, dtype=torch.int64, device=device)
     for k in range(k_max):                        # outwards: a full ring passes its outermost points on

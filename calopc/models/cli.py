@@ -107,13 +107,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not p.exists() and not any(c in str(p) for c in "*?["):  # a file, a dataset folder or a glob
             msg = f"--data {p}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
             raise ValueError(msg)
-    seen: dict = {}
-    for p in args.data:  # the same file twice would train on every shower twice
-        key = p.resolve() if p.exists() else p
-        if key in seen:
-            msg = f"--data {p}: given twice (also as {seen[key]}); give each file once"
-            raise ValueError(msg)
-        seen[key] = p
     from .train import TrainConfig, train
 
     from ..io import ShowerFileError
@@ -152,7 +145,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "output": str(args.output) if args.output else None, "seed": args.seed,
                           "batch_size": args.batch_size, "device": args.device, "ema": not args.no_ema,
                           "collisions": args.collisions, "oversample": args.oversample, "threshold": args.threshold,
-                          "steps": args.steps},
+                          "steps": args.steps,
+                          "amp": args.amp},
                          indent=2))
         return 0
     if args.strict:  # refuse before the model is loaded (without --strict, generate() warns)
@@ -165,10 +159,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     res = generate(args.run_dir, energies, output=args.output, seed=args.seed, batch_size=args.batch_size,
                    device=args.device, ema=not args.no_ema, collisions=args.collisions, threshold=args.threshold,
-                   progress=not args.no_progress,
-                   oversample=args.oversample, model_kwargs=None if args.steps is None else {"steps": args.steps})
-    print(f"generated {res.n_showers} showers ({res.n_points} points) in {res.seconds_sampling:.2f} s: "
-          f"{res.showers_per_second:.1f} showers/s on {resolve_device(args.device)}" + (f"; wrote {res.output}" if res.output else ""))
+                   progress=not args.no_progress, oversample=args.oversample,
+                   model_kwargs=None if args.steps is None else {"steps": args.steps}, amp=args.amp)
+    print(f"generated {res.n_showers} showers ({res.n_points} points) in {res.seconds_total:.2f} s: "
+          f"{res.showers_per_second_total:.1f} showers/s end to end (sampling alone {res.seconds_sampling:.2f} s, "
+          f"{res.showers_per_second:.1f} showers/s) on {resolve_device(args.device)}"
+          + (f"; wrote {res.output}" if res.output else ""))
     if res.collisions:
         c = res.collisions
         print(f"cells ({args.collisions}): {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
@@ -240,6 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=None,
                    help="sampler steps of diffusion models (caloclouds: Heun steps, 2 steps - 1 network evaluations; "
                         "a distilled run: evaluations; default: the run's, 13 and 1)")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast of the sampling on CUDA (default: off)")
     g.add_argument("--strict", action="store_true",
                    help="refuse incident energies outside the run's training range (default: warn and generate)")
     _add_common(g, "print the resolved options and exit (default: off)")

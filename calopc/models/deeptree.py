@@ -453,12 +453,12 @@ class TreeGenerator(nn.Module):
         """
         b, n_l = n_layer.shape
         n = n_layer.sum(1)
-        if n_max is None or n_max > self.leaves:
-            if int(n.max()) > self.leaves:
-                msg = f"a shower of {int(n.max())} points needs more than the tree's {self.leaves} leaves"
+        if n_max is None or n_max > self.leaves or total is None:
+            most, tot = (int(v) for v in torch.stack([n.max(), n.sum()]).tolist())   # one read-back
+            if most > self.leaves:
+                msg = f"a shower of {most} points needs more than the tree's {self.leaves} leaves"
                 raise ValueError(msg)
-        if total is None:
-            total = int(n.sum())
+            total = tot if total is None else total
         shower_of = torch.arange(b, device=n.device).repeat_interleave(n, output_size=total)
         first = torch.cumsum(n, 0) - n
         leaf = shower_of * self.leaves + torch.arange(total, device=n.device) - first[shower_of]  # first n leaves
@@ -793,11 +793,8 @@ class DeepTree(nn.Module):
         """Scale down the per-layer counts of showers with more points than leaves."""
         n = n_layer.sum(1, keepdim=True)
         cap = self.generator.leaves
-        over = n > cap
-        if bool(over.any()):
-            scaled = torch.div(n_layer * cap, n.clamp_min(1), rounding_mode="floor")
-            n_layer = torch.where(over, scaled, n_layer)
-        return n_layer
+        scaled = torch.div(n_layer * cap, n.clamp_min(1), rounding_mode="floor")   # no read-back: always computed
+        return torch.where(n > cap, scaled, n_layer)
 
     def _inverse(self, x: torch.Tensor, layer: torch.Tensor, prep: Preprocessor,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

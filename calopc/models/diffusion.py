@@ -67,6 +67,13 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def _karras_host(n: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
+    """:func:`karras_sigmas` as Python floats, computed on the host (the samplers' step sizes: no device read)."""
+    _check_steps(n, "number of noise levels")
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / max(n - 1, 1) * (b - a)) ** rho for i in range(n)]
+
+
 def segment_mean(values: Tensor, index: Tensor, n: int) -> Tensor:
     """Mean of ``values`` per segment ``index`` (empty segments: 0).
 
@@ -447,7 +454,7 @@ def sample(net: Callable[..., Tensor], latents: Tensor, *, num_steps: int = 13, 
         latents: ``(P, F)``; returns ``(P, F)``.
     """
     _check_steps(num_steps)
-    sig = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
+    sig = _karras_host(num_steps, sigma_min, sigma_max, rho) + [0.0]
     x = latents * sig[0]
     for i in range(num_steps):
         x = heun_step(net, x, sig[i], sig[i + 1], **kw)
@@ -465,7 +472,7 @@ def consistency_sample(net: Callable[..., Tensor], latents: Tensor, *, steps: in
         latents: ``(P, F)``; returns ``(P, F)``.
     """
     _check_steps(steps)
-    sig = karras_sigmas(steps + 1, sigma_min, sigma_max, rho).tolist()
+    sig = _karras_host(steps + 1, sigma_min, sigma_max, rho)
     x = net(latents * sigma_max, sigma_max, **kw)
     for s in sig[1:steps]:
         x = net(x + math.sqrt(max(s**2 - sigma_min**2, 0.0)) * torch.randn_like(x), s, **kw)

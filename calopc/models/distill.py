@@ -139,7 +139,7 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
 
     from . import checkpoint as ckpt
     from .caloclouds import CaloClouds
-    from .data import ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
+    from .data import DeviceCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
     from .diffusion import consistency_loss, karras_sigmas
     from .utils import resolve_device, seed_everything
 
@@ -191,7 +191,14 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     for p in target.parameters():
         p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    from .deeptree import _adam
+    from .train import TrainConfig, _Stepper
+
+    opt = _adam(params, lr=cfg.lr)      # fused where torch supports it
+    # clip and skip non-finite steps without a host read (as train); the target EMA is one multi-tensor lerp
+    stepper = _Stepper({"student": opt}, TrainConfig(grad_clip=cfg.grad_clip), device, 1)
+    target_params = list(target.parameters())
+    student_params = list(student.parameters())
     sigmas = karras_sigmas(cfg.n_sigmas, student.config.sigma_min, student.config.sigma_max, student.config.rho,
                            device=device)
 
@@ -227,7 +234,7 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
 
         bar = Progress(total=cfg.steps, unit="step", desc="distill caloclouds", per_unit=(cfg.batch_size, "showers"))
     log = open(tmp / "stats.jsonl", "a")  # noqa: SIM115
-    collate = ShowerCollate(prep, seed=cfg.seed * 1000 + 17)
+    collate = DeviceCollate(prep, device, seed=cfg.seed * 1000 + 17)   # batches built on the device
     t0 = time.perf_counter()
     try:
         while step < cfg.steps:
@@ -248,16 +255,15 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                 index = torch.randint(0, cfg.n_sigmas - 1, (b,), device=device)[shower_of]   # one pair per shower
                 per_point = consistency_loss(bind(student), bind(target), bind(teacher), x, sigmas, index)
                 loss = torch.zeros(b, dtype=per_point.dtype, device=device).index_add_(0, shower_of, per_point)
-                n = torch.bincount(shower_of, minlength=b)
-                loss = (loss[n > 0] / n[n > 0]).mean()
+                n = torch.zeros(b, dtype=loss.dtype, device=device).index_add_(0, shower_of, torch.ones_like(per_point))
+                has = (n > 0).to(loss.dtype)           # mean over the showers with points, no boolean indexing
+                loss = (loss / n.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if torch.isfinite(gn):
-                    opt.step()
+                stepper.update("student")
+                gn = stepper.grad_norm
                 with torch.no_grad():
-                    for pt, ps in zip(target.parameters(), student.parameters()):
-                        pt.lerp_(ps, 1 - cfg.mu)
+                    torch._foreach_lerp_(target_params, student_params, 1 - cfg.mu)  # noqa: SLF001
                 step += 1
                 if bar is not None:
                     bar.update(1)

@@ -272,7 +272,7 @@ def refuse_overwriting_inputs(output: str | os.PathLike | None, inputs: Iterable
 def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | os.PathLike | None = None,
              seed: int = 0, batch_size: int = 1000, device: str = "auto", ema: bool = True,
              collisions: str = "auto", threshold: float | None = None, progress: bool = False,
-             model_kwargs: dict | None = None, oversample: int | None = None) -> GenerateResult:
+             model_kwargs: dict | None = None, oversample: int | None = None, amp: bool = False) -> GenerateResult:
     """Generate one shower per incident energy and write them.
 
     Everything up to the finished batch stays on the device: the model samples, the points
@@ -297,12 +297,15 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         model_kwargs: keywords of the model's ``generate`` (e.g. ``{"steps": 2}``: sampler steps of CaloClouds).
         oversample: candidate points per point of ``collisions="likelihood"`` (default
             :data:`calopc.models.cells.DEFAULT_OVERSAMPLE`).
+        amp: bfloat16 autocast of the model's sampling on CUDA (ignored elsewhere). On CUDA float32
+            matmuls use TF32 inside this call either way (:mod:`calopc.models.precision`).
 
     Returns:
         A :class:`GenerateResult` with counts, timings and collision statistics.
     """
     from ..converters import points_writer
     from ..io import shower_writer
+    from .precision import autocast, fast_matmul
 
     if collisions not in PLACEMENT_POLICIES:
         msg = f"collisions must be one of {', '.join(PLACEMENT_POLICIES)}, got {collisions!r}"
@@ -357,7 +360,8 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                 e = energies[i:i + batch_size]
                 sync()
                 t = time.perf_counter()
-                g = sample_showers(loaded, e, dev, model_kwargs)
+                with fast_matmul(dev), autocast(dev, amp):
+                    g = sample_showers(loaded, e, dev, model_kwargs)
                 sync()
                 t1 = time.perf_counter()
                 pl = place(g, geo, policy=collisions, generator=gen)

@@ -15,8 +15,8 @@ and backward. :func:`count_dispatch` counts
   ``torch.equal``, …).
 
 On the CPU the same code path runs, so the counts a CPU test asserts are the launches and
-syncs the code would make on CUDA (``.tolist()`` and ``.cpu()`` copies are not operators of
-their own on the CPU: code under test should not use them).
+syncs the code would make on CUDA. ``Tensor.tolist()``, ``.numpy()`` and ``.cpu()`` are no
+operators on the CPU; they are counted as syncs too while counting (a copy to the host on CUDA).
 
 Example:
     >>> import torch
@@ -123,17 +123,33 @@ class host_scalars:  # noqa: N801
             c.host_scalars = p
 
 
+def _host_read(name: str, method: Callable) -> Callable:
+    def wrapped(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+        for c in _ACTIVE:
+            if not c.host_scalars:
+                c.r.syncs += 1
+                c.r.sync_names[name] += 1
+        return method(self, *a, **k)
+
+    return wrapped
+
+
 def count_dispatch(fn: Callable[[], Any], *, repeat: int = 1) -> DispatchCount:
     """Run ``fn()`` ``repeat`` times and count its kernel launches and host syncs (per call, rounded down)."""
     r = DispatchCount()
     counter = _Counter(r)
     _ACTIVE.append(counter)
-    with counter:
-        try:
+    saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "cpu")}
+    try:
+        for n, m in saved.items():
+            setattr(torch.Tensor, n, _host_read(n, m))
+        with counter:
             for _ in range(repeat):
                 fn()
-        finally:
-            _ACTIVE.remove(counter)
+    finally:
+        for n, m in saved.items():
+            setattr(torch.Tensor, n, m)
+        _ACTIVE.remove(counter)
     if repeat > 1:
         r.ops //= repeat
         r.syncs //= repeat

@@ -54,6 +54,19 @@ def test_training_step_has_no_host_sync_and_fits_the_launch_budget(ds2, name):
     assert c.ops <= STEP_BUDGET[name], f"{name}: {c}; top ops {c.top(8)}"
 
 
+@pytest.mark.parametrize("name", sorted(STEP_BUDGET))
+def test_generation_batch_reads_back_once(ds2, name):
+    """The model's sampling of a batch: one read-back (the number of points); placement in cells is apart."""
+    import numpy as np
+
+    model, _, prep = _model_and_batch(ds2, name, {"steps": 1} if name == "caloclouds" else None)
+    model.eval()
+    e = np.geomspace(1e3, 1e6, 6)
+    with torch.no_grad():
+        c = count_dispatch(lambda: model.generate(e, prep))
+    assert c.syncs <= 1, f"{name}: {c}"
+
+
 def test_transformer_step_syncs_nothing_and_its_launches_do_not_grow_with_the_batch(ds2):
     counts = []
     for b in (2, 4):
