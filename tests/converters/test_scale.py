@@ -393,3 +393,12 @@ def test_lazy_reader_without_dask_says_what_to_install(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "dask_awkward", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'calopc\[dask\]'"):
         calopc.open_points(folder[0] / "ds")
+
+
+def test_iterate_memory_stays_bounded(tmp_path, ds2):
+    """Chunks that do not end on row-group boundaries: the buffer must not grow chunk after chunk."""
+    out = convert_file(ds2[0], tmp_path / "c.parquet", progress=False, row_group_points=7_000)
+    with open_points(out) as f:
+        assert f.num_row_groups > 20
+        sizes = [len(ch.points.layout.content) for ch in f.iterate(13)]  # points held by each chunk's buffer
+    assert max(sizes[len(sizes) // 2:]) < 3 * max(sizes[:3])
