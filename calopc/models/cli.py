@@ -107,6 +107,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not p.exists() and not any(c in str(p) for c in "*?["):  # a file, a dataset folder or a glob
             msg = f"--data {p}: no such file (make one with 'calopc convert showers.hdf5 -o train.parquet')"
             raise ValueError(msg)
+    seen: dict = {}
+    for p in args.data:  # the same file twice would train on every shower twice
+        key = p.resolve() if p.exists() else p
+        if key in seen:
+            msg = f"--data {p}: given twice (also as {seen[key]}); give each file once"
+            raise ValueError(msg)
+        seen[key] = p
     from .train import TrainConfig, train
 
     from ..io import ShowerFileError
