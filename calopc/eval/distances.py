@@ -23,6 +23,11 @@ through the ``jetnet`` package. Two estimators are offered (``estimator=``):
     unbounded least-squares fit; 16/84 % quantiles. Its small-sample values measure the samples
     themselves rather than bootstrap copies, so they are much smaller than the official ones and
     not comparable with published tables.
+
+Neither estimator's error says whether two samples differ: at finite N the official value carries a
+bias (a perfect generator does not score 0) and its error is the spread of its own resampling.
+:func:`calibrated_tests` answers that question with permutation tests whose "compatible" reading
+holds for 95 % of perfect-generator samples at any sample size (the readout of ``calopc evaluate``).
 """
 
 from __future__ import annotations
