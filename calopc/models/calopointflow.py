@@ -676,12 +676,13 @@ class CaloPointFlow(nn.Module):
         zar, w = _prep_call(p.inverse_points_layer, x, lay)
         zar, w = _as_tensor(zar, device, torch.float64), _as_tensor(w, device, torch.float64)
         r = zar[:, 2]
+        moved = 0
         if self.alpha_free and self.config.overflow == "move" and k == 1:
-            r, _ = fit_rings(prep.geometry, group, b * n_l, lay, r)
+            r, moved = fit_rings(prep.geometry, group, b * n_l, lay, r)
         # each layer of each shower gets the sampled layer energy
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w * (e_layer.reshape(-1).to(w.dtype) / tot.clamp(min=1e-300))[group]
         if k > 1:
             return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy,
                                     layer_counts=n_layer, layer_energy=e_layer, oversample=k)
-        return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy)
+        return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy, n_moved_ring=moved)

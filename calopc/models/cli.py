@@ -176,7 +176,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         c = res.collisions
         print(f"cells ({args.collisions}): {c['n_collisions']} collisions ({100 * c['collision_rate']:.2f}% of points; moved {c['n_moved']}, "
               f"merged {c['n_merged']}, dropped {c['n_dropped']}), {c['n_outside']} outside, "
-              f"{c['n_below_threshold']} below threshold")
+              f"{c['n_below_threshold']} below threshold"
+              + (f"; the model moved {c['n_moved_ring']} points ({100 * c.get('moved_ring_rate', 0):.2f}%) to another "
+                 "r ring before placement" if c.get("n_moved_ring") else ""))
     n_over = (res.collisions or {}).get("n_over_incident", 0)
     if n_over:
         print(f"calopc generate: warning: {n_over} of {res.n_showers} showers deposit more energy than their "

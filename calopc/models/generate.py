@@ -411,12 +411,15 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                 inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
                 w.set_attrs({**{k: v for k, v in info.items() if k != "dtype"},
                              "generation_time_s": timing["sampling"] + timing["placing"],
-                             "collision_rate": stats.get("n_collisions", 0) / inside if inside else 0.0})
+                             "collision_rate": stats.get("n_collisions", 0) / inside if inside else 0.0,
+                             "moved_ring_rate": stats.get("n_moved_ring", 0) / inside if inside else 0.0})
     finally:
         if bar is not None:
             bar.close()
     inside = stats.get("n_points", 0) - stats.get("n_outside", 0)
     stats["collision_rate"] = stats.get("n_collisions", 0) / inside if inside else 0.0
+    stats.setdefault("n_moved_ring", 0)
+    stats["moved_ring_rate"] = stats["n_moved_ring"] / inside if inside else 0.0
     stats.setdefault("n_below_threshold", 0)
     stats["n_over_incident"] = int(over)  # showers with deposited > incident energy (unphysical)
     return GenerateResult(int(energies.shape[0]), n_points, timing["sampling"], time.perf_counter() - t_start,
