@@ -466,7 +466,8 @@ def merge(results: Path, new: list[dict]) -> list[dict]:
         keys = {(r["name"], str(r.get("dataset", "2"))) for r in new}
         allr = [r for r in old if (r["name"], str(r.get("dataset", "2"))) not in keys] + new
         _write(results, json.dumps(allr, indent=1, default=str) + "\n")
-        _write(results.with_suffix(".md"), markdown(allr))
+        notes = results.with_name(results.stem + "-notes.md")
+        _write(results.with_suffix(".md"), markdown(allr, notes.read_text() if notes.exists() else ""))
     return allr
 
 
@@ -514,8 +515,9 @@ def table_rows(results: list[dict]) -> list[dict[str, str]]:
     return rows
 
 
-def markdown(results: list[dict]) -> str:
-    """The table and the settings of every entry as Markdown."""
+def markdown(results: list[dict], notes: str = "") -> str:
+    """The table, ``notes`` (the hand-written reading of it, ``fidelity-ds2-notes.md``) and the settings of every
+    entry as Markdown."""
     rows = table_rows(results)
     lines = ["# Fidelity table: synthetic CaloChallenge showers",
              "",
@@ -533,6 +535,8 @@ def markdown(results: list[dict]) -> str:
         cols = list(rows[0])
         lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    if notes.strip():
+        lines += ["", notes.strip()]
     lines += ["", "## Settings and provenance", ""]
     for r in results:
         cls = r.get("classifier", {})
