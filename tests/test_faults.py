@@ -794,3 +794,18 @@ def test_evaluate_follows_the_rule_for_questionable_points(tmp_path, ds2, capsys
         line = _one_line(capsys.readouterr().err, "evaluate")
         assert "t.parquet" in line and match in line, line
         assert not (tmp_path / "rep").exists()
+
+
+def test_a_second_convert_into_one_dataset_folder_is_refused(tmp_path, ds2, capsys):
+    out = tmp_path / "ds"
+    code = ("import sys, time; from calopc.locking import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["convert", str(ds2[0]), str(ds2[0]), "-o", f"{out}/", "--no-progress"]) == 2
+        line = _one_line(capsys.readouterr().err, "convert")
+        assert f"this dataset folder is being written by another calopc process (PID {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()

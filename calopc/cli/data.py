@@ -62,7 +62,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if out is None:
         msg = f"{len(inputs)} inputs: name the output folder of the dataset with -o DIR/"
         raise CLIError(msg)
-    files = convert_files(inputs, out, workers=args.workers, log=print, **kw)
+    from ..io import lock_output
+
+    with lock_output(out, "dataset folder"):  # one writer per dataset folder (each shard is locked too)
+        files = convert_files(inputs, out, workers=args.workers, log=print, **kw)
     print(f"wrote {len(files)} Parquet files to {out}/")
     return 0
 
