@@ -358,12 +358,16 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     of that null distribution: ``p = (1 + #{null >= observed}) / (1 + permutations)`` is an exact p-value
     and "compatible" (``p > 0.05``) is read for 95 % of perfect-generator samples, at any N.
 
-    Statistics (features scaled by the largest absolute value of each column in both samples together,
-    which does not depend on the labels):
+    Statistics:
 
-    ``fpd``: the Fréchet distance between Gaussians with the two samples' means and covariances (the
-    official estimator's value for samples smaller than its batches tends to this number).
-    ``kpd``: the unbiased squared MMD of the two samples with the kernel ``(x·y/d + 1)^degree``.
+    ``fpd``: the Fréchet distance between Gaussians with the two samples' means and covariances, features
+    scaled as the official estimator does (by the largest absolute value in the reference, recomputed for
+    every labelling): for samples smaller than the official batches the official value tends to this
+    number, so ``null_mean`` is what a perfect generator scores on the official value too.
+    ``kpd``: the unbiased squared MMD of the two samples with the kernel ``(x·y/d + 1)^degree``, features
+    scaled by the largest absolute value in both samples together (fixed for all labellings, so the
+    kernel is evaluated once). The official KPD of a small sample (with replacement) is biased upwards
+    by repeated showers; this statistic is not.
 
     Samples larger than ``max_showers`` are tested on a random subset of that size (a valid test, with
     less power than the whole sample). The kernel is evaluated once for all permutations in row blocks.
@@ -406,9 +410,14 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
         if progress:
             progress("fpd test")
         total, total_sq = pool.sum(0), pool.T @ pool
+        absp = np.abs(pool)
         vals = np.empty(permutations + 1)
         for j in range(permutations + 1):
-            vals[j] = _frechet_fast(*_group_moments(pool, z[:, j], total, total_sq))
+            mu1, c1, mu2, c2 = _group_moments(pool, z[:, j], total, total_sq)
+            # the official normalisation: each feature over its largest |value| among the "reference" rows
+            sc = absp[z[:, j] > 0].max(0)
+            sc[sc == 0] = 1.0
+            vals[j] = _frechet_fast(mu1 / sc, c1 / np.outer(sc, sc), mu2 / sc, c2 / np.outer(sc, sc))
         out["fpd"] = _permutation_summary(vals[0], vals[1:], m, n, "Fréchet distance of the samples' moments")
     if "kpd" in metrics:
         if progress:

@@ -34,10 +34,12 @@ def test_statistics_are_the_plain_distances_of_the_samples():
     rng = np.random.default_rng(0)
     x, y = rng.normal(0, 1, (60, 5)), rng.gamma(2.0, 1.0, (45, 5))
     t = calibrated_tests(x, y, permutations=9, seed=1)
-    s = np.abs(np.concatenate([x, y])).max(0)
+    s = np.abs(x).max(0)  # FPD: the official scaling, by the reference
     a, b = x / s, y / s
     fd = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert t["fpd"]["observed"] == pytest.approx(fd, rel=1e-9)
+    s = np.abs(np.concatenate([x, y])).max(0)  # KPD: both samples (one kernel for every labelling)
+    a, b = x / s, y / s
     assert t["kpd"]["observed"] == pytest.approx(mmd_poly_unbiased(a, b), rel=1e-9, abs=1e-12)
     assert (t["fpd"]["n_real"], t["fpd"]["n_gen"], t["kpd"]["permutations"]) == (60, 45, 9)
     # p: the share of the 10 labellings (observed included) with a statistic at least as large
