@@ -394,8 +394,11 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             "perfect generator would show at these sample sizes (the column “a perfect generator”: mean ± standard "
             "deviation of the test statistic); p is the share of shuffles at least as large as the observed value. "
             "The official values carry a finite-sample bias (with replacement, a small sample keeps its own noise), "
-            "so compare them with that column, not with 0. Their ± is the spread of the official resampling, not of "
-            "the samples. Classifiers: the AUC is measured on a validation split that played no part in training or "
+            "so do not compare them with 0: the FPD test statistic is the Fréchet distance of the two samples' "
+            "moments with the official scaling, which the official FPD of samples smaller than its batches equals "
+            "closely, so its column applies to the FPD value; the KPD test uses the unbiased MMD² of the samples, "
+            "which repeated showers do not bias as they bias the official KPD of a small sample. The official ± is "
+            "the spread of the official resampling, not of the samples. Classifiers: the AUC is measured on a validation split that played no part in training or "
             "calibration, so for a perfect generator it follows the Mann–Whitney chance distribution (0.5 ± the value "
             "shown, one-sided test; ties make it conservative). Separation powers: the same shuffles of the showers, "
             "each histogram refilled (a histogram of N showers is never 0 for a perfect generator).</p>")
