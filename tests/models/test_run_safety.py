@@ -304,7 +304,7 @@ def test_generate_honours_a_signal_within_seconds(toy_run, tmp_path, sig, code):
     latency = time.monotonic() - t_sig
     assert p.returncode == code, err
     assert "interrupted" in _one_line(err, "generate") and "no output was written" in err
-    assert latency < 5, latency  # a whole batch of 200000 showers takes far longer
+    assert latency < 15, latency  # typically 1-3 s; the whole batch of 200000 showers takes minutes (> 30 s)
     assert sorted(tmp_path.iterdir()) == []
 
 
