@@ -433,8 +433,13 @@ def _metrics(ev: dict) -> dict[str, Any]:
 def _locked(path: Path):
     import fcntl
 
+    import hashlib
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    # the lock lives in the temporary folder (not among the results), one per results file
+    name = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"calopc-fidelity-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
