@@ -214,10 +214,25 @@ def main() -> int:
         return 2
     clock = Clock(args.budget)
     parts = args.parts.split(",")
-    q = args.quick
     share = {"train": 0.40, "generate": 0.25, "sparse": 0.10, "evaluate": 0.15, "classifier": 0.10}
     res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "quick": q, "budget_s": args.budget, "train": {}, "generate": {}}
+                 "torch": torch.__version__, "quick": args.quick, "budget_s": args.budget, "train": {}, "generate": {}}
+    try:
+        run_parts(args, res, clock, parts, share, dev)
+    except KeyboardInterrupt:  # the wrapper's time limit (SIGINT): keep what was measured
+        res["interrupted"] = True
+        log("interrupted: writing what was measured")
+    res["total_s"] = args.budget - clock.left()
+    args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    table(res)
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def run_parts(args: argparse.Namespace, res: dict, clock: Clock, parts: list[str], share: dict, dev) -> None:  # noqa: ANN001
+    import torch  # noqa: F401
+
+    q = args.quick
     train_cfgs = [("2", 8), ("2", 16)] if q else [("2", 128), ("2", 512), ("2", 2048), ("3", 128)]
     gen_batches = [4, 16] if q else [100, 1000, 10000]
     n_data = {"2": 48, "3": 24} if q else {"2": 6000, "3": 600}
@@ -234,13 +249,15 @@ def main() -> int:
 
         if "train" in parts:
             end = clock.left() - args.budget * (1 - share["train"])
-            jobs = [(m, c, d, b, amp, comp) for m, c in MODELS for d, b in train_cfgs for amp in (False, True)
-                    for comp in ((False, True) if (d, b) == train_cfgs[1] and not amp else (False,))]
-            per = max(0.5, 0.6 * (end - (args.budget - clock.left())) / max(len(jobs), 1)) if not q else 0.2
+            jobs = [(m, c, d, b, amp, False) for m, c in MODELS for d, b in train_cfgs for amp in (False, True)]
+            # --compile last (compilation takes minutes): ds2 at the second batch size, without and with amp
+            jobs += [(m, c, train_cfgs[1][0], train_cfgs[1][1], amp, True) for m, c in MODELS for amp in (False, True)]
+            per = max(0.5, 0.5 * (end - (args.budget - clock.left())) / max(len(jobs), 1)) if not q else 0.2
             for m, c, d, b, amp, comp in jobs:
                 key = f"{label(m, c)} ds{d} b{b}" + (" amp" if amp else "") + (" compile" if comp else "")
-                if clock.left() < args.budget * (1 - share["train"]) - 1e-9 and not q:
-                    res["train"][key] = {"skipped": "out of time"}
+                train_left = clock.left() - args.budget * (1 - share["train"])
+                if (train_left <= 0 and not q) or (comp and (q or train_left < 90)):
+                    res["train"][key] = {"skipped": "--quick" if q and comp else "out of time"}
                     continue
                 try:
                     res["train"][key] = bench_train(m, c, dsets[d], dev, b, amp=amp, compile_=comp, seconds=per)
@@ -312,11 +329,6 @@ def main() -> int:
             r = run_cmd(cmd, max(clock.left(), 10))
             res["classifier"] = r
             log(f"classifier: {r.get('seconds', 0):.0f} s {'error' if 'error' in r else 'ok'}")
-    res["total_s"] = args.budget - clock.left()
-    args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    table(res)
-    print(f"\nJSON: {args.out}")
-    return 0
 
 
 def table(res: dict) -> None:

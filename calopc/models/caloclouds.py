@@ -28,10 +28,10 @@ Points are handled flat (all real points of a batch, with their shower and layer
 padded; the context of a point depends only on its ``(shower, layer)`` group and its noise
 level on its shower, so the gates and biases of the denoiser are computed once per group.
 The transformer's attention is a block mask over ``(shower, layer)`` groups
-(:func:`~calopc.models.diffusion.band_attention`): groups are sorted by size and processed
-in chunks with a bounded number of attention scores, so memory stays bounded on dataset 3
-(~5k points per shower, ≤ 900 per layer) and cost is linear in the number of layers, with no
-``P × P`` mask. ``points_per_shower_loss`` trains on a random subset of the points of every
+(:func:`~calopc.models.diffusion.band_attention`): points sorted by ``(shower, layer)`` are cut
+into tiles, each tile attends to one window of keys bounded by the most cells of a layer
+(``max_group``, from the geometry), in one attention call with no read-back from the device;
+cost is linear in the number of points (≤ 900 per layer on dataset 3), with no ``P × P`` mask. ``points_per_shower_loss`` trains on a random subset of the points of every
 shower (exact for the pointwise denoiser; for the transformer the attention then sees a
 thinned shower).
 

@@ -774,12 +774,14 @@ class DeepTree(nn.Module):
         for _ in range(self.config.critic_steps):
             with torch.no_grad():
                 fake, packed = self._fake(batch, cond, n_layer)
-            ld = self.critic_loss(batch, (*fake, packed), cond)
+            with parametrize.cached():   # the spectral-normalised weights once for both passes
+                ld = self.critic_loss(batch, (*fake, packed), cond)
             backward(ld, "critic")
         self.critic.requires_grad_(False)
         try:
             fake, packed = self._fake(batch, cond, n_layer)
-            lg, fm = self.generator_loss(batch, (*fake, packed), cond)
+            with parametrize.cached():
+                lg, fm = self.generator_loss(batch, (*fake, packed), cond)
             backward(lg, "generator")
         finally:
             self.critic.requires_grad_(True)

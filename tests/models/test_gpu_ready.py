@@ -16,7 +16,7 @@ from calopc.models.opcount import count_dispatch, training_step  # noqa: E402
 # launches per training step of the device pipeline at the benchmark (default) model sizes on ds2, counted
 # by the dispatch mode. Issue 18's targets are 1,500 / 600 / 2,000; these are the counts reached (the
 # flows' spline formulas and the shared 4-transform shower flow dominate, see benchmarks/throughput.py).
-STEP_BUDGET = {"calopointflow": 3_600, "caloclouds": 1_200, "deeptree": 4_200}
+STEP_BUDGET = {"calopointflow": 3_600, "caloclouds": 1_200, "deeptree": 3_700}
 
 
 @pytest.fixture(scope="module")
