@@ -133,5 +133,8 @@ def test_train_streaming_from_two_files_cli(files, tmp_path, capsys):
     opts = json.loads((run / "training_options.json").read_text())
     assert opts["streamed"] is True and opts["data"] == [str(p) for p in paths]
     assert opts["train"]["buffer_showers"] == 14
-    res = generate(run, parse_energies("1e3,1e5", 4), seed=0, device="cpu")
+    # the streamed run records the training range of the incident energies (read from the files' column)
+    lo, hi = json.loads((run / "config.json").read_text())["train"]["incident_energy_range"]
+    assert 3e3 < lo < hi < 1e5
+    res = generate(run, parse_energies(f"{lo},{hi}", 4), seed=0, device="cpu")
     assert res.n_showers == 4
