@@ -282,15 +282,15 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
     rank = _dist_env()[0]
     out = Path(out)
     kw = {"model_config": model_config, "config": config, "resume": resume, "overwrite": overwrite}
+    cfg = config or train_config(model_name)
+    if resume and (out / ckpt.STATE).exists():  # every rank decides alike (no rank waits for another)
+        done = int(ckpt.load_training_state(out)["step"])
+        if done >= cfg.steps:  # nothing to do: say so instead of a "final loss nan"
+            return {"steps": done, "epochs": None, "final_loss": None, "seconds": 0.0, "run_dir": str(out),
+                    "world_size": _dist_env()[1], "skipped_steps": 0, "nothing_to_do": True}
     if rank != 0:
         return _train(model_name, data, out, **kw)
     with lock_output(out, "run directory"):  # a second writer of the same run directory fails at once
-        cfg = config or train_config(model_name)
-        if resume and (out / ckpt.STATE).exists():
-            done = int(ckpt.load_training_state(out)["step"])
-            if done >= cfg.steps:  # nothing to do: say so instead of a "final loss nan"
-                return {"steps": done, "epochs": None, "final_loss": None, "seconds": 0.0, "run_dir": str(out),
-                        "world_size": _dist_env()[1], "skipped_steps": 0, "nothing_to_do": True}
         existed = out.is_dir()
         before = set(out.iterdir()) if existed else set()
         try:
