@@ -123,7 +123,10 @@ def typed_options(cls: type, values: dict[str, Any], *, section: str, raw: dict[
         ValueError: one line naming the key, the value and the expected type; unknown keys are
             left to the config class (its error lists the valid keys).
     """
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve at run time: leave it to the class
+        hints = {}
     out = dict(values)
     for key, v in values.items():
         t = hints.get(key)
