@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..cli.options import fraction, positive_float, positive_int
+from ..cli.options import add_progress, fraction, positive_float, positive_int
 
 _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--steps": ("steps", positive_int, "optimizer steps in total"),
@@ -260,7 +260,7 @@ def _add_common(p: argparse.ArgumentParser, dry_run_help: str) -> None:
     """The options ``train`` and ``generate`` share: --seed, --device, --no-progress, --dry-run."""
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    add_progress(p)  # --no-progress: no bar on a terminal, no progress lines in logs
     p.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 

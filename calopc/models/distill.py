@@ -355,7 +355,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (default: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
+    from ..cli.options import add_progress
+
+    add_progress(p)  # --no-progress: no bar on a terminal, no progress lines in logs
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit (default: off)")
     p.set_defaults(func=_cmd_distill)
 
