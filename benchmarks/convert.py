@@ -169,11 +169,16 @@ layer = ak.values_astype(ev.points.z, np.int64)
 hits = [ak.sum(layer == k, axis=1) for k in range(45)]
 res = dask.compute(*hits, scheduler=scheduler, num_workers=workers)
 dt = time.perf_counter() - t
-if len(sys.argv) > 4:  # eager check
-    eg, _ = read_points(src)
-    lay = ak.values_astype(eg.points.z, np.int64)
-    for k in (0, 7, 22, 44):
-        assert ak.array_equal(res[k], ak.sum(lay == k, axis=1)), k
+if len(sys.argv) > 4:  # eager check, chunk by chunk (the whole dataset may not fit in memory)
+    from calopc.converters import open_points
+    i = 0
+    with open_points(src) as f:
+        for ch in f.iterate(2000):
+            lay = ak.values_astype(ch.points.z, np.int64)
+            for k in (0, 7, 22, 44):
+                assert ak.array_equal(res[k][i:i + len(ch)], ak.sum(lay == k, axis=1)), k
+            i += len(ch)
+    assert i == len(res[0])
     print("equal", end=" ")
 print(dt, ev.npartitions, sum(len(r) for r in res[:1]))
 """
