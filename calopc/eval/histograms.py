@@ -225,6 +225,9 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     over all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
     (``p > level``) is read for ``1 − level`` of perfect-generator samples. Samples larger than
     ``max_showers`` are tested on a random subset of that size (``observed`` is then the subset's).
+    Every shuffle keeps the official binning of the observed samples (e.g. the E_layer range up to the
+    reference maximum), so the test is exact up to that: measured on 100 same-distribution pairs of
+    1k showers (``benchmarks/calibration.py``), "compatible" in 92–95 % of them.
     """
     if not specs:
         return {}
