@@ -354,7 +354,7 @@ def table(res: dict) -> None:
         for bs, r in per.items():
             if "ms_per_shower" in r:
                 print(f"| {k} | {bs} | {f(r['ms_per_shower'], 3)} | {f(r['ms_per_shower_sampling'], 3)} | "
-                      f"{f(r['showers_per_s'])} |")
+                      f"{f(r['showers_per_s'], 1)} |")
             else:
                 print(f"| {k} | {bs} | {r.get('error') or r.get('skipped')} | | |")
     print("\n| other | seconds | status |")

@@ -261,7 +261,7 @@ class CaloClouds(nn.Module):
     # -------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample_points(self, cond: Tensor, shower: Tensor, shower_of: Tensor, layer: Tensor, *,
-                      steps: int | None = None, latents: Tensor | None = None) -> Tensor:
+                      steps: int | None = None, latents: Tensor | None = None, max_group: int | None = None) -> Tensor:
         """Sample the preprocessed features of points whose shower and layer are given.
 
         Args:
@@ -280,6 +280,8 @@ class CaloClouds(nn.Module):
         if latents is None:
             latents = torch.randn(shower_of.shape[0], len(self.point_dims), device=cond.device, dtype=cond.dtype)
         kw = self.net_inputs(cond, shower, shower_of, layer)
+        if max_group and cfg.denoiser == "transformer":   # the most points of one (shower, layer), if known
+            kw["max_group"] = int(max_group)
         run = consistency_sample if cfg.consistency else sample
         key = "steps" if cfg.consistency else "num_steps"
         return run(self.denoiser, latents, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho,
@@ -333,8 +335,9 @@ class CaloClouds(nn.Module):
         b, n_l = n_layer.shape
         n_points = n_layer * k                        # K > 1: candidates for the likelihood placement
         counts = n_points.sum(1)
-        # whole showers per sampler call, at most max_points points (unless one shower has more): the one read-back
-        ends = torch.cumsum(counts, 0).tolist()
+        # whole showers per sampler call, at most max_points points (unless one shower has more), and the most
+        # points of one (shower, layer) (the transformer's attention window): the one read-back
+        *ends, most = torch.cat([torch.cumsum(counts, 0), n_points.max().reshape(1)]).tolist() if b else [0]
         group = torch.repeat_interleave(torch.arange(b * n_l, device=device), n_points.reshape(-1),
                                         output_size=ends[-1] if ends else 0)   # (P,)
         shower_of, layer = group // n_l, group % n_l
@@ -342,7 +345,7 @@ class CaloClouds(nn.Module):
         for i in range(b):
             if i == b - 1 or ends[i + 1] - start > cfg.max_points:
                 sl = slice(start, ends[i])
-                y_parts.append(self.sample_points(cond, s, shower_of[sl], layer[sl], steps=steps))
+                y_parts.append(self.sample_points(cond, s, shower_of[sl], layer[sl], steps=steps, max_group=most))
                 start = ends[i]
         y = torch.cat(y_parts) if y_parts else s.new_zeros(0, len(self.point_dims))
         if self.alpha_free:  # the α column is not diffused: any value, its inverse is not used

@@ -171,7 +171,7 @@ class PointwiseNet(nn.Module):
         return t if self.time_mlp is None else self.time_mlp(t.to(self.time_mlp[0].weight.dtype))
 
     def forward(self, x: Tensor, c_noise: Tensor, ctx: Tensor, shower: Tensor | None = None,
-                layer: Tensor | None = None, ctx_index: Tensor | None = None) -> Tensor:
+                layer: Tensor | None = None, ctx_index: Tensor | None = None, max_group: int | None = None) -> Tensor:
         c = _group_context(self._time, c_noise, ctx, ctx_index, x.dtype)
         h = x
         for i, lay in enumerate(self.layers):
@@ -330,7 +330,9 @@ class BandTransformer(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, features))
 
     def forward(self, x: Tensor, c_noise: Tensor, ctx: Tensor, shower: Tensor | None = None,
-                layer: Tensor | None = None, ctx_index: Tensor | None = None) -> Tensor:
+                layer: Tensor | None = None, ctx_index: Tensor | None = None, max_group: int | None = None) -> Tensor:
+        """``max_group``: the most points of one (shower, layer) when the caller knows it (generation: the
+        sampled counts), a tighter key window than the geometry's bound."""
         if shower is None or layer is None:
             msg = "the transformer denoiser needs the shower and layer of every point"
             raise ValueError(msg)
@@ -338,7 +340,8 @@ class BandTransformer(nn.Module):
         if ctx_index is not None:
             c = c[ctx_index]
         h = self.inp(torch.cat([x, c], dim=-1))
-        plan = band_plan(shower, layer, self.n_layers, self.band, max_group=self.max_group) if x.shape[0] else None
+        plan = band_plan(shower, layer, self.n_layers, self.band,
+                         max_group=max_group or self.max_group) if x.shape[0] else None
         for blk in self.blocks:
             h = blk(h, c, shower, layer, self.n_layers, self.band, plan)
         return self.out(h)
