@@ -22,12 +22,14 @@ from __future__ import annotations
 
 __all__ = [
     "DATASETS",
+    "HIGH_GRANULARITY",
     "THRESHOLDS",
     "Geometry",
     "GeometryError",
     "detect_geometry",
     "load_geometry",
     "resolve_threshold",
+    "same_binning",
 ]
 
 import functools
@@ -44,18 +46,26 @@ import numpy as np
 
 DATASETS = ("1-photons", "1-pions", "2", "3")
 
+#: calopc's high-granularity geometry (shipped with the package, not a CaloChallenge dataset): the 45 layers of
+#: dataset 3 with 4× finer α (200 bins) and r (72 bins of 0.58 mm): 648,000 cells, the same readout threshold
+HIGH_GRANULARITY = "hg"
+
 _XML = {
     "1-photons": "binning_dataset_1_photons.xml",
     "1-pions": "binning_dataset_1_pions.xml",
     "2": "binning_dataset_2.xml",
     "3": "binning_dataset_3.xml",
+    HIGH_GRANULARITY: "binning_high_granularity.xml",
 }
 
-#: Per-voxel energy threshold (MeV) of the official evaluation.
-THRESHOLDS = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033}
+#: Per-voxel energy threshold (MeV) of the official evaluation (and of the same readout for the hg geometry).
+THRESHOLDS = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033,
+              HIGH_GRANULARITY: 0.5e-3 / 0.033}
 
 #: Readout-layer thickness (mm) where the detector is known.
-_LAYER_MM = {"2": 3.4, "3": 3.4}
+_LAYER_MM = {"2": 3.4, "3": 3.4, HIGH_GRANULARITY: 3.4}
+
+_HG_ALIASES = {"hg", "high-granularity", "highgranularity"}
 
 
 class GeometryError(ValueError):
@@ -113,6 +123,17 @@ class Geometry:
     def calochallenge(cls, dataset: str | int) -> Geometry:
         """The official geometry of a CaloChallenge dataset (``"1-photons"``, ``"1-pions"``, ``"2"``, ``"3"``)."""
         return _official(_dataset_name(dataset))
+
+    @classmethod
+    def high_granularity(cls) -> Geometry:
+        """calopc's high-granularity geometry (name ``"hg"``): dataset 3's 45 layers with 4× finer α and r, 648,000
+        cells (``calopc/data/binning_high_granularity.xml``); the readout threshold of dataset 3 per cell."""
+        return _official(HIGH_GRANULARITY)
+
+    @property
+    def cells_per_shower_bytes(self) -> int:
+        """Bytes of one dense float64 shower (``n_voxels · 8``): what a dense path allocates per shower."""
+        return self.n_voxels * 8
 
     @classmethod
     def from_xml(cls, path: str | os.PathLike, *, name: str | None = None, threshold: float = 0.0,
@@ -403,11 +424,31 @@ def load_geometry(spec: str | int | os.PathLike | Geometry) -> Geometry:
     if isinstance(spec, (str, int)) and str(spec).strip().lower().replace("_", "-") in {
         *DATASETS, "1-photon", "photons", "1-pion", "pions"}:
         return Geometry.calochallenge(spec)
+    if isinstance(spec, str) and spec.strip().lower().replace("_", "-") in _HG_ALIASES:
+        return Geometry.high_granularity()
     p = Path(spec)
     if p.suffix.lower() == ".xml" or p.exists():
-        return Geometry.from_xml(p)
-    msg = f"unknown geometry {spec!r}: expected one of {', '.join(DATASETS)} or a binning XML path"
+        g = Geometry.from_xml(p)
+        return same_binning(g) or g
+    msg = (f"unknown geometry {spec!r}: expected one of {', '.join(DATASETS)}, {HIGH_GRANULARITY} (high granularity) "
+           "or a binning XML path")
     raise GeometryError(msg)
+
+
+def same_binning(geometry: Geometry) -> Geometry | None:
+    """The shipped geometry (a CaloChallenge dataset or ``hg``) with the binning of ``geometry``, or None.
+
+    Binnings are compared layer by layer (XML ids, r-edges to 1e-9 mm, α bins), so a copy of a shipped
+    binning XML, whatever its file name, gets that geometry's name, threshold and layer thickness.
+    """
+    for name in (*DATASETS, HIGH_GRANULARITY):
+        off = _official(name)
+        if (off.layer_ids == geometry.layer_ids and off.n_alpha == geometry.n_alpha
+                and len(off.r_edges) == len(geometry.r_edges)
+                and all(len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-9)
+                        for a, b in zip(off.r_edges, geometry.r_edges))):
+            return off
+    return None
 
 
 def resolve_threshold(value: float | str | None, geometry: Geometry | None = None) -> float:
@@ -432,11 +473,12 @@ def resolve_threshold(value: float | str | None, geometry: Geometry | None = Non
 
 
 def detect_geometry(n_voxels: int) -> Geometry:
-    """The official geometry with ``n_voxels`` voxels per shower."""
-    known = {name: _official(name).n_voxels for name in DATASETS}
+    """The official geometry (or calopc's high-granularity one) with ``n_voxels`` voxels per shower."""
+    known = {name: _official(name).n_voxels for name in (*DATASETS, HIGH_GRANULARITY)}
     for name, n in known.items():
         if n == n_voxels:
             return _official(name)
-    listing = ", ".join(f"{n} (dataset {name})" for name, n in known.items())
+    listing = ", ".join(f"{n} ({'dataset ' + name if name in DATASETS else 'high granularity'})"
+                        for name, n in known.items())
     msg = f"no known geometry has {n_voxels} voxels per shower; known: {listing}. Pass a binning XML for other detectors."
     raise GeometryError(msg)

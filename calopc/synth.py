@@ -41,10 +41,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import Geometry, load_geometry
+from .geometry import THRESHOLDS, Geometry, load_geometry
 
 #: showers per random stream: results do not depend on how the caller chunks the work
 _BLOCK = 256
+#: largest dense float64 block (bytes) of one random stream: geometries with more cells (high granularity)
+#: use fewer showers per stream, so memory stays bounded whatever the number of cells
+_BLOCK_BYTES = 96 << 20
+
+
+def block_size(geometry: Geometry) -> int:
+    """Showers per random stream for ``geometry``: 256 up to dataset 3, fewer for finer geometries."""
+    return max(1, min(_BLOCK, _BLOCK_BYTES // (8 * geometry.n_voxels)))
 
 _Z_W = 74.0
 _EC_W = 8.0  # critical energy of tungsten, MeV
@@ -178,8 +186,8 @@ def generate(dataset: str | Geometry = "2", n: int = 1000, *, seed: int = 0,
     """Synthetic showers of one CaloChallenge dataset.
 
     Args:
-        dataset: ``"1-photons"``, ``"1-pions"``, ``"2"``, ``"3"`` or a :class:`Geometry`
-            (electromagnetic showers in a user geometry).
+        dataset: ``"1-photons"``, ``"1-pions"``, ``"2"``, ``"3"``, ``"hg"`` (high granularity), a binning XML
+            path or a :class:`Geometry` (electromagnetic showers in a user geometry).
         n: number of showers.
         seed: random seed; the same seed gives the same showers.
         energies: incident energies (MeV) to use instead of drawing them.
@@ -193,8 +201,9 @@ def generate(dataset: str | Geometry = "2", n: int = 1000, *, seed: int = 0,
         n = energies.shape[0]
     inc = np.empty(n)
     out = np.empty((n, geometry.n_voxels))
-    for b, i in enumerate(range(0, n, _BLOCK)):
-        j = min(i + _BLOCK, n)
+    bs = block_size(geometry)
+    for b, i in enumerate(range(0, n, bs)):
+        j = min(i + bs, n)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(b,)))
         e = energies[i:j] if energies is not None else None
         inc[i:j], out[i:j] = _block(geometry, j - i, rng, e)
@@ -219,7 +228,9 @@ def _block(geometry: Geometry, n: int, rng: np.random.Generator, energies: np.nd
     nz = k > 0
     vals = np.zeros_like(lam)
     vals[nz] = rng.gamma(k[nz] * spot_shape, 1.0) * (np.broadcast_to(e_spot[:, None], lam.shape)[nz] / spot_shape)
-    thr = geometry.threshold if geometry.name in ("2", "3") else 0.0
+    # the readout threshold of the geometry; electromagnetic showers in a user geometry without one get the
+    # dataset-2/3 readout's (15.15 keV per cell); dataset 1 files keep every deposit
+    thr = 0.0 if geometry.name.startswith("1-") else (geometry.threshold or THRESHOLDS["3"])
     if thr > 0:
         vals[vals < thr] = 0.0
     return e_inc, vals
@@ -237,7 +248,8 @@ def write_synthetic(path: str | os.PathLike, *, dataset: str = "2", n: int = 100
     if isinstance(n, bool) or int(n) < 0:
         msg = f"number of showers must be >= 0, got {n}"
         raise ValueError(msg)
-    rows = max(_BLOCK, (_BLOCK * max(1, (64 << 20) // (geometry.n_voxels * 8 * _BLOCK))))
+    bs = block_size(geometry)
+    rows = bs * max(1, (64 << 20) // (geometry.n_voxels * 8 * bs))
     path = Path(path)
     if path.suffix.lower() in (".parquet", ".pq"):
         msg = (f"{path}: synth writes HDF5, but the name ends in {path.suffix!r}; use a .hdf5 name and "
@@ -261,9 +273,10 @@ def _generate_range(geometry: Geometry, i: int, j: int, seed: int) -> tuple[np.n
     out = np.empty((j - i, geometry.n_voxels))
     from .io import check_interrupt
 
-    for s in range(i, j, _BLOCK):
+    bs = block_size(geometry)
+    for s in range(i, j, bs):
         check_interrupt()  # honour Ctrl-C between blocks (deferred while an HDF5 file is being written)
-        t = min(s + _BLOCK, j)
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s // _BLOCK,)))
+        t = min(s + bs, j)
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s // bs,)))
         inc[s - i:t - i], out[s - i:t - i] = _block(geometry, t - s, rng, None)
     return inc, out

@@ -27,12 +27,29 @@ from .options import (
 )
 
 
+def _synth_geometry(value: str) -> str:
+    """``--geometry`` of synth: a known name or an existing XML file (argparse reports anything else)."""
+    from ..geometry import DATASETS, GeometryError, load_geometry
+
+    try:
+        load_geometry(value)
+    except (GeometryError, OSError) as err:
+        msg = f"invalid choice: {value!r} (choose from {', '.join(DATASETS)}, hg, or a binning XML file: {err})"
+        raise argparse.ArgumentTypeError(msg) from None
+    return value
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from ..synth import write_synthetic
 
     output = one_output(args, "synth")
-    write_synthetic(output, dataset=args.geometry, n=args.n, seed=args.seed, progress=not args.no_progress)
-    print(f"wrote {args.n} synthetic dataset-{args.geometry} showers to {output}")
+    from ..geometry import load_geometry
+
+    geometry = load_geometry(args.geometry)
+    write_synthetic(output, dataset=geometry, n=args.n, seed=args.seed, progress=not args.no_progress)
+    what = (f"dataset-{geometry.name}" if geometry.name[0].isdigit() else f"{geometry.name!r} geometry "
+            f"({geometry.n_voxels} cells)")
+    print(f"wrote {args.n} synthetic {what} showers to {output}")
     return 0
 
 
@@ -117,11 +134,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``synth``, ``convert``, ``voxelize``, ``info`` and ``demo`` to the ``calopc`` parser."""
     p = sub.add_parser("synth", help="write a synthetic shower file in the official CaloChallenge format",
                        formatter_class=FORMATTER,
-                       epilog="example:\n  calopc synth showers.hdf5 -n 2000 --geometry 2 --seed 1")
+                       epilog="examples:\n  calopc synth showers.hdf5 -n 2000 --geometry 2 --seed 1\n"
+                              "  calopc synth hg.hdf5 -n 100 --geometry hg          # high granularity, 648k cells")
     p.add_argument("output_pos", nargs="?", type=Path, default=None, metavar="OUTPUT", help="output HDF5 file")
     add_output(p, "output HDF5 file (instead of the positional OUTPUT)")
-    add_geometry(p, "dataset geometry (default: %(default)s)", official_only=True, default="2",
-                 aliases=("--dataset", "-d"))
+    p.add_argument("--geometry", "--dataset", "-d", dest="geometry", default="2", type=_synth_geometry,
+                   help="a dataset (1-photons, 1-pions, 2, 3), hg (calopc's high-granularity geometry: dataset 3 "
+                        "with 4x finer alpha and r, 648,000 cells) or a binning XML FILE in the official format "
+                        "(electromagnetic showers) (default: %(default)s)")
     p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_progress(p)
@@ -177,8 +197,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded default job: synthetic showers -> points -> voxels, with a summary",
                        formatter_class=FORMATTER, epilog="example:\n  calopc demo -o demo/ -n 500 --geometry 1-photons")
     add_output(p, "output folder (default: %(default)s)", default=Path("demo"), aliases=("--out",))
-    add_geometry(p, "dataset geometry (default: %(default)s)", official_only=True, default="2",
-                 aliases=("--dataset", "-d"))
+    p.add_argument("--geometry", "--dataset", "-d", dest="geometry", default="2", type=_synth_geometry,
+                   help="a dataset (1-photons, 1-pions, 2, 3), hg (calopc's high-granularity geometry: dataset 3 "
+                        "with 4x finer alpha and r, 648,000 cells) or a binning XML FILE in the official format "
+                        "(electromagnetic showers) (default: %(default)s)")
     p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_progress(p)

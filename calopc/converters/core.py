@@ -344,20 +344,40 @@ def neighbour_table(geometry: Geometry, k: int = 24) -> np.ndarray:
     x = geometry.cell_r * np.cos(geometry.cell_alpha)
     y = geometry.cell_r * np.sin(geometry.cell_alpha)
     off = geometry.offsets
+    first = None  # regular geometries: every layer has the table of the first one, shifted
     for layer in range(geometry.n_layers):
         lo, hi = off[layer], off[layer + 1]
-        xs, ys = x[lo:hi], y[lo:hi]
-        d2 = (xs[:, None] - xs[None]) ** 2 + (ys[:, None] - ys[None]) ** 2
-        # tie-break by index distance so that the order is deterministic
-        np.fill_diagonal(d2, np.inf)
         kk = min(k, hi - lo - 1)
         if kk <= 0:
             continue
-        idx = np.argsort(d2, axis=1, kind="stable")[:, :kk]
+        if first is not None and geometry.is_regular:
+            t[lo:hi, :kk] = first + lo
+            continue
+        idx = _nearest_in_layer(x[lo:hi], y[lo:hi], kk)
         t[lo:hi, :kk] = idx + lo
+        first = idx
     t.setflags(write=False)
     geometry._cache[key] = t
     return t
+
+
+def _nearest_in_layer(xs: np.ndarray, ys: np.ndarray, kk: int) -> np.ndarray:
+    """``(m, kk)`` indices of the ``kk`` nearest other cells, nearest first, ties by index (as a stable argsort),
+    in row chunks of bounded memory (a partition per row, then a sort of the few candidates)."""
+    m = xs.shape[0]
+    out = np.empty((m, kk), dtype=np.int64)
+    step = max(1, (1 << 23) // m)
+    for a in range(0, m, step):
+        b = min(a + step, m)
+        d2 = (xs[a:b, None] - xs[None]) ** 2 + (ys[a:b, None] - ys[None]) ** 2
+        d2[np.arange(b - a), np.arange(a, b)] = np.inf
+        vk = np.partition(d2, kk - 1, axis=1)[:, kk - 1]
+        rows, cols = np.nonzero(d2 <= vk[:, None])  # the kk nearest plus any ties at the kk-th distance
+        order = np.lexsort((cols, d2[rows, cols], rows))
+        rows, cols = rows[order], cols[order]
+        start = np.searchsorted(rows, np.arange(b - a))
+        out[a:b] = cols[start[:, None] + np.arange(kk)[None, :]]
+    return out
 
 
 def _place_nearest_free(out: np.ndarray, ev: np.ndarray, cell: np.ndarray, e: np.ndarray,

@@ -27,8 +27,11 @@ circularly (both variants).
 
 from __future__ import annotations
 
-__all__ = ["CNNConfig", "DenseResNet", "SparseResNet", "cnn_metric"]
+__all__ = ["CNNConfig", "CellRows", "DenseResNet", "SparseResNet", "check_dense_memory", "cnn_metric",
+           "dense_activation_bytes"]
 
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -312,11 +315,67 @@ def SparseResNet(geometry: Geometry, config: CNNConfig | None = None):
     return _build_sparse_native(cfg) if cfg.sparse_arch == "native" else _build_sparse(cfg)
 
 
+@dataclass
+class CellRows:
+    """Showers as compressed rows (CSR): the occupied cells only, what cls-sparse needs at any granularity.
+
+    Args:
+        offsets: ``(N + 1,)`` int64 start of each shower's cells.
+        cells: ``(P,)`` int32 flat voxel index (official order).
+        values: ``(P,)`` float32 cell energies (MeV).
+    """
+
+    offsets: np.ndarray
+    cells: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_dense(cls, showers: np.ndarray, rows: int = 256) -> CellRows:
+        """From ``(N, n_voxels)`` showers, ``rows`` showers at a time (no copy of the whole block)."""
+        cells, vals, counts = [], [], [np.zeros(1, np.int64)]
+        for i in range(0, len(showers), rows):
+            b = np.asarray(showers[i:i + rows])
+            nz = np.flatnonzero(b.reshape(-1))
+            row, cell = np.divmod(nz, b.shape[1])
+            cells.append(cell.astype(np.int32))
+            vals.append(b.reshape(-1)[nz].astype(np.float32))
+            counts.append(np.bincount(row, minlength=len(b)))
+        return cls(np.cumsum(np.concatenate(counts)).astype(np.int64),
+                   np.concatenate(cells) if cells else np.zeros(0, np.int32),
+                   np.concatenate(vals) if vals else np.zeros(0, np.float32))
+
+    @classmethod
+    def concatenate(cls, parts: list[CellRows]) -> CellRows:
+        offs = [np.zeros(1, np.int64)]
+        base = 0
+        for p in parts:
+            offs.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        return cls(np.concatenate(offs), np.concatenate([p.cells for p in parts] or [np.zeros(0, np.int32)]),
+                   np.concatenate([p.values for p in parts] or [np.zeros(0, np.float32)]))
+
+    def head(self, n: int) -> CellRows:
+        """The first ``n`` showers."""
+        end = int(self.offsets[n])
+        return CellRows(self.offsets[:n + 1], self.cells[:end], self.values[:end])
+
+    def dense(self, idx: np.ndarray, n_voxels: int) -> np.ndarray:
+        """``(len(idx), n_voxels)`` float32 showers ``idx``."""
+        out = np.zeros((len(idx), n_voxels), np.float32)
+        for r, i in enumerate(idx):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            out[r, self.cells[a:b]] = self.values[a:b]
+        return out
+
+
 class _Pool:
     """Generated then reference showers as CSR rows (cells, E / E_inc), and log10 E_inc."""
 
-    def __init__(self, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray, ref_inc: np.ndarray,
-                 geometry: Geometry, dense: bool) -> None:
+    def __init__(self, gen: np.ndarray | CellRows, gen_inc: np.ndarray, ref: np.ndarray | CellRows,
+                 ref_inc: np.ndarray, geometry: Geometry, dense: bool) -> None:
         self.geometry = geometry
         inc = np.concatenate([np.asarray(gen_inc, np.float64).reshape(-1), np.asarray(ref_inc, np.float64).reshape(-1)])
         if not np.all(np.isfinite(inc) & (inc > 0)):
@@ -325,22 +384,13 @@ class _Pool:
         self.log_e = np.log10(inc)
         self.inc = inc
         self.dense = dense
+        self.n_gen = len(gen)
         if dense:
-            self.parts = (np.asarray(gen), np.asarray(ref))
-            self.n_gen = len(gen)
+            self.parts = tuple(p if isinstance(p, CellRows) else np.asarray(p) for p in (gen, ref))
             return
-        cells, vals, counts = [], [], []
-        for block in (gen, ref):
-            for i in range(0, len(block), 1000):
-                b = np.asarray(block[i:i + 1000])
-                nz = np.flatnonzero(b.reshape(-1))
-                row, cell = np.divmod(nz, b.shape[1])
-                cells.append(cell.astype(np.int32))
-                vals.append(b.reshape(-1)[nz].astype(np.float32))
-                counts.append(np.bincount(row, minlength=len(b)))
-        self.cells = np.concatenate(cells)
-        self.vals = np.concatenate(vals)
-        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+        rows = CellRows.concatenate([p if isinstance(p, CellRows) else CellRows.from_dense(p, 1000)
+                                     for p in (gen, ref)])
+        self.cells, self.vals, self.offsets = rows.cells, rows.values, rows.offsets
 
     def __call__(self, idx: np.ndarray, device, dtype):
         torch = _torch()
@@ -348,9 +398,10 @@ class _Pool:
         inc = torch.as_tensor(self.inc[idx], dtype=dtype, device=device)
         if self.dense:
             g = idx < self.n_gen
-            x = np.empty((len(idx), self.parts[0].shape[1]), dtype=np.float32)
-            x[g] = self.parts[0][idx[g]]
-            x[~g] = self.parts[1][idx[~g] - self.n_gen]
+            nv = self.geometry.n_voxels
+            x = np.empty((len(idx), nv), dtype=np.float32)
+            for sel, part, ids in ((g, self.parts[0], idx[g]), (~g, self.parts[1], idx[~g] - self.n_gen)):
+                x[sel] = part.dense(ids, nv) if isinstance(part, CellRows) else part[ids]
             t = torch.as_tensor(x, device=device).to(dtype) / inc[:, None]
             return t.reshape(len(idx), 1, *self.geometry.shape), log_e
         from ..sparse import SparseShowers
@@ -371,7 +422,7 @@ def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray,
     """Train the dense (``kind="cnn"``) or sparse (``kind="sparse"``) ResNet classifier ``seeds`` times.
 
     Args:
-        gen, ref: ``(N, n_voxels)`` thresholded voxels (MeV), equal N.
+        gen, ref: ``(N, n_voxels)`` thresholded voxels (MeV) or :class:`CellRows`, equal N.
         gen_inc, ref_inc: ``(N,)`` incident energies (MeV).
         geometry: a regular geometry (datasets 2 and 3).
 
@@ -387,6 +438,11 @@ def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray,
     require_regular(geometry, f"the cls-{kind} classifier")
     check_sample_sizes(len(gen), len(ref), "the CNN classifier")
     for name, a in (("generated", gen), ("reference", ref)):
+        if isinstance(a, CellRows):
+            if len(a.cells) and (int(a.cells.min()) < 0 or int(a.cells.max()) >= geometry.n_voxels):
+                msg = f"{name} showers have cell indices outside [0, {geometry.n_voxels}) of geometry {geometry.name!r}"
+                raise ValueError(msg)
+            continue
         if np.asarray(a).ndim != 2 or np.asarray(a).shape[1] != geometry.n_voxels:
             msg = (f"{name} showers must have shape (N, {geometry.n_voxels}) for geometry {geometry.name!r}, "
                    f"got {np.asarray(a).shape}")
@@ -407,3 +463,75 @@ def cnn_metric(kind: str, gen: np.ndarray, gen_inc: np.ndarray, ref: np.ndarray,
     n_train = (ccfg.counts[0] if ccfg.counts else int(len(gen) * ccfg.split[0])) * 2
     return ClassifierResult(kind, float(np.mean(aucs)), err(aucs), float(np.mean(jsds)), err(jsds), aucs, jsds,
                             n_train=n_train, epochs=cfg.epochs)
+
+
+# ------------------------------------------------------------------ memory of the dense paths, checked up front
+def dense_activation_bytes(geometry: Geometry, config: CNNConfig | None = None) -> int:
+    """Bytes per shower that one cls-cnn training step keeps for the backward pass (input, convolution, batch-norm
+    and ReLU outputs of every layer; a lower bound: convolution workspaces come on top)."""
+    cfg = (config or CNNConfig()).resolved("cnn")
+    item = 8 if cfg.dtype == "float64" else 4
+    grid = tuple(int(d) for d in geometry.shape)
+
+    def conv(g: tuple, k: int, s: int) -> tuple:
+        return tuple((d + 2 * (k // 2) - k) // s + 1 for d in g)
+
+    total = math.prod(grid)  # the input
+    grid = conv(grid, cfg.conv1_kernel, 2)
+    total += 3 * cfg.widths[0] * math.prod(grid)  # conv1, bn1, relu
+    if cfg.max_pool:
+        grid = conv(grid, 3, 2)
+        total += cfg.widths[0] * math.prod(grid)
+    cin = cfg.widths[0]
+    for i, (c, n) in enumerate(zip(cfg.widths, cfg.blocks)):
+        for j in range(n):
+            if i > 0 and j == 0:
+                grid = conv(grid, 3, 2)
+            total += 6 * c * math.prod(grid) + (2 * c * math.prod(grid) if (cin != c or (i > 0 and j == 0)) else 0)
+            cin = c
+    return int(total * item)
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 16 << 30
+
+
+def check_dense_memory(metrics: tuple[str, ...] | list[str], geometry: Geometry, n_showers: int, *,
+                       batch_size: int = 1000, hidden: int = 2048, n_layers: int = 2,
+                       cnn_options: dict | None = None, budget: int | None = None) -> None:
+    """Refuse, before any data is read, the dense metrics that cannot fit in memory on ``geometry``.
+
+    ``cls-low`` / ``cls-low-normed`` (a DNN on every cell: an ``n_voxels × hidden`` float64 input layer with its
+    gradient and Adam moments, plus both samples as dense float64 inputs) and ``cls-cnn`` (dense activations
+    per shower times the batch, plus both samples' dense voxels) are estimated; if an estimate exceeds
+    ``budget`` (default: the machine's physical memory) a :class:`MemoryError` says so in one line with the
+    estimate and the sparse alternative (``cls-sparse``, occupied cells only).
+    """
+    budget = _physical_memory() if budget is None else int(budget)
+    gb = 1 << 30
+    nv = geometry.n_voxels
+    where = f"geometry {geometry.name!r} ({nv:,} cells)"
+    for m in ("cls-low", "cls-low-normed"):
+        if m not in metrics:
+            continue
+        params = nv * hidden + (n_layers - 1) * hidden * hidden + hidden
+        need = params * 8 * 4 + 2 * n_showers * nv * 4 + 2 * min(batch_size, 2 * n_showers) * nv * 8
+        if need > budget:
+            msg = (f"{m} on {where} would need about {need / gb:.1f} GB (a {nv:,} x {hidden} float64 input layer with "
+                   f"its gradient and Adam moments: {params * 32 / gb:.1f} GB; two samples of {n_showers:,} dense "
+                   f"showers: {2 * n_showers * nv * 4 / gb:.1f} GB), more than the {budget / gb:.1f} GB available; "
+                   "use cls-sparse (occupied cells only) or cls-high")
+            raise MemoryError(msg)
+    if "cls-cnn" in metrics:
+        cfg = CNNConfig(**{"batch_size": batch_size, **(cnn_options or {})}).resolved("cnn")
+        per = dense_activation_bytes(geometry, cfg)
+        need = per * cfg.batch_size + 2 * n_showers * nv * 4
+        if need > budget:
+            msg = (f"cls-cnn on {where} would need about {need / gb:.1f} GB ({per / 2**20:.0f} MB of dense "
+                   f"activations per shower x batch {cfg.batch_size}, plus {2 * n_showers * nv * 4 / gb:.1f} GB of "
+                   f"dense voxels), more than the {budget / gb:.1f} GB available; use cls-sparse (occupied cells "
+                   "only), or a smaller --cls-batch-size")
+            raise MemoryError(msg)

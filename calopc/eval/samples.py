@@ -2,7 +2,7 @@ r"""Loading a sample for evaluation: voxel HDF5 or point-cloud Parquet, threshol
 
 from __future__ import annotations
 
-__all__ = ["Sample", "load_sample"]
+__all__ = ["Sample", "load_sample", "peek_sample"]
 
 import os
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ class Sample:
     voxel_energies: np.ndarray  # every cell energy above threshold (for the spectrum), float64 as the official one
     mean_shower: np.ndarray  # (n_voxels,) average thresholded shower
     low: np.ndarray | None = None  # (N, n_voxels) thresholded voxels, float32, if kept
+    low_sparse: object | None = None  # the same as CellRows (occupied cells only), if kept sparse
     collisions: VoxelizeStats | None = None
     point_energies: np.ndarray | None = None  # energies of the points as stored (Parquet input), float32
     extra: dict = field(default_factory=dict)
@@ -40,13 +41,15 @@ def _is_parquet(path: Path) -> bool:
 
 
 def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geometry: Geometry | None = None,
-                keep_voxels: bool = True, max_showers: int | None = None, collisions: str = "sum",
+                keep_voxels: bool | str = True, max_showers: int | None = None, collisions: str = "sum",
                 progress: bool = False) -> Sample:
     """Read ``path`` chunk by chunk, threshold it and compute its features.
 
     Args:
         threshold: per-cell threshold (MeV); defaults to the geometry's official one.
-        keep_voxels: keep the thresholded voxels (float32) for the low-level classifiers.
+        keep_voxels: keep the thresholded voxels (float32) for the low-level classifiers; ``"sparse"``: only
+            their occupied cells, as :class:`~calopc.eval.cnn.CellRows` in ``Sample.low_sparse`` (what cls-sparse
+            needs; bounded by the hits, not by ``N · n_voxels``).
         max_showers: read only the first ``max_showers`` showers.
         collisions: policy used to re-voxelize a point-cloud file.
     """
@@ -67,7 +70,8 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
     if dataset or _is_parquet(path):
         kind = "points"
         f = open_points(path, geometry=geometry)  # --geometry also reads a file without calopc metadata
-        chunks_of = lambda: f.iterate(2000)
+        # at most 2000 showers or 128 MB of dense float64 voxels per chunk (high-granularity geometries)
+        chunks_of = lambda: f.iterate(max(1, min(2000, (128 << 20) // (8 * f.geometry.n_voxels))))
         stats = VoxelizeStats()
     else:
         kind = "voxels"
@@ -103,7 +107,11 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
                 sum_sh = sh.sum(axis=0) if sum_sh is None else sum_sh + sh.sum(axis=0)
                 prof.update(sh, inc)
                 spectra.append(sh[sh > 0])
-                if keep_voxels:
+                if keep_voxels == "sparse":
+                    from .cnn import CellRows
+
+                    lows.append(CellRows.from_dense(sh))
+                elif keep_voxels:
                     lows.append(sh.astype(np.float32))
                 done += take
                 bar.update(take)
@@ -117,8 +125,30 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
         path=path, kind=kind, geometry=g, features=Features.concatenate(feats),
         voxel_energies=np.concatenate(spectra) if spectra else np.zeros(0, np.float64),
         mean_shower=sum_sh / max(done, 1),
-        low=np.concatenate(lows) if keep_voxels else None,
+        low=np.concatenate(lows) if keep_voxels and keep_voxels != "sparse" else None,
+        low_sparse=_concat_rows(lows) if keep_voxels == "sparse" else None,
         collisions=stats,
         point_energies=np.concatenate(pes) if pes else None,
         extra={"threshold": thr, "profiles": prof.result()},
     )
+
+
+def _concat_rows(parts: list):
+    from .cnn import CellRows
+
+    return CellRows.concatenate(parts)
+
+
+def peek_sample(path: str | os.PathLike, *, geometry: Geometry | None = None) -> tuple[Geometry, int]:
+    """The geometry and number of showers of a sample, without reading its showers."""
+    from ..converters import open_points
+    from ..io import open_showers
+
+    path = Path(path)
+    dataset = path.is_dir() or (not path.exists() and any(c in str(path) for c in "*?["))
+    if not path.exists() and not dataset:
+        msg = f"{path}: no such file"
+        raise FileNotFoundError(msg)
+    f = open_points(path, geometry=geometry) if dataset or _is_parquet(path) else open_showers(path, geometry=geometry)
+    with f:
+        return f.geometry, len(f)

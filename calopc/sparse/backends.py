@@ -218,7 +218,8 @@ class MinkowskiBackend(Backend):
         out = output_coords(x, kernel, stride, padding, wrap, policy)
         if len(x) == 0 or len(out) == 0:  # MinkowskiEngine crashes on empty coordinate maps
             return out.replace(x.feats.new_zeros(len(out), weight.shape[2]))
-        m = self._maps("conv", x, out, kernel, stride, padding, wrap)
+        # a patch convolution reads nothing past the end of the grid, also along α: no ghost cells
+        m = self._maps("conv", x, out, kernel, stride, padding, wrap and policy != "patch")
         ME = self.ME
         f = ME.MinkowskiConvolutionFunction.apply(
             x.feats.index_select(0, m["fine_rows"]).contiguous(), self._me_weight(weight, kernel), m["kg"],
