@@ -40,7 +40,8 @@ install_wheel() {  # install $1, patch it, import it; non-zero when any step fai
 
 WHL=""
 if [ -n "$WHEEL_CACHE" ]; then
-  WHL=$(ls "$DIR"/MinkowskiEngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  # setuptools >= 69 writes the name in lower case (minkowskiengine-0.5.4-...): match either spelling
+  WHL=$(ls "$DIR"/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 fi
 if [ -n "$WHL" ]; then
   echo "MinkowskiEngine $ME_VERSION: installing the cached wheel $WHL"
@@ -60,7 +61,7 @@ trap 'rm -rf "$BUILD"' EXIT
 PATH="$(cd "$BIN" && pwd):$PATH" SETUPTOOLS_USE_DISTUTILS=stdlib MAX_JOBS=${MAX_JOBS:-2} \
   "$BIN/python" -m pip wheel --quiet --no-build-isolation --no-deps --no-cache-dir \
   "MinkowskiEngine==$ME_VERSION" -w "$BUILD"
-WHL=$(ls "$BUILD"/MinkowskiEngine-*.whl)
+WHL=$(ls "$BUILD"/*.whl | head -n 1)
 if [ -n "$WHEEL_CACHE" ] && mkdir -p "$DIR" 2>/dev/null; then
   NAME=$(basename "$WHL")
   # written under a temporary name and renamed: a concurrent or killed build never leaves half a wheel there
