@@ -83,6 +83,7 @@ ENTRIES: dict[str, str] = {
     "caloclouds/likelihood": "caloclouds:from=caloclouds,gen.collisions=likelihood",
     "caloclouds/nearest-free": "caloclouds:from=caloclouds,gen.collisions=nearest-free",
     "cpf-II@ds3": "calopointflow",
+    "caloclouds-cm@ds3": "caloclouds:post_train=distill",     # trains its own teacher, then distils
 }
 
 DEFAULT_ENTRIES = ["cpf-II", "caloclouds", "caloclouds-cm", "deeptree", "cpf-II/likelihood", "cpf-II/nearest-free"]
