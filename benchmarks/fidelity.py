@@ -426,6 +426,8 @@ def _metrics(ev: dict) -> dict[str, Any]:
                          "width_r": sep.get("width_r"), "sparsity": sep.get("sparsity"),
                          "hits": pc.get("hits_separation")}
     out["separation_all"] = {k: v for k, v in sep.items()}
+    per = [(k, v) for k, v in (ev.get("separation") or {}).items() if isinstance(v, float) and math.isfinite(v)]
+    out["worst_features"] = dict(sorted(per, key=lambda kv: -kv[1])[:6])
     return out
 
 
@@ -471,6 +473,10 @@ def merge(results: Path, new: list[dict]) -> list[dict]:
         old = read_results(results)
         keys = {(r["name"], str(r.get("dataset", "2"))) for r in new}
         allr = [r for r in old if (r["name"], str(r.get("dataset", "2"))) not in keys] + new
+        for r in allr:  # entries written before worst_features existed
+            m = Path(r.get("eval_dir", "")) / "metrics.json"
+            if "worst_features" not in r and r.get("eval_dir") and m.exists():
+                r["worst_features"] = _metrics(json.loads(m.read_text()))["worst_features"]
         _write(results, json.dumps(allr, indent=1, default=str) + "\n")
         notes = results.with_name(results.stem + "-notes.md")
         _write(results.with_suffix(".md"), markdown(allr, notes.read_text() if notes.exists() else ""))
@@ -560,6 +566,8 @@ def markdown(results: list[dict], notes: str = "") -> str:
             bits.append(f"distilled {d['steps']} steps in {d['seconds']:.0f} s (lr {d['lr']})")
         if r.get("config"):
             bits.append(f"config `{json.dumps(r['config'])}`")
+        if r.get("worst_features"):
+            bits.append("worst separation powers " + ", ".join(f"{k} {v:.3f}" for k, v in r["worst_features"].items()))
         if r.get("loss_curve"):
             bits.append(f"loss curve `{r['loss_curve']}`")
         if r.get("error"):
