@@ -157,13 +157,15 @@ class SparseShowers:
             raise ValueError(msg)
         shower = torch.repeat_interleave(torch.arange(counts.shape[0], device=cell.device), counts)
         key = shower * n_vox + cell
-        key, order = torch.sort(key)
-        if key.numel() > 1 and bool((key[1:] == key[:-1]).any()):
-            msg = ("a cell occurs twice in one shower; sparse showers hold at most one entry per cell "
-                   "(merge points first)")
-            raise ValueError(msg)
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):  # cells not already in key order: sort
+            key, order = torch.sort(key)
+            if bool((key[1:] == key[:-1]).any()):
+                msg = ("a cell occurs twice in one shower; sparse showers hold at most one entry per cell "
+                       "(merge points first)")
+                raise ValueError(msg)
+            f = f[order]
         coords = delinearise(key, (counts.shape[0], *shape))
-        return cls(coords, f[order], int(counts.shape[0]), shape, geometry)
+        return cls(coords, f, int(counts.shape[0]), shape, geometry)
 
     @classmethod
     def from_events(cls, events: Any, geometry: Geometry, *, features: tuple[str, ...] = ("E",),
