@@ -82,10 +82,10 @@ def test_format_seconds_and_interval(monkeypatch):
 
 def test_a_command_logs_progress_lines_into_a_log_file(tmp_path):
     """`calopc synth` with stderr to a file (as under nohup/Slurm) writes plain progress lines there."""
-    env = dict(os.environ, CALOPC_LOG_INTERVAL="0.05")
+    env = dict(os.environ, CALOPC_LOG_INTERVAL="0.02")
     with open(tmp_path / "log", "w") as log:
-        r = subprocess.run([sys.executable, "-m", "calopc", "synth", str(tmp_path / "s.hdf5"), "-n", "3000"],
+        r = subprocess.run([sys.executable, "-m", "calopc", "synth", str(tmp_path / "s.hdf5"), "-n", "1000"],
                            stdout=log, stderr=subprocess.STDOUT, env=env, timeout=120)
     text = (tmp_path / "log").read_text()
     assert r.returncode == 0, text
-    assert "calopc synth s.hdf5: shower " in text and "/3000 (" in text and "\r" not in text
+    assert "calopc synth s.hdf5: shower " in text and "/1000 (" in text and "\r" not in text
