@@ -159,28 +159,37 @@ print(time.perf_counter() - t, sh.nbytes, time.process_time() - c)  # wall, byte
 """
 
 _DASK = """
-import sys, time, numpy as np, awkward as ak, dask
+import sys, time, numpy as np, awkward as ak, dask, dask_awkward as dak
 import calopc
-from calopc.converters import read_points
-src, workers, scheduler = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-t = time.perf_counter()
-ev = calopc.open_points(src)
-layer = ak.values_astype(ev.points.z, np.int64)
-hits = [ak.sum(layer == k, axis=1) for k in range(45)]
-res = dask.compute(*hits, scheduler=scheduler, num_workers=workers)
-dt = time.perf_counter() - t
-if len(sys.argv) > 4:  # eager check, chunk by chunk (the whole dataset may not fit in memory)
-    from calopc.converters import open_points
-    i = 0
-    with open_points(src) as f:
-        for ch in f.iterate(2000):
-            lay = ak.values_astype(ch.points.z, np.int64)
-            for k in (0, 7, 22, 44):
-                assert ak.array_equal(res[k][i:i + len(ch)], ak.sum(lay == k, axis=1)), k
-            i += len(ch)
-    assert i == len(res[0])
-    print("equal", end=" ")
-print(dt, ev.npartitions, sum(len(r) for r in res[:1]))
+
+
+def per_layer(points):
+    # hits per layer of every shower of one partition: (showers, 45); one fused task per row group
+    z = np.asarray(ak.flatten(points.z), dtype=np.int64)
+    n = len(points)
+    shower = np.repeat(np.arange(n), np.asarray(ak.num(points, axis=1)))
+    return ak.Array(np.bincount(shower * 45 + z, minlength=n * 45).reshape(n, 45))
+
+
+if __name__ == "__main__":
+    src, workers, scheduler, check = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    t = time.perf_counter()
+    ev = calopc.open_points(src)
+    meta = ak.Array(ak.Array(np.zeros((0, 45), np.int64)).layout.to_typetracer(forget_length=True))
+    hits = dak.map_partitions(per_layer, ev.points, meta=meta).compute(scheduler=scheduler, num_workers=workers)
+    dt = time.perf_counter() - t
+    if check:  # against the eager reader, chunk by chunk (the whole dataset may not fit in memory)
+        from calopc.converters import open_points
+        i = 0
+        with open_points(src) as f:
+            for ch in f.iterate(2000):
+                lay = ak.values_astype(ch.points.z, np.int64)
+                for k in (0, 7, 22, 44):
+                    assert np.array_equal(np.asarray(hits[i:i + len(ch), k]), np.asarray(ak.sum(lay == k, axis=1))), k
+                i += len(ch)
+        assert i == len(hits)
+        print("equal", end=" ")
+    print(round(dt, 1), ev.npartitions, len(hits))
 """
 
 
@@ -305,11 +314,11 @@ def section_dask(args: argparse.Namespace) -> None:
     t, rss, _ = _run(["convert", *map(str, srcs), "-o", f"{folder}/", "--workers", "2", "--no-progress"], old=False,
                      workdir=w)
     print(f"  convert 2 files --workers 2: {t:.1f} s, peak RSS (largest process) {rss:.2f} GB", flush=True)
+    script = w / "dask_hits_per_layer.py"  # a file: the process scheduler's workers import its function
+    script.write_text(_DASK)
     for k, sched in ((1, "sync"), (2, "threads"), (2, "processes")):
-        code = _DASK.replace("sys.argv[1]", repr(str(folder))).replace("int(sys.argv[2])", str(k))
-        code = code.replace("sys.argv[3]", repr(sched))
-        if k == 1:
-            code = code.replace("len(sys.argv) > 4", "True")
+        code = (f"import sys, runpy; sys.argv = [{str(script)!r}, {str(folder)!r}, '{k}', '{sched}', "
+                f"'{int(k == 1)}']; runpy.run_path({str(script)!r}, run_name='__main__')")
         _, rss, out = _run(code, old=False, workdir=w)
         print(f"  hits per layer (45 layers) over {2 * n} showers, {k} worker(s), {sched} scheduler: {out.strip()} "
               f"[seconds, partitions, showers]; peak RSS {rss:.2f} GB; {_load()}", flush=True)
