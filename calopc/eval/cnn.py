@@ -264,18 +264,27 @@ def _build_sparse_native(cfg: CNNConfig):
                 stages.append(nn.Sequential(*mods))
             self.stages = nn.Sequential(*stages)
             self.mean, self.max = snn.SparseGlobalPool("mean"), snn.SparseGlobalPool("max")
-            self.e_norm = nn.BatchNorm1d(2)
-            self.fc = nn.Linear(2 * w[-1] + 2, 1)
+            self.sum = snn.SparseGlobalPool("sum")
+            self.e_norm = nn.BatchNorm1d(3)
+            self.fc = nn.Linear(3 * w[-1] + 3, 1)
             _init(self, nn, cfg.bn_momentum)
 
         def forward(self, x, log_e):
-            """x: :class:`~calopc.sparse.SparseShowers`, feature E / E_inc; log_e: ``(B, 1)`` → ``(B, 1)`` logits."""
+            """x: :class:`~calopc.sparse.SparseShowers`, feature E / E_inc; log_e: ``(B, 1)`` → ``(B, 1)`` logits.
+
+            Head: mean, max and grid-average (sum / cells of the last grid, as the dense network's average)
+            pooling of the last stage, with log10 E_inc, log10 of the occupied cells and log10(E_dep / E_inc).
+            """
             f = x.feats[:, :1]
             u = torch.log10(f.clamp_min(1e-12))
             x = x.replace(torch.cat([(u + 4.0) / 2.0, f * 100.0], 1))  # O(1) inputs: log and linear cell energy
             n_cells = torch.log10(x.counts.to(f.dtype).clamp_min(1.0))[:, None]
+            e_sum = f.new_zeros(x.batch_size).index_add(0, x.coords[:, 0], f[:, 0])
+            log_sum = torch.log10(e_sum.clamp_min(1e-12))[:, None]  # log(E_dep / E_inc)
             x = self.stages(self.stem(x))
-            g = torch.cat([self.mean(x), self.max(x), self.e_norm(torch.cat([log_e, n_cells], 1))], 1)
+            grid = float(x.shape[0] * x.shape[1] * x.shape[2])
+            scalars = self.e_norm(torch.cat([log_e, n_cells, log_sum], 1))
+            g = torch.cat([self.mean(x), self.max(x), self.sum(x) / grid, scalars], 1)
             return self.fc(g)
 
     return SparseNativeImpl()
