@@ -793,11 +793,12 @@ def file_info(path: str | os.PathLike, *, step_size: int | str = "256 MB", progr
         with open_showers(path, geometry=geometry) as f:
             g, kind, n, dtype = f.geometry, "voxels (HDF5)", len(f), str(f.dtype)
             with _progress(n, f"info {path.name}", progress) as bar:
-                for e, sh in f.iterate(step_size):
-                    hits.append(np.count_nonzero(sh, axis=1))
+                for _, e, counts, _, en in f.iterate_sparse(step_size):  # non-empty cells only, scanned in threads
+                    hits.append(counts)
                     inc.append(e)
                     with np.errstate(over="ignore"):
-                        etot.append(sh.sum(axis=1, dtype=np.float64))
+                        etot.append(np.bincount(np.repeat(np.arange(len(counts)), counts),
+                                                weights=en.astype(np.float64), minlength=len(counts)))
                     bar.update(len(e))
     h = np.concatenate(hits) if hits else np.zeros(0)
     ei = np.concatenate(inc) if inc else np.zeros(0)
