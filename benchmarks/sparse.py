@@ -201,7 +201,7 @@ def _schedule_case(dataset: str, batch: int, reps: int) -> dict:
                 y.feats.backward(torch.ones_like(y.feats))
 
             row[f"{mode}_s"] = _median_time(step, reps, lambda: None)
-        km = next(m for k, m in xi.ctx.items() if k[0] == "kmap" and k[4] == (1, 1, 1))
+        km = next(m for k, m in xi.ctx.items() if k[0] == "kmap" and k[1] == xi.cid and k[4] == (1, 1, 1))
         row["pairs"], row["fill"] = km.n_pairs, km.fill
         Fs.EXECUTION = "auto"
         rows.append(row)
@@ -255,14 +255,13 @@ def _models_case(dataset: str, model: str, n: int, steps: int, batch: int, workd
     del v
     cfg = TrainConfig(steps=steps, batch_size=batch, warmup=1, log_every=1, checkpoint_every=10**6, device="cpu",
                       progress=False)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     res = train(model, pq, d / "run", config=cfg, overwrite=True)
     dt = time.perf_counter() - t
     return {"dataset": dataset, "model": model, "n": n, "steps": steps, "batch": batch,
             "mean_points": float(hits.mean()), "seconds": dt, "train_seconds": res.get("seconds"),
             "showers_per_s": steps * batch / (res.get("seconds") or dt),
-            "rss_growth_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024}
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _activation_bytes(net, pool, idx, dev) -> int:
@@ -517,7 +516,7 @@ def main() -> None:
                     print(f"{model} {d}: error: {r['error']}", flush=True)
                     continue
                 print(f"{model:>13} {d:>3}: {r['showers_per_s']:.2f} showers/s, mean {r['mean_points']:.0f} points "
-                      f"per shower, RSS growth {_mb(r['rss_growth_bytes'])} MB", flush=True)
+                      f"per shower, peak RSS (synth included) {_mb(r['peak_rss_bytes'])} MB", flush=True)
             if all("error" not in r for r in rows.values()):
                 print(f"{model:>13} hg / ds3 showers/s: {rows['hg']['showers_per_s'] / rows['3']['showers_per_s']:.2f}")
 
