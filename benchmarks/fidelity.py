@@ -82,6 +82,7 @@ ENTRIES: dict[str, str] = {
     "cpf-II/nearest-free": "calopointflow:from=cpf-II,gen.collisions=nearest-free",
     "caloclouds/likelihood": "caloclouds:from=caloclouds,gen.collisions=likelihood",
     "caloclouds/nearest-free": "caloclouds:from=caloclouds,gen.collisions=nearest-free",
+    "caloclouds-cm/likelihood": "caloclouds:from=caloclouds-cm,gen.collisions=likelihood",
     "cpf-II@ds3": "calopointflow",
     "caloclouds-cm@ds3": "caloclouds:post_train=distill",     # trains its own teacher, then distils
 }
@@ -319,11 +320,11 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
             if not src or not src.get("run_dir") or not Path(src["run_dir"]).exists():
                 msg = f"entry {entry.name}: from={entry.source} needs that entry's run (run it first in --out {args.out})"
                 raise ValueError(msg)
-            run = Path(src.get("train_run_dir", src["run_dir"]))
+            run = Path(src["run_dir"])            # the run that generated (a distilled student's for a -cm entry)
             res.update(source=entry.source, config=src.get("config"), train_options=src.get("train_options"),
-                       budget_s=src.get("train_budget_s", src.get("budget_s")), steps=src.get("train_steps"),
-                       train_seconds=src.get("train_seconds"), final_loss=src.get("final_loss"))
-            res["train_budget_s"], res["train_steps"] = res["budget_s"], res["steps"]
+                       budget_s=src.get("budget_s"), steps=src.get("steps"), train_seconds=src.get("train_seconds"),
+                       final_loss=src.get("final_loss"), distill=src.get("distill"))
+            res["train_budget_s"], res["train_steps"] = src.get("train_budget_s"), src.get("train_steps")
             res["loss_curve"] = src.get("loss_curve")
         else:
             run = work / "run"
@@ -338,7 +339,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
             res["train_budget_s"], res["train_steps"] = args.budget, r["steps"]
             print(f"[{entry.name}] trained: {r['steps']} steps in {r['seconds']:.0f} s, loss {r['final_loss']:.4f}",
                   flush=True)
-        res["train_run_dir"] = str(run)
+        res["train_run_dir"] = str(run) if entry.source is None else done[entry.source].get("train_run_dir", str(run))
         runs = [("train", run)]
         if entry.post_train == "distill":
             from calopc.models.distill import DistillConfig, distill
