@@ -468,8 +468,14 @@ def _rev_table(res: dict, baseline: str) -> None:
         cells = [m]
         for k, _ in cols:
             va, vb = a.get(k), b.get(k)
-            fa = "-" if va is None else (f"{va:,.0f}" if isinstance(va, (int, float)) else str(va))
-            fb = "-" if vb is None else (f"{vb:,.0f}" if isinstance(vb, (int, float)) else str(vb))
+            def fmt(v: object) -> str:
+                if v is None:
+                    return "-"
+                if isinstance(v, float):
+                    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+                return f"{v:,}" if isinstance(v, int) else str(v)
+
+            fa, fb = fmt(va), fmt(vb)
             cells.append(f"{fa} → {fb}")
         print(" | ".join(cells))
         for lab, r in (("old", a), ("new", b)):
