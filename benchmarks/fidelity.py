@@ -90,25 +90,8 @@ ENTRIES: dict[str, str] = {
 DEFAULT_ENTRIES = ["cpf-II", "caloclouds", "caloclouds-cm", "deeptree", "cpf-II/likelihood", "cpf-II/nearest-free"]
 
 
-def _value(s: str) -> Any:
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
-
-
-def _split_options(opts: str) -> list[str]:
-    """``a=1,b=[2,3]`` → ``["a=1", "b=[2,3]"]`` (commas inside brackets stay)."""
-    out, depth, cur = [], 0, ""
-    for ch in opts:
-        depth += ch in "[{("
-        depth -= ch in "]})"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [*out, cur]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import _split_options, _value  # noqa: E402  (benchmarks/models.py: the entry-option parsing both share)
 
 
 @dataclass
