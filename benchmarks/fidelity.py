@@ -281,7 +281,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
     from calopc.eval import evaluate
     from calopc.models.checkpoint import load
     from calopc.models.generate import generate, parse_energies
-    from calopc.models.train import TrainConfig, train
+    from calopc.models.train import train, train_config
 
     torch.set_num_threads(args.threads)
     train_pq, ref, ref2 = data
@@ -314,7 +314,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
             cfg = {**({} if args.full_size else CPU_CONFIG.get(entry.model, {})), **entry.config}
             topts = {"steps": 10**9, "time_limit": args.budget, "device": args.device, "seed": args.seed,
                      "progress": False, "checkpoint_every": 10**9, **entry.train}
-            r = train(entry.model, train_pq, run, model_config=cfg, config=TrainConfig.from_dict(topts), overwrite=True)
+            r = train(entry.model, train_pq, run, model_config=cfg, config=train_config(entry.model, **topts), overwrite=True)
             opts = json.loads((run / "training_options.json").read_text()) if (run / "training_options.json").exists() \
                 else topts
             res.update(config=cfg, train_options=opts, budget_s=args.budget, steps=r["steps"],
