@@ -58,7 +58,9 @@ def _run(code_or_cmd: list[str] | str, *, old: bool, workdir: Path, env: dict | 
         "ru = resource.getrusage(resource.RUSAGE_CHILDREN); "
         "print(r.stdout); print('@@', r.returncode, dt, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)"
     )
-    out = subprocess.run([sys.executable, "-c", wrap], check=True, capture_output=True, text=True, env=e)
+    # run in the work folder: `python -m` and `-c` put the current folder first on sys.path, so from the checkout's
+    # root the "old" process would import this working tree's calopc instead of the baseline's
+    out = subprocess.run([sys.executable, "-c", wrap], check=True, capture_output=True, text=True, env=e, cwd=workdir)
     lines = out.stdout.strip().splitlines()
     _, rc, dt, rss, cpu = lines[-1].split()
     if int(rc) != 0:
@@ -339,6 +341,7 @@ def main() -> None:
     ap.add_argument("--clean", action="store_true", help="remove the large files written")
     args = ap.parse_args()
     args.sections = set(args.sections.split(","))
+    args.workdir = args.workdir.resolve()  # commands run inside it (see _run), so every path must be absolute
     args.workdir.mkdir(parents=True, exist_ok=True)
     _baseline(args.workdir, args.baseline)
     print(f"calopc convert benchmark: baseline {args.baseline}, {os.cpu_count()} CPUs, {_load()}", flush=True)
