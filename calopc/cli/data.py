@@ -39,6 +39,17 @@ def _synth_geometry(value: str) -> str:
     return value
 
 
+
+def _add_synth_options(p: argparse.ArgumentParser) -> None:
+    """The synthetic-shower options ``synth`` and ``demo`` share: geometry, number of showers, seed, progress."""
+    p.add_argument("--geometry", "--dataset", "-d", dest="geometry", default="2", type=_synth_geometry,
+                   help="a dataset (1-photons, 1-pions, 2, 3), hg (calopc's high-granularity geometry: dataset 3 "
+                        "with 4x finer alpha and r, 648,000 cells) or a binning XML FILE in the official format "
+                        "(electromagnetic showers) (default: %(default)s)")
+    p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_progress(p)
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from ..synth import write_synthetic
 
@@ -138,13 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  calopc synth hg.hdf5 -n 100 --geometry hg          # high granularity, 648k cells")
     p.add_argument("output_pos", nargs="?", type=Path, default=None, metavar="OUTPUT", help="output HDF5 file")
     add_output(p, "output HDF5 file (instead of the positional OUTPUT)")
-    p.add_argument("--geometry", "--dataset", "-d", dest="geometry", default="2", type=_synth_geometry,
-                   help="a dataset (1-photons, 1-pions, 2, 3), hg (calopc's high-granularity geometry: dataset 3 "
-                        "with 4x finer alpha and r, 648,000 cells) or a binning XML FILE in the official format "
-                        "(electromagnetic showers) (default: %(default)s)")
-    p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    add_progress(p)
+    _add_synth_options(p)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("convert", help="CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)",
@@ -197,11 +202,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded default job: synthetic showers -> points -> voxels, with a summary",
                        formatter_class=FORMATTER, epilog="example:\n  calopc demo -o demo/ -n 500 --geometry 1-photons")
     add_output(p, "output folder (default: %(default)s)", default=Path("demo"), aliases=("--out",))
-    p.add_argument("--geometry", "--dataset", "-d", dest="geometry", default="2", type=_synth_geometry,
-                   help="a dataset (1-photons, 1-pions, 2, 3), hg (calopc's high-granularity geometry: dataset 3 "
-                        "with 4x finer alpha and r, 648,000 cells) or a binning XML FILE in the official format "
-                        "(electromagnetic showers) (default: %(default)s)")
-    p.add_argument("-n", type=positive_int, default=1000, help="number of showers (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    add_progress(p)
+    _add_synth_options(p)
     p.set_defaults(func=_cmd_demo)
