@@ -28,7 +28,7 @@ CaloPointFlow II as published adds three things, each a switch of :class:`CaloPo
   replacement per ``(layer, r)`` ring when the points are placed in cells
   (:func:`calopc.models.cells.place`, policy ``"alpha-free"``), so that at most one point
   falls in a cell unless a ring gets more points than it has α bins. Beyond the published
-  model, ``overflow="move"`` (the default) then passes the outermost points of an overfull
+  model, ``overflow="move"`` (the default) then passes the least energetic points of an overfull
   ring on to the next ring with room (:func:`fit_rings`), so no cell gets two points;
   ``overflow="merge"`` keeps the published behaviour (the placement adds their energies).
 
@@ -85,12 +85,17 @@ def _as_bool(v: object, key: str) -> bool:
     raise ValueError(msg)
 
 
-def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r: Tensor,
+              energy: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Move points so that no ``(layer, r-bin)`` ring of a group holds more points than it has α bins.
 
-    Within each group (a layer of a shower) the points keep their order in ``r``: ring by ring
-    from the inside out, the outermost points of a full ring go to the next ring; what the last
-    ring cannot hold goes back inwards to the nearest rings with room. Points that change ring get
+    Ring by ring from the inside out, the points a full ring cannot hold go to the next ring; what
+    the last ring cannot hold goes back inwards to the nearest rings with room. Without ``energy``
+    the points keep their order in ``r`` (a full ring passes on its outermost points); with it, a
+    full ring keeps its most energetic points and passes on the least energetic ones, so the
+    energy of a dense core stays in the core (moving whichever points lie outermost shifts a
+    random share of the core's energy outwards: measured on CaloPointFlow II, ds2, the energy
+    share of ring 1 in layers 4–10 rose from 0.04–0.11 to 0.13–0.21). Points that change ring get
     a uniform radius inside their new ring. A loop over the r-bins only (vectorised over groups).
 
     Args:
@@ -98,6 +103,7 @@ def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r
         group: group of each point (``shower * L + layer``), ``n_groups`` in all; at most as many
             points per group as its layer has cells.
         layer, r: layer and radius (mm) of each point.
+        energy: the energy of each point (any positive weight); None: keep the order in ``r``.
 
     Returns:
         ``(r, moved)``: the new radii ``(P,)`` and the number of points that changed ring (0-d).
@@ -126,9 +132,14 @@ def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r
         add = torch.minimum(cap[:, k] - new[:, k], carry)
         new[:, k] += add
         carry = carry - add
-    # the i-th point of a group in r order goes to the ring whose cumulative count first exceeds i
-    o1 = torch.argsort(r, stable=True)
-    order = o1[torch.argsort(group[o1], stable=True)]                                # by group, then r
+    # the i-th point of a group in (ring, r) or (ring, −energy) order goes to the ring whose cumulative
+    # count first exceeds i
+    if energy is None:
+        o1 = torch.argsort(r, stable=True)
+    else:
+        o1 = torch.argsort(-energy, stable=True)
+        o1 = o1[torch.argsort(rb[o1], stable=True)]                                  # by ring, then energy down
+    order = o1[torch.argsort(group[o1], stable=True)]                                # by group
     g_sorted = group[order]
     first = torch.searchsorted(g_sorted, torch.arange(n_groups, device=device))
     rank = torch.arange(p, device=device) - first[g_sorted]
@@ -658,7 +669,8 @@ class CaloPointFlow(nn.Module):
                     n_l = prep.geometry.n_layers
                     lay = g.layer.clamp(0, n_l - 1)
                     sh = torch.repeat_interleave(torch.arange(g.n_showers, device=device), g.counts)
-                    g.r, g.n_moved_ring = fit_rings(prep.geometry, sh * n_l + lay, g.n_showers * n_l, lay, g.r)
+                    g.r, g.n_moved_ring = fit_rings(prep.geometry, sh * n_l + lay, g.n_showers * n_l, lay, g.r,
+                                                    energy=g.E)
             return g
         e = _as_tensor(e_inc, device, torch.float64).reshape(-1)
         b, n_l = e.shape[0], self.config.n_layers
@@ -676,12 +688,12 @@ class CaloPointFlow(nn.Module):
         zar, w = _prep_call(p.inverse_points_layer, x, lay)
         zar, w = _as_tensor(zar, device, torch.float64), _as_tensor(w, device, torch.float64)
         r = zar[:, 2]
-        moved = 0
-        if self.alpha_free and self.config.overflow == "move" and k == 1:
-            r, moved = fit_rings(prep.geometry, group, b * n_l, lay, r)
         # each layer of each shower gets the sampled layer energy
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w * (e_layer.reshape(-1).to(w.dtype) / tot.clamp(min=1e-300))[group]
+        moved = 0
+        if self.alpha_free and self.config.overflow == "move" and k == 1:
+            r, moved = fit_rings(prep.geometry, group, b * n_l, lay, r, energy=energy)
         if k > 1:
             return GeneratedShowers(counts, lay, r, None if self.alpha_free else zar[:, 1], energy,
                                     layer_counts=n_layer, layer_energy=e_layer, oversample=k)

@@ -277,6 +277,50 @@ def test_fit_rings_leaves_no_overfull_ring(toy_geometry):
     assert torch.equal(same, r_few) and moved.item() == 0
 
 
+def test_fit_rings_with_energies_keeps_a_full_rings_most_energetic_points(toy_geometry):
+    """An overfull ring passes on its least energetic points (not its outermost ones): the core keeps its energy."""
+    from calopc.models.calopointflow import fit_rings
+    from calopc.models.cells import locate
+
+    geo = toy_geometry  # layer 0: 4α×2r
+    layer = torch.zeros(6, dtype=torch.int64)
+    group = torch.zeros(6, dtype=torch.int64)
+    r = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=torch.float64)       # all in the inner ring
+    _, rb0, _ = locate(geo, layer, r)
+    assert (rb0 == 0).all()
+    energy = torch.tensor([1.0, 50.0, 2.0, 40.0, 30.0, 20.0], dtype=torch.float64)  # outermost are energetic
+    new_r, moved = fit_rings(geo, group, 1, layer, r, energy=energy)
+    _, rb, _ = locate(geo, layer, new_r)
+    assert moved.item() == 2
+    assert rb.tolist() == [1, 0, 1, 0, 0, 0]           # the two least energetic points left the full ring
+    assert torch.equal(new_r[rb == 0], r[rb == 0])     # the kept points keep their radius
+    # without energies the outermost two move, whatever they carry
+    by_r, _ = fit_rings(geo, group, 1, layer, r)
+    _, rb_r, _ = locate(geo, layer, by_r)
+    assert rb_r.tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_generation_moves_overflow_by_energy(toy_run, monkeypatch):
+    """CaloPointFlow II's generation hands fit_rings each point's final energy (what decides who leaves a full ring)."""
+    from calopc.models import calopointflow as cpf
+    from calopc.models import load
+
+    seen = []
+    real = cpf.fit_rings
+
+    def spy(geometry, group, n_groups, layer, r, energy=None):
+        seen.append(energy)
+        return real(geometry, group, n_groups, layer, r, energy=energy)
+
+    monkeypatch.setattr(cpf, "fit_rings", spy)
+    loaded = load(toy_run)
+    assert loaded.model.alpha_free and loaded.model.config.overflow == "move"
+    torch.manual_seed(0)
+    g = loaded.model.generate(np.full(6, 3e4), loaded.preprocessor)
+    assert len(seen) == 1 and seen[0] is not None
+    assert torch.allclose(seen[0], g.E)                     # the energies the points are placed with
+
+
 def test_published_ii_generates_at_most_one_point_per_cell(toy_run, tmp_path):
     """α free + rings filled to capacity: the voxels of every shower hold exactly its points, no collision."""
     from calopc.models import load
