@@ -97,7 +97,7 @@ DEFAULT_ENTRIES = ["cpf-II-thin", "cpf-II", "cpf-II-published", "caloclouds", "c
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import _split_options, _value  # noqa: E402  (benchmarks/models.py: the entry-option parsing both share)
+from models import sort_options  # noqa: E402  (benchmarks/models.py: the entry-option parsing both share)
 
 
 @dataclass
@@ -122,26 +122,11 @@ class Entry:
             spec = f"{spec}={ENTRIES[spec]}"
         name, _, rest = spec.partition("=")
         model, _, opts = rest.partition(":")
-        e = cls(name, model.strip().lower(), spec)
-        for item in filter(None, (o.strip() for o in _split_options(opts))):
-            key, sep, val = item.partition("=")
-            if not sep:
-                msg = f"--entries {spec!r}: option {item!r} is not key=value"
-                raise ValueError(msg)
-            if key == "from":
-                e.source = val
-            elif key == "post_train":
-                if val != "distill":
-                    msg = f"--entries {spec!r}: post_train must be distill, got {val!r}"
-                    raise ValueError(msg)
-                e.post_train = val
-            elif key.startswith("train."):
-                e.train[key[6:]] = _value(val)
-            elif key.startswith("gen."):
-                e.gen[key[4:]] = _value(val)
-            else:
-                e.config[key] = _value(val)
-        return e
+        sp, cfg, tr, gen = sort_options(spec, opts, special=("from", "post_train"))
+        if sp.get("post_train", "distill") != "distill":
+            msg = f"--entries {spec!r}: post_train must be distill, got {sp['post_train']!r}"
+            raise ValueError(msg)
+        return cls(name, model.strip().lower(), spec, cfg, tr, gen, sp.get("from"), sp.get("post_train"))
 
 
 # --------------------------------------------------------------------------------------------- provenance

@@ -107,6 +107,30 @@ def _split_options(opts: str) -> list[str]:
     return [*out, cur]
 
 
+def sort_options(spec: str, opts: str, special: tuple[str, ...] = ("post_train",)
+                 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The ``key=value,...`` options of entry ``spec`` → ``(special, config, train, gen)``: the keys named in
+    ``special`` (raw strings), model-config keys, ``train.KEY`` and ``gen.KEY`` (values read as JSON when they are)."""
+    sp: dict[str, str] = {}
+    cfg: dict[str, Any] = {}
+    tr: dict[str, Any] = {}
+    gen: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in _split_options(opts))):
+        key, sep, val = item.partition("=")
+        if not sep:
+            msg = f"--entries {spec!r}: option {item!r} is not key=value"
+            raise ValueError(msg)
+        if key in special:
+            sp[key] = val
+        elif key.startswith("train."):
+            tr[key[6:]] = _value(val)
+        elif key.startswith("gen."):
+            gen[key[4:]] = _value(val)
+        else:
+            cfg[key] = _value(val)
+    return sp, cfg, tr, gen
+
+
 @dataclass
 class Entry:
     """One ``label=model[:key=value,...]`` entry."""
@@ -125,24 +149,12 @@ class Entry:
             msg = f"--entries {spec!r}: expected label=model[:key=value,...]"
             raise ValueError(msg)
         model, _, opts = rest.partition(":")
-        e = cls(label, model.strip().lower())
-        for item in filter(None, (o.strip() for o in _split_options(opts))):
-            key, sep, val = item.partition("=")
-            if not sep:
-                msg = f"--entries {spec!r}: option {item!r} is not key=value"
-                raise ValueError(msg)
-            if key == "post_train":
-                if val not in POST_TRAIN:
-                    msg = f"--entries {spec!r}: no post_train hook {val!r}; registered: {sorted(POST_TRAIN)}"
-                    raise ValueError(msg)
-                e.post_train = val
-            elif key.startswith("train."):
-                e.train[key[6:]] = _value(val)
-            elif key.startswith("gen."):
-                e.gen[key[4:]] = _value(val)
-            else:
-                e.config[key] = _value(val)
-        return e
+        sp, cfg, tr, gen = sort_options(spec, opts)
+        val = sp.get("post_train")
+        if val is not None and val not in POST_TRAIN:
+            msg = f"--entries {spec!r}: no post_train hook {val!r}; registered: {sorted(POST_TRAIN)}"
+            raise ValueError(msg)
+        return cls(label, model.strip().lower(), cfg, tr, gen, val)
 
 
 def _data(args: argparse.Namespace) -> tuple[Path, Path]:
