@@ -94,8 +94,8 @@ def fit_rings(geometry: Geometry, group: Tensor, n_groups: int, layer: Tensor, r
     the points keep their order in ``r`` (a full ring passes on its outermost points); with it, a
     full ring keeps its most energetic points and passes on the least energetic ones, so the
     energy of a dense core stays in the core (moving whichever points lie outermost shifts a
-    random share of the core's energy outwards: measured on CaloPointFlow II, ds2, the energy
-    share of ring 1 in layers 4–10 rose from 0.04–0.11 to 0.13–0.21). Points that change ring get
+    random share of the core's energy outwards: on the same trained CaloPointFlow II, synthetic
+    ds2, the separation power of EC_r fell from 0.051 to 0.036). Points that change ring get
     a uniform radius inside their new ring. A loop over the r-bins only (vectorised over groups).
 
     Args:
