@@ -144,14 +144,14 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- main
 def _raise_sigterm(signum: int, frame: object) -> None:
-    from ..io import Interrupted
+    from .._safety import Interrupted
 
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc.io.Interrupted` like Ctrl-C does."""
+    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc._safety.Interrupted` like Ctrl-C does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -187,7 +187,7 @@ def _quiet_broken_pipe() -> int:
 
 
 def _describe(err: BaseException) -> str:
-    from ..io import OutputError
+    from .._safety import OutputError
 
     if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or err}"
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     cmd = args.command
     from ..geometry import GeometryError
-    from ..io import ShowerFileError
+    from ..hdf5 import ShowerFileError
 
     code: int
     with _sigterm_as_interrupt(), _one_line_warnings(cmd):
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(argv: Sequence[str] | None, code: int) -> int:
-    from ..io import hdf5_write_failed
+    from ..hdf5 import hdf5_write_failed
 
     if argv is None and hdf5_write_failed():
         # h5py can crash while the interpreter shuts down after a failed write (h5py issue 914):

@@ -90,7 +90,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if out is None:
         msg = f"{len(inputs)} inputs: name the output folder of the dataset with -o DIR/"
         raise CLIError(msg)
-    from ..io import lock_output
+    from .._safety import lock_output
 
     with lock_output(out, "dataset folder"):  # one writer per dataset folder (each shard is locked too)
         files = convert_files(inputs, out, workers=args.workers, log=print, **kw)
@@ -120,7 +120,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     geometry = load_geometry(args.geometry) if args.geometry else None
     info = file_info(args.input, progress=not args.no_progress, geometry=geometry)
     if args.json:
-        from ..io import json_dumps
+        from .._safety import json_dumps
 
         print(json_dumps(info, indent=2))
         return 0

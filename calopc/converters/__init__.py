@@ -25,8 +25,8 @@ __all__ = [
     "write_points",
 ]
 
-from .dataset import PointsDataset, convert_files, open_points_lazy, points_paths
 from .core import COLLISION_POLICIES, VoxelizeStats, neighbour_table, points_to_voxels, voxels_to_points
+from .dataset import PointsDataset, convert_files, open_points_lazy, points_paths
 from .files import (
     PointsFile,
     convert_file,

@@ -19,8 +19,9 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 
+from .._safety import OutputError
 from ..geometry import Geometry
-from ..io import OutputError, ShowerFileError
+from ..hdf5 import ShowerFileError
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _GLOB_CHARS = "*?["

@@ -25,19 +25,10 @@ import awkward as ak
 import numpy as np
 
 from .. import __version__
+from .._safety import OutputError, atomic_output, check_interrupt, check_not_input, deferred_interrupts
 from ..geometry import Geometry, GeometryError, resolve_threshold
-from ..io import (
-    OutputError,
-    ShowerFileError,
-    atomic_output,
-    check_interrupt,
-    check_not_input,
-    deferred_interrupts,
-    open_showers,
-    parse_size,
-    progress_bar,
-    shower_writer,
-)
+from ..hdf5 import ShowerFileError, open_showers, parse_size, shower_writer
+from ..progress import progress_bar
 from .core import VoxelizeStats, points_to_voxels, voxels_to_points
 
 _META_GEOMETRY = b"calopc.geometry"
