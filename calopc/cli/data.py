@@ -65,23 +65,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import glob
     import os
 
     from ..converters import convert_file, convert_files
+    from ..converters.sources import expand_globs
     from ..geometry import load_geometry
 
     geometry = load_geometry(args.geometry) if args.geometry else None
     threshold = "official" if args.threshold is None else args.threshold
     kw = {"geometry": geometry, "step_size": args.step_size, "threshold": threshold, "progress": not args.no_progress,
           "energy_dtype": args.energy_dtype}
-    inputs = []
-    for s in map(str, args.input):  # quoted globs are expanded here (the shell expands unquoted ones)
-        found = sorted(glob.glob(s)) if not os.path.exists(s) and any(c in s for c in "*?[") else [s]
-        if not found:
-            msg = f"{s}: no file matches this pattern"
-            raise CLIError(msg)
-        inputs.extend(found)
+    inputs = expand_globs(args.input)  # quoted globs are expanded here (the shell expands unquoted ones)
     out = args.output
     to_folder = len(inputs) > 1 or (out is not None and (out.is_dir() or str(out).endswith(os.sep)))
     if not to_folder:
