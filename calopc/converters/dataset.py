@@ -4,7 +4,7 @@ r"""Point-cloud datasets of several Parquet files: a folder or a glob, read eage
 every reader of point clouds accepts such a folder, a glob (``"DIR/*.parquet"``) or a list of
 files (:func:`points_paths`). :class:`PointsDataset` reads the shards one after the other with
 the interface of :class:`~calopc.converters.PointsFile`; :func:`open_points_lazy` (exported as
-``calopc.open_points``) returns a lazy dask-awkward array with one partition per row group.
+``calopc.open_points_lazy``) returns a lazy dask-awkward array with one partition per row group.
 """
 
 from __future__ import annotations
@@ -170,14 +170,14 @@ def open_points_lazy(source: PathsLike, *, geometry: Geometry | None = None, max
     or cluster. Example: hits per layer over all showers::
 
         import awkward as ak, calopc
-        ev = calopc.open_points("showers/")            # a folder written by calopc convert
+        ev = calopc.open_points_lazy("showers/")       # a folder written by calopc convert
         layer = ev.points.z                             # layer ordinal of every point
         hits = ak.sum(layer == 0, axis=1).compute()     # hits in layer 0, per shower
     """
     try:
         import dask_awkward as dak
     except ModuleNotFoundError as err:
-        msg = "calopc.open_points needs dask and dask-awkward: pip install 'calopc[dask]'"
+        msg = "calopc.open_points_lazy needs dask and dask-awkward: pip install 'calopc[dask]'"
         raise ModuleNotFoundError(msg) from err
     paths = points_paths(source)
     parts: list[tuple[str, int]] = []
