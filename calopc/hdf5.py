@@ -168,8 +168,8 @@ class ShowerFile:
             raise ShowerFileError(msg)
         self.geometry = geometry
         self._inc, self._sh = inc, sh
-        self._plan = _h5direct.chunk_plan(self._f, sh)  # None: h5py reads (other filters, contiguous, ...)
-        self.threads: int | None = None  # inflating threads of the direct reader (None: the usable CPUs)
+        self._plan = _h5direct.chunk_plan(sh)  # None: h5py reads (other filters, contiguous, ...)
+        self.threads: int | None = None  # inflating threads of the direct reader (None: the usable CPUs, at most 8)
 
     # ------------------------------------------------------------------ info
     def __len__(self) -> int:

@@ -588,7 +588,7 @@ def convert_file(
     """Convert a CaloChallenge HDF5 file to a point-cloud Parquet file, streaming in chunks.
 
     Gzip chunks are inflated, scanned for non-empty cells and validated in ``threads`` worker
-    threads (default: the usable CPUs), while another thread compresses and writes the Parquet
+    threads (default: the usable CPUs, at most 8), while another thread compresses and writes the Parquet
     row groups. Memory is bounded by the points of ``step_size`` of dense input plus a few HDF5
     chunks. Returns the output path (default: the input with suffix ``.parquet``).
 
