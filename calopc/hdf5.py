@@ -16,8 +16,10 @@ __all__ = [
     "ShowerFile",
     "ShowerFileError",
     "ShowerWriter",
+    "HDF5_SUFFIXES",
     "check_energies",
     "hdf5_write_failed",
+    "is_hdf5",
     "native_float_dtype",
     "open_showers",
     "parse_size",
@@ -35,11 +37,30 @@ from pathlib import Path
 import numpy as np
 
 from . import _h5direct
-from ._safety import OutputError, atomic_output, check_interrupt, deferred_interrupts
+from ._safety import OutputError, atomic_output, check_interrupt, deferred_interrupts, missing_message
 from .geometry import Geometry, GeometryError, detect_geometry
 
 INCIDENT_KEY = "incident_energies"
 SHOWERS_KEY = "showers"
+#: Names of HDF5 files
+HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether the file holds an HDF5 superblock signature (at byte 0, or 512, 1024, ... after a userblock)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = 0
+            while offset + 8 <= size:
+                fh.seek(offset)
+                if fh.read(8) == _HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else 2 * offset
+    except OSError:
+        return False
+    return False
 
 
 class ShowerFileError(ValueError):
@@ -101,13 +122,18 @@ class ShowerFile:
 
         self.path = Path(path)
         if not self.path.exists():
-            msg = f"{self.path}: no such file"
-            raise FileNotFoundError(msg)
+            raise FileNotFoundError(missing_message(self.path))
         if self.path.is_dir():
-            msg = f"{self.path}: is a folder, expected an HDF5 file"
+            h5 = sorted(q.name for q in self.path.iterdir() if q.suffix.lower() in HDF5_SUFFIXES and q.is_file())
+            msg = (f"{self.path}: is a folder of {len(h5)} HDF5 files, expected one HDF5 file (e.g. {self.path / h5[0]}); "
+                   f"'calopc convert' takes them all as a quoted glob: '{self.path / ('*' + Path(h5[0]).suffix)}'"
+                   if h5 else f"{self.path}: is a folder, expected an HDF5 file")
             raise ShowerFileError(msg)
         if not os.access(self.path, os.R_OK):
             msg = f"{self.path}: cannot read (permission denied)"
+            raise ShowerFileError(msg)
+        if self.path.stat().st_size == 0:
+            msg = f"{self.path}: is empty (0 bytes); expected an HDF5 file (an interrupted copy or download?)"
             raise ShowerFileError(msg)
         try:
             self._f = h5py.File(self.path, "r")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,82 @@ def test_output_is_a_folder_or_under_a_file(tmp_path, ds2, capsys):
     assert "exists and is not a folder" in _one_line(capsys.readouterr().err, "evaluate")
     assert main(["demo", "-o", str(tmp_path / "f"), "-n", "2"]) == 2
     assert "exists and is not a folder" in _one_line(capsys.readouterr().err, "demo")
+
+
+def _specials(tmp_path: Path) -> list[Path]:
+    """A named pipe, and a private character device (a copy of /dev/null) where this process may create one."""
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = [fifo]
+    try:
+        os.mknod(tmp_path / "chardev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        out.append(tmp_path / "chardev")
+    except (PermissionError, OSError):
+        pass  # mknod not permitted here: the FIFO case alone
+    return out
+
+
+def test_no_writer_replaces_a_device_or_a_named_pipe(tmp_path, ds2, capsys):
+    """Every output is renamed over its target when complete: a device node or a FIFO target is refused first."""
+    import stat
+
+    h5, pqf, inc, sh = ds2
+    for target in _specials(tmp_path):
+        mode = os.stat(target).st_mode
+        for argv in (["convert", h5, "-o", target], ["voxelize", pqf, "-o", target], ["synth", target, "-n", "2"],
+                     ["demo", "-o", target, "-n", "2"]):
+            assert main([str(a) for a in argv]) == 2, argv
+            line = _one_line(capsys.readouterr().err, argv[0])
+            assert f"{target}: exists and is a " in line and ("not a regular file" in line or "not a folder" in line)
+        with pytest.raises(OutputError, match="exists and is a .*, not a regular file"):
+            write_showers(target, inc[:2], sh[:2])
+        with pytest.raises(OutputError, match="not a regular file"):
+            write_points(target, read_points(pqf)[0][:2], Geometry.calochallenge("2"))
+        assert os.stat(target).st_mode == mode and not stat.S_ISREG(mode)  # still the device / pipe
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_device_appearing_while_the_output_is_written_is_not_replaced(tmp_path):
+    """The last check before the rename: a FIFO created at the target meanwhile stays, the output is dropped."""
+    from calopc._safety import atomic_output
+
+    target = tmp_path / "o.bin"
+    with pytest.raises(OutputError, match=r"o.bin: exists and is a named pipe \(FIFO\), not a regular file; the "
+                                          r"output was not written"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"x")
+            os.mkfifo(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.bin"]
+
+
+def test_an_output_name_ending_in_slash_is_a_folder_or_refused(tmp_path, ds2, capsys):
+    """convert -o NEW/ writes a dataset folder; synth and voxelize write one file and refuse a folder name."""
+    h5, pqf, *_ = ds2
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'newdir'}/", "--no-progress"]) == 0
+    assert (tmp_path / "newdir").is_dir() and (tmp_path / "newdir" / "ds2.parquet").is_file()
+    capsys.readouterr()
+    for argv in (["voxelize", str(pqf), "-o", f"{tmp_path / 'vdir'}/"], ["synth", f"{tmp_path / 'sdir'}/", "-n", "2"],
+                 ["synth", "-o", f"{tmp_path / 'sdir'}/", "-n", "2"]):
+        assert main(argv) == 2, argv
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "names a folder (it ends in /)" in line and "give a file name" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newdir"]
+    with pytest.raises(OutputError, match=r"names a folder \(it ends in /\)"):
+        write_showers(f"{tmp_path / 'apidir'}/", *ds2[2:])
+
+
+def test_a_folder_holding_other_shards_is_named_when_converting_into_it(tmp_path, ds2, capsys):
+    """Readers of a dataset folder include every shard in it: converting into one with older shards warns."""
+    h5, pqf, *_ = ds2
+    (tmp_path / "out").mkdir()
+    shutil.copy(pqf, tmp_path / "out" / "old_run.parquet")
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'out'}/", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "also holds 1 other Parquet file(s) (old_run.parquet); every reader" in err
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'fresh'}/", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @contextlib.contextmanager
@@ -742,6 +819,46 @@ def test_a_symlink_loop_is_a_one_line_user_error(tmp_path, ds2, capsys):
         assert main([str(a) for a in argv]) == 2
         line = _one_line(capsys.readouterr().err, argv[0])
         assert "a loop of symbolic links" in line and "internal error" not in line, line
+
+
+def test_readers_and_synth_name_a_symlink_loop(tmp_path, ds2, capsys):
+    """info and voxelize say 'a loop of symbolic links', not 'no such file'; synth does not replace the link."""
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    for argv in (["info", tmp_path / "loopA"], ["voxelize", tmp_path / "loopA", "-o", tmp_path / "v.hdf5"],
+                 ["synth", tmp_path / "loopA", "-n", "2"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "loopA: a loop of symbolic links" in _one_line(capsys.readouterr().err, argv[0])
+    assert (tmp_path / "loopA").is_symlink() and os.readlink(tmp_path / "loopA") == str(tmp_path / "loopB")
+
+
+def test_empty_files_and_files_of_the_other_format_say_so(tmp_path, ds2, capsys):
+    """A 0-byte file is called empty, whatever its name; an HDF5 voxel file given where Parquet is read says
+    to convert it first; a folder of HDF5 files points to the quoted glob."""
+    h5, pqf, *_ = ds2
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "empty.hdf5").write_bytes(b"")
+    for name in ("empty.parquet", "empty.hdf5"):
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert f"{name}: is empty (0 bytes)" in _one_line(capsys.readouterr().err, "info")
+    assert main(["voxelize", str(tmp_path / "empty.parquet"), "-o", str(tmp_path / "v.hdf5")]) == 2
+    assert "empty.parquet: is empty (0 bytes); expected a Parquet file" in _one_line(capsys.readouterr().err,
+                                                                                     "voxelize")
+    shutil.copy(h5, tmp_path / "h_as.parquet")
+    for argv in (["voxelize", h5, "-o", tmp_path / "v.hdf5"], ["voxelize", tmp_path / "h_as.parquet", "-o",
+                                                                tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, "voxelize")
+        assert "this is an HDF5 file (CaloChallenge voxels?), not point clouds in Parquet; run 'calopc convert " in line
+    with pytest.raises(ShowerFileError, match="this is an HDF5 file"):
+        read_points(h5)
+    (tmp_path / "h5dir").mkdir()
+    shutil.copy(h5, tmp_path / "h5dir" / "a.hdf5")
+    for argv in (["info", tmp_path / "h5dir"], ["convert", tmp_path / "h5dir", "-o", tmp_path / "x.parquet"],
+                 ["voxelize", tmp_path / "h5dir", "-o", tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert f"'{tmp_path / 'h5dir' / '*.hdf5'}'" in line, line
 
 
 def test_an_hdf5_file_locked_by_its_writer_is_not_called_truncated(tmp_path, ds2):

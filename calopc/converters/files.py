@@ -22,10 +22,17 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 
-from .._safety import OutputError, atomic_output, check_interrupt, check_not_input, deferred_interrupts
+from .._safety import (
+    OutputError,
+    atomic_output,
+    check_interrupt,
+    check_not_input,
+    deferred_interrupts,
+    missing_message,
+)
 from .._version import __version__
 from ..geometry import Geometry, GeometryError, resolve_threshold
-from ..hdf5 import ShowerFileError, open_showers, parse_size
+from ..hdf5 import ShowerFileError, is_hdf5, open_showers, parse_size
 from ..progress import progress_bar
 from .core import _build_events, _coordinate_tables
 from .sources import HDF5_SUFFIXES, MAX_OUTSIDE
@@ -328,8 +335,7 @@ class PointsFile:
         self.path = Path(path)
         self.max_outside = float(max_outside)
         if not self.path.exists():
-            msg = f"{self.path}: no such file"
-            raise FileNotFoundError(msg)
+            raise FileNotFoundError(missing_message(self.path))
         if self.path.is_dir():
             msg = f"{self.path}: is a folder, expected a Parquet file"
             raise ShowerFileError(msg)
@@ -339,7 +345,13 @@ class PointsFile:
             msg = f"{self.path}: cannot read ({err.strerror or 'permission denied'})"
             raise ShowerFileError(msg) from err
         except Exception as err:  # pyarrow raises several types for corrupt files
-            msg = f"{self.path}: cannot open as Parquet (truncated or not a Parquet file?): {err}"
+            if self.path.stat().st_size == 0:
+                msg = f"{self.path}: is empty (0 bytes); expected a Parquet file (an interrupted copy or download?)"
+            elif is_hdf5(self.path):
+                msg = (f"{self.path}: this is an HDF5 file (CaloChallenge voxels?), not point clouds in Parquet; "
+                       f"run 'calopc convert {self.path}' first")
+            else:
+                msg = f"{self.path}: cannot open as Parquet (truncated or not a Parquet file?): {err}"
             raise ShowerFileError(msg) from err
         meta = self._pf.schema_arrow.metadata or {}
         key = _META_GEOMETRY.decode()
