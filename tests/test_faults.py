@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -279,6 +280,85 @@ def test_bad_point_values_name_the_file(tmp_path, ds2, capsys, case):
         line = _one_line(capsys.readouterr().err, cmd)
         assert "b.parquet" in line and match in line, line
     assert not (tmp_path / "v.hdf5").exists()
+
+
+def _warning_lines(err: str, cmd: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith(f"calopc {cmd}: warning: ")]
+
+
+def test_implausible_energies_warn_once_in_every_reader(tmp_path, ds2, capsys):
+    """Cells in keV (x1000), incident energies in GeV (/1000) or a 1e30 MeV cell: one warning line naming the file,
+    the value and the likely cause, in info, convert, evaluate's and train's readers; plausible files stay silent."""
+    h5, pqf, inc, sh = ds2
+    kev = tmp_path / "kev.hdf5"
+    write_showers(kev, inc, sh * 1000)
+    gev = tmp_path / "gev.parquet"
+    with pytest.warns(UserWarning, match="cells in keV"):
+        convert_file(kev, tmp_path / "kev.parquet", progress=False)
+    events = read_points(pqf)[0]
+    write_points(gev, ak.zip({"incident_energy": events.incident_energy / 1000, "points": events.points},
+                             depth_limit=1), Geometry.calochallenge("2"))
+    huge_sh = sh.copy()
+    huge_sh[3, 17] = 1e30
+    write_showers(tmp_path / "huge.hdf5", inc, huge_sh)
+    capsys.readouterr()
+    cases = [(["info", kev], r"kev.hdf5: median deposited / incident energy is 7\d\d(\.\d*)? .*: cells in keV, or "
+                             r"incident energies in GeV\? Both must be in MeV"),
+             (["convert", kev, "-o", tmp_path / "k2.parquet"], "kev.hdf5: median deposited / incident energy is 7"),
+             (["info", tmp_path / "kev.parquet"], "kev.parquet: median deposited / incident energy is 7"),
+             (["info", gev], r"gev.parquet: median deposited / incident energy is 7\d\d"),
+             (["info", tmp_path / "huge.hdf5"], r"huge.hdf5: a cell holds 1e\+30 MeV, more than 1e\+09 MeV \(1 PeV\)"),
+             (["info", h5], None), (["info", pqf], None)]
+    for argv, match in cases:
+        assert main([str(a) for a in argv] + ["--no-progress"]) == 0, argv
+        lines = _warning_lines(capsys.readouterr().err, argv[0])
+        if match is None:
+            assert lines == [], lines
+        else:
+            assert len(lines) == 1 and re.search(match, lines[0]), lines
+    from calopc.eval.samples import load_sample
+
+    with pytest.warns(UserWarning, match="kev.hdf5: median deposited / incident energy is 7"):
+        load_sample(kev, keep_voxels=False)
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from calopc.models.data import _Sources
+
+    src = _Sources(gev)
+    with pytest.warns(UserWarning, match=r"gev.parquet: median deposited / incident energy is 7\d\d"):
+        src.read_block(0)
+
+
+def test_damaged_page_bytes_are_a_read_error_not_changed_energies(tmp_path, ds2, capsys):
+    """Every data page carries a CRC32 that the readers verify: zeroed bytes inside the energies' page are one
+    error line naming the file in info, voxelize, read_points and the training reader, not silently other values."""
+    _, pqf, *_ = ds2
+    bad = tmp_path / "zeroed.parquet"
+    md = pq.ParquetFile(pqf).metadata
+    col = next(md.row_group(0).column(i) for i in range(md.num_columns)
+               if md.row_group(0).column(i).path_in_schema.endswith(".E"))
+    assert col.total_compressed_size > 600
+    data = bytearray(pqf.read_bytes())
+    start = col.data_page_offset + col.total_compressed_size // 2
+    data[start:start + 200] = bytes(200)  # inside the page's data, the page header untouched
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShowerFileError, match=r"zeroed.parquet: failed to read .*CRC checksum verification failed"):
+        read_points(bad)
+    for argv in (["info", bad], ["voxelize", bad, "-o", tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "zeroed.parquet: failed to read row group 0 (corrupt or truncated file?)" in line and "CRC" in line
+    pytest.importorskip("torch")
+    from calopc.models.data import _Sources
+
+    with pytest.raises(ShowerFileError, match="zeroed.parquet: failed to read row group 0 .*CRC"):
+        _Sources(bad).read_block(0)
+
+
+def test_files_without_page_checksums_still_read(tmp_path, ds2):
+    _, pqf, *_ = ds2
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(pqf), plain, write_page_checksum=False)
+    assert ak.array_equal(read_points(plain)[0], read_points(pqf)[0])
 
 
 def test_hdf5_writer_refuses_invalid_incident_energies(tmp_path):

@@ -8,6 +8,7 @@ __all__ = [
     "PointsWriter",
     "convert_file",
     "events_from_arrow",
+    "open_parquet",
     "points_writer",
     "write_points",
 ]
@@ -32,7 +33,7 @@ from .._safety import (
 )
 from .._version import __version__
 from ..geometry import Geometry, GeometryError, resolve_threshold
-from ..hdf5 import ShowerFileError, is_hdf5, open_showers, parse_size
+from ..hdf5 import EnergyScale, ShowerFileError, is_hdf5, open_showers, parse_size
 from ..progress import progress_bar
 from .core import _build_events, _coordinate_tables
 from .sources import HDF5_SUFFIXES, MAX_OUTSIDE
@@ -75,8 +76,21 @@ def _column_options(compression: str) -> dict:
     }
 
 
+def open_parquet(path: str | os.PathLike) -> object:
+    """``pyarrow.parquet.ParquetFile`` that verifies the page checksums (CRC32) where the file has them.
+
+    calopc writes a checksum for every data page, so damaged bytes inside a page are a read
+    error instead of silently changed energies; files without checksums read as before.
+    """
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, page_checksum_verification=True)
+
+
 class PointsWriter:
     """Append event chunks to a Parquet file; the geometry goes into the schema metadata.
+
+    Every data page carries a CRC32 checksum, which the readers verify (:func:`open_parquet`).
 
     Points in cells (a ``cell`` field, and ``r``, ``alpha``, ``z`` absent or the cell centres) are
     stored compactly: ``cell`` (sorted within a shower, delta encoded) and ``E`` (byte-stream
@@ -136,7 +150,7 @@ class PointsWriter:
 
         if self._writer is None:
             kw = _column_options(self.compression) if self._compact else {"compression": self.compression}
-            self._writer = pq.ParquetWriter(self.path, table.schema, **kw)
+            self._writer = pq.ParquetWriter(self.path, table.schema, write_page_checksum=True, **kw)
         self._writer.write_table(table, row_group_size=max(1, table.num_rows))
 
     def _emit(self, table: object) -> None:
@@ -330,8 +344,6 @@ class PointsFile:
 
     def __init__(self, path: str | os.PathLike, *, geometry: Geometry | None = None,
                  max_outside: float = MAX_OUTSIDE) -> None:
-        import pyarrow.parquet as pq
-
         self.path = Path(path)
         self.max_outside = float(max_outside)
         if not self.path.exists():
@@ -340,7 +352,7 @@ class PointsFile:
             msg = f"{self.path}: is a folder, expected a Parquet file"
             raise ShowerFileError(msg)
         try:
-            self._pf = pq.ParquetFile(self.path)
+            self._pf = open_parquet(self.path)
         except PermissionError as err:
             msg = f"{self.path}: cannot read ({err.strerror or 'permission denied'})"
             raise ShowerFileError(msg) from err
@@ -390,6 +402,7 @@ class PointsFile:
                 msg = f"{self.path}: the points of a 'cell-E' file need 'cell' and 'E' fields; found {sub}"
                 raise ShowerFileError(msg)
         self._checked = False
+        self._scale = EnergyScale(self.path)
 
     def __len__(self) -> int:
         return int(self._pf.metadata.num_rows)
@@ -498,6 +511,7 @@ class PointsFile:
             msg = (f"{where}: {int(bad.sum())} of {e.size} points have a NaN, infinite or negative energy E (first: "
                    f"shower {start + i}, E = {e[j]}); expected finite energies >= 0 MeV")
             raise ShowerFileError(msg)
+        self._scale.check(inc, counts, e)
         if "cell" in fields:  # one rule for every reader: a cell index outside the geometry is an error
             check_cells(np.asarray(ak.flatten(pts["cell"], axis=None)), counts, self.geometry.n_voxels,
                         self.geometry.name, where, start)
