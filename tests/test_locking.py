@@ -58,22 +58,30 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
 
 
 # ============================================================================ flock path: races
+def _after_first_open(monkeypatch, lp, action):
+    """Patch ``os.open`` so that ``action(fd)`` runs right after the first open of ``lp`` (before its flock);
+    returns the inodes of every descriptor opened on ``lp``."""
+    real_open, opened = os.open, []
+
+    def hooked(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if os.fspath(path) == str(lp):
+            opened.append(os.fstat(fd).st_ino)
+            if len(opened) == 1:
+                action(real_open)
+        return fd
+
+    monkeypatch.setattr(os, "open", hooked)
+    return opened
+
+
 def test_a_lock_file_removed_between_open_and_flock_is_not_held(tmp_path, monkeypatch):
     """The previous holder unlinks its file just after we opened it: we lock the file now at the path, not the old one."""
     target = tmp_path / "out.hdf5"
     lp = lock_path(target)
     lp.write_text("")
-    real_open, opened = os.open, []
-
-    def open_then_release(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if os.fspath(path) == str(lp):
-            opened.append(os.fstat(fd).st_ino)
-            if len(opened) == 1:
-                os.unlink(lp)  # the holder before us releases: it removes the file while we hold a descriptor
-        return fd
-
-    monkeypatch.setattr(os, "open", open_then_release)
+    # the holder before us releases: it removes the file while we hold a descriptor of it
+    opened = _after_first_open(monkeypatch, lp, lambda real_open: os.unlink(lp))
     with output_lock(target):
         assert len(opened) == 2 and lp.exists() and os.stat(lp).st_ino == opened[1]
         assert lk._read_holder(lp)[0] == os.getpid()
@@ -87,19 +95,16 @@ def test_a_writer_that_locked_a_removed_file_does_not_share_the_lock(tmp_path, m
     target = tmp_path / "out.hdf5"
     lp = lock_path(target)
     lp.write_text("")
-    real_open, other = os.open, []
+    other = []
 
-    def open_then_race(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if os.fspath(path) == str(lp) and not other:
-            os.unlink(lp)
-            o = real_open(lp, os.O_RDWR | os.O_CREAT, 0o644)  # another writer creates and locks the new file
-            fcntl.flock(o, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(o, f"{os.getppid()} {lk._host()} {time.time():.0f}\n".encode())
-            other.append(o)
-        return fd
+    def third_writer(real_open):  # removes the file, creates and locks a new one
+        os.unlink(lp)
+        o = real_open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(o, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(o, f"{os.getppid()} {lk._host()} {time.time():.0f}\n".encode())
+        other.append(o)
 
-    monkeypatch.setattr(os, "open", open_then_race)
+    _after_first_open(monkeypatch, lp, third_writer)
     try:
         with pytest.raises(OutputLocked, match=rf"PID {os.getppid()} on host"):
             with output_lock(target):
