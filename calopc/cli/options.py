@@ -1,6 +1,6 @@
 r"""Option types and conventions shared by every ``calopc`` command.
 
-This module sits below every command-line module (``calopc.cli.data``, ``calopc.eval.cli``,
+This module sits below every command-line module (``calopc.cli.data``, ``calopc.cli.eval``,
 ``calopc.models.cli``, ...), so that the same flag means the same thing everywhere:
 
 * ``-o/--output``: what the command writes; ``--geometry``: a dataset name or binning XML.
