@@ -6,7 +6,7 @@ Layout:
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
-  :mod:`calopc.eval.cli`: ``evaluate``, ``compare``; :mod:`calopc.models.cli`: ``train``,
+  :mod:`calopc.cli.eval`: ``evaluate``, ``compare``; :mod:`calopc.cli.models`: ``train``,
   ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
   ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
@@ -67,13 +67,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "voxelize": ("calopc.cli.data", "point-cloud Parquet -> CaloChallenge HDF5"),
     "info": ("calopc.cli.data", "dataset, number of showers and hits/shower of an HDF5 or Parquet file"),
     "demo": ("calopc.cli.data", "the embedded default job: synthetic showers -> points -> voxels, with a summary"),
-    "evaluate": ("calopc.eval.cli",
+    "evaluate": ("calopc.cli.eval",
                  "compare a generated sample with a reference: CaloChallenge metrics, plots, report"),
-    "compare": ("calopc.eval.cli", "compare several generated samples with one reference: multi-class "
+    "compare": ("calopc.cli.eval", "compare several generated samples with one reference: multi-class "
                                    "log-posterior and a leaderboard"),
-    "train": ("calopc.models.cli", "train a generative model on point-cloud Parquet showers"),
-    "generate": ("calopc.models.cli", "generate showers from a trained run directory"),
-    "distill": ("calopc.models.cli", "distil a caloclouds run into a one-step consistency model"),
+    "train": ("calopc.cli.models", "train a generative model on point-cloud Parquet showers"),
+    "generate": ("calopc.cli.models", "generate showers from a trained run directory"),
+    "distill": ("calopc.cli.models", "distil a caloclouds run into a one-step consistency model"),
 }
 
 _EPILOG = """\
