@@ -139,16 +139,18 @@ class EnergyScale:
         e_dep = None
         if not self.ratio_checked:
             cs = np.zeros(len(energy) + 1)
-            np.cumsum(energy, dtype=np.float64, out=cs[1:])
-            ends = np.cumsum(counts)
-            e_dep = cs[ends] - cs[ends - counts]
+            with np.errstate(all="ignore"):  # huge cells overflow to inf: judged below, not a numpy warning
+                np.cumsum(energy, dtype=np.float64, out=cs[1:])
+                ends = np.cumsum(counts)
+                e_dep = cs[ends] - cs[ends - counts]
         self._judge(e_inc, e_dep, float(np.max(energy)))
 
     def check_dense(self, e_inc: np.ndarray, showers: np.ndarray) -> None:
         """Showers given dense: incident ``(n,)`` MeV and ``(n, n_voxels)`` cells."""
         if self.warned or not showers.size:
             return
-        e_dep = None if self.ratio_checked else showers.sum(axis=1, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            e_dep = None if self.ratio_checked else showers.sum(axis=1, dtype=np.float64)
         self._judge(e_inc, e_dep, float(showers.max()))
 
     def _judge(self, e_inc: np.ndarray, e_dep: np.ndarray | None, e_max: float) -> None:

@@ -143,10 +143,12 @@ def test_info_prints_no_raw_runtime_warning(tmp_path):
     sh[2, 5] = 1e308
     sh[3, 5:8] = 1e308  # the sum overflows
     write_showers(tmp_path / "x.hdf5", inc, sh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         info = file_info(tmp_path / "x.hdf5")
     assert info["n_showers"] == 5
+    assert [str(w.message) for w in seen] == [f"{tmp_path / 'x.hdf5'}: a cell holds 1e+308 MeV, more than 1e+09 MeV "
+                                              "(1 PeV): corrupt or wrongly scaled energies?"]
 
 
 # ============================================================================ Parquet inputs
