@@ -59,7 +59,7 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 
-from .._safety import atomic_output, check_interrupt, check_not_input, deferred_interrupts, missing_message
+from .._safety import atomic_writer, check_interrupt, check_not_input, missing_message
 from .._version import __version__
 from ..geometry import Geometry, GeometryError, load_geometry, resolve_threshold
 from ..hdf5 import EnergyScale, ShowerFileError, is_hdf5, open_showers, parse_size, shower_writer
@@ -588,18 +588,8 @@ def export_showerdata(input: str | os.PathLike, output: str | os.PathLike, *, ge
 def _showerdata_writer(output: Path, n: int, geometry: Geometry, *, expected_bytes: float = 0, **kw: object
                        ) -> Iterator[_Writer]:
     """Atomically write a showerdata file chunk by chunk (temporary file + rename; Ctrl-C between chunks)."""
-    with deferred_interrupts(), atomic_output(output, expected_bytes=expected_bytes) as tmp:
-        w = _Writer(tmp, n, geometry, **kw)
-        ok = False
-        try:
-            yield w
-            ok = True
-        finally:
-            if ok:
-                w.close()
-            else:
-                w.abort()
-        check_interrupt()
+    with atomic_writer(output, lambda tmp: _Writer(tmp, n, geometry, **kw), expected_bytes=expected_bytes) as w:
+        yield w
 
 
 # ----------------------------------------------------------------------------- importing

@@ -292,3 +292,14 @@ def test_convert_defaults_are_unchanged_and_refuse_showerdata_input(tmp_path, ds
     assert main(["convert", str(flc), "--from", "showerdata", "--geometry", "2", "-o", str(tmp_path / "z.parquet"),
                  "--max-outside", "0.5", "--collisions", "sum", "--no-progress"]) == 0
     assert "1 collisions" in capsys.readouterr().out
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, ds2_file):
+    """Bad input found mid-way (a NaN cell in shower 30) stops the export; neither output nor temporary file remains."""
+    _, inc, sh = ds2_file
+    bad = sh.copy()
+    bad[30, 7] = np.nan
+    write_showers(tmp_path / "bad.hdf5", inc, bad)
+    with pytest.raises(ShowerFileError, match=r"bad.hdf5 rows .*: dataset 'showers' holds non-finite values"):
+        export_showerdata(tmp_path / "bad.hdf5", tmp_path / "out.h5", step_size=10, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.hdf5"]
