@@ -16,7 +16,7 @@ unit apart, in their order, and the depth axis reads "layer".
 Two styles:
 
 * ``markers``: one marker per cell at its centre, its size following the cell's transverse
-  extent (``max(Δr, r·Δα)``), drawn with WebGL points: fast and small (about 45 bytes a cell).
+  extent (``max(Δr, r·Δα)``), drawn with WebGL points: fast and small (about 50 bytes of HTML a cell).
 * ``cells``: every cell as its true annular sector (a mesh; wide α bins and full rings are
   curved), about ten times the bytes: what dataset 1's rings and 36° sectors need.
   ``auto`` (default) takes ``cells`` for geometries with full-ring layers (dataset 1), else ``markers``.

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "files that calopc did not write)")
     add_threshold(p, None, "; cells below it are not drawn")
     p.add_argument("--style", choices=STYLES, default="auto",
-                   help="markers: one marker per cell, sized by the cell (fast, ~45 bytes a cell); cells: the true "
+                   help="markers: one marker per cell, sized by the cell (fast, ~50 bytes a cell); cells: the true "
                         "annular sectors (about 10x the bytes); auto: cells for geometries with full-ring layers "
                         "(dataset 1), else markers (default: %(default)s)")
     add_collisions(p)
