@@ -15,9 +15,15 @@ The whole sampler is in the graph (:class:`~calopc.export.sampler.ShowerSampler`
 point model, placement in cells with the run's collision policy, readout threshold. It is
 deterministic: all randomness comes from the latent vector (:mod:`.noise`).
 
-The graph is written with torch's ``torch.export``-based ONNX exporter (``dynamo=True``), ONNX
-opset :data:`OPSET` (``BitwiseXor``/``BitwiseAnd`` of the noise, ``ScatterElements`` with
-``max``/``min`` reductions of the placement need opset 18).
+The graph is written with torch's ``torch.export``-based ONNX exporter (``dynamo=True``, the default of
+torch 2.13), ONNX opset :data:`OPSET` (``BitwiseXor``/``BitwiseAnd`` of the noise, ``ScatterElements`` with
+``max``/``min`` reductions of the placement need opset 18), with onnxscript's graph optimiser. torch's
+older TorchScript-based exporter (``dynamo=False``) has no translation of ``bitwise_xor`` at opset 18.
+Two things of the exporter shape the sampler's code: the number of points comes from one ``nonzero``
+(a data-dependent size the exporter carries symbolically), and integer floor division is translated
+through float32, so the noise shifts its 32-bit integers with exact float64 products instead. The
+export time grows with the graph: an autoregressive shower model (``shower_passes`` unset) unrolls
+``2 L`` flow passes (90 for dataset 3), a coupling one (``shower_passes=2``) two.
 """
 
 from __future__ import annotations
@@ -303,8 +309,6 @@ def _io_spec(target: str, n: int, graph: Any) -> tuple[dict, dict]:
 
 
 def _placement_note(policy: str, loaded: Any) -> str:
-    from ..models.cells import PLACEMENT_POLICIES  # noqa: F401 - the run's policies live there
-
     alpha_free = bool(getattr(loaded.model, "alpha_free", False))
     run_policy = "alpha-free" if alpha_free else "nearest-free"
     base = {"alpha-free": "the points of each (layer, r) ring take distinct alpha bins in a random order; only a "
