@@ -91,35 +91,6 @@ def test_cpf_graph_equals_calopc_generate_ring_by_ring(cpf_run, cpf_onnx, librar
     assert ((got > 0) != (dense > 0)).any()       # α is drawn: not the same cells
 
 
-def test_points_target(cpf_run, tmp_path):
-    """The points target: padded cells (-1 after the last hit), energies most energetic first and counts, the
-    same hits as the Par04 target gives for the same latent vector."""
-    import onnxruntime as ort
-    import torch
-
-    from calopc.export.graph import build_graph, export_model
-    from calopc.models import load
-
-    loaded = load(cpf_run)
-    res = export_model(cpf_run, tmp_path / "p.onnx", target="points")
-    assert res.max_points == loaded.preprocessor.n_max
-    s = ort.InferenceSession(str(tmp_path / "p.onnx"))
-    e = np.array([2e3, 5e3], dtype=np.float32)
-    lat = _latents(2, res.latent_size, 9).astype(np.float32)
-    cells, energies, counts = s.run(None, {"energy": e, "latent": lat})
-    assert cells.shape == energies.shape == (2, res.max_points)
-    graph = build_graph(loaded)
-    with torch.no_grad():
-        dense = graph(torch.as_tensor(input_vector(lat, e, math.pi / 2))).numpy() * e[:, None]
-    dense = to_calopc_order(dense, loaded.geometry)
-    for b in range(2):
-        k = int(counts[b])
-        assert k == (dense[b] > 0).sum() and (cells[b, k:] == -1).all() and (energies[b, k:] == 0).all()
-        assert np.all(np.diff(energies[b, :k]) <= 0)
-        np.testing.assert_allclose(energies[b, :k], dense[b, cells[b, :k]], rtol=1e-5)
-
-
-
 def test_runs_that_cannot_export_are_refused_in_one_line(tmp_path, ds3_parquet, capsys):
     """A dataset-2 run for Par04, a deeptree run, CaloPointFlow variant I: one line each, exit 2, no file."""
     from types import SimpleNamespace
