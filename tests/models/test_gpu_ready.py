@@ -194,6 +194,27 @@ def test_tf32_is_scoped_to_cuda_blocks():
     assert [getattr(o, a) for o, a, _ in _knobs()] == before
 
 
+def test_tf32_settings_come_back_when_the_cuda_block_raises():
+    """An exception inside ``fast_matmul("cuda")`` (flags only: no GPU needed) restores the caller's settings,
+    also when they differ from torch's defaults."""
+    from calopc.models.precision import _knobs, fast_matmul
+
+    knobs = _knobs()
+    saved = [getattr(o, a) for o, a, _ in knobs]
+    caller = ["ieee" if isinstance(v, str) else False for _, _, v in knobs]   # not TF32, set explicitly
+    try:
+        for (o, a, _), v in zip(knobs, caller):
+            setattr(o, a, v)
+        with pytest.raises(RuntimeError, match="inside the block"):
+            with fast_matmul("cuda"):
+                assert [getattr(o, a) for o, a, _ in knobs] == [v for _, _, v in knobs]
+                raise RuntimeError("inside the block")
+        assert [getattr(o, a) for o, a, _ in knobs] == caller
+    finally:
+        for (o, a, _), v in zip(knobs, saved):
+            setattr(o, a, v)
+
+
 # ---------------------------------------------------------------------------------------------- update machinery
 def test_non_finite_skip_costs_the_same_launches_for_any_number_of_parameters():
     from calopc.models.train import TrainConfig, _Stepper
