@@ -537,6 +537,8 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         if overwrite and state is None:
             for f in RUN_FILES:
                 (out / f).unlink(missing_ok=True)
+        if state is not None:  # records after the checkpoint are written again by this run
+            _trim_stats(out / "stats.jsonl", step)
         from ..io import atomic_output
 
         with atomic_output(out / "training_options.json") as tmp:
@@ -631,6 +633,29 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                 torch.distributed.destroy_process_group()
     return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - t0,
             "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped)}
+
+
+def _trim_stats(path: Path, step: int) -> None:
+    """Drop from ``stats.jsonl`` the records of steps after ``step`` (the checkpoint a resumed run starts
+    from: a crash or a full disk stopped the run after writing them) and lines a crash cut short; the
+    file is replaced atomically, and left alone when there is nothing to drop."""
+    if not path.exists():
+        return
+    from ..io import atomic_output
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep == lines:
+        return
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(keep))
 
 
 def _ema(model: torch.nn.Module, cfg: TrainConfig) -> EMA | None:
