@@ -83,6 +83,8 @@ class Progress:
         interval: seconds between log lines (default :func:`log_interval`).
         stream: where to write (default ``sys.stderr``).
         terminal: force bar (True) or log lines (False); default: whether ``stream`` is a terminal.
+        time_limit: seconds after which the work stops whatever its count (a training's ``--time-limit``):
+            the ETA of the log line is at most the time left.
 
     The object has the small part of tqdm's interface the project uses: :meth:`update`,
     :meth:`set_postfix`, :meth:`close`, ``disable`` (True when no bar is drawn) and ``n``.
@@ -90,8 +92,10 @@ class Progress:
 
     def __init__(self, total: int | None = None, desc: str = "", *, unit: str = "step", enabled: bool = True,
                  initial: int = 0, per_unit: tuple[float, str] | None = None, interval: float | None = None,
-                 stream: TextIO | None = None, terminal: bool | None = None, leave: bool = False) -> None:
+                 stream: TextIO | None = None, terminal: bool | None = None, leave: bool = False,
+                 time_limit: float | None = None) -> None:
         self.total = total
+        self.time_limit = time_limit
         self.desc = desc
         self.unit = unit
         self.n = int(initial)
@@ -164,7 +168,10 @@ class Progress:
             parts.append(r)
         parts.append(f"elapsed {format_seconds(elapsed)}")
         if self.total is not None and done > 0 and self.n < self.total:
-            parts.append(f"ETA {format_seconds((self.total - self.n) / rate)}")
+            eta = (self.total - self.n) / rate
+            if self.time_limit is not None:
+                eta = min(eta, max(0.0, self.time_limit - elapsed))
+            parts.append(f"ETA {format_seconds(eta)}")
         head = f"calopc {self.desc}" if self.desc else "calopc"
         return f"{head}: " + ", ".join(parts)
 

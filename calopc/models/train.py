@@ -552,7 +552,7 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
         bar = Progress(total=cfg.steps, initial=step, unit="step", desc=f"train {name}",
-                       per_unit=(cfg.batch_size * world, "showers"))
+                       per_unit=(cfg.batch_size * world, "showers"), time_limit=cfg.time_limit)
     t0 = time.perf_counter()
     last = float("nan")
     if cfg.pipeline == "device":
