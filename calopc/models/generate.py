@@ -171,6 +171,32 @@ def sample_showers(loaded: LoadedModel, e_inc: np.ndarray, device: torch.device,
     return GeneratedShowers.from_numpy(counts, zar, energy, device)
 
 
+class _CallCounter:
+    """Progress inside a batch: counts the calls of the model's parts (the sampler's network evaluations) and
+    reports them with :meth:`calopc.progress.Progress.substep`; from the second batch on, as a share of the
+    first batch's calls."""
+
+    def __init__(self, model: torch.nn.Module, bar: Any, batch_size: int, n: int) -> None:
+        self.bar, self.n_batches = bar, -(-n // batch_size)
+        self.calls, self.per_batch, self.batch, self.size = 0, None, 0, 0
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in model.children()]
+
+    def start(self, batch: int, size: int) -> None:
+        if batch == 1:
+            self.per_batch = max(1, self.calls)
+        self.calls, self.batch, self.size = 0, batch, size
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.calls += 1
+        of = f"/{self.per_batch}" if self.per_batch else ""
+        done = self.size * min(1.0, self.calls / self.per_batch) if self.per_batch else 0.0
+        self.bar.substep(f"batch {self.batch + 1}/{self.n_batches}: network call {self.calls}{of}", done)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def sample_events(loaded: LoadedModel, energies: np.ndarray, *, seed: int = 0, batch_size: int = 1000,
                   device: str | torch.device = "cpu", collisions: str = "auto",
@@ -260,55 +286,6 @@ class _WriterThread:
         self._thread.join()
 
 
-class _CallProgress:
-    """Progress inside the model calls of a generation: the showers of a batch are counted done in
-    proportion to the module calls the model has made in it (forward pre-hooks on every module), out of
-    the calls one model call makes, counted once on a one-shower call (its random draws undone). A
-    sampler step of a diffusion model, or a flow of a flow model, then moves the count.
-
-    Args:
-        model: the model (its modules get the counting hooks until :meth:`close`).
-        bar: the :class:`calopc.progress.Progress` of the generation.
-        pilot: runs one model call on one shower (called once, by the first :meth:`start`).
-    """
-
-    def __init__(self, model: torch.nn.Module, bar: Any, pilot: Any) -> None:
-        self.bar, self.pilot = bar, pilot
-        self.calls = 0
-        self.per_call: int | None = None
-        self.size = self.shown = 0
-        self.handles = [m.register_forward_pre_hook(self._hook) for m in model.modules()]
-
-    def _hook(self, module: Any, args: Any) -> None:
-        self.calls += 1
-        if self.per_call and self.size:
-            done = min(self.size - 1, self.size * self.calls // self.per_call)  # the last one at the end
-            if done > self.shown:
-                self.bar.update(done - self.shown)
-                self.shown = done
-
-    def start(self, size: int) -> None:
-        """A model call on ``size`` showers begins."""
-        if self.per_call is None:
-            self.calls = 0
-            self.pilot()
-            self.per_call = max(self.calls, 1)
-        self.calls, self.size, self.shown = 0, size, 0
-
-    def finish(self) -> None:
-        """The model call ended: its remaining showers are done."""
-        self.bar.update(self.size - self.shown)
-        self.size = self.shown = 0
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-#: generations of fewer batches than this also report progress inside each model call (:class:`_CallProgress`)
-IN_BATCH_PROGRESS_BELOW = 10
-
-
 def refuse_overwriting_inputs(output: str | os.PathLike | None, inputs: Iterable[str | os.PathLike],
                               flag: str = "-o") -> None:
     """ValueError when ``output`` resolves to one of ``inputs`` (the input would be destroyed)."""
@@ -393,19 +370,12 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     timing = {"sampling": 0.0, "placing": 0.0}
     n_points = 0
     stats: dict[str, float] = {}
-    bar = calls = None
+    bar = None
     if progress:
         from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
         bar = Progress(total=energies.shape[0], unit="shower", desc="generate")
-        if -(-energies.shape[0] // batch_size) < IN_BATCH_PROGRESS_BELOW:  # few, long batches: report inside
-
-            def pilot() -> None:
-                with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), fast_matmul(dev), \
-                        autocast(dev, amp):
-                    sample_showers(loaded, energies[:1], dev, model_kwargs)
-
-            calls = _CallProgress(loaded.model, bar, pilot)
+    calls = _CallCounter(loaded.model, bar, batch_size, energies.shape[0]) if bar is not None else None
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -421,14 +391,12 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
             gen = torch.Generator(dev).manual_seed(seed + 1)
             for i in range(0, energies.shape[0], batch_size):
                 e = energies[i:i + batch_size]
-                if calls is not None:  # before the clock: the one-off count of module calls is no sampling
-                    calls.start(e.shape[0])
                 sync()
                 t = time.perf_counter()
+                if calls is not None:
+                    calls.start(i // batch_size, e.shape[0])
                 with fast_matmul(dev), autocast(dev, amp):
                     g = sample_showers(loaded, e, dev, model_kwargs)
-                if calls is not None:
-                    calls.finish()
                 sync()
                 t1 = time.perf_counter()
                 pl = place(g, geo, policy=collisions, generator=gen)
@@ -469,7 +437,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                     host = (pl.cell.cpu().numpy(), pl.E.cpu().numpy(), pl.counts.cpu().numpy())
                     writer.submit(lambda e, h: w.append(_points_events(e, *h, geo)), e, host)
                 timing["placing"] += time.perf_counter() - t
-                if bar is not None and calls is None:
+                if bar is not None:
                     bar.update(e.shape[0])
             if writer is not None:
                 writer.close()
@@ -482,7 +450,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                              "moved_ring_rate": stats.get("n_moved_ring", 0) / inside if inside else 0.0})
     finally:
         if calls is not None:
-            calls.close()
+            calls.remove()
         if bar is not None:
             bar.close()
     inside = stats.get("n_points", 0) - stats.get("n_outside", 0)

@@ -1,6 +1,6 @@
 """What train and generate show the user: bad input answered with one line (exit 2) and nothing left behind
 (input files without showers, malformed config files, option values of any length), whole example commands
-in their help, and progress that moves inside long model calls and knows a training's time limit."""
+in their help, and a training's progress that knows its time limit."""
 
 from __future__ import annotations
 
@@ -101,18 +101,18 @@ def test_help_shows_the_example_as_whole_command_lines(monkeypatch, capsys, cmd,
 
 
 # ---------------------------------------------------------------------------------------------- progress
-class _Recorder:
-    """A stand-in for calopc.progress.Progress that records the updates and whether a model call was running."""
+_MADE: list = []
 
-    instances: list = []
+
+class _Recorder:
+    """A stand-in for calopc.progress.Progress that keeps its keywords."""
 
     def __init__(self, total=None, desc="", **kw):
-        self.total, self.desc, self.kw, self.n, self.updates = total, desc, kw, 0, []
-        _Recorder.instances.append(self)
+        self.total, self.desc, self.kw = total, desc, kw
+        _MADE.append(self)
 
     def update(self, n=1, **postfix):
-        self.n += n
-        self.updates.append((n, _Recorder.sampling))
+        pass
 
     def set_postfix(self, **postfix):
         pass
@@ -121,75 +121,13 @@ class _Recorder:
         pass
 
 
-def _record_progress(monkeypatch):
-    import calopc.models.generate as gen
-    import calopc.progress
-
-    _Recorder.instances, _Recorder.sampling = [], False
-    sample = gen.sample_showers
-
-    def sampling(loaded, e, *a, **k):
-        _Recorder.sampling = len(e)
-        try:
-            return sample(loaded, e, *a, **k)
-        finally:
-            _Recorder.sampling = False
-
-    monkeypatch.setattr(gen, "sample_showers", sampling)
-    monkeypatch.setattr(calopc.progress, "Progress", _Recorder)
-
-
-def test_generate_reports_progress_inside_a_single_batch(toy_run, tmp_path, monkeypatch):
-    from calopc.models.generate import generate
-
-    e = np.geomspace(2e3, 5e4, 40)
-    generate(toy_run, e, output=tmp_path / "quiet.hdf5", batch_size=1000, device="cpu")
-    _record_progress(monkeypatch)
-    generate(toy_run, e, output=tmp_path / "shown.hdf5", batch_size=1000, device="cpu", progress=True)
-    bar = _Recorder.instances[-1]
-    inside = [n for n, during in bar.updates if during == 40]          # during the one model call of 40 showers
-    assert len(inside) >= 3 and sum(inside) < 40 and bar.n == 40, bar.updates
-    with h5py.File(tmp_path / "quiet.hdf5") as a, h5py.File(tmp_path / "shown.hdf5") as b:
-        np.testing.assert_array_equal(a["showers"][:], b["showers"][:])   # the count changes no random draw
-
-
-def test_generate_of_many_batches_reports_per_batch(toy_run, monkeypatch):
-    from calopc.models.generate import IN_BATCH_PROGRESS_BELOW, generate
-
-    _record_progress(monkeypatch)
-    n = 4 * IN_BATCH_PROGRESS_BELOW
-    generate(toy_run, np.full(n, 5e3), batch_size=4, device="cpu", progress=True)
-    assert _Recorder.instances[-1].updates == [(4, False)] * IN_BATCH_PROGRESS_BELOW
-
-
 def test_training_progress_knows_the_time_limit(toy_parquet, tmp_path, monkeypatch):
     import calopc.progress
     from calopc.models.train import train, train_config
 
-    monkeypatch.setattr(calopc.progress, "Progress", _Recorder)
-    _Recorder.instances = []
-    cfg = train_config("calopointflow", steps=2, batch_size=8, time_limit=65.0, device="cpu")
     from .conftest import TINY
 
+    monkeypatch.setattr(calopc.progress, "Progress", _Recorder)
+    cfg = train_config("calopointflow", steps=2, batch_size=8, time_limit=65.0, device="cpu")
     train("calopointflow", toy_parquet, tmp_path / "run", model_config=TINY, config=cfg)
-    assert _Recorder.instances[-1].kw["time_limit"] == 65.0
-
-
-def test_the_eta_of_a_time_limited_run_is_the_time_left(monkeypatch):
-    import io
-
-    import calopc.progress as progress
-
-    now = [1000.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])     # an injected clock
-    lines = {}
-    for limit in (None, 65.0):
-        p = progress.Progress(total=100_000, desc="train caloclouds", unit="step", stream=io.StringIO(),
-                              terminal=False, interval=1e9, time_limit=limit)
-        now[0] += 60.0
-        p.update(217)
-        lines[limit] = p.line()
-        p.close()
-        now[0] = 1000.0
-    assert lines[None].endswith("elapsed 1m00s, ETA 7h39m")           # by the count: 99,783 steps at 3.6/s
-    assert lines[65.0].endswith("elapsed 1m00s, ETA 5.0s")            # by the clock: the limit ends it first
+    assert _MADE[-1].kw["time_limit"] == 65.0      # the ETA is then at most the time left
