@@ -88,6 +88,9 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
             msg = f"-n {n}: --energies {spec} holds only {e.shape[0]} incident energies"
             raise ValueError(msg)
         e = e[:n] if n is not None else e
+        if e.shape[0] == 0:
+            msg = f"--energies {spec}: holds no showers (0 incident energies); expected at least one"
+            raise ValueError(msg)
         bad = np.flatnonzero(~np.isfinite(e) | (e <= 0))
         if bad.size:
             msg = (f"--energies {spec}: incident energy {bad[0]} is {e[bad[0]]} ({bad.size} such); "
@@ -345,6 +348,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
             raise ValueError(msg)
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}"
+        raise ValueError(msg)
+    if np.size(energies) == 0:  # before anything is loaded or written
+        msg = "no incident energies: nothing to generate (expected at least one)"
         raise ValueError(msg)
     dev = resolve_device(device)
     loaded = load(run_dir, ema=ema, device=dev)
