@@ -38,6 +38,8 @@ import warnings
 
 import numpy as np
 
+from .permutation import LEVEL, MAX_SHOWERS, PERMUTATIONS, draw_permutations, summarize
+
 #: FPD/KPD estimators: ``"official"`` (jetnet, CaloChallenge) and ``"calopc"`` (without replacement)
 ESTIMATORS = ("official", "calopc")
 
@@ -277,22 +279,11 @@ def kpd(real: np.ndarray, gen: np.ndarray, *, estimator: str = "official", num_b
 
 # ------------------------------------------------------------------------------ calibrated two-sample tests
 #: largest number of showers per sample that the calibrated tests use (a random subset beyond it)
-TEST_MAX_SHOWERS = 5_000
+TEST_MAX_SHOWERS = MAX_SHOWERS
 #: label permutations of the calibrated tests (with the observed labelling, 100 values: p in steps of 0.01)
-TEST_PERMUTATIONS = 99
+TEST_PERMUTATIONS = PERMUTATIONS
 #: level of the "compatible / not compatible" readout: a perfect generator reads "compatible" in 95 % of samples
-TEST_LEVEL = 0.05
-
-
-def _permutation_summary(observed: float, null: np.ndarray, n_real: int, n_gen: int, what: str) -> dict:
-    null = np.asarray(null, dtype=np.float64)
-    # the observed labelling counts as one of the permutations: p >= 1/(P+1), exact level under exchangeability
-    p = float((1 + np.count_nonzero(null >= observed)) / (1 + len(null)))
-    sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
-    mean = float(null.mean()) if len(null) else float("nan")
-    return {"statistic": what, "observed": float(observed), "null_mean": mean, "null_sd": sd,
-            "excess": float(observed - mean), "p_value": p, "permutations": int(len(null)),
-            "n_real": int(n_real), "n_gen": int(n_gen), "level": TEST_LEVEL, "compatible": bool(p > TEST_LEVEL)}
+TEST_LEVEL = LEVEL
 
 
 def _frechet_fast(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -356,7 +347,9 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     shuffled ``permutations`` times keeping both sample sizes, and the statistic is recomputed each time.
     A perfect generator is exchangeable with the reference, so its observed statistic is one more draw
     of that null distribution: ``p = (1 + #{null >= observed}) / (1 + permutations)`` is an exact p-value
-    and "compatible" (``p > 0.05``) is read for 95 % of perfect-generator samples, at any N.
+    and "compatible" (``p > 0.05``) is read for 95 % of perfect-generator samples, at any N. The subsets,
+    labellings, p-value and summary are those of :mod:`calopc.eval.permutation`; this function supplies
+    the two statistics, vectorised over the labellings.
 
     Statistics:
 
@@ -382,17 +375,8 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     if real.ndim != 2 or gen.ndim != 2 or real.shape[1] != gen.shape[1]:
         msg = f"real and gen must be (N, d) with the same d, got {real.shape} and {gen.shape}"
         raise ValueError(msg)
-    if min(len(real), len(gen)) < 2:
-        msg = f"need at least 2 samples in each set, got {len(real)} and {len(gen)}"
-        raise ValueError(msg)
-    if permutations < 1:
-        msg = f"permutations must be >= 1, got {permutations}"
-        raise ValueError(msg)
-    rng = np.random.default_rng(seed)
-    if len(real) > max_showers:
-        real = real[np.sort(rng.choice(len(real), max_showers, replace=False))]
-    if len(gen) > max_showers:
-        gen = gen[np.sort(rng.choice(len(gen), max_showers, replace=False))]
+    perm = draw_permutations(len(real), len(gen), permutations, seed=seed, max_showers=max_showers)
+    real, gen = perm.ref(real), perm.gen(gen)
     pool = np.concatenate([real, gen])
     if not np.isfinite(pool).all():
         msg = "FPD/KPD features contain NaN or inf"
@@ -401,10 +385,7 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     scale[scale == 0] = 1.0
     pool /= scale
     m, n = len(real), len(gen)
-    z = np.zeros((len(pool), permutations + 1))
-    z[:m, 0] = 1.0  # column 0: the observed labelling (1 = reference)
-    for j in range(1, permutations + 1):
-        z[rng.permutation(len(pool))[:m], j] = 1.0
+    z = perm.labels  # column 0: the observed labelling (1 = reference)
     out: dict[str, dict] = {}
     if "fpd" in metrics:
         if progress:
@@ -418,7 +399,8 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
             sc = absp[z[:, j] > 0].max(0)
             sc[sc == 0] = 1.0
             vals[j] = _frechet_fast(mu1 / sc, c1 / np.outer(sc, sc), mu2 / sc, c2 / np.outer(sc, sc))
-        out["fpd"] = _permutation_summary(vals[0], vals[1:], m, n, "Fréchet distance of the samples' moments")
+        out["fpd"] = summarize(vals[0], vals[1:], statistic="Fréchet distance of the samples' moments", n_real=m,
+                               n_gen=n)
     if "kpd" in metrics:
         if progress:
             progress("kpd test")
@@ -434,5 +416,5 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
         kyy = one_k_one - 2 * zk1 + zkz - (diag.sum() - zd)
         kxy = zk1 - zkz
         vals = kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * kxy / (m * n)
-        out["kpd"] = _permutation_summary(vals[0], vals[1:], m, n, "unbiased squared MMD of the samples")
+        out["kpd"] = summarize(vals[0], vals[1:], statistic="unbiased squared MMD of the samples", n_real=m, n_gen=n)
     return out

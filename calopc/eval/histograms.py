@@ -28,6 +28,7 @@ import numpy as np
 
 from ..geometry import Geometry
 from .features import Features
+from .permutation import LEVEL, MAX_SHOWERS, PERMUTATIONS, draw_permutations, summarize
 
 
 def separation_power(h1: np.ndarray, h2: np.ndarray, n1: int | None = None, n2: int | None = None) -> float:
@@ -214,15 +215,16 @@ def _separations(h_ref: np.ndarray, h_gen: np.ndarray, n_ref: int, n_gen: int) -
     return s
 
 
-def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 0, level: float = 0.05,
-                     max_showers: int = 5_000) -> dict:
+def separation_tests(specs: list[tuple], *, permutations: int = PERMUTATIONS, seed: int = 0, level: float = LEVEL,
+                     max_showers: int = MAX_SHOWERS) -> dict:
     """Permutation tests of the separation powers: what a perfect generator gives at these sample sizes.
 
     The showers of both samples are pooled and the labels shuffled ``permutations`` times (sizes kept);
     every histogram of ``specs`` (from :func:`shower_histogram_specs`, one entry per shower) is refilled
     for each shuffle from one sort of its pooled values. Returns ``{"per_histogram": {name: {observed,
     null_mean, null_sd, p_value}}, "E_ratio": {...}, "mean": {...}}``; ``"mean"`` tests the mean separation
-    over all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
+    over all these histograms (the labellings, p-value and summary of :mod:`calopc.eval.permutation`).
+    ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
     (``p > level``) is read for ``1 − level`` of perfect-generator samples. Samples larger than
     ``max_showers`` are tested on a random subset of that size (``observed`` is then the subset's).
     Every shuffle keeps the official binning of the observed samples (e.g. the E_layer range up to the
@@ -231,17 +233,11 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     """
     if not specs:
         return {}
-    n_ref, n_gen = len(specs[0][3]), len(specs[0][4])
-    rng = np.random.default_rng(seed)
-    take_r = np.sort(rng.choice(n_ref, max_showers, replace=False)) if n_ref > max_showers else None
-    take_g = np.sort(rng.choice(n_gen, max_showers, replace=False)) if n_gen > max_showers else None
-    full = (n_ref, n_gen)
-    n_ref, n_gen = min(n_ref, max_showers), min(n_gen, max_showers)
+    full = (len(specs[0][3]), len(specs[0][4]))
+    perm = draw_permutations(*full, permutations, seed=seed, max_showers=max_showers)
+    n_ref, n_gen = perm.n_ref, perm.n_gen
     n = n_ref + n_gen
-    z = np.zeros((n, permutations + 1))
-    z[:n_ref, 0] = 1.0
-    for j in range(1, permutations + 1):
-        z[rng.permutation(n)[:n_ref], j] = 1.0
+    z = perm.labels
     ones = np.ones(n)
     per: dict[str, dict] = {}
     total = np.zeros(permutations + 1)
@@ -249,8 +245,8 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     for name, _label, edges, r, g, _log in specs:
         if (len(r), len(g)) != full:
             continue
-        r = np.asarray(r, dtype=np.float64) if take_r is None else np.asarray(r, dtype=np.float64)[take_r]
-        g = np.asarray(g, dtype=np.float64) if take_g is None else np.asarray(g, dtype=np.float64)[take_g]
+        r = perm.ref(np.asarray(r, dtype=np.float64))
+        g = perm.gen(np.asarray(g, dtype=np.float64))
         v = np.concatenate([r, g])
         nb = len(edges) - 1
         b = np.searchsorted(edges, v, side="right") - 1
@@ -263,10 +259,9 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
         h_ref = c[lims[1:]] - c[lims[:-1]]  # (nb, k): counts per bin for every labelling
         h_all = np.bincount(b, weights=ones, minlength=nb + 1)[:nb, None]
         s = _separations(h_ref, h_all - h_ref, n_ref, n_gen)
-        null = s[1:][np.isfinite(s[1:])]
-        if not np.isfinite(s[0]) or not null.size:
+        if not np.isfinite(s[0]) or not np.isfinite(s[1:]).any():
             continue
-        per[name] = _perm_summary(float(s[0]), null, level)
+        per[name] = summarize(float(s[0]), s[1:], level=level)  # shuffles without a defined S left out
         ok = np.isfinite(s)
         total[ok] += s[ok]
         count[ok] += 1
@@ -276,12 +271,6 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     if count[0] > 0:
         with np.errstate(invalid="ignore"):
             mean = total / count
-        out["mean"] = {**_perm_summary(float(mean[0]), mean[1:][np.isfinite(mean[1:])], level), "histograms": len(per)}
+        out["mean"] = summarize(float(mean[0]), mean[1:], level=level, histograms=len(per))
     return out
 
-
-def _perm_summary(observed: float, null: np.ndarray, level: float) -> dict:
-    p = float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + len(null)))
-    return {"observed": observed, "null_mean": float(null.mean()),
-            "null_sd": float(null.std(ddof=1)) if len(null) > 1 else float("nan"), "p_value": p,
-            "permutations": int(len(null)), "level": level, "compatible": p > level}
