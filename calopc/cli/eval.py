@@ -99,7 +99,6 @@ def _resolve_official(args: argparse.Namespace) -> None:
 
 def _run_checked(args: argparse.Namespace) -> int:
     """:func:`_run` after the option checks; files it created are removed again if it fails or is interrupted."""
-    import shutil
 
     from ..io import check_not_input, check_writable
 
@@ -133,8 +132,8 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..geometry import load_geometry
     from ..eval.evaluate import evaluate
+    from ..geometry import load_geometry
 
     res = evaluate(
         args.generated, args.reference, args.output,

@@ -137,4 +137,4 @@ def summarize(observed: float, null: np.ndarray, *, level: float = LEVEL, **info
     sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
     p = p_value(observed, null)
     return {**info, "observed": float(observed), "null_mean": mean, "null_sd": sd, "excess": float(observed - mean),
-            "p_value": p, "permutations": int(len(null)), "level": level, "compatible": bool(p > level)}
+            "p_value": p, "permutations": len(null), "level": level, "compatible": bool(p > level)}

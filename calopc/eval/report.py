@@ -9,7 +9,15 @@ powers, and the provenance (calopc version, command line, seeds, input file fing
 
 from __future__ import annotations
 
-__all__ = ["file_fingerprint", "provenance", "remove_stale_plots", "worst_histograms", "write_metrics", "write_report"]
+__all__ = [
+    "SECTIONS",
+    "file_fingerprint",
+    "provenance",
+    "remove_stale_plots",
+    "worst_histograms",
+    "write_metrics",
+    "write_report",
+]
 
 import datetime as _dt
 import hashlib
@@ -21,6 +29,7 @@ import platform
 import re
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,24 +328,28 @@ _JS = """
 """
 
 
-def write_report(path: str | os.PathLike, res: dict) -> None:
-    """Write the HTML report for the metrics ``res`` (as returned by :func:`calopc.eval.evaluate`)."""
-    from .plots import feature_info
+def _title(res: dict) -> str:
+    prov = res.get("provenance", {})
+    return prov.get("dataset_label") or f"dataset {res.get('dataset', '?')}"
 
+
+def _section_samples(res: dict) -> list[str]:
+    """Title, the two samples, threshold and histogram ranges."""
+    rows = [f"<h1>calopc evaluation — {_e(_title(res))}</h1>", "<table><tr><th></th><th>file</th><th>showers</th></tr>"]
+    for role in ("generated", "reference"):
+        rows.append(f"<tr><th>{role}</th><td><code>{_e(res.get(role, ''))}</code></td>"
+                    f"<td class=n>{res.get('n_' + role, 0):,}</td></tr>")
+    thr = res.get("threshold_mev")
+    rows.append(f"<tr><th>cell threshold</th><td colspan=2>{_num(thr, 5)} MeV</td></tr>"
+                + (f"<tr><th>histogram ranges</th><td colspan=2>{_e(res['histogram_ranges'])}</td></tr>"
+                   if res.get("histogram_ranges") else "") + "</table>")
+    return rows
+
+
+def _section_summary(res: dict) -> list[str]:
+    """The summary table: every metric with its calibrated reading, and how to read it."""
     rows: list[str] = []
     add = rows.append
-    prov = res.get("provenance", {})
-    label = prov.get("dataset_label") or f"dataset {res.get('dataset', '?')}"
-    add(f"<h1>calopc evaluation — {_e(label)}</h1>")
-    add("<table><tr><th></th><th>file</th><th>showers</th></tr>")
-    for role in ("generated", "reference"):
-        add(f"<tr><th>{role}</th><td><code>{_e(res.get(role, ''))}</code></td>"
-            f"<td class=n>{res.get('n_' + role, 0):,}</td></tr>")
-    thr = res.get("threshold_mev")
-    add(f"<tr><th>cell threshold</th><td colspan=2>{_num(thr, 5)} MeV</td></tr>"
-        + (f"<tr><th>histogram ranges</th><td colspan=2>{_e(res['histogram_ranges'])}</td></tr>"
-           if res.get("histogram_ranges") else "") + "</table>")
-
     # ---- summary
     if "classifier" in res or "fpd_x1e3" in res or "kpd_x1e3" in res or "separation_test" in res:
         add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>a perfect generator at these sample "
@@ -406,6 +419,13 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             if k in res:
                 add(f"<p class=note>{_e(res[k])}</p>")
 
+    return rows
+
+
+def _section_prdc(res: dict) -> list[str]:
+    """Precision, recall, density, coverage."""
+    rows: list[str] = []
+    add = rows.append
     # ---- PRDC
     if isinstance(res.get("prdc"), dict):
         p = res["prdc"]
@@ -417,6 +437,13 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             + "".join(f"<td class=n>{_num(p.get(k), 4)}</td>" for k in ("precision", "recall", "density", "coverage"))
             + "</tr></table>")
 
+    return rows
+
+
+def _section_worst(res: dict) -> list[str]:
+    """The histograms that separate the samples most."""
+    rows: list[str] = []
+    add = rows.append
     # ---- worst 10 and summary per feature
     sep = res.get("separation", {})
     if sep:
@@ -440,6 +467,16 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
                     if isinstance(t, dict) else ("<td></td><td></td>" if per else ""))
             add(f"<tr><td class=n>{i}</td><td>{cell}</td><td class=n>{v:.5f}</td>{more}</tr>")
         add("</table>")
+    return rows
+
+
+def _section_per_feature(res: dict) -> list[str]:
+    """Separation power per feature (mean over layers and the worst layer)."""
+    from .plots import feature_info
+
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     if "separation_summary" in res:
         add("<h2>Separation power per feature</h2><table><tr><th>feature</th><th>mean S over layers</th>"
             "<th>largest S (layer)</th></tr>")
@@ -454,6 +491,13 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             add(f"<tr><td>{_e(group)}</td><td class=n>{_num(v, 5)}</td><td class=n>{wtxt}</td></tr>")
         add("</table><p class=note>Lower is better.</p>")
 
+    return rows
+
+
+def _section_pointcloud(res: dict) -> list[str]:
+    """The point-cloud view: points per shower and re-voxelization."""
+    rows: list[str] = []
+    add = rows.append
     # ---- point cloud table
     if "pointcloud" in res:
         pc = res["pointcloud"]
@@ -470,6 +514,16 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
                 f"({100 * (st.get('collision_rate') or 0):.2f} %), {st.get('n_outside')} outside</td></tr>")
         add("</table>")
 
+    return rows
+
+
+def _section_plots(res: dict) -> list[str]:
+    """The figures: first look, other distributions, per-layer pages, average showers."""
+    from .plots import feature_info
+
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- plots
     plots: dict[str, list[str]] = res.get("plots", {})
     pages: dict[str, list[dict]] = res.get("plot_pages", {})
@@ -508,6 +562,14 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
         for s in polar:
             add(_img(s, plots[s], _CAPTIONS[s]))
 
+    return rows
+
+
+def _section_all_separations(res: dict) -> list[str]:
+    """Every separation power, largest first."""
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- all separation powers
     if sep:
         add(f"<h2>All separation powers</h2><details><summary>{len(sep)} histograms, largest first</summary>"
@@ -516,6 +578,14 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             add(f"<tr><td>{_e(_feature_text(name))}</td><td class=n>{_num(v, 5)}</td></tr>")
         add("</table></details>")
 
+    return rows
+
+
+def _section_provenance(res: dict) -> list[str]:
+    """Versions, command line, date, seeds, input fingerprints, options; timings."""
+    prov = res.get("provenance", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- provenance
     if prov:
         add("<h2>Provenance</h2><table>")
@@ -534,6 +604,26 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
     t = res.get("timings_s", {})
     if t:
         add("<p class=note>timings (s): " + ", ".join(f"{_e(k)} {v:.1f}" for k, v in t.items() if _finite(v)) + "</p>")
+    return rows
+
+
+#: the sections of ``report.html`` in page order; each maps the metrics dict to HTML fragments (nothing when
+#: its metrics are absent). Add a page by inserting a function here (or pass ``sections`` to write_report).
+SECTIONS: list[Callable[[dict], list[str]]] = [
+    _section_samples, _section_summary, _section_prdc, _section_worst, _section_per_feature, _section_pointcloud,
+    _section_plots, _section_all_separations, _section_provenance,
+]
+
+
+def write_report(path: str | os.PathLike, res: dict,
+                 sections: Sequence[Callable[[dict], list[str]]] | None = None) -> None:
+    """Write the HTML report for the metrics ``res`` (as returned by :func:`calopc.eval.evaluate`).
+
+    Args:
+        sections: the page's sections in order (default: :data:`SECTIONS`).
+    """
+    rows = [frag for section in (SECTIONS if sections is None else sections) for frag in section(res)]
+    label = _title(res)
     doc = ("<!doctype html><html lang=en><head><meta charset='utf-8'><meta name=viewport "
            "content='width=device-width,initial-scale=1'><title>calopc evaluation — " + _e(label) + "</title><style>"
            + _CSS + "</style></head><body>\n" + "\n".join(rows) + "\n<script>" + _JS + "</script></body></html>\n")

@@ -183,3 +183,20 @@ def test_cli_plot_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "a.hdf5", "b.hdf5", "-o", str(tmp_path / "r"), "--plot-workers", "0"])
     assert exc.value.code == 2 and "--plot-workers" in capsys.readouterr().err
+
+
+def test_report_sections_are_a_list_that_can_be_extended(tmp_path):
+    from calopc.eval import report
+
+    res = {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 3, "n_reference": 3,
+           "separation": {"E_ratio": 0.2}}
+
+    def extra(r: dict) -> list[str]:
+        return [f"<h2 id=extra>{r['n_generated']} showers in 3-D</h2>"]
+
+    write_report(tmp_path / "a.html", res, sections=[*report.SECTIONS[:2], extra, *report.SECTIONS[2:]])
+    html = (tmp_path / "a.html").read_text()
+    assert html.index("<h1>") < html.index("<h2 id=extra>3 showers in 3-D</h2>") < html.index("histograms that separate")
+    write_report(tmp_path / "b.html", res, sections=[extra])
+    body = (tmp_path / "b.html").read_text().split("<body>")[1]
+    assert "<h1>" not in body and "id=extra" in body
