@@ -146,8 +146,9 @@ def test_separation_tests_refill_the_official_histograms_and_flag_the_energy_sca
     ref, gen, scaled = feats(1), feats(2), feats(2, 1.05)
     st = separation_tests(shower_histogram_specs(ref, gen, g, threshold=g.threshold), permutations=19)
     direct = {h.name: h.separation for h in feature_histograms(ref, gen, g, threshold=g.threshold)}
-    for name, t in st["per_histogram"].items():
-        assert t["observed"] == pytest.approx(direct[name], abs=1e-12)
+    for name, t in st["per_histogram"].items():  # the official S beside the tested one where the binning differs
+        assert t.get("official", t["observed"]) == pytest.approx(direct[name], abs=1e-12)
+        assert (t.get("binning") == "pooled") == name.startswith("E_layer_")
     assert st["E_ratio"]["compatible"] and st["mean"]["compatible"]
     assert st["E_ratio"]["null_mean"] > 0.01  # 600 showers in 100 bins: a perfect generator is not at 0
     off = separation_tests(shower_histogram_specs(ref, scaled, g, threshold=g.threshold), permutations=19)
@@ -184,3 +185,57 @@ def test_separation_tests_subsample_large_samples():
     assert (st["n_ref"], st["n_gen"]) == (200, 200) and st["per_histogram"]["a"]["permutations"] == 19
     full = separation_tests(specs, permutations=19)
     assert (full["n_ref"], full["n_gen"]) == (500, 300)
+
+
+def test_separation_statistic_is_a_function_of_the_pool_and_the_labels():
+    """A shuffled labelling's statistic equals the observed statistic of the two samples split that way, for every
+    histogram (E_layer's official range ends at the reference maximum, which a relabelling moves): the condition
+    for the permutation test to be exact."""
+    from calopc.eval.features import Features
+    from calopc.eval.histograms import separation_statistic, shower_histogram_specs
+    from calopc.eval.permutation import draw_permutations
+
+    g = Geometry.calochallenge("1-photons")
+    ref, gen = _showers("1-photons", 80, 1), _showers("1-photons", 80, 2)
+    pool = Features.concatenate([ref, gen])
+    specs = shower_histogram_specs(ref, gen, g, threshold=g.threshold)
+    perm = draw_permutations(80, 80, 12, seed=5)
+    stats = {s.name: separation_statistic(s, perm) for s in specs}
+    observed_only = draw_permutations(80, 80, 1, seed=0)
+    moved = 0
+    for j in range(1, 13):
+        lab = perm.labels[:, j] > 0
+        split = shower_histogram_specs(pool.select(np.flatnonzero(lab)), pool.select(np.flatnonzero(~lab)), g,
+                                       threshold=g.threshold)
+        for s in split:
+            assert separation_statistic(s, observed_only)[0] == pytest.approx(stats[s.name][j], rel=1e-9, abs=1e-15), (
+                s.name, j)
+        moved += any(pool.e_layer[lab, l].max() < pool.e_layer[:, l].max() for l in range(g.n_layers))
+    assert moved  # some relabellings move a reference maximum: the case a reference-only range gets wrong
+
+
+def _toy_layers(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    """``k`` layer energies per shower for ``n`` showers (MeV): log-normal, a fifth of the layers empty."""
+    x = rng.lognormal(0.0, 1.5, (k, n))
+    x[rng.random((k, n)) < 0.2] = 0.0
+    return x
+
+
+def test_separation_tests_reject_a_perfect_generator_at_the_level():
+    """Pairs of samples of one distribution, E_layer-like histograms with the official range rule: the 5 % tests
+    reject in 5 % of the pairs, within 3 binomial standard deviations (19 shuffles: exact for tie-free statistics)."""
+    from calopc.eval.histograms import HistSpec, _log_edges_to_max, separation_tests
+
+    rule = _log_edges_to_max(0.01)
+    rng = np.random.default_rng(0)
+    pairs, k, n = 600, 6, 50
+    mean_rejected = hist_rejected = 0
+    for i in range(pairs):
+        r, g = _toy_layers(rng, k, n), _toy_layers(rng, k, n)
+        specs = [HistSpec(f"E_layer_{j}", "", rule(r[j]), r[j], g[j], True, rule) for j in range(k)]
+        st = separation_tests(specs, permutations=19, seed=i)
+        assert all(t["binning"] == "pooled" for t in st["per_histogram"].values())
+        mean_rejected += st["mean"]["p_value"] <= 0.05
+        hist_rejected += sum(t["p_value"] <= 0.05 for t in st["per_histogram"].values())
+    for rejected, tests in ((mean_rejected, pairs), (hist_rejected, pairs * k)):
+        assert abs(rejected / tests - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / tests), (rejected, tests)
