@@ -17,6 +17,7 @@ from ..geometry import Geometry
 from .classifier import ClassifierConfig, classifier_inputs, classifier_metric, official_split, raw_voxels
 from .distances import ESTIMATORS, TEST_LEVEL, TEST_MAX_SHOWERS, TEST_PERMUTATIONS, calibrated_tests, fpd, kpd
 from .features import high_level_vector, match_official
+from .permutation import small_sample_note
 from .histograms import (
     FeatureHist,
     feature_histograms,
@@ -307,6 +308,13 @@ def evaluate(
                     note += (f"; small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were capped, "
                              "so values are not comparable with published ones")
             res["fpd_kpd_note"] = note + "; " + TEST_NOTE
+
+        if "separation_test" in res or "fpd" in metrics or "kpd" in metrics:
+            note = small_sample_note(min(len(r_s), TEST_MAX_SHOWERS), min(len(g_s), TEST_MAX_SHOWERS),
+                                     hl_ref.shape[1] if "fpd" in metrics else None)
+            if note:
+                res["small_sample_note"] = note
+                warnings.warn(note, UserWarning, stacklevel=2)
 
         if "prdc" in metrics:
             from .prdc import prdc, prdc_features

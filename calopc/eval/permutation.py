@@ -26,8 +26,8 @@ reference (e.g. histogram edges taken from the observed reference alone) would n
 
 from __future__ import annotations
 
-__all__ = ["LEVEL", "MAX_SHOWERS", "PERMUTATIONS", "TIE_RTOL", "Permutations", "draw_permutations", "p_value",
-           "summarize"]
+__all__ = ["LEVEL", "MAX_SHOWERS", "PERMUTATIONS", "SMALL_SAMPLE", "TIE_RTOL", "Permutations", "draw_permutations",
+           "p_value", "small_sample_note", "summarize"]
 
 from dataclasses import dataclass
 
@@ -39,6 +39,8 @@ PERMUTATIONS = 99
 MAX_SHOWERS = 5_000
 #: level of the readout: a perfect generator reads "no difference found" in 1 − LEVEL of its samples
 LEVEL = 0.05
+#: fewer showers per sample than this: the tests stay valid but find only gross differences
+SMALL_SAMPLE = 100
 #: shuffled statistics within this relative distance below the observed one count as ties ("at least as large");
 #: the rule of ``scipy.stats.permutation_test`` (100 machine epsilons), so rounding never makes p smaller
 TIE_RTOL = 100 * np.finfo(np.float64).eps
@@ -138,3 +140,20 @@ def summarize(observed: float, null: np.ndarray, *, level: float = LEVEL, **info
     p = p_value(observed, null)
     return {**info, "observed": float(observed), "null_mean": mean, "null_sd": sd, "excess": float(observed - mean),
             "p_value": p, "permutations": len(null), "level": level, "compatible": bool(p > level)}
+
+
+def small_sample_note(n_ref: int, n_gen: int, n_features: int | None = None) -> str | None:
+    """One line when a sample has fewer than :data:`SMALL_SAMPLE` showers (else None).
+
+    A permutation test is valid at any size, but with few showers it finds only gross differences, so
+    "no difference found" says little. ``n_features``: the dimension of the FPD/KPD feature vector; with
+    no more showers than features the FPD's covariance estimates are singular.
+    """
+    small = min(n_ref, n_gen)
+    if small >= SMALL_SAMPLE:
+        return None
+    note = (f"the calibrated readouts compare {n_gen:,} generated with {n_ref:,} reference showers (fewer than "
+            f"{SMALL_SAMPLE} in a sample): they find only large differences, so 'no difference found' says little")
+    if n_features is not None and small <= n_features:
+        note += f"; the FPD's {n_features}-feature covariances come from fewer showers than features"
+    return note

@@ -415,7 +415,7 @@ def _section_summary(res: dict) -> list[str]:
             "calibration, so for a perfect generator it follows the Mann–Whitney chance distribution (0.5 ± the value "
             "shown, one-sided test; ties make it conservative). Separation powers: the same shuffles of the showers, "
             "each histogram refilled (a histogram of N showers is never 0 for a perfect generator).</p>")
-        for k in ("fpd_kpd_note", "classifier_note"):
+        for k in ("small_sample_note", "fpd_kpd_note", "classifier_note"):
             if k in res:
                 add(f"<p class=note>{_e(res[k])}</p>")
 

@@ -34,10 +34,16 @@ def test_statistics_are_the_plain_distances_of_the_samples():
     rng = np.random.default_rng(0)
     x, y = rng.normal(0, 1, (60, 5)), rng.gamma(2.0, 1.0, (45, 5))
     t = calibrated_tests(x, y, permutations=9, seed=1)
-    s = np.abs(x).max(0)  # FPD: the official scaling, by the reference
+    # FPD: each feature over the median, over the 10 labellings, of the largest |value| among the reference rows
+    from calopc.eval.permutation import draw_permutations
+
+    pool = np.concatenate([x, y])
+    labels = draw_permutations(60, 45, 9, seed=1).labels > 0
+    s = np.median([np.abs(pool[labels[:, j]]).max(0) for j in range(10)], axis=0)
+    assert (s >= 0.1 * np.abs(pool).max(0)).all()  # no feature at the floor here
     a, b = x / s, y / s
     fd = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    assert t["fpd"]["observed"] == pytest.approx(fd, rel=1e-9)
+    assert t["fpd"]["observed"] == pytest.approx(fd, rel=1e-9) and t["fpd"]["scale_floored_features"] == 0
     s = np.abs(np.concatenate([x, y])).max(0)  # KPD: both samples (one kernel for every labelling)
     a, b = x / s, y / s
     assert t["kpd"]["observed"] == pytest.approx(mmd_poly_unbiased(a, b), rel=1e-9, abs=1e-12)
@@ -239,3 +245,18 @@ def test_separation_tests_reject_a_perfect_generator_at_the_level():
         hist_rejected += sum(t["p_value"] <= 0.05 for t in st["per_histogram"].values())
     for rejected, tests in ((mean_rejected, pairs), (hist_rejected, pairs * k)):
         assert abs(rejected / tests - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / tests), (rejected, tests)
+
+
+@pytest.mark.parametrize(("n_ref", "n_gen"), [(22, 50), (50, 50), (100, 100), (300, 300)])
+def test_all_zero_generator_differs_at_every_size(n_ref, n_gen):
+    """An all-zero generator against dataset-2 showers: FPD and KPD tests both find the difference, and the FPD
+    null stays bounded (a shuffle whose reference rows barely take a feature does not blow the statistic up)."""
+    g = Geometry.calochallenge("2")
+    ref = _features("2", n_ref, 22)
+    inc, _ = generate(g, n_gen, seed=5)
+    zero = high_level_vector(compute_features(np.zeros((n_gen, g.n_voxels)), np.asarray(inc, dtype=np.float64), g))
+    t = calibrated_tests(ref, zero, permutations=19, seed=1)
+    for k in ("fpd", "kpd"):
+        assert t[k]["p_value"] == 0.05 and not t[k]["compatible"], (k, t[k])
+    d = ref.shape[1]
+    assert t["fpd"]["null_mean"] + t["fpd"]["null_sd"] < 1e3 * d  # every scaled feature within ±10

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from html import escape
 
 import numpy as np
 import pytest
@@ -257,3 +259,32 @@ def test_evaluate_logs_its_stages_outside_a_terminal(tmp_path, capsys, monkeypat
     assert any(s in err for s in ("FPD", "KPD", "fpd test", "kpd test")) and "elapsed" in lines[-1]
     assert main([*args, "-o", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "calopc evaluate: " not in capsys.readouterr().err
+
+
+def test_small_samples_get_a_warning_with_the_calibrated_readouts(tmp_path, capsys):
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 120, seed=1))
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 120, seed=2))
+    args = [str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5")]
+    with pytest.warns(UserWarning, match=r"40 generated with 40 reference showers \(fewer than 100.*says little"):
+        m = evaluate(*args, tmp_path / "a", metrics=("hist", "fpd"), max_showers=40, progress=False,
+                     test_permutations=19, fpd_min_samples=20, plot_workers=1)
+    assert "fewer showers than features" not in m["small_sample_note"]  # 30 features for dataset 1-photons
+    assert escape(m["small_sample_note"]) in (tmp_path / "a" / "report.html").read_text()
+    assert main(["evaluate", *args, "-o", str(tmp_path / "b"), "--metrics", "hist", "--no-progress",
+                 "--test-permutations", "19", "--max-showers", "25"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("calopc evaluate: warning: the calibrated readouts compare 25")
+    assert "fewer showers than features (30)" not in err[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = evaluate(*args, tmp_path / "c", metrics=("hist",), progress=False, test_permutations=19)
+    assert "small_sample_note" not in m
+
+
+def test_small_sample_note_names_the_covariance_problem():
+    from calopc.eval.permutation import small_sample_note
+
+    assert small_sample_note(100, 5000) is None
+    assert "fewer showers than features" in small_sample_note(50, 300, 362)
+    assert "fewer showers than features" not in small_sample_note(50, 300, 30)
