@@ -17,7 +17,6 @@ from ..geometry import Geometry
 from .classifier import ClassifierConfig, classifier_inputs, classifier_metric, official_split, raw_voxels
 from .distances import ESTIMATORS, TEST_LEVEL, TEST_MAX_SHOWERS, TEST_PERMUTATIONS, calibrated_tests, fpd, kpd
 from .features import high_level_vector, match_official
-from .permutation import small_sample_note
 from .histograms import (
     FeatureHist,
     feature_histograms,
@@ -27,6 +26,7 @@ from .histograms import (
     shower_histogram_specs,
     voxel_spectrum,
 )
+from .permutation import small_sample_note
 from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
