@@ -146,48 +146,52 @@ def _run(args: argparse.Namespace) -> int:
         collisions=args.collisions, device=args.device, seed=args.seed, progress=not args.no_progress,
         formats=args.formats, plot_workers=args.plot_workers,
     )
-    print(f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers")
+    print(summary_lines(res, Path(args.output)))
+    return 0
+
+
+def summary_lines(res: dict, output: Path | None = None) -> str:
+    """The summary ``calopc evaluate`` prints: each metric with its calibrated reading."""
+    from ..eval.permutation import reading
+
+    def read(t: dict | None) -> str:
+        return (t.get("reading") or reading(t)) if t else "(not tested)"
+
+    lines = [f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers"]
     for kind, c in res.get("classifier", {}).items():
         err = "" if c.get("auc_err") is None or len(c.get("aucs") or ()) < 2 else f" ± {c['auc_err']:.4f}"
         jerr = "" if c.get("jsd_err") is None or len(c.get("jsds") or ()) < 2 else f" ± {c['jsd_err']:.4f}"
-        print(f"  classifier {kind:<10} AUC {c['auc']:.4f}{err}   JSD {c['jsd']:.4f}{jerr}   "
-              f"{_reading(c.get('test'))}")
+        lines.append(f"  classifier {kind:<10} AUC {c['auc']:.4f}{err}   JSD {c['jsd']:.4f}{jerr}   "
+                     f"{read(c.get('test'))}")
+        if c.get("jsd_note"):
+            lines.append(f"    {c['jsd_note']}")
     for key, label in (("fpd_x1e3", "FPD x1e3"), ("kpd_x1e3", "KPD x1e3")):
         if key in res:
             d = res[key]
             t = d.get("test") or {}
-            null = (f"; a perfect generator at these sizes: {t['null_mean']:.3f} ± {t['null_sd']:.3f}"
+            null = (f", same distribution at these sizes {t['null_mean']:.3f} ± {t['null_sd']:.3f}"
                     if t.get("null_mean") is not None and t.get("null_sd") is not None else "")
-            print(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   "
-                  f"{_reading(t)} (test statistic {t.get('observed', float('nan')):.3f}{null})")
+            lines.append(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   {read(t)}; "
+                         f"test statistic {t.get('observed', float('nan')):.3f}{null}")
     if "prdc" in res:
         p = res["prdc"]
-        print(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
-              f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
+        lines.append(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
+                     f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
     st = res.get("separation_test") or {}
     for key, label in (("E_ratio", "separation E_dep/E_inc"), ("mean", "separation, mean of all")):
         t = st.get(key)
         if t:
-            print(f"  {label}: {t['observed']:.4f} (a perfect generator at these sizes: {t['null_mean']:.4f} ± "
-                  f"{t['null_sd']:.4f})   {_reading(t)}")
+            lines.append(f"  {label}: {t['observed']:.4f} (same distribution at these sizes: {t['null_mean']:.4f} ± "
+                         f"{t['null_sd']:.4f})   {read(t)}")
     summ = res.get("separation_summary", {})
     if summ:
-        print("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
+        lines.append("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
     if "pointcloud" in res:
         pc = res["pointcloud"]["hits_mean"]
-        print(f"  points/shower: generated {pc['generated']:.1f}, reference {pc['reference']:.1f}")
-    print(f"wrote {Path(args.output) / 'metrics.json'} and {Path(args.output) / 'report.html'}")
-    return 0
-
-
-def _reading(t: dict | None) -> str:
-    """One-word reading of a calibrated test and its p-value."""
-    if not t or t.get("compatible") is None:
-        return "(not tested)"
-    p = t.get("p_value")
-    n = t.get("permutations")
-    ptxt = f"p <= {1 / (n + 1):.2g}" if n and p is not None and p <= 1 / (n + 1) + 1e-12 else f"p = {p:.2g}"
-    return f"{'compatible' if t['compatible'] else 'NOT compatible'} with a perfect generator ({ptxt})"
+        lines.append(f"  points/shower: generated {pc['generated']:.1f}, reference {pc['reference']:.1f}")
+    if output is not None:
+        lines.append(f"wrote {output / 'metrics.json'} and {output / 'report.html'}")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -238,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="FPD/KPD estimator: official (jetnet: batches with replacement, bounded fit; the published "
                         "numbers) or calopc (without replacement) (default: %(default)s)")
     p.add_argument("--test-permutations", type=positive_int, default=99,
-                   help="label shuffles of the calibrated 'compatible / not compatible' tests of FPD, KPD and the "
+                   help="label shuffles of the calibrated 'differs / no difference found' tests of FPD, KPD and the "
                         "separation powers (default: %(default)s; at least 19 for a 5 %% test)")
     p.add_argument("--low-normed", choices=("official", "calopc"), default="official",
                    help="cls-low-normed input: official (unthresholded voxels / thresholded layer energy) or calopc "

@@ -503,8 +503,12 @@ def _write_report(path: Path, res: dict) -> None:
     h = [f"<h1>calopc comparison</h1><p>reference: {esc(res['reference'])}</p>"]
     rows = res["leaderboard"]
     est = {r.get("fpd_estimator") for r in rows} - {None}
-    h.append("<h2>Leaderboard</h2><p>Click a column header to sort. AUC 0.5, FPD/KPD 0, separation 0 and "
-             "⟨log p(ref)⟩ = ⟨log p(self)⟩ mean indistinguishable from the reference"
+    h.append("<h2>Leaderboard</h2><p>Click a column header to sort. Lower FPD/KPD and separation, an AUC "
+             "closer to 0.5 and ⟨log p(ref)⟩ closer to ⟨log p(self)⟩ are better; at finite sample sizes even a "
+             "perfect generator stays above these ideals (FPD, separation) or scatters around them (AUC), so "
+             "differences between rows below that scatter mean nothing. Each generator's report says whether a "
+             "difference from the reference was found (“differs”) or not (“no difference found”, which is no "
+             "proof of equality)"
              + (f"; FPD/KPD estimator: {esc(', '.join(sorted(est)))}" if est else "") + ".</p>")
     h.append("<table class='sortable'><thead><tr><th>generator</th><th>showers</th>"
              + "".join(f"<th>{esc(c[1])}</th>" for c in _COLUMNS) + "</tr></thead><tbody>")

@@ -26,8 +26,9 @@ through the ``jetnet`` package. Two estimators are offered (``estimator=``):
 
 Neither estimator's error says whether two samples differ: at finite N the official value carries a
 bias (a perfect generator does not score 0) and its error is the spread of its own resampling.
-:func:`calibrated_tests` answers that question with permutation tests whose "compatible" reading
-holds for 95 % of perfect-generator samples at any sample size (the readout of ``calopc evaluate``).
+:func:`calibrated_tests` answers that question with permutation tests that read "differs" for at most
+5 % of perfect-generator samples at any sample size, and otherwise "no difference found" (the readout
+of ``calopc evaluate``).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def kpd(real: np.ndarray, gen: np.ndarray, *, estimator: str = "official", num_b
 TEST_MAX_SHOWERS = MAX_SHOWERS
 #: label permutations of the calibrated tests (with the observed labelling, 100 values: p in steps of 0.01)
 TEST_PERMUTATIONS = PERMUTATIONS
-#: level of the "compatible / not compatible" readout: a perfect generator reads "compatible" in 95 % of samples
+#: level of the "differs / no difference found" readout: a perfect generator reads "differs" in 5 % of samples
 TEST_LEVEL = LEVEL
 #: smallest per-feature scale of the FPD test statistic, relative to the feature's largest |value| in both samples:
 #: every scaled feature stays within ±10
@@ -362,7 +363,7 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     shuffled ``permutations`` times keeping both sample sizes, and the statistic is recomputed each time.
     A perfect generator is exchangeable with the reference, so its observed statistic is one more draw
     of that null distribution: ``p = (1 + #{null >= observed}) / (1 + permutations)`` is an exact p-value
-    and "compatible" (``p > 0.05``) is read for 95 % of perfect-generator samples, at any N. The subsets,
+    and "differs" (``p <= 0.05``) is read for 5 % of perfect-generator samples, at any N. The subsets,
     labellings, p-value and summary are those of :mod:`calopc.eval.permutation`; this function supplies
     the two statistics, vectorised over the labellings.
 
@@ -391,9 +392,9 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
     less power than the whole sample). The kernel is evaluated once for all permutations in row blocks.
 
     Returns ``{"fpd": {...}, "kpd": {...}}`` with ``observed``, ``null_mean``, ``null_sd``, ``excess``
-    (observed − null mean: the distance beyond what sample size alone gives), ``p_value``,
-    ``compatible``, ``permutations``, ``n_real``, ``n_gen``, ``level`` (see
-    :func:`calopc.eval.permutation.summarize`).
+    (observed − null mean: the distance beyond what sample size alone gives), ``z`` (that excess in units
+    of ``null_sd``), ``p_value``, ``differs`` / ``compatible``, ``permutations``, ``n_ref`` (also as
+    ``n_real``), ``n_gen``, ``level`` (see :func:`calopc.eval.permutation.summarize`).
     ``progress``: optional callable called with the stage name ("fpd test", "kpd test").
     """
     real = np.asarray(real, dtype=np.float64)
@@ -423,7 +424,7 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
         for j in range(permutations + 1):
             vals[j] = _frechet_fast(*_group_moments(scaled, z[:, j], total, total_sq))
         out["fpd"] = summarize(vals[0], vals[1:], statistic="Fréchet distance of the samples' moments", n_real=m,
-                               n_gen=n, scale_floored_features=floored)
+                               n_ref=m, n_gen=n, scale_floored_features=floored)
     if "kpd" in metrics:
         if progress:
             progress("kpd test")
@@ -439,5 +440,6 @@ def calibrated_tests(real: np.ndarray, gen: np.ndarray, *, metrics: tuple[str, .
         kyy = one_k_one - 2 * zk1 + zkz - (diag.sum() - zd)
         kxy = zk1 - zkz
         vals = kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * kxy / (m * n)
-        out["kpd"] = summarize(vals[0], vals[1:], statistic="unbiased squared MMD of the samples", n_real=m, n_gen=n)
+        out["kpd"] = summarize(vals[0], vals[1:], statistic="unbiased squared MMD of the samples", n_real=m, n_ref=m,
+                               n_gen=n)
     return out

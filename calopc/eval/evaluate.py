@@ -26,7 +26,7 @@ from .histograms import (
     shower_histogram_specs,
     voxel_spectrum,
 )
-from .permutation import small_sample_note
+from .permutation import reading, small_sample_note, z_score
 from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
@@ -36,10 +36,11 @@ DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd", "pointcloud", "p
 #: test entries in the units of the value (x1e3)
 _SCALED = ("observed", "null_mean", "null_sd", "excess")
 TEST_NOTE = (f"calibrated readout: a permutation test per distance ({TEST_PERMUTATIONS} shuffles of the labels "
-             f"generated/reference over the pooled showers, at most {TEST_MAX_SHOWERS:,} per sample); 'compatible' "
-             f"means p > {TEST_LEVEL:g}, which a perfect generator reads in {100 * (1 - TEST_LEVEL):g} % of its samples; "
-             "'perfect generator' is the mean ± standard deviation of the statistic over the shuffles, the value "
-             "sample size alone gives")
+             f"generated/reference over the pooled showers, at most {TEST_MAX_SHOWERS:,} per sample); 'differs' means "
+             f"p <= {TEST_LEVEL:g}, which a perfect generator reads in {100 * TEST_LEVEL:g} % of its samples; 'no "
+             "difference found' is the rest: a perfect generator, or a difference these sample sizes do not resolve; "
+             "'same distribution' is the mean ± standard deviation of the statistic over the shuffles (what sample "
+             "size alone gives) and the excess is the statistic's distance from that mean in units of that deviation")
 
 
 def _summary(hists: list[FeatureHist]) -> dict[str, float]:
@@ -109,8 +110,8 @@ def evaluate(
         fpd_estimator: ``"official"`` (jetnet's: batches with replacement, bounded fit) or ``"calopc"``
             (without replacement); see :mod:`calopc.eval.distances`. Either way the readout comes from
             a calibrated permutation test of the two samples (``fpd_x1e3["test"]``).
-        test_permutations: label permutations of the calibrated FPD/KPD tests (the "compatible / not
-            compatible" readout; see :func:`calopc.eval.distances.calibrated_tests`).
+        test_permutations: label permutations of the calibrated FPD/KPD and separation tests (the
+            "differs / no difference found" readout; see :mod:`calopc.eval.permutation`).
         low_normed: ``cls-low-normed`` input, ``"official"`` (unthresholded voxels over the thresholded
             layer energy) or ``"calopc"`` (thresholded voxels); see :mod:`calopc.eval.classifier`.
         prdc_k: nearest neighbours of the PRDC metric (official: 5).
@@ -197,6 +198,9 @@ def evaluate(
                     res["separation_test"] = separation_tests(
                         shower_histogram_specs(r_s.features, g_s.features, geo, threshold=thr),
                         permutations=test_permutations, seed=seed, level=TEST_LEVEL)
+                for key in ("E_ratio", "mean"):
+                    if key in res["separation_test"]:
+                        res["separation_test"][key]["reading"] = reading(res["separation_test"][key])
                 timings["hist test"] = time.perf_counter() - t
 
         hl_gen = hl_ref = None
@@ -230,6 +234,7 @@ def evaluate(
             if kind == "low-normed":
                 entry["definition"] = low_normed
             entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            _note_negative_jsd(entry)
             res.setdefault("classifier", {})[kind] = entry
             timings[f"cls-{kind}"] = time.perf_counter() - t
         if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
@@ -269,6 +274,7 @@ def evaluate(
             entry["network"] = {"widths": list(cnn_cfg.widths), "blocks": list(cnn_cfg.blocks),
                                 "periodic_alpha": cnn_cfg.periodic_alpha}
             entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            _note_negative_jsd(entry)
             res.setdefault("classifier", {})[kind] = entry
             timings[f"cls-{kind}"] = time.perf_counter() - t
 
@@ -291,7 +297,8 @@ def evaluate(
                 tests = calibrated_tests(hl_ref, hl_gen, metrics=tuple(m for m in ("fpd", "kpd") if m in metrics),
                                          permutations=test_permutations, seed=seed, progress=stage)
             for name, d in tests.items():
-                res[f"{name}_x1e3"]["test"] = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
+                d = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
+                res[f"{name}_x1e3"]["test"] = {**d, "reading": reading(d)}
             timings["fpd/kpd test"] = time.perf_counter() - t
             res["fpd_estimator"] = fpd_estimator
             if fpd_estimator == "official":
@@ -395,15 +402,31 @@ def auc_test(auc: float | None, n_val: int) -> dict:
     perfect generator the labels are independent of the scores and the AUC is a Mann–Whitney statistic
     with mean 0.5 and standard deviation ``sqrt((2 n + 1) / (12 n²))`` for ``n`` showers per class (ties
     from the isotonic calibration only narrow it, so the test is conservative). The mean over several
-    seeds has at most that spread. "Compatible" means ``p > 0.05`` (one-sided, normal approximation).
+    seeds has at most that spread. "Differs" means ``p <= 0.05`` (one-sided, normal approximation);
+    the keys are those of :func:`calopc.eval.permutation.summarize` (``z``: (AUC − 0.5) / sd), with
+    ``reading`` the verdict in words.
     """
     sd = math.sqrt((2 * n_val + 1) / (12 * n_val * n_val)) if n_val > 0 else float("nan")
     out = {"statistic": "AUC on the validation split", "null_mean": 0.5, "null_sd": sd, "n_validation_per_class": n_val,
-           "level": TEST_LEVEL}
+           "n_ref": n_val, "n_gen": n_val, "level": TEST_LEVEL}
     if auc is None or not math.isfinite(auc) or not math.isfinite(sd):
-        return {**out, "p_value": None, "compatible": None}
-    p = 0.5 * math.erfc((auc - 0.5) / sd / math.sqrt(2))
-    return {**out, "z": (auc - 0.5) / sd, "p_value": p, "compatible": p > TEST_LEVEL}
+        return {**out, "p_value": None, "compatible": None, "differs": None, "reading": "(not tested)"}
+    z = z_score(auc, 0.5, sd)
+    p = 0.5 * math.erfc(z / math.sqrt(2))
+    out = {**out, "observed": auc, "excess": auc - 0.5, "z": z, "p_value": p, "compatible": p > TEST_LEVEL,
+           "differs": p <= TEST_LEVEL}
+    return {**out, "reading": reading(out)}
+
+
+def _note_negative_jsd(entry: dict) -> None:
+    """A negative JSD = (ln 2 − BCE)/ln 2 means a cross-entropy above ln 2 on the validation split: the calibrated
+    classifier does worse than a constant 1/2 (undertrained, or nothing to find). The value is kept as the
+    official definition gives it (published tables are not clipped) and gets a note."""
+    jsd = entry.get("jsd")
+    if jsd is not None and math.isfinite(jsd) and jsd < 0:
+        entry["jsd_note"] = ("JSD < 0: the classifier's cross-entropy on the validation split is above ln 2 (worse "
+                             "than chance: undertrained, or no difference to find); it carries no information, read "
+                             "it as 0")
 
 
 def _dataset_text(geo: Geometry) -> str:

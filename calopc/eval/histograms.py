@@ -296,8 +296,8 @@ def separation_tests(specs: list[HistSpec] | list[tuple], *, permutations: int =
 
     Returns ``{"per_histogram": {name: {observed, null_mean, null_sd, excess, p_value, ...}}, "E_ratio":
     {...}, "mean": {...}}``; ``observed`` is the tested S, ``"mean"`` tests the mean of the tested S over
-    all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
-    (``p > level``) is read for at most ``1 − level`` of perfect-generator samples (exactly, for
+    all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: a perfect generator
+    reads "differs" (``p <= level``) in at most ``level`` of its samples (exactly, for
     ``level · (permutations + 1)`` an integer and no ties). Samples larger than ``max_showers`` are
     tested on a random subset of that size (``observed`` and ``official`` are then the subset's).
     """
@@ -321,7 +321,8 @@ def separation_tests(specs: list[HistSpec] | list[tuple], *, permutations: int =
             r, g = perm.ref(np.asarray(spec.ref, dtype=np.float64)), perm.gen(np.asarray(spec.gen, dtype=np.float64))
             official = separation_power(np.histogram(r, spec.edges)[0], np.histogram(g, spec.edges)[0], n_ref, n_gen)
             info = {"binning": "pooled", "official": official}
-        per[spec.name] = summarize(float(s[0]), s[1:], level=level, **info)  # shuffles without a defined S left out
+        # shuffles without a defined S are left out
+        per[spec.name] = summarize(float(s[0]), s[1:], level=level, n_ref=n_ref, n_gen=n_gen, **info)
         ok = np.isfinite(s)
         total[ok] += s[ok]
         count[ok] += 1
@@ -331,6 +332,6 @@ def separation_tests(specs: list[HistSpec] | list[tuple], *, permutations: int =
     if count[0] > 0:
         with np.errstate(invalid="ignore"):
             mean = total / count
-        out["mean"] = summarize(float(mean[0]), mean[1:], level=level, histograms=len(per))
+        out["mean"] = summarize(float(mean[0]), mean[1:], level=level, histograms=len(per), n_ref=n_ref, n_gen=n_gen)
     return out
 

@@ -27,7 +27,7 @@ reference (e.g. histogram edges taken from the observed reference alone) would n
 from __future__ import annotations
 
 __all__ = ["LEVEL", "MAX_SHOWERS", "PERMUTATIONS", "SMALL_SAMPLE", "TIE_RTOL", "Permutations", "draw_permutations",
-           "p_value", "small_sample_note", "summarize"]
+           "p_value", "reading", "small_sample_note", "summarize", "z_score"]
 
 from dataclasses import dataclass
 
@@ -125,13 +125,25 @@ def p_value(observed: float, null: np.ndarray) -> float:
     return float((1 + np.count_nonzero(null >= observed - gamma)) / (1 + len(null)))
 
 
+def z_score(observed: float, mean: float, sd: float) -> float:
+    """The excess ``(observed − mean) / sd`` in units of the null's spread (NaN without a spread)."""
+    if not (np.isfinite(sd) and sd > 0 and np.isfinite(mean) and np.isfinite(observed)):
+        return float("nan")
+    return float((observed - mean) / sd)
+
+
 def summarize(observed: float, null: np.ndarray, *, level: float = LEVEL, **info: object) -> dict:
-    """The report of one permutation test: ``observed``, ``null_mean``, ``null_sd``, ``excess``,
-    ``p_value``, ``permutations``, ``level``, ``compatible`` (``p > level``), and ``info`` as given.
+    """The report of one permutation test, with ``info`` (e.g. ``n_ref``, ``n_gen``) as given.
+
+    Keys: ``observed``; ``null_mean``, ``null_sd`` (the statistic over the shuffles: what samples of
+    one distribution give at these sizes); ``excess`` (observed − null mean); ``z`` (the excess in
+    units of ``null_sd``; NaN without a spread); ``p_value``; ``permutations`` (shuffles used);
+    ``level``; ``differs`` (``p <= level``: a difference was found) and ``compatible`` (its negation,
+    the older name of the same reading; kept for existing readers of metrics.json).
 
     Shuffles whose statistic is undefined (NaN, e.g. a histogram left without entries) are left out
     of ``null``: the observed labelling is still uniform among the labellings with a defined
-    statistic, so the test stays valid; ``permutations`` counts the shuffles used.
+    statistic, so the test stays valid.
     """
     null = np.asarray(null, dtype=np.float64)
     null = null[np.isfinite(null)]
@@ -139,7 +151,38 @@ def summarize(observed: float, null: np.ndarray, *, level: float = LEVEL, **info
     sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
     p = p_value(observed, null)
     return {**info, "observed": float(observed), "null_mean": mean, "null_sd": sd, "excess": float(observed - mean),
-            "p_value": p, "permutations": len(null), "level": level, "compatible": bool(p > level)}
+            "z": z_score(observed, mean, sd), "p_value": p, "permutations": len(null), "level": level,
+            "differs": bool(p <= level), "compatible": bool(p > level)}
+
+
+def reading(t: dict, *, html: bool = False, unit: str | None = None) -> str:
+    """The verdict of a test in words: ``differs (p <= 0.01; 1,000 vs 1,000 showers; excess +12.3 null sd)``
+    or ``no difference found (p = 0.34; 1,000 vs 1,000 showers; excess -0.4 null sd)``.
+
+    "No difference found" is a non-rejection: a perfect generator reads it in ``1 − level`` of its samples,
+    and so does any generator whose difference these sample sizes cannot resolve. The sizes are
+    generated vs reference (``n_gen``, ``n_ref`` or ``n_real``); the excess is :func:`z_score`. With
+    ``permutations``, a p-value at its smallest possible value ``1/(P + 1)`` is written as a bound.
+    ``html``: ``≤`` and ``−`` instead of ``<=`` and ``-``. ``unit``: what the sizes count (default
+    "showers", "validation showers" for a classifier's test). ``"(not tested)"`` without a p-value.
+    """
+    p = t.get("p_value")
+    if p is None or not np.isfinite(p):
+        return "(not tested)"
+    le, minus = ("≤", "−") if html else ("<=", "-")
+    n_perm = t.get("permutations")
+    ptxt = f"p {le} {1 / (n_perm + 1):.2g}" if n_perm and p <= 1 / (n_perm + 1) * (1 + TIE_RTOL) else f"p = {p:.2g}"
+    parts = [ptxt]
+    n_ref = t.get("n_ref", t.get("n_real"))
+    if t.get("n_gen") is not None and n_ref is not None:
+        unit = unit or ("validation showers" if "n_validation_per_class" in t else "showers")
+        parts.append(f"{t['n_gen']:,} vs {n_ref:,} {unit}")
+    z = t.get("z")
+    if z is not None and np.isfinite(z):
+        parts.append(f"excess {'+' if z >= 0 else minus}{abs(z):.1f} null sd")
+    level = t.get("level", LEVEL)
+    word = "differs" if p <= level else "no difference found"
+    return f"{word} ({'; '.join(parts)})"
 
 
 def small_sample_note(n_ref: int, n_gen: int, n_features: int | None = None) -> str | None:
