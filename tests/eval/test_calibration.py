@@ -1,8 +1,8 @@
-"""The calibrated "compatible / not compatible" readouts of evaluate (issue 21, item 1).
+"""The calibrated "differs / no difference found" readouts of evaluate.
 
-A perfect generator must read "compatible" at the stated rate (95 %) on same-distribution pairs, and a known
-distortion (×1.05 energy scale) must read "not compatible". The rate checks draw many pairs from a fixed pool
-of features (independent draws from one distribution), so they are cheap.
+A perfect generator must read "differs" at the stated rate (5 %) on same-distribution pairs, and a known
+distortion (×1.05 energy scale, an all-zero generator) must read "differs". The rate checks draw many pairs from
+a fixed pool of features (independent draws from one distribution), so they are cheap.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def test_subsample_beyond_max_showers():
 
 
 @pytest.mark.parametrize("n", [100, 300])
-def test_same_distribution_pairs_read_compatible_at_the_stated_rate_ds1(n):
-    """ds1-photons features: 200 independent pairs from one distribution; the readout must say "compatible" in
-    95 % of them (binomial spread ±1.5 %). The old readout (value within 2 errors of zero / of the floor) read
-    almost every such pair as different."""
+def test_same_distribution_pairs_read_no_difference_at_the_stated_rate_ds1(n):
+    """ds1-photons features: 200 independent pairs from one distribution; the readout must say "no difference
+    found" in 95 % of them (binomial spread ±1.5 %); a value-within-two-errors-of-zero rule reads almost every such
+    pair as different."""
     pool = _features("1-photons", 3000, seed=11)
     rng = np.random.default_rng(n)
     ok = {"fpd": 0, "kpd": 0}
@@ -121,9 +121,9 @@ def test_auc_readout_is_calibrated_on_chance_scores():
     assert auc_test(float("nan"), 10)["compatible"] is None
 
 
-def test_ds2_same_generator_compatible_and_energy_scale_flagged():
-    """The audit's case (synth seeds 2 and 3, 1k vs 1k, dataset 2): every readout "compatible"; ×1.05 energies:
-    "not compatible" from the E_dep/E_inc separation test. (FPD and KPD on the official feature vector barely
+def test_ds2_same_generator_no_difference_and_energy_scale_flagged():
+    """Two synthetic samples of one generator (seeds 2 and 3, 1k vs 1k, dataset 2): no readout finds a difference;
+    ×1.05 energies: the E_dep/E_inc separation test finds it. (FPD and KPD on the official feature vector barely
     move: their energy features are log10 E over three decades of E_inc, where 5 % is 0.02.)"""
     from calopc.eval.histograms import separation_tests, shower_histogram_specs
 
@@ -163,7 +163,7 @@ def test_separation_tests_refill_the_official_histograms_and_flag_the_energy_sca
 
 
 def test_all_zero_sample_separates_fully():
-    """An all-zero generator: the histograms without any entry in range give S = 1, not NaN (audit O5)."""
+    """An all-zero generator: the histograms without any entry in range give S = 1, not NaN."""
     from calopc.eval.histograms import feature_histograms, separation_power, voxel_spectrum
 
     assert separation_power([3, 4], [0, 0], 7, 5) == 1.0
