@@ -57,12 +57,25 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _require_equal_sizes(g_s: Sample, r_s: Sample) -> None:
-    """The classifiers (official set-up) compare samples of equal size."""
-    if len(g_s) != len(r_s):
-        msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
-               f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
-        raise ValueError(msg)
+def _report_dropped(s: Sample, role: str, res: dict) -> None:
+    """One warning (and ``res["unusable_showers"]``) when :func:`load_sample` left showers of ``s`` out."""
+    dropped = s.extra.get("dropped")
+    if dropped is None or not len(dropped):
+        return
+    first = int(dropped[0])
+    res.setdefault("unusable_showers", {})[role] = {"count": len(dropped), "first": first}
+    msg = (f"{s.path}: {len(dropped):,} of {s.extra['read']:,} {role} showers (first: shower {first}) hold cell "
+           f"energies (up to {s.extra['dropped_max_cell_mev']:.3g} MeV) that overflow the features' float64 sums or "
+           f"the classifiers' float32 inputs; every metric uses the other {len(s):,}")
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _file_rows(s: Sample, n: int) -> tuple[int, np.ndarray | slice]:
+    """Where the first ``n`` showers of ``s`` sit in its file: (rows to read, their index in what was read)."""
+    rows = s.extra.get("rows")
+    if rows is None:
+        return n, slice(0, n)
+    return int(rows[n - 1]) + 1, rows[:n]
 
 
 def evaluate(
@@ -182,6 +195,8 @@ def evaluate(
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
         plots: dict[str, list[str]] = {}
         hists: list[FeatureHist] = []
+        _report_dropped(g_s, "generated", res)
+        _report_dropped(r_s, "reference", res)
 
         if "hist" in metrics or "plots" in metrics:
             stage("histograms")
@@ -206,6 +221,14 @@ def evaluate(
         hl_gen = hl_ref = None
         if any(m in metrics for m in ("cls-high", "fpd", "kpd")):
             hl_gen, hl_ref = high_level_vector(g_s.features), high_level_vector(r_s.features)
+        # the classifiers compare samples of equal size (the official set-up): the first n showers of each
+        n_cls = min(len(g_s), len(r_s))
+        if any(m.startswith("cls-") for m in metrics) and g_s.extra["read"] != r_s.extra["read"]:
+            note = (f"the classifiers compare samples of equal size (the official set-up): they use the first "
+                    f"{n_cls:,} showers of each sample ({len(g_s):,} generated, {len(r_s):,} reference); the other "
+                    "metrics use all; --max-showers N sets N for every metric")
+            res["classifier_sizes_note"] = note
+            warnings.warn(note, UserWarning, stacklevel=2)
 
         cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size)
         for kind in ("low", "low-normed", "high"):
@@ -213,15 +236,14 @@ def evaluate(
                 continue
             stage(f"classifier {kind}")
             t = time.perf_counter()
-            _require_equal_sizes(g_s, r_s)
-            n = len(g_s)
+            n = n_cls
             if kind == "high":
                 xg, xr = hl_gen[:n], hl_ref[:n]
             elif kind == "low-normed" and low_normed == "official":  # the unthresholded voxels, re-read
-                xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=n, geometry=geometry,
-                                                             collisions=collisions),
+                xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=read, geometry=geometry,
+                                                             collisions=collisions)[idx],
                                             s.features.e_inc[:n], geo, normed="official", threshold=thr)
-                          for s in (g_s, r_s))
+                          for s in (g_s, r_s) for read, idx in [_file_rows(s, n)])
             else:
                 xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
                 xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
@@ -240,7 +262,7 @@ def evaluate(
         if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
             from .classifier import OFFICIAL_SPLITS
 
-            counts = official_split(geo.name, len(g_s))
+            counts = official_split(geo.name, n_cls)
             need = OFFICIAL_SPLITS.get(geo.name)
             note = "classifier split per class: " + (
                 f"the official fixed counts, {counts[0]:,} train / {counts[1]:,} test / the rest validation" if counts
@@ -260,8 +282,7 @@ def evaluate(
 
             stage(f"classifier {kind}")
             t = time.perf_counter()
-            _require_equal_sizes(g_s, r_s)
-            n = len(g_s)
+            n = n_cls
             cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size,
                                    **(cnn_options or {})}).resolved(kind)
             xg, xr = ((s.low[:n] if s.low is not None else s.low_sparse.head(n)) for s in (g_s, r_s))
