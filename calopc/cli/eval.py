@@ -98,27 +98,27 @@ def _resolve_official(args: argparse.Namespace) -> None:
 
 
 def _run_checked(args: argparse.Namespace) -> int:
-    """:func:`_run` after the option checks; files it created are removed again if it fails or is interrupted."""
-
-    from ..io import check_not_input, check_writable
+    """:func:`_run` after the option checks, with the report folder locked."""
+    from ..io import check_not_input, check_writable, lock_output
 
     _resolve_official(args)
     out = Path(args.output)
     check_not_input(out, [args.generated, args.reference], folder=True, names=_REPORT_FILES)
     check_writable(out, folder=True, expected_bytes=20e6)
-    from ..io import lock_output
-
     with lock_output(out, "report folder"):  # a second evaluate into the same folder fails at once (one line)
-        return _run_locked(args, out)
+        return _run(args)
 
 
-def _run_locked(args: argparse.Namespace, out: Path) -> int:
+def _removing_new_entries(out: Path, run):
+    """``run()``; if it fails or is interrupted, entries of ``out`` that it created are removed (the library builds
+    its reports beside the folder and swaps them in, so normally there are none; this also covers code that writes
+    into the folder directly)."""
     import shutil
 
     existed = out.exists()
     before = set(out.iterdir()) if existed else set()
     try:
-        return _run(args)
+        return run()
     except BaseException:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..eval.evaluate import evaluate
     from ..geometry import load_geometry
 
-    res = evaluate(
+    res = _removing_new_entries(Path(args.output), lambda: evaluate(
         args.generated, args.reference, args.output,
         geometry=load_geometry(args.geometry) if args.geometry else None,
         threshold=args.threshold, metrics=args.metrics, max_showers=args.max_showers,
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         fpd_estimator=args.fpd_estimator, test_permutations=args.test_permutations, low_normed=args.low_normed, prdc_k=args.prdc_k,
         collisions=args.collisions, device=args.device, seed=args.seed, progress=not args.no_progress,
         formats=args.formats, plot_workers=args.plot_workers,
-    )
+    ))
     print(summary_lines(res, Path(args.output)))
     return 0
 
@@ -268,33 +268,57 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ compare
 def _run_compare(args: argparse.Namespace) -> int:
-    from ..eval.compare import MultiClassConfig, compare, parse_generated
-    from ..geometry import load_geometry
+    """``calopc compare`` after the option checks, with the output folder locked (as evaluate's report folder)."""
+    from ..eval.compare import parse_generated
+    from ..io import check_not_input, check_writable, lock_output
 
     gens = parse_generated(args.generated)
+    out = Path(args.output)
+    check_not_input(out, [args.reference, *gens.values()], folder=True, names=("compare.json", "report.html", "*.png"))
+    check_writable(out, folder=True, expected_bytes=20e6 * (1 + len(gens)))
+    with lock_output(out, "comparison folder"):  # a second compare into the same folder fails at once (one line)
+        return _compare_locked(args, gens, out)
+
+
+def _compare_locked(args: argparse.Namespace, gens: dict[str, Path], out: Path) -> int:
+    from ..eval.compare import MultiClassConfig, compare
+    from ..geometry import load_geometry
+
     metrics = tuple(x.strip() for x in args.metrics.split(",") if x.strip()) if args.metrics else ()
-    res = compare(
-        args.reference, gens, args.output, runs=args.runs,
+    res = _removing_new_entries(out, lambda: compare(
+        args.reference, gens, out, runs=args.runs,
         multiclass=MultiClassConfig(hidden=(args.hidden,) * 2, epochs=args.epochs, batch_size=args.batch_size),
         metrics=metrics, geometry=load_geometry(args.geometry) if args.geometry else None, threshold=args.threshold,
         max_showers=args.max_showers, collisions=args.collisions, device=args.device, seed=args.seed,
         progress=not args.no_progress, cls_epochs=args.cls_epochs, cls_seeds=args.cls_seeds, cls_hidden=args.cls_hidden,
         fpd_estimator=args.fpd_estimator, fpd_min_samples=args.fpd_min_samples, kpd_batch_size=args.kpd_batch_size,
-    )
-    lp = res["log_posterior"]
+    ))
+    print(compare_lines(res, out))
+    return 0
+
+
+def compare_lines(res: dict, output: Path | None = None) -> str:
+    """What ``calopc compare`` prints: one leaderboard line per generator and the log-posterior matrix."""
+    lines = []
     for r in res["leaderboard"]:
         parts = [f"{r['name']:<16}"]
         for key, label in (("auc_low", "AUC low"), ("auc_high", "AUC high"), ("fpd_x1e3", "FPD"), ("kpd_x1e3", "KPD"),
                            ("log_p_self", "log p(self)"), ("log_p_reference", "log p(ref)")):
             if r.get(key) is not None:
                 parts.append(f"{label} {r[key]:.4g}")
-        print("  ".join(parts))
+        lines.append("  ".join(parts))
+    lp = res.get("log_posterior")
     if lp:
-        print(f"log-posterior matrix ({lp['n_validation']} validation showers per class, {len(lp['runs'])} runs):")
+        runs = len(lp["runs"])
+        lines.append(f"log-posterior matrix <log p(class | showers from row)> ({lp['n_validation']} validation showers "
+                     f"per class, {'mean of ' + str(runs) + ' runs' if runs > 1 else 'one run'}):")
+        width = max(8, *(len(n) for n in lp["names"]))
+        lines.append(f"  {'showers from':<16}" + " ".join(f"{n:>{width}}" for n in lp["names"]))
         for j, n in enumerate(lp["names"]):
-            print(f"  {n:<16}" + " ".join(f"{v:8.3f}" for v in lp["mean"][j]))
-    print(f"wrote {Path(args.output) / 'compare.json'} and {Path(args.output) / 'report.html'}")
-    return 0
+            lines.append(f"  {n:<16}" + " ".join(f"{v:{width}.3f}" for v in lp["mean"][j]))
+    if output is not None:
+        lines.append(f"wrote {output / 'compare.json'} and {output / 'report.html'}")
+    return "\n".join(lines)
 
 
 def register_compare(sub: argparse._SubParsersAction) -> None:

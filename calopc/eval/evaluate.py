@@ -105,11 +105,15 @@ def evaluate(
     formats: tuple[str, ...] | list[str] = ("png",),
     plot_workers: int | None = None,
     command: str | None = None,
+    progress_desc: str = "evaluate",
 ) -> dict:
     """Evaluate ``gen`` against ``ref`` (voxel HDF5 or point-cloud Parquet files).
 
     Writes ``metrics.json``, ``report.html`` and the plots (PNG; PDF with ``formats``) into
-    ``output_dir`` and returns the metrics dict.
+    ``output_dir`` and returns the metrics dict. The report is built in a temporary sibling folder and
+    moved in when complete (:func:`calopc.eval.staging.staged_folder`): it replaces an earlier report's
+    files (figures that the new report lacks are removed), keeps every other file of the folder, and an
+    interrupted or failed run leaves the folder as it was.
 
     Args:
         threshold: per-cell threshold in MeV; default: 1 MeV for dataset 1, 15.15 keV for 2 and 3.
@@ -134,6 +138,7 @@ def evaluate(
         plot_workers: processes drawing the plots (default: the CPUs available, at most 16; 1 = serial).
             Scripts using several must guard their entry point (``if __name__ == "__main__":``).
         command: the command line recorded in the provenance (default: ``sys.argv``).
+        progress_desc: what the periodic log lines outside a terminal name (``calopc DESC: stage``).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -159,12 +164,15 @@ def evaluate(
             raise ValueError(msg)
     from ..progress import Progress
 
-    prog = Progress(desc="evaluate", enabled=progress, unit="stage")
+    prog = Progress(desc=progress_desc, enabled=progress, unit="stage")
     stage = prog.stage
-    with prog:
+    from .report import stale_plots
+    from .staging import staged_folder
+
+    # the report is written into a temporary sibling of output_dir and swapped in whole at the end: an interrupted
+    # or failed run leaves the folder (and an earlier report in it) as it was
+    with prog, staged_folder(output_dir, stale=stale_plots) as out:
         t0 = time.perf_counter()
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         from .cnn import check_dense_memory
         from .samples import peek_sample
 
@@ -371,7 +379,7 @@ def evaluate(
         res["timings_s"] = timings
         res["plots"] = plots
 
-        from .report import provenance, remove_stale_plots, write_metrics, write_report
+        from .report import provenance, write_metrics, write_report
 
         res["provenance"] = provenance(
             {"generated": g_s.path, "reference": r_s.path}, command=command,
@@ -385,7 +393,6 @@ def evaluate(
                      "device": device, "formats": list(formats)},
             dataset_label=_dataset_text(geo))
         stage("report")
-        remove_stale_plots(out, plots)
         write_metrics(out / "metrics.json", res)
         write_report(out / "report.html", res)
         return res

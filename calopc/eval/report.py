@@ -14,6 +14,7 @@ __all__ = [
     "file_fingerprint",
     "provenance",
     "remove_stale_plots",
+    "stale_plots",
     "worst_histograms",
     "write_metrics",
     "write_report",
@@ -29,7 +30,7 @@ import platform
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,28 +123,40 @@ _PLOT_FILE = re.compile(r"^(?:E_ratio|E_ratio_per_energy|voxel_spectrum|n_hits|l
                         r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$")
 
 
-def remove_stale_plots(folder: str | os.PathLike, plots: dict[str, list[str]]) -> list[Path]:
-    """Remove figures of an earlier report from a reused report folder; returns the removed files.
+def stale_plots(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
+    """Names of figures of an earlier report in ``folder`` that are not in ``keep``.
 
-    A file goes if it is not one of this run's ``plots`` and either the folder's previous
-    ``metrics.json`` lists it or its name is one calopc gives a figure (a run killed before writing
-    ``metrics.json`` leaves such files). Other files are left alone.
+    A file counts if the folder's ``metrics.json`` lists it or its name is one calopc gives a figure
+    (a run killed before writing ``metrics.json`` leaves such files). Other files are not figures.
     """
     folder = Path(folder)
-    keep = {Path(f).name for files in plots.values() for f in files}
+    keep = {Path(f).name for f in keep}
     listed: set[str] = set()
     try:
         old = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("plots") or {}
         listed = {Path(f).name for files in old.values() for f in files if isinstance(f, str)}
     except (OSError, ValueError, AttributeError, TypeError):
         pass
-    removed = []
+    out = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if p.name in keep or not (p.name in listed or _PLOT_FILE.match(p.name)):
             continue
         if p.is_file() or p.is_symlink():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+            out.append(p.name)
+    return out
+
+
+def remove_stale_plots(folder: str | os.PathLike, plots: dict[str, list[str]]) -> list[Path]:
+    """Remove figures of an earlier report from a reused report folder; returns the removed files.
+
+    A file goes if it is not one of this run's ``plots`` and :func:`stale_plots` names it. Other files
+    are left alone. (``evaluate`` itself swaps a whole report in, see :mod:`calopc.eval.staging`.)
+    """
+    folder = Path(folder)
+    removed = []
+    for name in stale_plots(folder, (f for files in plots.values() for f in files)):
+        (folder / name).unlink(missing_ok=True)
+        removed.append(folder / name)
     return removed
 
 
