@@ -309,9 +309,9 @@ def test_classifiers_take_equal_sizes_from_samples_of_different_sizes(tmp_path, 
             "--test-permutations", "19", "--no-progress"]
     assert main(args) == 0
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["calopc evaluate: warning: the classifiers compare samples of equal size (the official set-up): "
-                   "they use the first 120 showers of each sample (240 generated, 120 reference); the other metrics "
-                   "use all; --max-showers N sets N for every metric"]
+    assert err == [("calopc evaluate: warning: the classifiers compare samples of equal size (the official set-up): "
+                    "they use the first 120 showers of each sample (240 generated, 120 reference); the other metrics "
+                    "use all; --max-showers N sets N for every metric")]
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["n_generated"] == 240 and m["separation_test"]["n_gen"] == 240
     for kind in ("low", "high"):
@@ -335,9 +335,9 @@ def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, ca
             "--no-progress", "--plot-workers", "2"]
     assert main(args) == 0
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == [f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: 1 of 120 generated showers (first: shower 7) "
-                   "hold cell energies (up to 1e+308 MeV) that overflow the features' float64 sums or the classifiers' "
-                   "float32 inputs; every metric uses the other 119"]
+    assert err == [(f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: 1 of 120 generated showers (first: shower 7) "
+                    "hold cell energies (up to 1e+308 MeV) that overflow the features' float64 sums or the classifiers' "
+                    "float32 inputs; every metric uses the other 119")]
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["unusable_showers"] == {"generated": {"count": 1, "first": 7}} and m["n_generated"] == 119
     n_val = 119 - int(119 * 0.6) - int(119 * 0.2)  # the 60/20/20 split of the 119 usable showers

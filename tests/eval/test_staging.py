@@ -195,8 +195,7 @@ def test_sigterm_during_evaluate_leaves_the_earlier_report_whole(tmp_path):
 
 
 def test_a_failed_evaluate_names_the_folder_and_keeps_the_earlier_report(tmp_path, monkeypatch):
-    import calopc.eval.report as report
-    from calopc.eval import evaluate
+    from calopc.eval import evaluate, report
 
     write_showers(tmp_path / "ref.hdf5", *generate("1-photons", 40, seed=1))
     rep = tmp_path / "rep"
