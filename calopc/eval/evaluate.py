@@ -67,6 +67,7 @@ def _report_dropped(s: Sample, role: str, res: dict) -> None:
     msg = (f"{s.path}: {len(dropped):,} of {s.extra['read']:,} {role} showers (first: shower {first}) hold cell "
            f"energies (up to {s.extra['dropped_max_cell_mev']:.3g} MeV) that overflow the features' float64 sums or "
            f"the classifiers' float32 inputs; every metric uses the other {len(s):,}")
+    res["unusable_note"] = f"{res['unusable_note']}; {msg}" if "unusable_note" in res else msg
     warnings.warn(msg, UserWarning, stacklevel=3)
 
 

@@ -455,7 +455,7 @@ def _section_summary(res: dict) -> list[str]:
             "conservative). Separation powers: the same shuffles of the showers, each histogram refilled (a "
             "histogram of N showers is never 0 for a perfect generator); E_layer is binned for the test up to the "
             "largest energy of both samples, which no shuffle changes.</p>")
-        for k in ("small_sample_note", "fpd_kpd_note", "classifier_note"):
+        for k in ("unusable_note", "small_sample_note", "classifier_sizes_note", "fpd_kpd_note", "classifier_note"):
             if k in res:
                 add(f"<p class=note>{_e(res[k])}</p>")
 

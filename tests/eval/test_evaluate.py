@@ -318,6 +318,7 @@ def test_classifiers_take_equal_sizes_from_samples_of_different_sizes(tmp_path, 
         c = m["classifier"][kind]
         assert c["n_train"] == 2 * 72 and c["test"]["n_validation_per_class"] == 24
     assert "the first 120 showers" in m["classifier_sizes_note"]
+    assert escape(m["classifier_sizes_note"]) in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, capfd):
@@ -340,6 +341,7 @@ def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, ca
                     "float32 inputs; every metric uses the other 119")]
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["unusable_showers"] == {"generated": {"count": 1, "first": 7}} and m["n_generated"] == 119
+    assert escape(m["unusable_note"]) in (tmp_path / "r" / "report.html").read_text()
     n_val = 119 - int(119 * 0.6) - int(119 * 0.2)  # the 60/20/20 split of the 119 usable showers
     assert m["fpd_x1e3"]["test"]["n_gen"] == 119 and m["classifier"]["high"]["test"]["n_validation_per_class"] == n_val
     assert m["fpd_x1e3"]["value"] is not None and m["classifier"]["low"]["auc"] is not None
