@@ -6,9 +6,9 @@ Layout:
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
-  :mod:`calopc.cli.eval`: ``evaluate``, ``compare``; :mod:`calopc.models.cli`: ``train``,
-  ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
-  ``func`` and returns an exit code;
+  :mod:`calopc.cli.eval`: ``evaluate``, ``compare``; :mod:`calopc.cli.models`: ``train``,
+  ``generate``, ``distill``; :mod:`calopc.cli.export`: ``export``. Each defines
+  ``register(subparsers)``; the handler is stored as ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
   and :func:`main`. It imports a command's module only when that command is run, so
   ``calopc --help`` imports none of them (nor numpy).
@@ -71,9 +71,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "compare a generated sample with a reference: CaloChallenge metrics, plots, report"),
     "compare": ("calopc.cli.eval", "compare several generated samples with one reference: multi-class "
                                    "log-posterior and a leaderboard"),
-    "train": ("calopc.models.cli", "train a generative model on point-cloud Parquet showers"),
-    "generate": ("calopc.models.cli", "generate showers from a trained run directory"),
-    "distill": ("calopc.models.cli", "distil a caloclouds run into a one-step consistency model"),
+    "train": ("calopc.cli.models", "train a generative model on point-cloud Parquet showers"),
+    "generate": ("calopc.cli.models", "generate showers from a trained run directory"),
+    "distill": ("calopc.cli.models", "distil a caloclouds run into a one-step consistency model"),
+    "export": ("calopc.cli.export", "export a trained run as an ONNX graph (Geant4 Par04 or padded points)"),
 }
 
 _EPILOG = """\
@@ -84,6 +85,7 @@ workflow:
   calopc generate run/ --energies showers.hdf5 -o gen.hdf5
   calopc evaluate gen.hdf5 showers.hdf5 -o report/
   calopc voxelize gen.parquet -o gen.hdf5                # point clouds -> voxels
+  calopc export run/ -o model.onnx                       # the run as an ONNX graph for Geant4 (Par04)
 
 'calopc COMMAND --help' shows each command's options and an example.
 """
@@ -144,14 +146,14 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- main
 def _raise_sigterm(signum: int, frame: object) -> None:
-    from ..io import Interrupted
+    from .._safety import Interrupted
 
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc.io.Interrupted` like Ctrl-C does."""
+    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc._safety.Interrupted` like Ctrl-C does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -187,7 +189,7 @@ def _quiet_broken_pipe() -> int:
 
 
 def _describe(err: BaseException) -> str:
-    from ..io import OutputError
+    from .._safety import OutputError
 
     if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or err}"
@@ -206,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     cmd = args.command
     from ..geometry import GeometryError
-    from ..io import ShowerFileError
+    from ..hdf5 import ShowerFileError
 
     code: int
     with _sigterm_as_interrupt(), _one_line_warnings(cmd):
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(argv: Sequence[str] | None, code: int) -> int:
-    from ..io import hdf5_write_failed
+    from ..hdf5 import hdf5_write_failed
 
     if argv is None and hdf5_write_failed():
         # h5py can crash while the interpreter shuts down after a failed write (h5py issue 914):

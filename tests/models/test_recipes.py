@@ -1,4 +1,4 @@
-"""The training recipes and the properties the review found unpinned: each test fails when the property breaks
+"""The training recipes and their properties, each pinned by a test that fails when the property breaks
 (critic hinge signs, spectral norm, EMA weight, one σ per shower, what distillation buys, the schedule of
 time-limited runs, per-family defaults, presets, the empty-layer representation)."""
 
@@ -233,7 +233,7 @@ def test_time_limited_run_ends_with_the_decayed_lr(tmp_path, toy_parquet):
 def test_family_training_defaults_and_cli_order(tmp_path):
     import argparse
 
-    from calopc.models.cli import register, resolve_train_args
+    from calopc.cli.models import register, resolve_train_args
 
     assert training_defaults("calopointflow") == {}
     cc = train_config("caloclouds")
