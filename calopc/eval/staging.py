@@ -47,7 +47,7 @@ def staged_folder(folder: str | os.PathLike, *, stale: StaleRule | None = None) 
         calopc.io.OutputError: the temporary folder cannot be created (naming ``folder``); errors
             raised inside the block that name the temporary folder are re-raised naming ``folder``.
     """
-    from ..io import OutputError, _host, _write_reason, sweep_stale_parts
+    from ..io import OutputError, _host, sweep_stale_parts
 
     folder = Path(folder)
     try:
@@ -56,7 +56,7 @@ def staged_folder(folder: str | os.PathLike, *, stale: StaleRule | None = None) 
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}@{_host()}.", suffix=".part",
                                     dir=folder.parent))
     except OSError as err:
-        msg = f"{folder}: cannot write ({_write_reason(err) or err.strerror or err})"
+        msg = f"{folder}: cannot write ({(err.strerror or str(err)).lower()})"
         raise OutputError(msg) from err
     try:
         try:
