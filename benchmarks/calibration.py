@@ -1,5 +1,5 @@
-r"""How often the calibrated readouts of ``calopc evaluate`` say "compatible" for a perfect generator, and how
-often they flag a known distortion (all cell energies ×1.05).
+r"""How often the calibrated readouts of ``calopc evaluate`` say "no difference found" for a perfect generator, and
+how often they flag a known distortion ("differs"; all cell energies ×1.05).
 
 For each dataset and sample size, ``--pairs`` pairs of samples are drawn from one pool of synthetic
 showers (independent draws from one distribution: the pool's), their features computed once; each
@@ -102,13 +102,13 @@ def _case(name: str, n: int, pairs: int, args) -> dict:
               "seconds": time.perf_counter() - t0}
     s = rates["same"]
     d = rates["x1.05"]
-    print(f"{case}: same distribution, 'compatible' in " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s.items())
+    print(f"{case}: same distribution, 'no difference found' in " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s.items())
           + f" of {pairs} pairs (stated 95%; binomial ±{100 * np.sqrt(0.95 * 0.05 / pairs):.1f}%)")
-    print(f"{' ' * len(case)}  x1.05 energies, flagged ('not compatible') in "
+    print(f"{' ' * len(case)}  x1.05 energies, flagged ('differs') in "
           + ", ".join(f"{k} {100 * (1 - v):.0f}%" for k, v in d.items()))
     if old["n"]:
         print(f"{' ' * len(case)}  old readout (official value within 2 quoted errors of 0): FPD "
-              f"{old['fpd_zero']}/{old['n']}, KPD {old['kpd_zero']}/{old['n']} pairs 'compatible'")
+              f"{old['fpd_zero']}/{old['n']}, KPD {old['kpd_zero']}/{old['n']} pairs read as no difference")
     print(f"{' ' * len(case)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return result
 

@@ -98,28 +98,27 @@ def _resolve_official(args: argparse.Namespace) -> None:
 
 
 def _run_checked(args: argparse.Namespace) -> int:
-    """:func:`_run` after the option checks; files it created are removed again if it fails or is interrupted."""
-    import shutil
-
-    from ..io import check_not_input, check_writable
+    """:func:`_run` after the option checks, with the report folder locked."""
+    from ..io import check_not_input, check_writable, lock_output
 
     _resolve_official(args)
     out = Path(args.output)
     check_not_input(out, [args.generated, args.reference], folder=True, names=_REPORT_FILES)
     check_writable(out, folder=True, expected_bytes=20e6)
-    from ..io import lock_output
-
     with lock_output(out, "report folder"):  # a second evaluate into the same folder fails at once (one line)
-        return _run_locked(args, out)
+        return _run(args)
 
 
-def _run_locked(args: argparse.Namespace, out: Path) -> int:
+def _removing_new_entries(out: Path, run):
+    """``run()``; if it fails or is interrupted, entries of ``out`` that it created are removed (the library builds
+    its reports beside the folder and swaps them in, so normally there are none; this also covers code that writes
+    into the folder directly)."""
     import shutil
 
     existed = out.exists()
     before = set(out.iterdir()) if existed else set()
     try:
-        return _run(args)
+        return run()
     except BaseException:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
@@ -133,10 +132,10 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..geometry import load_geometry
     from ..eval.evaluate import evaluate
+    from ..geometry import load_geometry
 
-    res = evaluate(
+    res = _removing_new_entries(Path(args.output), lambda: evaluate(
         args.generated, args.reference, args.output,
         geometry=load_geometry(args.geometry) if args.geometry else None,
         threshold=args.threshold, metrics=args.metrics, max_showers=args.max_showers,
@@ -146,49 +145,53 @@ def _run(args: argparse.Namespace) -> int:
         fpd_estimator=args.fpd_estimator, test_permutations=args.test_permutations, low_normed=args.low_normed, prdc_k=args.prdc_k,
         collisions=args.collisions, device=args.device, seed=args.seed, progress=not args.no_progress,
         formats=args.formats, plot_workers=args.plot_workers,
-    )
-    print(f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers")
+    ))
+    print(summary_lines(res, Path(args.output)))
+    return 0
+
+
+def summary_lines(res: dict, output: Path | None = None) -> str:
+    """The summary ``calopc evaluate`` prints: each metric with its calibrated reading."""
+    from ..eval.permutation import reading
+
+    def read(t: dict | None) -> str:
+        return (t.get("reading") or reading(t)) if t else "(not tested)"
+
+    lines = [f"dataset {res['dataset']}: {res['n_generated']} generated vs {res['n_reference']} reference showers"]
     for kind, c in res.get("classifier", {}).items():
         err = "" if c.get("auc_err") is None or len(c.get("aucs") or ()) < 2 else f" ± {c['auc_err']:.4f}"
         jerr = "" if c.get("jsd_err") is None or len(c.get("jsds") or ()) < 2 else f" ± {c['jsd_err']:.4f}"
-        print(f"  classifier {kind:<10} AUC {c['auc']:.4f}{err}   JSD {c['jsd']:.4f}{jerr}   "
-              f"{_reading(c.get('test'))}")
+        lines.append(f"  classifier {kind:<10} AUC {c['auc']:.4f}{err}   JSD {c['jsd']:.4f}{jerr}   "
+                     f"{read(c.get('test'))}")
+        if c.get("jsd_note"):
+            lines.append(f"    {c['jsd_note']}")
     for key, label in (("fpd_x1e3", "FPD x1e3"), ("kpd_x1e3", "KPD x1e3")):
         if key in res:
             d = res[key]
             t = d.get("test") or {}
-            null = (f"; a perfect generator at these sizes: {t['null_mean']:.3f} ± {t['null_sd']:.3f}"
+            null = (f", same distribution at these sizes {t['null_mean']:.3f} ± {t['null_sd']:.3f}"
                     if t.get("null_mean") is not None and t.get("null_sd") is not None else "")
-            print(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   "
-                  f"{_reading(t)} (test statistic {t.get('observed', float('nan')):.3f}{null})")
+            lines.append(f"  {label} ({d['estimator']} estimator): {d['value']:.3f} ± {d['error']:.3f}   {read(t)}; "
+                         f"test statistic {t.get('observed', float('nan')):.3f}{null}")
     if "prdc" in res:
         p = res["prdc"]
-        print(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
-              f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
+        lines.append(f"  PRDC (k={p['k']}): precision {p['precision']:.3f}, recall {p['recall']:.3f}, "
+                     f"density {p['density']:.3f}, coverage {p['coverage']:.3f}")
     st = res.get("separation_test") or {}
     for key, label in (("E_ratio", "separation E_dep/E_inc"), ("mean", "separation, mean of all")):
         t = st.get(key)
         if t:
-            print(f"  {label}: {t['observed']:.4f} (a perfect generator at these sizes: {t['null_mean']:.4f} ± "
-                  f"{t['null_sd']:.4f})   {_reading(t)}")
+            lines.append(f"  {label}: {t['observed']:.4f} (same distribution at these sizes: {t['null_mean']:.4f} ± "
+                         f"{t['null_sd']:.4f})   {read(t)}")
     summ = res.get("separation_summary", {})
     if summ:
-        print("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
+        lines.append("  separation power: " + ", ".join(f"{k} {v:.4f}" for k, v in summ.items()))
     if "pointcloud" in res:
         pc = res["pointcloud"]["hits_mean"]
-        print(f"  points/shower: generated {pc['generated']:.1f}, reference {pc['reference']:.1f}")
-    print(f"wrote {Path(args.output) / 'metrics.json'} and {Path(args.output) / 'report.html'}")
-    return 0
-
-
-def _reading(t: dict | None) -> str:
-    """One-word reading of a calibrated test and its p-value."""
-    if not t or t.get("compatible") is None:
-        return "(not tested)"
-    p = t.get("p_value")
-    n = t.get("permutations")
-    ptxt = f"p <= {1 / (n + 1):.2g}" if n and p is not None and p <= 1 / (n + 1) + 1e-12 else f"p = {p:.2g}"
-    return f"{'compatible' if t['compatible'] else 'NOT compatible'} with a perfect generator ({ptxt})"
+        lines.append(f"  points/shower: generated {pc['generated']:.1f}, reference {pc['reference']:.1f}")
+    if output is not None:
+        lines.append(f"wrote {output / 'metrics.json'} and {output / 'report.html'}")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -240,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="FPD/KPD estimator: official (jetnet: batches with replacement, bounded fit; the published "
                         "numbers) or calopc (without replacement) (default: %(default)s)")
     p.add_argument("--test-permutations", type=positive_int, default=99,
-                   help="label shuffles of the calibrated 'compatible / not compatible' tests of FPD, KPD and the "
+                   help="label shuffles of the calibrated 'differs / no difference found' tests of FPD, KPD and the "
                         "separation powers (default: %(default)s; at least 19 for a 5 %% test)")
     p.add_argument("--low-normed", choices=("official", "calopc"), default="official",
                    help="cls-low-normed input: official (unthresholded voxels / thresholded layer energy) or calopc "
@@ -266,33 +269,57 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ compare
 def _run_compare(args: argparse.Namespace) -> int:
-    from ..eval.compare import MultiClassConfig, compare, parse_generated
-    from ..geometry import load_geometry
+    """``calopc compare`` after the option checks, with the output folder locked (as evaluate's report folder)."""
+    from ..eval.compare import parse_generated
+    from ..io import check_not_input, check_writable, lock_output
 
     gens = parse_generated(args.generated)
+    out = Path(args.output)
+    check_not_input(out, [args.reference, *gens.values()], folder=True, names=("compare.json", "report.html", "*.png"))
+    check_writable(out, folder=True, expected_bytes=20e6 * (1 + len(gens)))
+    with lock_output(out, "comparison folder"):  # a second compare into the same folder fails at once (one line)
+        return _compare_locked(args, gens, out)
+
+
+def _compare_locked(args: argparse.Namespace, gens: dict[str, Path], out: Path) -> int:
+    from ..eval.compare import MultiClassConfig, compare
+    from ..geometry import load_geometry
+
     metrics = tuple(x.strip() for x in args.metrics.split(",") if x.strip()) if args.metrics else ()
-    res = compare(
-        args.reference, gens, args.output, runs=args.runs,
+    res = _removing_new_entries(out, lambda: compare(
+        args.reference, gens, out, runs=args.runs,
         multiclass=MultiClassConfig(hidden=(args.hidden,) * 2, epochs=args.epochs, batch_size=args.batch_size),
         metrics=metrics, geometry=load_geometry(args.geometry) if args.geometry else None, threshold=args.threshold,
         max_showers=args.max_showers, collisions=args.collisions, device=args.device, seed=args.seed,
         progress=not args.no_progress, cls_epochs=args.cls_epochs, cls_seeds=args.cls_seeds, cls_hidden=args.cls_hidden,
         fpd_estimator=args.fpd_estimator, fpd_min_samples=args.fpd_min_samples, kpd_batch_size=args.kpd_batch_size,
-    )
-    lp = res["log_posterior"]
+    ))
+    print(compare_lines(res, out))
+    return 0
+
+
+def compare_lines(res: dict, output: Path | None = None) -> str:
+    """What ``calopc compare`` prints: one leaderboard line per generator and the log-posterior matrix."""
+    lines = []
     for r in res["leaderboard"]:
         parts = [f"{r['name']:<16}"]
         for key, label in (("auc_low", "AUC low"), ("auc_high", "AUC high"), ("fpd_x1e3", "FPD"), ("kpd_x1e3", "KPD"),
                            ("log_p_self", "log p(self)"), ("log_p_reference", "log p(ref)")):
             if r.get(key) is not None:
                 parts.append(f"{label} {r[key]:.4g}")
-        print("  ".join(parts))
+        lines.append("  ".join(parts))
+    lp = res.get("log_posterior")
     if lp:
-        print(f"log-posterior matrix ({lp['n_validation']} validation showers per class, {len(lp['runs'])} runs):")
+        runs = len(lp["runs"])
+        lines.append(f"log-posterior matrix <log p(class | showers from row)> ({lp['n_validation']} validation showers "
+                     f"per class, {'mean of ' + str(runs) + ' runs' if runs > 1 else 'one run'}):")
+        width = max(8, *(len(n) for n in lp["names"]))
+        lines.append(f"  {'showers from':<16}" + " ".join(f"{n:>{width}}" for n in lp["names"]))
         for j, n in enumerate(lp["names"]):
-            print(f"  {n:<16}" + " ".join(f"{v:8.3f}" for v in lp["mean"][j]))
-    print(f"wrote {Path(args.output) / 'compare.json'} and {Path(args.output) / 'report.html'}")
-    return 0
+            lines.append(f"  {n:<16}" + " ".join(f"{v:{width}.3f}" for v in lp["mean"][j]))
+    if output is not None:
+        lines.append(f"wrote {output / 'compare.json'} and {output / 'report.html'}")
+    return "\n".join(lines)
 
 
 def register_compare(sub: argparse._SubParsersAction) -> None:

@@ -332,7 +332,8 @@ def compare(
         reference: reference sample (voxel HDF5 or point-cloud Parquet).
         generated: name → generated sample file; names become table rows and folder names.
         out: output folder: ``compare.json``, ``report.html``, ``log_posterior.png`` and one
-            :func:`calopc.eval.evaluate` folder per generator.
+            :func:`calopc.eval.evaluate` folder per generator; built beside the folder and moved in when
+            complete (:mod:`calopc.eval.staging`), other files in it are kept.
         runs: multi-class trainings (mean ± std); 0 skips the multi-class comparison.
         multiclass: network settings of the multi-class DNN (:class:`MultiClassConfig`).
         metrics: :func:`calopc.eval.evaluate` metrics per generator (empty: no leaderboard metrics).
@@ -345,10 +346,6 @@ def compare(
         The contents of ``compare.json``: ``leaderboard`` (one dict per generator), ``log_posterior``
         (:meth:`LogPosterior.as_dict`), ``timings_s``.
     """
-    from ..io import atomic_output
-    from .evaluate import evaluate
-    from .samples import load_sample
-
     t0 = time.perf_counter()
     if not generated:
         msg = "compare needs at least one generated sample"
@@ -365,9 +362,24 @@ def compare(
         if not p.exists():
             msg = f"{p}: no such file (sample {name!r})"
             raise FileNotFoundError(msg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = extra or {}
+    from .report import stale_plots
+    from .staging import staged_folder
+
+    # built beside ``out`` and swapped in whole: an interrupted or failed comparison leaves ``out`` as it was (no
+    # half-written generator folders); each generator folder is merged as evaluate merges a report folder
+    with staged_folder(out, stale=stale_plots) as work:
+        return _compare(reference, paths, work, runs=runs, multiclass=multiclass, metrics=metrics, extra=extra or {},
+                        geometry=geometry, threshold=threshold, max_showers=max_showers, collisions=collisions,
+                        device=device, seed=seed, progress=progress, t0=t0, evaluate_kwargs=evaluate_kwargs)
+
+
+def _compare(reference, paths: dict[str, Path], out: Path, *, runs: int, multiclass: MultiClassConfig | None,
+             metrics, extra: dict, geometry, threshold, max_showers, collisions, device, seed, progress, t0: float,
+             evaluate_kwargs: dict) -> dict:
+    from ..io import atomic_output
+    from .evaluate import evaluate
+    from .samples import load_sample
+
     timings: dict[str, float] = {}
 
     rows, per = [], {}
@@ -377,7 +389,7 @@ def compare(
         if metrics:
             res = evaluate(p, reference, out / name, metrics=tuple(metrics), geometry=geometry, threshold=threshold,
                            max_showers=max_showers, collisions=collisions, device=device, seed=seed,
-                           progress=progress, **evaluate_kwargs)
+                           progress=progress, progress_desc=f"compare: {name}", **evaluate_kwargs)
         meta = {**file_metadata(p), **extra.get(name, {})}
         row = _row(name, p, res, meta, res["n_generated"] if "n_generated" in res else _count(p))
         row["report"] = f"{name}/report.html" if metrics else None
@@ -503,8 +515,12 @@ def _write_report(path: Path, res: dict) -> None:
     h = [f"<h1>calopc comparison</h1><p>reference: {esc(res['reference'])}</p>"]
     rows = res["leaderboard"]
     est = {r.get("fpd_estimator") for r in rows} - {None}
-    h.append("<h2>Leaderboard</h2><p>Click a column header to sort. AUC 0.5, FPD/KPD 0, separation 0 and "
-             "⟨log p(ref)⟩ = ⟨log p(self)⟩ mean indistinguishable from the reference"
+    h.append("<h2>Leaderboard</h2><p>Click a column header to sort. Lower FPD/KPD and separation, an AUC "
+             "closer to 0.5 and ⟨log p(ref)⟩ closer to ⟨log p(self)⟩ are better; at finite sample sizes even a "
+             "perfect generator stays above these ideals (FPD, separation) or scatters around them (AUC), so "
+             "differences between rows below that scatter mean nothing. Each generator's report says whether a "
+             "difference from the reference was found (“differs”) or not (“no difference found”, which is no "
+             "proof of equality)"
              + (f"; FPD/KPD estimator: {esc(', '.join(sorted(est)))}" if est else "") + ".</p>")
     h.append("<table class='sortable'><thead><tr><th>generator</th><th>showers</th>"
              + "".join(f"<th>{esc(c[1])}</th>" for c in _COLUMNS) + "</tr></thead><tbody>")
@@ -518,8 +534,9 @@ def _write_report(path: Path, res: dict) -> None:
     if lp:
         names = lp["names"]
         h.append(f"<h2>Multi-class log-posterior</h2><p>⟨log p(class | showers from the row's sample)⟩ over "
-                 f"{lp['n_validation']} validation showers per class, mean ± std over {len(lp['runs'])} trainings "
-                 f"(log 1/{len(names)} = {math.log(1 / len(names)):.3f}).</p>")
+                 f"{lp['n_validation']} validation showers per class, "
+                 + (f"mean ± std over {len(lp['runs'])} trainings" if len(lp["runs"]) > 1 else "one training")
+                 + f" (log 1/{len(names)} = {math.log(1 / len(names)):.3f}).</p>")
         h.append("<table><tr><th>showers from \\ class</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
         for j, nj in enumerate(names):
             cells = []

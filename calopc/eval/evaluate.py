@@ -26,6 +26,7 @@ from .histograms import (
     shower_histogram_specs,
     voxel_spectrum,
 )
+from .permutation import reading, small_sample_note, z_score
 from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
@@ -35,10 +36,11 @@ DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd", "pointcloud", "p
 #: test entries in the units of the value (x1e3)
 _SCALED = ("observed", "null_mean", "null_sd", "excess")
 TEST_NOTE = (f"calibrated readout: a permutation test per distance ({TEST_PERMUTATIONS} shuffles of the labels "
-             f"generated/reference over the pooled showers, at most {TEST_MAX_SHOWERS:,} per sample); 'compatible' "
-             f"means p > {TEST_LEVEL:g}, which a perfect generator reads in {100 * (1 - TEST_LEVEL):g} % of its samples; "
-             "'perfect generator' is the mean ± standard deviation of the statistic over the shuffles, the value "
-             "sample size alone gives")
+             f"generated/reference over the pooled showers, at most {TEST_MAX_SHOWERS:,} per sample); 'differs' means "
+             f"p <= {TEST_LEVEL:g}, which a perfect generator reads in {100 * TEST_LEVEL:g} % of its samples; 'no "
+             "difference found' is the rest: a perfect generator, or a difference these sample sizes do not resolve; "
+             "'same distribution' is the mean ± standard deviation of the statistic over the shuffles (what sample "
+             "size alone gives) and the excess is the statistic's distance from that mean in units of that deviation")
 
 
 def _summary(hists: list[FeatureHist]) -> dict[str, float]:
@@ -55,12 +57,26 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _require_equal_sizes(g_s: Sample, r_s: Sample) -> None:
-    """The classifiers (official set-up) compare samples of equal size."""
-    if len(g_s) != len(r_s):
-        msg = (f"classifier metrics need samples of equal size (official set-up), got {len(g_s)} generated and "
-               f"{len(r_s)} reference showers; pass max_showers (--max-showers) to use the first N of each")
-        raise ValueError(msg)
+def _report_dropped(s: Sample, role: str, res: dict) -> None:
+    """One warning (and ``res["unusable_showers"]``) when :func:`load_sample` left showers of ``s`` out."""
+    dropped = s.extra.get("dropped")
+    if dropped is None or not len(dropped):
+        return
+    first = int(dropped[0])
+    res.setdefault("unusable_showers", {})[role] = {"count": len(dropped), "first": first}
+    msg = (f"{s.path}: {len(dropped):,} of {s.extra['read']:,} {role} showers (first: shower {first}) hold cell "
+           f"energies (up to {s.extra['dropped_max_cell_mev']:.3g} MeV) that overflow the features' float64 sums or "
+           f"the classifiers' float32 inputs; every metric uses the other {len(s):,}")
+    res["unusable_note"] = f"{res['unusable_note']}; {msg}" if "unusable_note" in res else msg
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _file_rows(s: Sample, n: int) -> tuple[int, np.ndarray | slice]:
+    """Where the first ``n`` showers of ``s`` sit in its file: (rows to read, their index in what was read)."""
+    rows = s.extra.get("rows")
+    if rows is None:
+        return n, slice(0, n)
+    return int(rows[n - 1]) + 1, rows[:n]
 
 
 def evaluate(
@@ -90,11 +106,15 @@ def evaluate(
     formats: tuple[str, ...] | list[str] = ("png",),
     plot_workers: int | None = None,
     command: str | None = None,
+    progress_desc: str = "evaluate",
 ) -> dict:
     """Evaluate ``gen`` against ``ref`` (voxel HDF5 or point-cloud Parquet files).
 
     Writes ``metrics.json``, ``report.html`` and the plots (PNG; PDF with ``formats``) into
-    ``output_dir`` and returns the metrics dict.
+    ``output_dir`` and returns the metrics dict. The report is built in a temporary sibling folder and
+    moved in when complete (:func:`calopc.eval.staging.staged_folder`): it replaces an earlier report's
+    files (figures that the new report lacks are removed), keeps every other file of the folder, and an
+    interrupted or failed run leaves the folder as it was.
 
     Args:
         threshold: per-cell threshold in MeV; default: 1 MeV for dataset 1, 15.15 keV for 2 and 3.
@@ -108,8 +128,8 @@ def evaluate(
         fpd_estimator: ``"official"`` (jetnet's: batches with replacement, bounded fit) or ``"calopc"``
             (without replacement); see :mod:`calopc.eval.distances`. Either way the readout comes from
             a calibrated permutation test of the two samples (``fpd_x1e3["test"]``).
-        test_permutations: label permutations of the calibrated FPD/KPD tests (the "compatible / not
-            compatible" readout; see :func:`calopc.eval.distances.calibrated_tests`).
+        test_permutations: label permutations of the calibrated FPD/KPD and separation tests (the
+            "differs / no difference found" readout; see :mod:`calopc.eval.permutation`).
         low_normed: ``cls-low-normed`` input, ``"official"`` (unthresholded voxels over the thresholded
             layer energy) or ``"calopc"`` (thresholded voxels); see :mod:`calopc.eval.classifier`.
         prdc_k: nearest neighbours of the PRDC metric (official: 5).
@@ -119,6 +139,7 @@ def evaluate(
         plot_workers: processes drawing the plots (default: the CPUs available, at most 16; 1 = serial).
             Scripts using several must guard their entry point (``if __name__ == "__main__":``).
         command: the command line recorded in the provenance (default: ``sys.argv``).
+        progress_desc: what the periodic log lines outside a terminal name (``calopc DESC: stage``).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -144,12 +165,15 @@ def evaluate(
             raise ValueError(msg)
     from ..progress import Progress
 
-    prog = Progress(desc="evaluate", enabled=progress, unit="stage")
+    prog = Progress(desc=progress_desc, enabled=progress, unit="stage")
     stage = prog.stage
-    with prog:
+    from .report import stale_plots
+    from .staging import staged_folder
+
+    # the report is written into a temporary sibling of output_dir and swapped in whole at the end: an interrupted
+    # or failed run leaves the folder (and an earlier report in it) as it was
+    with prog, staged_folder(output_dir, stale=stale_plots) as out:
         t0 = time.perf_counter()
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         from .cnn import check_dense_memory
         from .samples import peek_sample
 
@@ -180,6 +204,8 @@ def evaluate(
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
         plots: dict[str, list[str]] = {}
         hists: list[FeatureHist] = []
+        _report_dropped(g_s, "generated", res)
+        _report_dropped(r_s, "reference", res)
 
         if "hist" in metrics or "plots" in metrics:
             stage("histograms")
@@ -196,11 +222,22 @@ def evaluate(
                     res["separation_test"] = separation_tests(
                         shower_histogram_specs(r_s.features, g_s.features, geo, threshold=thr),
                         permutations=test_permutations, seed=seed, level=TEST_LEVEL)
+                for key in ("E_ratio", "mean"):
+                    if key in res["separation_test"]:
+                        res["separation_test"][key]["reading"] = reading(res["separation_test"][key])
                 timings["hist test"] = time.perf_counter() - t
 
         hl_gen = hl_ref = None
         if any(m in metrics for m in ("cls-high", "fpd", "kpd")):
             hl_gen, hl_ref = high_level_vector(g_s.features), high_level_vector(r_s.features)
+        # the classifiers compare samples of equal size (the official set-up): the first n showers of each
+        n_cls = min(len(g_s), len(r_s))
+        if any(m.startswith("cls-") for m in metrics) and g_s.extra["read"] != r_s.extra["read"]:
+            note = (f"the classifiers compare samples of equal size (the official set-up): they use the first "
+                    f"{n_cls:,} showers of each sample ({len(g_s):,} generated, {len(r_s):,} reference); the other "
+                    "metrics use all; --max-showers N sets N for every metric")
+            res["classifier_sizes_note"] = note
+            warnings.warn(note, UserWarning, stacklevel=2)
 
         cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size)
         for kind in ("low", "low-normed", "high"):
@@ -208,15 +245,14 @@ def evaluate(
                 continue
             stage(f"classifier {kind}")
             t = time.perf_counter()
-            _require_equal_sizes(g_s, r_s)
-            n = len(g_s)
+            n = n_cls
             if kind == "high":
                 xg, xr = hl_gen[:n], hl_ref[:n]
             elif kind == "low-normed" and low_normed == "official":  # the unthresholded voxels, re-read
-                xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=n, geometry=geometry,
-                                                             collisions=collisions),
+                xg, xr = (classifier_inputs(kind, raw_voxels(s.path, max_showers=read, geometry=geometry,
+                                                             collisions=collisions)[idx],
                                             s.features.e_inc[:n], geo, normed="official", threshold=thr)
-                          for s in (g_s, r_s))
+                          for s in (g_s, r_s) for read, idx in [_file_rows(s, n)])
             else:
                 xg = classifier_inputs(kind, g_s.low[:n], g_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
                 xr = classifier_inputs(kind, r_s.low[:n], r_s.features.e_inc[:n], geo, normed=low_normed, threshold=thr)
@@ -229,12 +265,13 @@ def evaluate(
             if kind == "low-normed":
                 entry["definition"] = low_normed
             entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            _note_negative_jsd(entry)
             res.setdefault("classifier", {})[kind] = entry
             timings[f"cls-{kind}"] = time.perf_counter() - t
         if any(f"cls-{k}" in metrics for k in ("low", "low-normed", "high")):
             from .classifier import OFFICIAL_SPLITS
 
-            counts = official_split(geo.name, len(g_s))
+            counts = official_split(geo.name, n_cls)
             need = OFFICIAL_SPLITS.get(geo.name)
             note = "classifier split per class: " + (
                 f"the official fixed counts, {counts[0]:,} train / {counts[1]:,} test / the rest validation" if counts
@@ -254,8 +291,7 @@ def evaluate(
 
             stage(f"classifier {kind}")
             t = time.perf_counter()
-            _require_equal_sizes(g_s, r_s)
-            n = len(g_s)
+            n = n_cls
             cnn_cfg = CNNConfig(**{"epochs": cls_epochs, "batch_size": cls_batch_size,
                                    **(cnn_options or {})}).resolved(kind)
             xg, xr = ((s.low[:n] if s.low is not None else s.low_sparse.head(n)) for s in (g_s, r_s))
@@ -268,6 +304,7 @@ def evaluate(
             entry["network"] = {"widths": list(cnn_cfg.widths), "blocks": list(cnn_cfg.blocks),
                                 "periodic_alpha": cnn_cfg.periodic_alpha}
             entry["test"] = auc_test(entry.get("auc"), _n_validation(geo.name, n))
+            _note_negative_jsd(entry)
             res.setdefault("classifier", {})[kind] = entry
             timings[f"cls-{kind}"] = time.perf_counter() - t
 
@@ -290,7 +327,8 @@ def evaluate(
                 tests = calibrated_tests(hl_ref, hl_gen, metrics=tuple(m for m in ("fpd", "kpd") if m in metrics),
                                          permutations=test_permutations, seed=seed, progress=stage)
             for name, d in tests.items():
-                res[f"{name}_x1e3"]["test"] = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
+                d = {k: (v * 1e3 if k in _SCALED else v) for k, v in d.items()}
+                res[f"{name}_x1e3"]["test"] = {**d, "reading": reading(d)}
             timings["fpd/kpd test"] = time.perf_counter() - t
             res["fpd_estimator"] = fpd_estimator
             if fpd_estimator == "official":
@@ -307,6 +345,13 @@ def evaluate(
                     note += (f"; small samples ({len(hl_gen)} generated, {len(hl_ref)} reference): batch sizes were capped, "
                              "so values are not comparable with published ones")
             res["fpd_kpd_note"] = note + "; " + TEST_NOTE
+
+        if "separation_test" in res or "fpd" in metrics or "kpd" in metrics:
+            note = small_sample_note(min(len(r_s), TEST_MAX_SHOWERS), min(len(g_s), TEST_MAX_SHOWERS),
+                                     hl_ref.shape[1] if "fpd" in metrics else None)
+            if note:
+                res["small_sample_note"] = note
+                warnings.warn(note, UserWarning, stacklevel=2)
 
         if "prdc" in metrics:
             from .prdc import prdc, prdc_features
@@ -342,7 +387,7 @@ def evaluate(
         res["timings_s"] = timings
         res["plots"] = plots
 
-        from .report import provenance, remove_stale_plots, write_metrics, write_report
+        from .report import provenance, write_metrics, write_report
 
         res["provenance"] = provenance(
             {"generated": g_s.path, "reference": r_s.path}, command=command,
@@ -356,7 +401,6 @@ def evaluate(
                      "device": device, "formats": list(formats)},
             dataset_label=_dataset_text(geo))
         stage("report")
-        remove_stale_plots(out, plots)
         write_metrics(out / "metrics.json", res)
         write_report(out / "report.html", res)
         return res
@@ -411,15 +455,31 @@ def auc_test(auc: float | None, n_val: int) -> dict:
     perfect generator the labels are independent of the scores and the AUC is a Mann–Whitney statistic
     with mean 0.5 and standard deviation ``sqrt((2 n + 1) / (12 n²))`` for ``n`` showers per class (ties
     from the isotonic calibration only narrow it, so the test is conservative). The mean over several
-    seeds has at most that spread. "Compatible" means ``p > 0.05`` (one-sided, normal approximation).
+    seeds has at most that spread. "Differs" means ``p <= 0.05`` (one-sided, normal approximation);
+    the keys are those of :func:`calopc.eval.permutation.summarize` (``z``: (AUC − 0.5) / sd), with
+    ``reading`` the verdict in words.
     """
     sd = math.sqrt((2 * n_val + 1) / (12 * n_val * n_val)) if n_val > 0 else float("nan")
     out = {"statistic": "AUC on the validation split", "null_mean": 0.5, "null_sd": sd, "n_validation_per_class": n_val,
-           "level": TEST_LEVEL}
+           "n_ref": n_val, "n_gen": n_val, "level": TEST_LEVEL}
     if auc is None or not math.isfinite(auc) or not math.isfinite(sd):
-        return {**out, "p_value": None, "compatible": None}
-    p = 0.5 * math.erfc((auc - 0.5) / sd / math.sqrt(2))
-    return {**out, "z": (auc - 0.5) / sd, "p_value": p, "compatible": p > TEST_LEVEL}
+        return {**out, "p_value": None, "compatible": None, "differs": None, "reading": "(not tested)"}
+    z = z_score(auc, 0.5, sd)
+    p = 0.5 * math.erfc(z / math.sqrt(2))
+    out = {**out, "observed": auc, "excess": auc - 0.5, "z": z, "p_value": p, "compatible": p > TEST_LEVEL,
+           "differs": p <= TEST_LEVEL}
+    return {**out, "reading": reading(out)}
+
+
+def _note_negative_jsd(entry: dict) -> None:
+    """A negative JSD = (ln 2 − BCE)/ln 2 means a cross-entropy above ln 2 on the validation split: the calibrated
+    classifier does worse than a constant 1/2 (undertrained, or nothing to find). The value is kept as the
+    official definition gives it (published tables are not clipped) and gets a note."""
+    jsd = entry.get("jsd")
+    if jsd is not None and math.isfinite(jsd) and jsd < 0:
+        entry["jsd_note"] = ("JSD < 0: the classifier's cross-entropy on the validation split is above ln 2 (worse "
+                             "than chance: undertrained, or no difference to find); it carries no information, read "
+                             "it as 0")
 
 
 def _dataset_text(geo: Geometry) -> str:

@@ -66,6 +66,15 @@ class Features:
     def select(self, idx: np.ndarray | slice) -> Features:
         return Features(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def nonfinite(self) -> np.ndarray:
+        """``(N,)`` bool: showers with a NaN or infinite feature (e.g. cell energies whose sums overflow float64)."""
+        bad = np.zeros(len(self), dtype=bool)
+        for f in fields(self):
+            v = np.asarray(getattr(self, f.name))
+            if v.dtype.kind == "f":
+                bad |= ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+        return bad
+
 
 def _tables(geometry: Geometry) -> dict[str, np.ndarray]:
     t = geometry._cache.get("eval_tables")

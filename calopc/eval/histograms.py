@@ -12,22 +12,27 @@ from __future__ import annotations
 __all__ = [
     "DS1_ENERGY_EDGES",
     "FeatureHist",
+    "HistSpec",
     "energy_ratio_per_incident",
     "feature_histograms",
     "histogram_ranges",
     "separation_power",
+    "separation_statistic",
     "separation_tests",
     "shower_histogram_specs",
     "voxel_spectrum",
     "voxel_spectrum_edges",
 ]
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from ..geometry import Geometry
 from .features import Features
+from .permutation import LEVEL, MAX_SHOWERS, PERMUTATIONS, Permutations, draw_permutations, summarize
 
 
 def separation_power(h1: np.ndarray, h2: np.ndarray, n1: int | None = None, n2: int | None = None) -> float:
@@ -149,24 +154,55 @@ def energy_ratio_per_incident(ref: Features, gen: Features, geometry: Geometry) 
     return out
 
 
-def shower_histogram_specs(ref: Features, gen: Features, geometry: Geometry, *, threshold: float) -> list[tuple]:
-    """Every histogram with one entry per shower: ``(name, label, edges, ref values, gen values, log_x)``.
+class HistSpec(NamedTuple):
+    """One histogram with one entry per shower, before filling.
+
+    ``edges`` is the official binning, which may depend on the observed samples (E_layer: up to the
+    reference maximum). ``pooled_edges``, when given, is that binning's rule as a function of values:
+    the permutation test applies it to the pooled showers of both samples, which do not change under
+    relabelling, so that its statistic is a function of the pool and the labels alone (an exact test).
+    A plain 6-tuple (without ``pooled_edges``) means the edges do not depend on the samples.
+    """
+
+    name: str
+    label: str
+    edges: np.ndarray
+    ref: np.ndarray
+    gen: np.ndarray
+    log_x: bool = False
+    pooled_edges: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _log_edges_to_max(threshold: float, n: int = 40) -> Callable[[np.ndarray], np.ndarray]:
+    """The official E_layer binning as a rule: ``n`` log-spaced edges from ``threshold`` to the largest value
+    (at least ten times ``threshold``)."""
+    def rule(values: np.ndarray) -> np.ndarray:
+        top = float(np.max(values, initial=0.0, where=np.isfinite(values)))
+        return np.logspace(np.log10(threshold), np.log10(max(top, threshold * 10)), n)
+
+    return rule
+
+
+def shower_histogram_specs(ref: Features, gen: Features, geometry: Geometry, *, threshold: float) -> list[HistSpec]:
+    """Every histogram with one entry per shower (:class:`HistSpec`).
 
     The official set (E_dep/E_inc, per layer E, centres and widths in x/y) plus sparsity, EC_r and
     width_r per layer, and hit counts; the order of :func:`feature_histograms` (without dataset 1's
-    per-incident-energy histograms, which hold subsets of the showers).
+    per-incident-energy histograms, which hold subsets of the showers). The per-layer energies carry
+    their binning rule (``pooled_edges``) for the permutation test.
     """
-    out: list[tuple] = [("E_ratio", r"$E_{dep}/E_{inc}$", np.linspace(0.5, 1.5, 101), ref.e_ratio, gen.e_ratio, False)]
+    out: list[HistSpec] = [HistSpec("E_ratio", r"$E_{dep}/E_{inc}$", np.linspace(0.5, 1.5, 101), ref.e_ratio,
+                                    gen.e_ratio)]
 
-    def add(name, label, edges, r, g, log_x=False):
-        out.append((name, label, np.asarray(edges), r, g, log_x))
+    def add(name, label, edges, r, g, log_x=False, pooled=None):
+        out.append(HistSpec(name, label, np.asarray(edges), r, g, log_x, pooled))
 
     alpha_layers = [i for i, na in enumerate(geometry.n_alpha) if na > 1]
+    e_rule = _log_edges_to_max(threshold)
     for l in range(geometry.n_layers):
         lid = geometry.layer_ids[l]
-        emax = max(ref.e_layer[:, l].max(), threshold * 10)
-        add(f"E_layer_{lid}", f"$E$ layer {lid} [MeV]", np.logspace(np.log10(threshold), np.log10(emax), 40),
-            ref.e_layer[:, l], gen.e_layer[:, l], log_x=True)
+        add(f"E_layer_{lid}", f"$E$ layer {lid} [MeV]", e_rule(ref.e_layer[:, l]), ref.e_layer[:, l], gen.e_layer[:, l],
+            log_x=True, pooled=e_rule)
         ec, wmax, rmax, wrmax = _ranges(geometry, l)
         if l in alpha_layers:
             j = alpha_layers.index(l)
@@ -177,6 +213,7 @@ def shower_histogram_specs(ref: Features, gen: Features, geometry: Geometry, *, 
         add(f"EC_r_{lid}", f"centre $r$ layer {lid} [mm]", np.linspace(0, rmax, 101), ref.ec_r[:, l], gen.ec_r[:, l])
         add(f"width_r_{lid}", f"width $r$ layer {lid} [mm]", np.linspace(0, wrmax, 101), ref.width_r[:, l], gen.width_r[:, l])
         add(f"sparsity_{lid}", f"sparsity layer {lid}", np.linspace(0, 1, 21), ref.sparsity[:, l], gen.sparsity[:, l])
+    # both samples set the range: fixed under relabelling already
     nmax = max(int(ref.n_hits.max()), int(gen.n_hits.max()), 1)
     add("n_hits", "points per shower", np.linspace(0, nmax * 1.05 + 1, 51), ref.n_hits, gen.n_hits)
     return out
@@ -193,8 +230,8 @@ def feature_histograms(ref: Features, gen: Features, geometry: Geometry, *, thre
     are passed through ``ref_voxel_max`` by the caller; see :func:`calopc.eval.evaluate`.
     """
     out: list[FeatureHist] = []
-    for i, (name, label, edges, r, g, log_x) in enumerate(shower_histogram_specs(ref, gen, geometry,
-                                                                                  threshold=threshold)):
+    for i, (name, label, edges, r, g, log_x, _rule) in enumerate(shower_histogram_specs(ref, gen, geometry,
+                                                                                         threshold=threshold)):
         hr, _ = np.histogram(r, bins=edges)
         hg, _ = np.histogram(g, bins=edges)
         out.append(FeatureHist(name, label, edges, hr, hg, log_x, n_ref=len(r), n_gen=len(g)))
@@ -214,59 +251,78 @@ def _separations(h_ref: np.ndarray, h_gen: np.ndarray, n_ref: int, n_gen: int) -
     return s
 
 
-def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 0, level: float = 0.05,
-                     max_showers: int = 5_000) -> dict:
+def separation_statistic(spec: HistSpec | tuple, perm: Permutations) -> np.ndarray:
+    """The separation power of one histogram for every labelling of ``perm``: ``(P + 1,)``, column 0 observed.
+
+    The pooled values (the subsets of ``perm``) are binned once, with ``spec.pooled_edges`` applied to
+    them when given, else with ``spec.edges``; each labelling's two histograms come from one cumulative
+    sum over the values sorted by bin. Values outside the bins (and non-finite ones) are not counted, as
+    with ``numpy.histogram``. NaN where neither sample has an entry in the bins.
+    """
+    spec = HistSpec(*spec)
+    z = perm.labels
+    n_ref, n_gen = perm.n_ref, perm.n_gen
+    n = n_ref + n_gen
+    v = np.concatenate([perm.ref(np.asarray(spec.ref, dtype=np.float64)), perm.gen(np.asarray(spec.gen, dtype=np.float64))])
+    edges = spec.edges if spec.pooled_edges is None else spec.pooled_edges(v)
+    edges = np.asarray(edges, dtype=np.float64)
+    nb = len(edges) - 1
+    with np.errstate(invalid="ignore"):
+        b = np.searchsorted(edges, v, side="right") - 1
+    b[v == edges[-1]] = nb - 1  # numpy.histogram: the last bin is closed
+    b[(b < 0) | (b >= nb) | ~np.isfinite(v)] = nb  # outside: not counted
+    order = np.argsort(b, kind="stable")
+    c = np.zeros((n + 1, z.shape[1]))
+    np.cumsum(z[order], axis=0, out=c[1:])
+    lims = np.searchsorted(b[order], np.arange(nb + 1))
+    h_ref = c[lims[1:]] - c[lims[:-1]]  # (nb, k): counts per bin for every labelling
+    h_all = np.bincount(b, minlength=nb + 1)[:nb, None].astype(np.float64)
+    return _separations(h_ref, h_all - h_ref, n_ref, n_gen)
+
+
+def separation_tests(specs: list[HistSpec] | list[tuple], *, permutations: int = PERMUTATIONS, seed: int = 0,
+                     level: float = LEVEL, max_showers: int = MAX_SHOWERS) -> dict:
     """Permutation tests of the separation powers: what a perfect generator gives at these sample sizes.
 
     The showers of both samples are pooled and the labels shuffled ``permutations`` times (sizes kept);
-    every histogram of ``specs`` (from :func:`shower_histogram_specs`, one entry per shower) is refilled
-    for each shuffle from one sort of its pooled values. Returns ``{"per_histogram": {name: {observed,
-    null_mean, null_sd, p_value}}, "E_ratio": {...}, "mean": {...}}``; ``"mean"`` tests the mean separation
-    over all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: "compatible"
-    (``p > level``) is read for ``1 − level`` of perfect-generator samples. Samples larger than
-    ``max_showers`` are tested on a random subset of that size (``observed`` is then the subset's).
-    Every shuffle keeps the official binning of the observed samples (e.g. the E_layer range up to the
-    reference maximum), so the test is exact up to that: measured on 100 same-distribution pairs of
-    1k showers (``benchmarks/calibration.py``), "compatible" in 92–95 % of them.
+    every histogram of ``specs`` (:class:`HistSpec` from :func:`shower_histogram_specs`, or plain
+    ``(name, label, edges, ref, gen, log_x)`` tuples, one entry per shower) is refilled for each shuffle
+    from one sort of its pooled values (the labellings, p-value and summary of
+    :mod:`calopc.eval.permutation`). The test is exact: its binning must not depend on which showers
+    are labelled reference, so a histogram whose official edges do (E_layer: up to the reference
+    maximum) is binned for the test by the same rule applied to the pooled showers (``pooled_edges``;
+    e.g. up to the maximum of both samples); its entry then says ``"binning": "pooled"`` and gives the
+    official S beside the tested one (``"official"``). Edges fixed in advance are used as they are.
+
+    Returns ``{"per_histogram": {name: {observed, null_mean, null_sd, excess, p_value, ...}}, "E_ratio":
+    {...}, "mean": {...}}``; ``observed`` is the tested S, ``"mean"`` tests the mean of the tested S over
+    all these histograms. ``p = (1 + #{null >= observed}) / (1 + permutations)``: a perfect generator
+    reads "differs" (``p <= level``) in at most ``level`` of its samples (exactly, for
+    ``level · (permutations + 1)`` an integer and no ties). Samples larger than ``max_showers`` are
+    tested on a random subset of that size (``observed`` and ``official`` are then the subset's).
     """
     if not specs:
         return {}
-    n_ref, n_gen = len(specs[0][3]), len(specs[0][4])
-    rng = np.random.default_rng(seed)
-    take_r = np.sort(rng.choice(n_ref, max_showers, replace=False)) if n_ref > max_showers else None
-    take_g = np.sort(rng.choice(n_gen, max_showers, replace=False)) if n_gen > max_showers else None
-    full = (n_ref, n_gen)
-    n_ref, n_gen = min(n_ref, max_showers), min(n_gen, max_showers)
-    n = n_ref + n_gen
-    z = np.zeros((n, permutations + 1))
-    z[:n_ref, 0] = 1.0
-    for j in range(1, permutations + 1):
-        z[rng.permutation(n)[:n_ref], j] = 1.0
-    ones = np.ones(n)
+    full = (len(specs[0][3]), len(specs[0][4]))
+    perm = draw_permutations(*full, permutations, seed=seed, max_showers=max_showers)
+    n_ref, n_gen = perm.n_ref, perm.n_gen
     per: dict[str, dict] = {}
     total = np.zeros(permutations + 1)
     count = np.zeros(permutations + 1)
-    for name, _label, edges, r, g, _log in specs:
-        if (len(r), len(g)) != full:
+    for spec in specs:
+        spec = HistSpec(*spec)
+        if (len(spec.ref), len(spec.gen)) != full:
             continue
-        r = np.asarray(r, dtype=np.float64) if take_r is None else np.asarray(r, dtype=np.float64)[take_r]
-        g = np.asarray(g, dtype=np.float64) if take_g is None else np.asarray(g, dtype=np.float64)[take_g]
-        v = np.concatenate([r, g])
-        nb = len(edges) - 1
-        b = np.searchsorted(edges, v, side="right") - 1
-        b[v == edges[-1]] = nb - 1  # numpy.histogram: the last bin is closed
-        b[(b < 0) | (b >= nb) | ~np.isfinite(v)] = nb  # outside: not counted
-        order = np.argsort(b, kind="stable")
-        c = np.zeros((n + 1, permutations + 1))
-        np.cumsum(z[order], axis=0, out=c[1:])
-        lims = np.searchsorted(b[order], np.arange(nb + 1))
-        h_ref = c[lims[1:]] - c[lims[:-1]]  # (nb, k): counts per bin for every labelling
-        h_all = np.bincount(b, weights=ones, minlength=nb + 1)[:nb, None]
-        s = _separations(h_ref, h_all - h_ref, n_ref, n_gen)
-        null = s[1:][np.isfinite(s[1:])]
-        if not np.isfinite(s[0]) or not null.size:
+        s = separation_statistic(spec, perm)
+        if not np.isfinite(s[0]) or not np.isfinite(s[1:]).any():
             continue
-        per[name] = _perm_summary(float(s[0]), null, level)
+        info = {}
+        if spec.pooled_edges is not None:
+            r, g = perm.ref(np.asarray(spec.ref, dtype=np.float64)), perm.gen(np.asarray(spec.gen, dtype=np.float64))
+            official = separation_power(np.histogram(r, spec.edges)[0], np.histogram(g, spec.edges)[0], n_ref, n_gen)
+            info = {"binning": "pooled", "official": official}
+        # shuffles without a defined S are left out
+        per[spec.name] = summarize(float(s[0]), s[1:], level=level, n_ref=n_ref, n_gen=n_gen, **info)
         ok = np.isfinite(s)
         total[ok] += s[ok]
         count[ok] += 1
@@ -276,12 +332,6 @@ def separation_tests(specs: list[tuple], *, permutations: int = 99, seed: int = 
     if count[0] > 0:
         with np.errstate(invalid="ignore"):
             mean = total / count
-        out["mean"] = {**_perm_summary(float(mean[0]), mean[1:][np.isfinite(mean[1:])], level), "histograms": len(per)}
+        out["mean"] = summarize(float(mean[0]), mean[1:], level=level, histograms=len(per), n_ref=n_ref, n_gen=n_gen)
     return out
 
-
-def _perm_summary(observed: float, null: np.ndarray, level: float) -> dict:
-    p = float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + len(null)))
-    return {"observed": observed, "null_mean": float(null.mean()),
-            "null_sd": float(null.std(ddof=1)) if len(null) > 1 else float("nan"), "p_value": p,
-            "permutations": int(len(null)), "level": level, "compatible": p > level}

@@ -9,7 +9,16 @@ powers, and the provenance (calopc version, command line, seeds, input file fing
 
 from __future__ import annotations
 
-__all__ = ["file_fingerprint", "provenance", "remove_stale_plots", "worst_histograms", "write_metrics", "write_report"]
+__all__ = [
+    "SECTIONS",
+    "file_fingerprint",
+    "provenance",
+    "remove_stale_plots",
+    "stale_plots",
+    "worst_histograms",
+    "write_metrics",
+    "write_report",
+]
 
 import datetime as _dt
 import hashlib
@@ -21,6 +30,7 @@ import platform
 import re
 import shlex
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,28 +123,40 @@ _PLOT_FILE = re.compile(r"^(?:E_ratio|E_ratio_per_energy|voxel_spectrum|n_hits|l
                         r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$")
 
 
-def remove_stale_plots(folder: str | os.PathLike, plots: dict[str, list[str]]) -> list[Path]:
-    """Remove figures of an earlier report from a reused report folder; returns the removed files.
+def stale_plots(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
+    """Names of figures of an earlier report in ``folder`` that are not in ``keep``.
 
-    A file goes if it is not one of this run's ``plots`` and either the folder's previous
-    ``metrics.json`` lists it or its name is one calopc gives a figure (a run killed before writing
-    ``metrics.json`` leaves such files). Other files are left alone.
+    A file counts if the folder's ``metrics.json`` lists it or its name is one calopc gives a figure
+    (a run killed before writing ``metrics.json`` leaves such files). Other files are not figures.
     """
     folder = Path(folder)
-    keep = {Path(f).name for files in plots.values() for f in files}
+    keep = {Path(f).name for f in keep}
     listed: set[str] = set()
     try:
         old = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("plots") or {}
         listed = {Path(f).name for files in old.values() for f in files if isinstance(f, str)}
     except (OSError, ValueError, AttributeError, TypeError):
         pass
-    removed = []
+    out = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if p.name in keep or not (p.name in listed or _PLOT_FILE.match(p.name)):
             continue
         if p.is_file() or p.is_symlink():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+            out.append(p.name)
+    return out
+
+
+def remove_stale_plots(folder: str | os.PathLike, plots: dict[str, list[str]]) -> list[Path]:
+    """Remove figures of an earlier report from a reused report folder; returns the removed files.
+
+    A file goes if it is not one of this run's ``plots`` and :func:`stale_plots` names it. Other files
+    are left alone. (``evaluate`` itself swaps a whole report in, see :mod:`calopc.eval.staging`.)
+    """
+    folder = Path(folder)
+    removed = []
+    for name in stale_plots(folder, (f for files in plots.values() for f in files)):
+        (folder / name).unlink(missing_ok=True)
+        removed.append(folder / name)
     return removed
 
 
@@ -183,19 +205,26 @@ def _zero_verdict(v: object, err: object, *, ideal: float = 0.0, what: str = "ze
 def _p_text(t: dict) -> str:
     p = t.get("p_value")
     n = t.get("permutations")
-    if isinstance(n, int) and n > 0 and _finite(p) and p <= 1 / (n + 1) + 1e-12:
+    if isinstance(n, int) and n > 0 and _finite(p) and p <= 1 / (n + 1) * (1 + 1e-12):
         return f"p ≤ {1 / (n + 1):.2g}"
     return f"p = {p:.2g}" if _finite(p) else "p –"
 
 
+def _z_text(t: dict) -> str:
+    z = t.get("z")
+    return f"{'+' if z >= 0 else '−'}{abs(z):.1f}" if _finite(z) else "–"
+
+
 def _test_verdict(t: dict) -> str:
-    """Reading of a calibrated test (``calopc.eval.distances.calibrated_tests``, ``evaluate.auc_test``)."""
-    if t.get("compatible") is None:
+    """Reading of a calibrated test (:func:`calopc.eval.permutation.summarize`, ``evaluate.auc_test``):
+    ``<b>differs</b> (p ≤ 0.01; 1,000 vs 1,000 showers; excess +12.3 null sd)`` or ``<b>no difference found</b>
+    (…)``."""
+    from .permutation import reading
+
+    if t.get("p_value") is None:
         return "not tested"
-    level = t.get("level", 0.05)
-    if t["compatible"]:
-        return f"<b>compatible with a perfect generator</b> ({_p_text(t)}; {100 * level:g} % test)"
-    return f"<b>not compatible with a perfect generator</b> ({_p_text(t)}; {100 * level:g} % test)"
+    word, _, rest = reading(t, html=True).partition(" (")
+    return f"<b>{_e(word)}</b> ({_e(rest)}"
 
 
 def _distance_reading(d: dict) -> str:
@@ -203,10 +232,8 @@ def _distance_reading(d: dict) -> str:
     t = d.get("test")
     if not isinstance(t, dict):
         return _floor_verdict(d)
-    ex, sd = t.get("excess"), t.get("null_sd")
-    return (f"{_test_verdict(t)}; test statistic ({_e(t.get('statistic', ''))}, {t.get('n_gen', 0):,} vs "
-            f"{t.get('n_real', 0):,} showers) {_num(t.get('observed'), 3)}, beyond a perfect generator by "
-            f"{_pm(ex, sd, 3)}")
+    return (f"{_test_verdict(t)}; test statistic ({_e(t.get('statistic', ''))}) {_num(t.get('observed'), 3)}, "
+            f"same distribution {_pm(t.get('null_mean'), t.get('null_sd'), 3)}")
 
 
 def _floor_verdict(d: dict) -> str:
@@ -242,10 +269,23 @@ def _feature_text(name: str) -> str:
     return feature_info(name).text
 
 
-def worst_histograms(separation: dict[str, float | None], n: int = 10) -> list[tuple[str, float]]:
-    """The ``n`` histograms with the largest separation power (NaN/None left out), largest first."""
+def worst_histograms(separation: dict[str, float | None], n: int = 10,
+                     tests: dict[str, dict] | None = None) -> list[tuple[str, float]]:
+    """The ``n`` histograms that separate the samples most: ``[(name, S)]``, worst first (NaN/None left out).
+
+    With ``tests`` (``separation_test["per_histogram"]``), ranked by the standardised excess ``z =
+    (S − null mean)/null sd`` of each histogram's permutation test: the null S grows with coarse bins and
+    few entries, so raw S would rank sparse histograms first whatever the generator. Histograms without a
+    test (or without a spread) follow, by S. Without ``tests``: by S.
+    """
     vals = [(k, float(v)) for k, v in separation.items() if _finite(v)]
-    return sorted(vals, key=lambda kv: -kv[1])[:n]
+    tests = tests or {}
+
+    def key(kv: tuple[str, float]) -> tuple:
+        z = (tests.get(kv[0]) or {}).get("z")
+        return (0, -z, -kv[1]) if _finite(z) else (1, -kv[1], 0.0)
+
+    return sorted(vals, key=key)[:n]
 
 
 def _page_of(res: dict) -> dict[str, str]:
@@ -331,35 +371,41 @@ _JS = """
 """
 
 
-def write_report(path: str | os.PathLike, res: dict) -> None:
-    """Write the HTML report for the metrics ``res`` (as returned by :func:`calopc.eval.evaluate`)."""
-    from .plots import feature_info
+def _title(res: dict) -> str:
+    prov = res.get("provenance", {})
+    return prov.get("dataset_label") or f"dataset {res.get('dataset', '?')}"
 
+
+def _section_samples(res: dict) -> list[str]:
+    """Title, the two samples, threshold and histogram ranges."""
+    rows = [f"<h1>calopc evaluation — {_e(_title(res))}</h1>", "<table><tr><th></th><th>file</th><th>showers</th></tr>"]
+    for role in ("generated", "reference"):
+        rows.append(f"<tr><th>{role}</th><td><code>{_e(res.get(role, ''))}</code></td>"
+                    f"<td class=n>{res.get('n_' + role, 0):,}</td></tr>")
+    thr = res.get("threshold_mev")
+    rows.append(f"<tr><th>cell threshold</th><td colspan=2>{_num(thr, 5)} MeV</td></tr>"
+                + (f"<tr><th>histogram ranges</th><td colspan=2>{_e(res['histogram_ranges'])}</td></tr>"
+                   if res.get("histogram_ranges") else "") + "</table>")
+    return rows
+
+
+def _section_summary(res: dict) -> list[str]:
+    """The summary table: every metric with its calibrated reading, and how to read it."""
     rows: list[str] = []
     add = rows.append
-    prov = res.get("provenance", {})
-    label = prov.get("dataset_label") or f"dataset {res.get('dataset', '?')}"
-    add(f"<h1>calopc evaluation — {_e(label)}</h1>")
-    add("<table><tr><th></th><th>file</th><th>showers</th></tr>")
-    for role in ("generated", "reference"):
-        add(f"<tr><th>{role}</th><td><code>{_e(res.get(role, ''))}</code></td>"
-            f"<td class=n>{res.get('n_' + role, 0):,}</td></tr>")
-    thr = res.get("threshold_mev")
-    add(f"<tr><th>cell threshold</th><td colspan=2>{_num(thr, 5)} MeV</td></tr>"
-        + (f"<tr><th>histogram ranges</th><td colspan=2>{_e(res['histogram_ranges'])}</td></tr>"
-           if res.get("histogram_ranges") else "") + "</table>")
-
     # ---- summary
     if "classifier" in res or "fpd_x1e3" in res or "kpd_x1e3" in res or "separation_test" in res:
-        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>a perfect generator at these sample "
+        add("<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>same distribution at these sample "
             "sizes</th><th>reading</th></tr>")
         for kind, c in res.get("classifier", {}).items():
             t = c.get("test")
             if isinstance(t, dict):
                 auc_null = _pm(0.5, t.get("null_sd"))
-                auc_read = (f"0.5 = indistinguishable; {_test_verdict(t)} (AUC on {t.get('n_validation_per_class', 0):,} "
-                            "validation showers per class against its chance spread)")
+                auc_read = (f"0.5 = indistinguishable; {_test_verdict(t)} (the AUC against its "
+                            "chance spread)")
                 jsd_read = "0 = indistinguishable, lower is better; tested through the AUC"
+                if c.get("jsd_note"):
+                    jsd_read += f"; <b>{_e(c['jsd_note'])}</b>"
             else:
                 auc_null = "0.5"
                 auc_read = ("0.5 = indistinguishable; "
@@ -398,26 +444,40 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
                 f"<td class=n>{_pm(t.get('null_mean'), t.get('null_sd'), 4)}</td>"
                 f"<td>0 = identical, lower is better; {_test_verdict(t)}</td></tr>")
         add("</table>")
-        add("<p class=note><b>How to read “compatible”.</b> Each reading is a calibrated test of “the generated "
-            "showers come from the reference's distribution”: a perfect generator reads “compatible” in 95 % of its "
-            "samples, at any sample size, and “not compatible” means that a difference was found (p ≤ 0.05). "
-            "FPD, KPD: permutation tests. The two samples are pooled and the labels generated/reference shuffled "
-            "(both sizes kept); the distance is recomputed for every shuffle. The shuffles give the spread a "
-            "perfect generator would show at these sample sizes (the column “a perfect generator”: mean ± standard "
-            "deviation of the test statistic); p is the share of shuffles at least as large as the observed value. "
-            "The official values carry a finite-sample bias (with replacement, a small sample keeps its own noise), "
-            "so do not compare them with 0: the FPD test statistic is the Fréchet distance of the two samples' "
-            "moments with the official scaling, which the official FPD of samples smaller than its batches equals "
-            "closely, so its column applies to the FPD value; the KPD test uses the unbiased MMD² of the samples, "
-            "which repeated showers do not bias as they bias the official KPD of a small sample. The official ± is "
-            "the spread of the official resampling, not of the samples. Classifiers: the AUC is measured on a validation split that played no part in training or "
-            "calibration, so for a perfect generator it follows the Mann–Whitney chance distribution (0.5 ± the value "
-            "shown, one-sided test; ties make it conservative). Separation powers: the same shuffles of the showers, "
-            "each histogram refilled (a histogram of N showers is never 0 for a perfect generator).</p>")
-        for k in ("fpd_kpd_note", "classifier_note"):
+        add("<p class=note><b>How to read “differs” and “no difference found”.</b> Each reading is a calibrated "
+            "test of “the generated showers come from the reference's distribution”. “Differs” means that a "
+            "difference was found (p ≤ 0.05): a perfect generator reads it in only 5 % of its samples, at any "
+            "sample size. “No difference found” is not a certificate: a perfect generator reads it, and so does "
+            "any generator whose difference these sample sizes (at most 5,000 showers per sample in the "
+            "permutation tests) cannot resolve. The excess is the observed statistic minus its mean over the "
+            "shuffles, in units of their standard deviation (“null sd”): how far beyond what sample size alone "
+            "gives. FPD, KPD: permutation tests. The two samples are pooled and the labels generated/reference "
+            "shuffled (both sizes kept); the distance is recomputed for every shuffle. The shuffles give what two "
+            "samples of one distribution show at these sample sizes (the column “same distribution”: mean ± "
+            "standard deviation of the test statistic); p is the share of shuffles at least as large as the "
+            "observed value. The official values carry a finite-sample bias (with replacement, a small sample "
+            "keeps its own noise), so do not compare them with 0: the FPD test statistic is the Fréchet distance "
+            "of the two samples' moments with each feature scaled as the official estimator scales it for a "
+            "reference of this size, which the official FPD of samples smaller than its batches equals closely, so "
+            "its column applies to the FPD value; the KPD test uses the unbiased MMD² of the samples, which "
+            "repeated showers do not bias as they bias the official KPD of a small sample. The official ± is the "
+            "spread of the official resampling, not of the samples. Classifiers: the AUC is measured on a "
+            "validation split that played no part in training or calibration, so for a perfect generator it "
+            "follows the Mann–Whitney chance distribution (0.5 ± the value shown, one-sided test; ties make it "
+            "conservative). Separation powers: the same shuffles of the showers, each histogram refilled (a "
+            "histogram of N showers is never 0 for a perfect generator); E_layer is binned for the test up to the "
+            "largest energy of both samples, which no shuffle changes.</p>")
+        for k in ("unusable_note", "small_sample_note", "classifier_sizes_note", "fpd_kpd_note", "classifier_note"):
             if k in res:
                 add(f"<p class=note>{_e(res[k])}</p>")
 
+    return rows
+
+
+def _section_prdc(res: dict) -> list[str]:
+    """Precision, recall, density, coverage."""
+    rows: list[str] = []
+    add = rows.append
     # ---- PRDC
     if isinstance(res.get("prdc"), dict):
         p = res["prdc"]
@@ -429,29 +489,54 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             + "".join(f"<td class=n>{_num(p.get(k), 4)}</td>" for k in ("precision", "recall", "density", "coverage"))
             + "</tr></table>")
 
+    return rows
+
+
+def _section_worst(res: dict) -> list[str]:
+    """The histograms that separate the samples most."""
+    rows: list[str] = []
+    add = rows.append
     # ---- worst 10 and summary per feature
     sep = res.get("separation", {})
     if sep:
         anchors = _page_of(res)
+        per = (res.get("separation_test") or {}).get("per_histogram", {})
+        ranked = worst_histograms(sep, tests=per)
+        by_z = bool(per) and any(_finite((per.get(k) or {}).get("z")) for k, _ in ranked)
         add("<h2>The 10 histograms that separate the samples most</h2>"
             "<p class=note>Separation power S = ½ Σ (p − q)²/(p + q) of the unit-sum histograms: 0 = identical, "
             "1 = disjoint; lower is better. Click a name for its plot."
-            + (" “A perfect generator”: mean ± standard deviation of S over the label shuffles of the showers; p: "
-               "the share of shuffles with an S at least as large, for this histogram alone (of hundreds of "
-               "histograms, about 1 in 20 has p ≤ 0.05 for a perfect generator: the summary's test of the mean "
-               "separation is the overall reading)." if (res.get("separation_test") or {}).get("per_histogram")
-               else "") + "</p>")
-        per = (res.get("separation_test") or {}).get("per_histogram", {})
+            + (" Ranked by the excess of S over its value for samples of one distribution, in units of that "
+               "value's spread (raw S favours coarse, sparsely filled histograms, whose S is large for any two "
+               "samples). “Same distribution”: mean ± standard deviation of S over the label shuffles of the "
+               "showers; p: the share of shuffles with an S at least as large, for this histogram alone (of "
+               "hundreds of histograms, about 1 in 20 has p ≤ 0.05 for a perfect generator: the summary's test of "
+               "the mean separation is the overall reading). E_layer is tested with its range up to the largest "
+               "energy of both samples; the S column is the official one." if by_z else "") + "</p>")
         add("<table id=worst><tr><th>#</th><th>histogram</th><th>S</th>"
-            + ("<th>a perfect generator</th><th>p</th>" if per else "") + "</tr>")
-        for i, (name, v) in enumerate(worst_histograms(sep), 1):
+            + ("<th>same distribution</th><th>excess (null sd)</th><th>p</th>" if per else "") + "</tr>")
+        for i, (name, v) in enumerate(ranked, 1):
             a = anchors.get(name, "")
             cell = f"<a href='#{_e(a)}'>{_e(_feature_text(name))}</a>" if a else _e(_feature_text(name))
             t = per.get(name)
-            more = (f"<td class=n>{_pm(t.get('null_mean'), t.get('null_sd'), 5)}</td><td class=n>{_p_text(t)}</td>"
-                    if isinstance(t, dict) else ("<td></td><td></td>" if per else ""))
+            if isinstance(t, dict):
+                tested = (f" (tested S {_num(t.get('observed'), 5)})" if t.get("binning") == "pooled" else "")
+                more = (f"<td class=n>{_pm(t.get('null_mean'), t.get('null_sd'), 5)}{tested}</td>"
+                        f"<td class=n>{_z_text(t)}</td><td class=n>{_p_text(t)}</td>")
+            else:
+                more = "<td></td><td></td><td></td>" if per else ""
             add(f"<tr><td class=n>{i}</td><td>{cell}</td><td class=n>{v:.5f}</td>{more}</tr>")
         add("</table>")
+    return rows
+
+
+def _section_per_feature(res: dict) -> list[str]:
+    """Separation power per feature (mean over layers and the worst layer)."""
+    from .plots import feature_info
+
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     if "separation_summary" in res:
         add("<h2>Separation power per feature</h2><table><tr><th>feature</th><th>mean S over layers</th>"
             "<th>largest S (layer)</th></tr>")
@@ -466,6 +551,13 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             add(f"<tr><td>{_e(group)}</td><td class=n>{_num(v, 5)}</td><td class=n>{wtxt}</td></tr>")
         add("</table><p class=note>Lower is better.</p>")
 
+    return rows
+
+
+def _section_pointcloud(res: dict) -> list[str]:
+    """The point-cloud view: points per shower and re-voxelization."""
+    rows: list[str] = []
+    add = rows.append
     # ---- point cloud table
     if "pointcloud" in res:
         pc = res["pointcloud"]
@@ -482,6 +574,16 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
                 f"({100 * (st.get('collision_rate') or 0):.2f} %), {st.get('n_outside')} outside</td></tr>")
         add("</table>")
 
+    return rows
+
+
+def _section_plots(res: dict) -> list[str]:
+    """The figures: first look, other distributions, per-layer pages, average showers."""
+    from .plots import feature_info
+
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- plots
     plots: dict[str, list[str]] = res.get("plots", {})
     pages: dict[str, list[dict]] = res.get("plot_pages", {})
@@ -520,8 +622,14 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
         for s in polar:
             add(_img(s, plots[s], _CAPTIONS[s]))
 
-    rows += _section_displays(res)
+    return rows
 
+
+def _section_all_separations(res: dict) -> list[str]:
+    """Every separation power, largest first."""
+    sep = res.get("separation", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- all separation powers
     if sep:
         add(f"<h2>All separation powers</h2><details><summary>{len(sep)} histograms, largest first</summary>"
@@ -530,6 +638,14 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
             add(f"<tr><td>{_e(_feature_text(name))}</td><td class=n>{_num(v, 5)}</td></tr>")
         add("</table></details>")
 
+    return rows
+
+
+def _section_provenance(res: dict) -> list[str]:
+    """Versions, command line, date, seeds, input fingerprints, options; timings."""
+    prov = res.get("provenance", {})
+    rows: list[str] = []
+    add = rows.append
     # ---- provenance
     if prov:
         add("<h2>Provenance</h2><table>")
@@ -548,6 +664,26 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
     t = res.get("timings_s", {})
     if t:
         add("<p class=note>timings (s): " + ", ".join(f"{_e(k)} {v:.1f}" for k, v in t.items() if _finite(v)) + "</p>")
+    return rows
+
+
+#: the sections of ``report.html`` in page order; each maps the metrics dict to HTML fragments (nothing when
+#: its metrics are absent). Add a page by inserting a function here (or pass ``sections`` to write_report).
+SECTIONS: list[Callable[[dict], list[str]]] = [
+    _section_samples, _section_summary, _section_prdc, _section_worst, _section_per_feature, _section_pointcloud,
+    _section_plots, _section_displays, _section_all_separations, _section_provenance,
+]
+
+
+def write_report(path: str | os.PathLike, res: dict,
+                 sections: Sequence[Callable[[dict], list[str]]] | None = None) -> None:
+    """Write the HTML report for the metrics ``res`` (as returned by :func:`calopc.eval.evaluate`).
+
+    Args:
+        sections: the page's sections in order (default: :data:`SECTIONS`).
+    """
+    rows = [frag for section in (SECTIONS if sections is None else sections) for frag in section(res)]
+    label = _title(res)
     doc = ("<!doctype html><html lang=en><head><meta charset='utf-8'><meta name=viewport "
            "content='width=device-width,initial-scale=1'><title>calopc evaluation — " + _e(label) + "</title><style>"
            + _CSS + "</style></head><body>\n" + "\n".join(rows) + "\n<script>" + _JS + "</script></body></html>\n")

@@ -14,6 +14,8 @@ from ..converters import VoxelizeStats
 from ..geometry import Geometry
 from .features import Features, apply_threshold, compute_features
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class Sample:
@@ -29,6 +31,9 @@ class Sample:
     low_sparse: object | None = None  # the same as CellRows (occupied cells only), if kept sparse
     collisions: VoxelizeStats | None = None
     point_energies: np.ndarray | None = None  # energies of the points as stored (Parquet input), float32
+    #: threshold, profiles, read (showers read), dropped (their rows in the file: showers left out because their
+    #: cell energies overflow the features' float64 sums or float32), dropped_max_cell_mev, rows (the file rows of
+    #: the showers kept, None when all are)
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -44,6 +49,11 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
                 keep_voxels: bool | str = True, max_showers: int | None = None, collisions: str = "sum",
                 progress: bool = False) -> Sample:
     """Read ``path`` chunk by chunk, threshold it and compute its features.
+
+    Showers with cell energies that overflow the features' float64 sums (e.g. 1e308 MeV) or the
+    float32 of the classifiers' inputs (above 3.4e38 MeV) are left out of every field, without a numpy
+    warning; ``extra["dropped"]`` lists their rows (the caller reports them). A sample of only such
+    showers is an error (:class:`ValueError`), as is a missing or non-positive incident energy.
 
     Args:
         threshold: per-cell threshold (MeV); defaults to the geometry's official one.
@@ -64,7 +74,8 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
     if not path.exists() and not dataset:
         msg = f"{path}: no such file"
         raise FileNotFoundError(msg)
-    feats, spectra, lows, pes = [], [], [], []
+    feats, spectra, lows, pes, dropped, rows = [], [], [], [], [], []
+    largest = 0.0
     sum_sh = None
     stats = None
     if dataset or _is_parquet(path):
@@ -97,13 +108,32 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
                     sh, st = points_to_voxels(chunk, g, collisions=collisions, dtype=np.float64, return_stats=True)
                     stats += st
                     inc = np.asarray(chunk["incident_energy"], dtype=np.float64)
-                    pes.append(np.asarray(ak.flatten(chunk["points", "E"], axis=None), dtype=np.float32))
                 else:
                     inc, sh = chunk
                 take = min(len(inc), total - done)
-                inc, sh = inc[:take], sh[:take]
+                inc, sh = np.asarray(inc[:take], dtype=np.float64).reshape(-1), sh[:take]
+                bad_inc = ~np.isfinite(inc) | (inc <= 0)
+                if bad_inc.any():
+                    msg = (f"{path}: {int(bad_inc.sum())} showers have no valid incident energy (NaN or <= 0); "
+                           "evaluation needs E_inc")
+                    raise ValueError(msg)
                 sh = apply_threshold(np.asarray(sh, dtype=np.float64), thr)
-                feats.append(compute_features(sh, inc, g))
+                # cell energies near the float64 limit (e.g. 1e308 MeV) overflow the features' sums, above 3.4e38 MeV
+                # the classifiers' float32 inputs: such showers are left out (counted, reported once by the caller)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    fe = compute_features(sh, inc, g)
+                    bad = fe.nonfinite() | (sh.max(axis=1, initial=0.0) > _F32_MAX)
+                if bad.any():
+                    dropped.append(done + np.flatnonzero(bad))
+                    largest = max(largest, float(sh[bad].max()))
+                    keep = ~bad
+                    sh, inc, fe = sh[keep], inc[keep], fe.select(keep)
+                    if kind == "points":
+                        chunk = chunk[keep]
+                rows.append(done + np.flatnonzero(~bad))
+                if kind == "points":
+                    pes.append(np.asarray(ak.flatten(chunk["points", "E"], axis=None), dtype=np.float32))
+                feats.append(fe)
                 sum_sh = sh.sum(axis=0) if sum_sh is None else sum_sh + sh.sum(axis=0)
                 prof.update(sh, inc)
                 spectra.append(sh[sh > 0])
@@ -117,19 +147,23 @@ def load_sample(path: str | os.PathLike, *, threshold: float | None = None, geom
                 bar.update(take)
                 if done >= total:
                     break
-    bad = ~np.isfinite(np.concatenate([x.e_inc for x in feats])) | (np.concatenate([x.e_inc for x in feats]) <= 0)
-    if bad.any():
-        msg = f"{path}: {int(bad.sum())} showers have no valid incident energy (NaN or <= 0); evaluation needs E_inc"
+    features = Features.concatenate(feats)
+    if len(features) == 0:
+        msg = (f"{path}: none of its {done:,} showers can be evaluated: their cell energies (up to {largest:.3g} MeV) "
+               "overflow the features' float64 sums")
         raise ValueError(msg)
+    dropped_rows = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
     return Sample(
-        path=path, kind=kind, geometry=g, features=Features.concatenate(feats),
+        path=path, kind=kind, geometry=g, features=features,
         voxel_energies=np.concatenate(spectra) if spectra else np.zeros(0, np.float64),
-        mean_shower=sum_sh / max(done, 1),
+        mean_shower=sum_sh / max(len(features), 1),
         low=np.concatenate(lows) if keep_voxels and keep_voxels != "sparse" else None,
         low_sparse=_concat_rows(lows) if keep_voxels == "sparse" else None,
         collisions=stats,
         point_energies=np.concatenate(pes) if pes else None,
-        extra={"threshold": thr, "profiles": prof.result()},
+        extra={"threshold": thr, "profiles": prof.result(), "read": done, "dropped": dropped_rows,
+               "dropped_max_cell_mev": largest,
+               "rows": np.concatenate(rows) if dropped else None},
     )
 
 
@@ -152,3 +186,4 @@ def peek_sample(path: str | os.PathLike, *, geometry: Geometry | None = None) ->
     f = open_points(path, geometry=geometry) if dataset or _is_parquet(path) else open_showers(path, geometry=geometry)
     with f:
         return f.geometry, len(f)
+

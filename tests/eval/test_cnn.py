@@ -74,7 +74,7 @@ def test_evaluate_hooks_cls_cnn_and_cls_sparse(tmp_path):
     pytest.importorskip("h5py")
     import json
 
-    from calopc.eval.cli import _metrics
+    from calopc.cli.eval import _metrics
     from calopc.eval.evaluate import evaluate
     from calopc.synth import write_synthetic
 

@@ -93,3 +93,65 @@ def test_compare_cli_end_to_end_and_library(tmp_path, ds1, capsys):
     assert lib["leaderboard"][0]["n_showers"] == n
     with pytest.raises(FileNotFoundError, match="nope.hdf5"):
         compare(tmp_path / "ref.hdf5", {"x": tmp_path / "nope.hdf5"}, tmp_path / "e", runs=1, progress=False)
+
+
+def _tiny(tmp_path):
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 60, seed=1))
+    write_showers(tmp_path / "good.hdf5", *generate(g, 60, seed=2))
+    return ["compare", str(tmp_path / "ref.hdf5"), str(tmp_path / "good.hdf5"), "--runs", "1", "--epochs", "1",
+            "--hidden", "8", "--batch-size", "30", "--metrics", "hist", "--device", "cpu"]
+
+
+def test_a_second_compare_into_one_folder_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    code = ("import sys, time; from calopc.locking import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main([*_tiny(tmp_path), "-o", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("calopc compare: error: ")
+        assert f"this comparison folder is being written by another calopc process (PID {holder.pid}" in err[0]
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_interrupted_compare_leaves_the_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    import calopc.eval.compare as cmp
+
+    def interrupted(*args, **kwargs):  # after every generator's report: the multi-class stage is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmp, "log_posterior_matrix", interrupted)
+    out = tmp_path / "cmp"
+    assert main([*_tiny(tmp_path), "-o", str(out), "--no-progress"]) == 130
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([*_tiny(tmp_path), "-o", str(out), "--no-progress"]) == 130
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_compare_names_itself_in_its_log_and_labels_the_matrix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CALOPC_LOG_INTERVAL", "0.05")
+    out = tmp_path / "cmp"
+    assert main([*_tiny(tmp_path), "-o", str(out)]) == 0
+    cap = capsys.readouterr()
+    logs = [x for x in cap.err.splitlines() if x.startswith("calopc ") and ": warning: " not in x]
+    assert logs and all(x.startswith("calopc compare: good: ") for x in logs), logs
+    assert "calopc evaluate" not in cap.err
+    lines = cap.out.splitlines()
+    head = lines.index(next(x for x in lines if x.startswith("log-posterior matrix")))
+    assert "one run" in lines[head] and "runs" not in lines[head]
+    assert lines[head + 1].split() == ["showers", "from", "reference", "good"]
+    assert [x.split()[0] for x in lines[head + 2:head + 4]] == ["reference", "good"]
+    html = (out / "report.html").read_text()
+    assert "one training" in html and "1 trainings" not in html

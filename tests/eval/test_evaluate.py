@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from html import escape
 
 import numpy as np
 import pytest
@@ -92,7 +94,7 @@ def test_evaluate_end_to_end_ds1(tmp_path, capsys):
     assert set(m["classifier"]) == {"low", "high"}
     assert 0.3 < m["classifier"]["high"]["auc"] < 0.7
     assert m["fpd_x1e3"]["test"]["compatible"] is not None and "kpd_x1e3" in m
-    assert "with a perfect generator" in text
+    assert "no difference found (p = " in text or "differs (p " in text
     assert m["separation_summary"]["E_ratio"] < 0.25  # 400 showers in 100 bins: statistical floor ~0.1
     assert m["pointcloud"]["revoxelization"]["generated"]["n_collisions"] == 0
     html = (out / "report.html").read_text()
@@ -131,8 +133,6 @@ def test_bad_inputs(tmp_path):
     write_showers(tmp_path / "empty.hdf5", np.zeros(0), np.zeros((0, 368)))
     with pytest.raises(ValueError, match="geometries differ"):
         evaluate(tmp_path / "ds1.hdf5", tmp_path / "ds2.hdf5", tmp_path / "r", metrics=("hist",), progress=False)
-    with pytest.raises(ValueError, match="equal size.*20 generated and 30 reference.*max_showers"):
-        evaluate(tmp_path / "ds1.hdf5", tmp_path / "ds1b.hdf5", tmp_path / "r", metrics=("cls-high",), progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate(tmp_path / "empty.hdf5", tmp_path / "ds1.hdf5", tmp_path / "r", metrics=("hist",), progress=False)
     with pytest.raises(ValueError, match="unknown metrics"):
@@ -218,16 +218,21 @@ def test_official_fixed_split_counts():
 def test_fpd_estimator_labels_floor_and_prdc_in_metrics(tmp_path, capsys):
     g = Geometry.calochallenge("1-photons")
     write_showers(tmp_path / "ref.hdf5", *generate(g, 200, seed=1))
-    write_showers(tmp_path / "gen.hdf5", *generate(g, 200, seed=2))
+    inc, sh = generate(g, 200, seed=2)
+    write_showers(tmp_path / "gen.hdf5", inc, np.zeros_like(sh))  # a generator that deposits nothing
     args = ["evaluate", str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5"), "--fpd-min-samples", "100",
             "--kpd-batch-size", "100", "--no-progress", "--cls-hidden", "16", "--cls-epochs", "1", "--cls-seeds", "1"]
     assert main([*args, "-o", str(tmp_path / "o"), "--metrics", "fpd,kpd,prdc,cls-low-normed"]) == 0
-    assert "PRDC (k=5)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PRDC (k=5)" in out
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["fpd_estimator"] == "official" and m["fpd_x1e3"]["estimator"] == "official"
-    t = m["fpd_x1e3"]["test"]
-    assert t["n_real"] == t["n_gen"] == 200 and t["permutations"] == 99 and 0.01 <= t["p_value"] <= 1
-    assert t["null_mean"] > 0 and t["null_sd"] > 0 and m["kpd_x1e3"]["estimator"] == "official"
+    for key in ("fpd_x1e3", "kpd_x1e3"):  # every shuffle below the observed distance
+        t = m[key]["test"]
+        assert t["n_ref"] == t["n_gen"] == 200 and t["permutations"] == 99 and t["p_value"] == 0.01
+        assert t["differs"] and t["z"] > 3 and t["reading"].startswith("differs (p <= 0.01; 200 vs 200 showers;")
+        assert t["reading"] in out
+    assert t["null_sd"] > 0 and m["kpd_x1e3"]["estimator"] == "official"
     assert m["classifier"]["low-normed"]["test"]["n_validation_per_class"] == 40
     assert set(m["prdc"]) >= {"precision", "recall", "density", "coverage"} and m["prdc"]["k"] == 5
     assert m["classifier"]["low-normed"]["definition"] == "official"
@@ -239,10 +244,15 @@ def test_fpd_estimator_labels_floor_and_prdc_in_metrics(tmp_path, capsys):
     c = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert c["fpd_x1e3"]["estimator"] == "calopc" and "estimator: calopc" in c["fpd_kpd_note"]
     assert c["fpd_x1e3"]["value"] != m["fpd_x1e3"]["value"]
+    same = evaluate(tmp_path / "ref.hdf5", tmp_path / "ref.hdf5", tmp_path / "s", metrics=("fpd", "kpd"),
+                    fpd_min_samples=100, kpd_batch_size=100, progress=False)
+    for key in ("fpd_x1e3", "kpd_x1e3"):  # a sample against itself: every shuffle ties or exceeds the observed 0
+        t = same[key]["test"]
+        assert t["p_value"] == 1.0 and not t["differs"] and t["reading"].startswith("no difference found (p = 1;")
 
 
 def test_evaluate_logs_its_stages_outside_a_terminal(tmp_path, capsys, monkeypatch):
-    """Audit item 7: outside a terminal evaluate writes a plain line with its stage every interval (here 0.05 s
+    """Outside a terminal evaluate writes a plain line with its stage every interval (here 0.05 s
     instead of 30 s) to stderr, and nothing on a quiet run (--no-progress)."""
     monkeypatch.setenv("CALOPC_LOG_INTERVAL", "0.05")
     g = Geometry.calochallenge("1-photons")
@@ -257,3 +267,87 @@ def test_evaluate_logs_its_stages_outside_a_terminal(tmp_path, capsys, monkeypat
     assert any(s in err for s in ("FPD", "KPD", "fpd test", "kpd test")) and "elapsed" in lines[-1]
     assert main([*args, "-o", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "calopc evaluate: " not in capsys.readouterr().err
+
+
+def test_small_samples_get_a_warning_with_the_calibrated_readouts(tmp_path, capsys):
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 120, seed=1))
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 120, seed=2))
+    args = [str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5")]
+    with pytest.warns(UserWarning, match=r"40 generated with 40 reference showers \(fewer than 100.*says little"):
+        m = evaluate(*args, tmp_path / "a", metrics=("hist", "fpd"), max_showers=40, progress=False,
+                     test_permutations=19, fpd_min_samples=20, plot_workers=1)
+    assert "fewer showers than features" not in m["small_sample_note"]  # 30 features for dataset 1-photons
+    assert escape(m["small_sample_note"]) in (tmp_path / "a" / "report.html").read_text()
+    assert main(["evaluate", *args, "-o", str(tmp_path / "b"), "--metrics", "hist", "--no-progress",
+                 "--test-permutations", "19", "--max-showers", "25"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("calopc evaluate: warning: the calibrated readouts compare 25")
+    assert "fewer showers than features (30)" not in err[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = evaluate(*args, tmp_path / "c", metrics=("hist",), progress=False, test_permutations=19)
+    assert "small_sample_note" not in m
+
+
+def test_small_sample_note_names_the_covariance_problem():
+    from calopc.eval.permutation import small_sample_note
+
+    assert small_sample_note(100, 5000) is None
+    assert "fewer showers than features" in small_sample_note(50, 300, 362)
+    assert "fewer showers than features" not in small_sample_note(50, 300, 30)
+
+
+def test_classifiers_take_equal_sizes_from_samples_of_different_sizes(tmp_path, capfd):
+    """10,000 generated against 5,000 reference showers (scaled down): the classifiers use the first showers of the
+    larger sample, as many as the smaller has, with one line saying so; the other metrics use every shower."""
+    g = Geometry.calochallenge("1-photons")
+    write_showers(tmp_path / "gen.hdf5", *generate(g, 240, seed=1))
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 120, seed=2))
+    args = ["evaluate", str(tmp_path / "gen.hdf5"), str(tmp_path / "ref.hdf5"), "-o", str(tmp_path / "r"),
+            "--metrics", "hist,cls-high,cls-low", "--cls-epochs", "1", "--cls-hidden", "16", "--cls-seeds", "1",
+            "--test-permutations", "19", "--no-progress"]
+    assert main(args) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [("calopc evaluate: warning: the classifiers compare samples of equal size (the official set-up): "
+                    "they use the first 120 showers of each sample (240 generated, 120 reference); the other metrics "
+                    "use all; --max-showers N sets N for every metric")]
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["n_generated"] == 240 and m["separation_test"]["n_gen"] == 240
+    for kind in ("low", "high"):
+        c = m["classifier"][kind]
+        assert c["n_train"] == 2 * 72 and c["test"]["n_validation_per_class"] == 24
+    assert "the first 120 showers" in m["classifier_sizes_note"]
+    assert escape(m["classifier_sizes_note"]) in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, capfd):
+    """A shower with a 1e308 MeV cell: its features overflow float64. One warning names the file and the shower;
+    no numpy warning reaches the user (plots drawn by worker processes included); every metric uses the others."""
+    g = Geometry.calochallenge("1-photons")
+    inc, sh = generate(g, 120, seed=3)
+    sh = np.array(sh, dtype=np.float64)
+    sh[7, 10] = 1e308
+    write_showers(tmp_path / "huge.hdf5", inc, sh)
+    write_showers(tmp_path / "ref.hdf5", *generate(g, 120, seed=4))
+    args = ["evaluate", str(tmp_path / "huge.hdf5"), str(tmp_path / "ref.hdf5"), "-o", str(tmp_path / "r"),
+            "--metrics", "hist,fpd,kpd,cls-high,cls-low,pointcloud,plots", "--cls-epochs", "1", "--cls-hidden", "16",
+            "--cls-seeds", "1", "--fpd-min-samples", "100", "--kpd-batch-size", "100", "--test-permutations", "19",
+            "--no-progress", "--plot-workers", "2"]
+    assert main(args) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [(f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: 1 of 120 generated showers (first: shower 7) "
+                    "hold cell energies (up to 1e+308 MeV) that overflow the features' float64 sums or the classifiers' "
+                    "float32 inputs; every metric uses the other 119")]
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["unusable_showers"] == {"generated": {"count": 1, "first": 7}} and m["n_generated"] == 119
+    assert escape(m["unusable_note"]) in (tmp_path / "r" / "report.html").read_text()
+    n_val = 119 - int(119 * 0.6) - int(119 * 0.2)  # the 60/20/20 split of the 119 usable showers
+    assert m["fpd_x1e3"]["test"]["n_gen"] == 119 and m["classifier"]["high"]["test"]["n_validation_per_class"] == n_val
+    assert m["fpd_x1e3"]["value"] is not None and m["classifier"]["low"]["auc"] is not None
+    with warnings.catch_warnings(record=True) as seen:  # the library: one UserWarning, nothing from numpy
+        warnings.simplefilter("always")
+        evaluate(tmp_path / "ref.hdf5", tmp_path / "huge.hdf5", tmp_path / "s", metrics=("hist", "kpd", "plots"),
+                 kpd_batch_size=100, progress=False, test_permutations=19, plot_workers=1)
+    assert [(w.category, "1 of 120 reference showers (first: shower 7)" in str(w.message)) for w in seen] == [
+        (UserWarning, True)]

@@ -60,13 +60,19 @@ def test_report_has_worst_ten_and_every_image_exists(report):
     out, res = report
     html = (out / "report.html").read_text()
     table = html.split("<table id=worst>")[1].split("</table>")[0]
-    rows = re.findall(r"<tr><td class=n>(\d+)</td><td>(.*?)</td><td class=n>([0-9.]+)</td>(?:<td[^>]*>[^<]*</td>)*</tr>",
-                      table)
-    assert "<th>a perfect generator</th>" in table  # the calibrated floor of every histogram beside its S
+    rows = re.findall(r"<tr><td class=n>(\d+)</td><td>(.*?)</td><td class=n>([0-9.]+)</td><td class=n>[^<]*</td>"
+                      r"<td class=n>([^<]*)</td><td class=n>[^<]*</td></tr>", table)
+    assert "<th>same distribution</th><th>excess (null sd)</th>" in table  # the calibrated floor beside each S
     assert [int(r[0]) for r in rows] == list(range(1, 11))
-    values = [float(r[2]) for r in rows]
-    assert values == sorted(values, reverse=True)
-    assert values[0] == pytest.approx(max(v for v in res["separation"].values() if v is not None), abs=1e-5)
+    # ranked by the standardised excess (S − null mean)/null sd, not by S
+    per = res["separation_test"]["per_histogram"]
+    zs = [float(r[3].replace("−", "-")) for r in rows]
+    assert zs == sorted(zs, reverse=True)
+    best = max(per, key=lambda k: per[k]["z"] if per[k]["z"] is not None and np.isfinite(per[k]["z"]) else -np.inf)
+    assert zs[0] == pytest.approx(per[best]["z"], abs=0.051)
+    by_s = [k for k, _ in sorted(((k, v) for k, v in res["separation"].items() if v is not None),
+                                 key=lambda kv: -kv[1])[:10]]
+    assert [k for k, _ in worst_histograms(res["separation"], tests=per)] != by_s  # the ranking differs here
     assert all("href='#fig-" in r[1] for r in rows)  # every row links to its figure
     for a in re.findall(r"href='#(fig-[^']+)'", table):
         assert f"id='{a}'" in html
@@ -106,40 +112,83 @@ def test_fpd_kpd_reading_and_nan_metrics(tmp_path):
     jsd = html.split("classifier JSD (high)")[1].split("</tr>")[0]
     assert "compatible with zero" in jsd
     assert worst_histograms(res["separation"]) == [("E_layer_3", 0.2), ("EC_x_3", 0.1)]
+    tests = {"E_layer_3": {"z": 1.0}, "EC_x_3": {"z": 4.0}}
+    assert worst_histograms(res["separation"], tests=tests) == [("EC_x_3", 0.1), ("E_layer_3", 0.2)]
+
+
+def _readout_res() -> dict:
+    """A metrics dict with every calibrated readout: FPD no difference, KPD differs, AUC, separations."""
+    test = {"observed": 840.0, "null_mean": 845.0, "null_sd": 30.0, "excess": -5.0, "z": -5.0 / 30.0, "p_value": 0.57,
+            "permutations": 99, "n_real": 1000, "n_ref": 1000, "n_gen": 1000, "level": 0.05, "compatible": True,
+            "differs": False, "statistic": "Fréchet distance of the samples' moments"}
+    return {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 1000, "n_reference": 1000,
+            "fpd_x1e3": {"value": 841.7, "error": 1.3, "estimator": "official", "test": test},
+            "kpd_x1e3": {"value": 0.31, "error": 0.1, "estimator": "official",
+                         "test": {**test, "observed": 9.0, "null_mean": 0.0, "null_sd": 0.4, "excess": 9.0, "z": 22.5,
+                                  "p_value": 0.01, "compatible": False, "differs": True}},
+            "classifier": {"high": {"auc": 0.52, "auc_err": 0.0, "jsd": -0.4565, "jsd_err": 0.0, "aucs": [0.52],
+                                    "jsds": [-0.4565], "jsd_note": "JSD < 0: read it as 0",
+                                    "test": {"null_mean": 0.5, "null_sd": 0.0323, "n_validation_per_class": 200,
+                                             "n_ref": 200, "n_gen": 200, "z": 0.02 / 0.0323, "p_value": 0.27,
+                                             "level": 0.05, "compatible": True, "differs": False}}},
+            "separation_test": {"E_ratio": {"observed": 0.098, "null_mean": 0.037, "null_sd": 0.005, "z": 12.2,
+                                            "p_value": 0.01, "permutations": 99, "level": 0.05, "n_ref": 1000,
+                                            "n_gen": 1000, "compatible": False, "differs": True},
+                                "mean": {"observed": 0.027, "null_mean": 0.027, "null_sd": 0.001, "z": 0.0,
+                                         "p_value": 0.4, "permutations": 99, "level": 0.05, "compatible": True,
+                                         "differs": False, "histograms": 362}}}
 
 
 def test_calibrated_readouts_in_the_summary(tmp_path):
-    """The readouts of calibrated tests: 'compatible / not compatible with a perfect generator' with p, the
-    perfect generator's value at these sample sizes beside the official value, no ± for a single training."""
-    test = {"observed": 840.0, "null_mean": 845.0, "null_sd": 30.0, "excess": -5.0, "p_value": 0.57,
-            "permutations": 99, "n_real": 1000, "n_gen": 1000, "level": 0.05, "compatible": True,
-            "statistic": "Fréchet distance of the samples' moments"}
-    res = {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 1000, "n_reference": 1000,
-           "fpd_x1e3": {"value": 841.7, "error": 1.3, "estimator": "official", "test": test},
-           "kpd_x1e3": {"value": 0.31, "error": 0.1, "estimator": "official",
-                        "test": {**test, "observed": 9.0, "null_mean": 0.0, "null_sd": 0.4, "excess": 9.0,
-                                 "p_value": 0.01, "compatible": False}},
-           "classifier": {"high": {"auc": 0.52, "auc_err": 0.0, "jsd": 0.001, "jsd_err": 0.0, "aucs": [0.52],
-                                   "jsds": [0.001],
-                                   "test": {"null_mean": 0.5, "null_sd": 0.0323, "n_validation_per_class": 200,
-                                            "p_value": 0.27, "level": 0.05, "compatible": True}}},
-           "separation_test": {"E_ratio": {"observed": 0.098, "null_mean": 0.037, "null_sd": 0.005, "p_value": 0.01,
-                                           "permutations": 99, "level": 0.05, "compatible": False},
-                               "mean": {"observed": 0.027, "null_mean": 0.027, "null_sd": 0.001, "p_value": 0.4,
-                                        "permutations": 99, "level": 0.05, "compatible": True, "histograms": 362}}}
-    write_report(tmp_path / "r.html", res)
+    """The readouts of calibrated tests: 'differs' / 'no difference found' with p, the sample sizes and the excess
+    in units of the null's spread, the same-distribution value beside the official one, no ± for one training."""
+    write_report(tmp_path / "r.html", _readout_res())
     html = (tmp_path / "r.html").read_text()
+    assert "perfect generator</b>" not in html and "compatible with a perfect" not in html
     fpd = html.split("FPD ×10³")[1].split("</tr>")[0]
-    assert "845.000 ± 30.000" in fpd and "<b>compatible with a perfect generator</b> (p = 0.57" in fpd
+    assert "845.000 ± 30.000" in fpd
+    assert "<b>no difference found</b> (p = 0.57; 1,000 vs 1,000 showers; excess −0.2 null sd)" in fpd
     kpd = html.split("KPD ×10³")[1].split("</tr>")[0]
-    assert "<b>not compatible with a perfect generator</b> (p ≤ 0.01" in kpd
+    assert "<b>differs</b> (p ≤ 0.01; 1,000 vs 1,000 showers; excess +22.5 null sd)" in kpd
     auc = html.split("classifier AUC (high)")[1].split("</tr>")[0]
     assert "0.5200</td>" in auc and "± 0.0000" not in auc and "0.5000 ± 0.0323" in auc
-    assert "compatible with a perfect generator" in auc and "200 validation showers" in auc
+    assert "<b>no difference found</b> (p = 0.27; 200 vs 200 validation showers; excess +0.6 null sd)" in auc
+    jsd = html.split("classifier JSD (high)")[1].split("</tr>")[0]
+    assert "<b>JSD &lt; 0: read it as 0</b>" in jsd
     e = html.split("separation power of E_dep/E_inc")[1].split("</tr>")[0]
-    assert "not compatible" in e and "0.0370 ± 0.0050" in e
-    assert "mean separation power (362 histograms)" in html and "How to read “compatible”" in html
+    assert "<b>differs</b> (p ≤ 0.01; 1,000 vs 1,000 showers; excess +12.2 null sd)" in e and "0.0370 ± 0.0050" in e
+    assert "mean separation power (362 histograms)" in html and "How to read “differs”" in html
     assert "σ" not in html.split("<h2>Summary</h2>")[1].split("</table>")[0]  # no pulls from resampling errors
+
+
+def test_command_line_summary_reads_each_test():
+    from calopc.cli.eval import summary_lines
+
+    text = summary_lines(_readout_res())
+    assert "compatible" not in text and "perfect generator" not in text
+    lines = text.splitlines()
+    auc = next(x for x in lines if x.lstrip().startswith("classifier high"))
+    assert auc.endswith("no difference found (p = 0.27; 200 vs 200 validation showers; excess +0.6 null sd)")
+    assert lines[lines.index(auc) + 1].strip() == "JSD < 0: read it as 0"
+    fpd = next(x for x in lines if "FPD x1e3" in x)
+    assert ("no difference found (p = 0.57; 1,000 vs 1,000 showers; excess -0.2 null sd); test statistic 840.000, "
+            "same distribution at these sizes 845.000 ± 30.000") in fpd
+    kpd = next(x for x in lines if "KPD x1e3" in x)
+    assert "differs (p <= 0.01; 1,000 vs 1,000 showers; excess +22.5 null sd)" in kpd
+    sep = next(x for x in lines if "separation E_dep/E_inc" in x)
+    assert sep.endswith("differs (p <= 0.01; 1,000 vs 1,000 showers; excess +12.2 null sd)")
+
+
+def test_negative_jsd_gets_a_note_and_keeps_its_official_value():
+    from calopc.eval.evaluate import _note_negative_jsd
+
+    entry = {"auc": 0.5347, "jsd": -0.4565}
+    _note_negative_jsd(entry)
+    assert entry["jsd"] == -0.4565 and "worse than chance" in entry["jsd_note"] and "read it as 0" in entry["jsd_note"]
+    for jsd in (0.0, 0.02, None, float("nan")):
+        entry = {"jsd": jsd}
+        _note_negative_jsd(entry)
+        assert "jsd_note" not in entry
 
 
 _CHECK = """<script>
@@ -183,3 +232,20 @@ def test_cli_plot_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "a.hdf5", "b.hdf5", "-o", str(tmp_path / "r"), "--plot-workers", "0"])
     assert exc.value.code == 2 and "--plot-workers" in capsys.readouterr().err
+
+
+def test_report_sections_are_a_list_that_can_be_extended(tmp_path):
+    from calopc.eval import report
+
+    res = {"dataset": "2", "generated": "g.h5", "reference": "r.h5", "n_generated": 3, "n_reference": 3,
+           "separation": {"E_ratio": 0.2}}
+
+    def extra(r: dict) -> list[str]:
+        return [f"<h2 id=extra>{r['n_generated']} showers in 3-D</h2>"]
+
+    write_report(tmp_path / "a.html", res, sections=[*report.SECTIONS[:2], extra, *report.SECTIONS[2:]])
+    html = (tmp_path / "a.html").read_text()
+    assert html.index("<h1>") < html.index("<h2 id=extra>3 showers in 3-D</h2>") < html.index("histograms that separate")
+    write_report(tmp_path / "b.html", res, sections=[extra])
+    body = (tmp_path / "b.html").read_text().split("<body>")[1]
+    assert "<h1>" not in body and "id=extra" in body
