@@ -126,8 +126,10 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
 
 def likelihood_kwargs(loaded: LoadedModel, collisions: str, oversample: int | None,
                       model_kwargs: dict | None) -> dict | None:
-    """The model keywords of a generation with placement ``collisions``: ``oversample=K`` added for
-    ``"likelihood"`` (ValueError naming the model when it cannot draw candidate points)."""
+    """The model keywords of a generation with placement ``collisions``: ``oversample`` added for ``"likelihood"``:
+    ``K`` candidate points per point, or, when none is asked for, None for models that integrate their cell
+    masses from their density (``cell_masses``) and :data:`~calopc.models.cells.DEFAULT_OVERSAMPLE` for the
+    others (ValueError naming the model when it can do neither)."""
     if collisions != "likelihood":
         if oversample not in (None, 1):
             msg = f"oversample={oversample} is for --collisions likelihood, not {collisions!r}"
@@ -136,7 +138,9 @@ def likelihood_kwargs(loaded: LoadedModel, collisions: str, oversample: int | No
     import inspect
 
     k = DEFAULT_OVERSAMPLE if oversample is None else int(oversample)
-    if k < 1:
+    if oversample is None and hasattr(loaded.model, "cell_masses"):
+        k = None                                  # the model's choice: cell masses from its density where it can
+    elif k < 1:
         msg = f"oversample must be >= 1, got {oversample}"
         raise ValueError(msg)
     if "oversample" not in inspect.signature(loaded.model.generate).parameters:
