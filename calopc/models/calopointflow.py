@@ -680,26 +680,30 @@ class CaloPointFlow(nn.Module):
 
     @torch.no_grad()
     def cell_masses(self, z: Tensor, cond: Tensor, shower: Tensor, n_layer: Tensor, x: Tensor, group: Tensor,
-                    prep: Preprocessor, *, r_nodes: int = 2, e_nodes: int = 16, e_width: float = 5.0,
+                    prep: Preprocessor, *, r_nodes: int = 2, e_nodes: int = 48, e_pad: float = 2.0,
                     chunk: int = 1 << 17) -> Tensor:
         r"""The probability that one point of a layer falls in each cell, integrated from the point flow's density.
 
         For every (shower, layer) with points, the point flow's density ``p(y_r, y_E | latent, c,
         layer, n_l, E_l)`` in the standardised features it models is integrated over each r-bin
         (Gauss–Legendre nodes in the bin's uniformised coordinate, :func:`_r_quadrature`) and over
-        ``y_E`` (the trapezoid rule on ``e_nodes`` points spanning ``μ ± e_width σ``, with ``μ``
-        and ``σ`` the mean and spread of the layer's sampled ``y_E``, ``σ`` at least 0.25). The
-        masses are normalised per layer (the α-free flow puts all of its mass inside the layer:
-        both dequantisations map the real line onto its r-range), and a ring's mass is shared evenly
+        ``y_E`` (the trapezoid rule on ``e_nodes`` points from ``min − e_pad`` to ``max + e_pad`` of the
+        layer's sampled ``y_E``: a trained flow's density is a narrow ridge in ``(y_r, y_E)``, so the
+        energy nodes must be close together where the layer's energies are). The masses are
+        normalised per layer (the α-free flow puts all of its mass inside the layer: both
+        dequantisations map the real line onto its r-range), and a ring's mass is shared evenly
         by its α bins. Variant II with ``alpha="free"`` and no set summary (points independent
-        given the shower).
+        given the shower). Accuracy and cost (``benchmarks/likelihood_placement.py --parts
+        density``): on CaloPointFlow II trained on synthetic ds2, the total variation between
+        these ring masses and a fine quadrature is about 0.005 per layer; the cost is about
+        ``9 r-bins × r_nodes × e_nodes`` flow evaluations per occupied layer.
 
         Args:
             z, cond, shower: the latent, condition and shower features the points were sampled with.
             n_layer: points per layer.
             x: the sampled points' standardised ``(y_r, y_E)``; group: their ``shower * L + layer``.
             prep: the run's preprocessing.
-            r_nodes: Gauss–Legendre nodes per r-bin; e_nodes, e_width: the energy grid.
+            r_nodes: Gauss–Legendre nodes per r-bin; e_nodes, e_pad: the energy grid.
             chunk: flow evaluations per call (memory).
 
         Returns:
@@ -719,17 +723,16 @@ class CaloPointFlow(nn.Module):
         y_r, w_r = _r_quadrature(prep, r_nodes, device)                              # (L, R, I)
         n_rb = y_r.shape[1]
         f64 = torch.float64
-        # the sampled y_E of every (shower, layer): location and spread of its energy grid
+        # the range of the sampled y_E of every (shower, layer), widened by e_pad: its energy grid
         ye = x[:, 1].to(f64)
-        n_g = torch.zeros(b * n_l, dtype=f64, device=device).index_add_(0, group, torch.ones_like(ye))
-        mu = torch.zeros(b * n_l, dtype=f64, device=device).index_add_(0, group, ye) / n_g.clamp(min=1)
-        var = torch.zeros(b * n_l, dtype=f64, device=device).index_add_(0, group, (ye - mu[group]) ** 2)
-        sig = (var / (n_g - 1).clamp(min=1)).sqrt().clamp(min=0.25)
+        lo = torch.full((b * n_l,), math.inf, dtype=f64, device=device).scatter_reduce(0, group, ye, "amin")
+        hi = torch.full((b * n_l,), -math.inf, dtype=f64, device=device).scatter_reduce(0, group, ye, "amax")
         occ = torch.nonzero(n_layer.reshape(-1) > 0).squeeze(1)                     # (G,) occupied groups
         g_sh, g_l = torch.div(occ, n_l, rounding_mode="floor"), occ % n_l
-        grid = torch.linspace(-e_width, e_width, e_nodes, dtype=f64, device=device)
-        w_e = torch.full((e_nodes,), 2 * e_width / (e_nodes - 1), dtype=f64, device=device)
-        w_e[0] = w_e[-1] = e_width / (e_nodes - 1)
+        lo, width = lo - e_pad, hi - lo + 2 * e_pad
+        grid = torch.linspace(0.0, 1.0, e_nodes, dtype=f64, device=device)
+        w_e = torch.full((e_nodes,), 1.0 / (e_nodes - 1), dtype=f64, device=device)
+        w_e[0] = w_e[-1] = 0.5 / (e_nodes - 1)                                       # trapezoid on [0, 1]
         mass = torch.zeros(occ.shape[0], n_rb, dtype=f64, device=device)
         per = n_rb * r_nodes * e_nodes                                               # evaluations per group
         step = max(1, chunk // per)
@@ -738,11 +741,11 @@ class CaloPointFlow(nn.Module):
             sh, la, gi = g_sh[sl], g_l[sl], occ[sl]
             ctx = self._flat_context(z, cond, shower, sh, la)                          # (g, C)
             yr = y_r[la][:, :, :, None].expand(-1, -1, -1, e_nodes)                   # (g, R, I, J)
-            yE = (mu[gi, None] + sig[gi, None] * grid).to(torch.float32)             # (g, J)
+            yE = (lo[gi, None] + width[gi, None] * grid).to(torch.float32)            # (g, J)
             yE = yE[:, None, None, :].expand_as(yr)
             pts = torch.stack([yr, yE], -1).reshape(-1, 2)
             lp = self.point_flow(ctx.repeat_interleave(per, 0)).log_prob(pts).to(f64).reshape(yr.shape)
-            wt = w_r[la][:, :, :, None] * (sig[gi, None] * w_e)[:, None, None, :]   # (g, R, I, J)
+            wt = w_r[la][:, :, :, None] * (width[gi, None] * w_e)[:, None, None, :]  # (g, R, I, J)
             mass[sl] = (lp.exp() * wt).sum((2, 3))
         mass = mass / mass.sum(1, keepdim=True).clamp(min=1e-300)
         t = cell_tables(geo, device)

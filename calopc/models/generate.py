@@ -299,8 +299,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         threshold: voxel threshold (MeV) for HDF5 output; default: the geometry's.
         progress: show a progress bar (on a terminal only).
         model_kwargs: keywords of the model's ``generate`` (e.g. ``{"steps": 2}``: sampler steps of CaloClouds).
-        oversample: candidate points per point of ``collisions="likelihood"`` (default
-            :data:`calopc.models.cells.DEFAULT_OVERSAMPLE`).
+        oversample: candidate points per point of ``collisions="likelihood"``; default: cell masses
+            integrated from the model's density where it has one (CaloPointFlow II with α free and no set
+            summary), else :data:`calopc.models.cells.DEFAULT_OVERSAMPLE` candidates.
         amp: bfloat16 autocast of the model's sampling on CUDA (ignored elsewhere). On CUDA float32
             matmuls use TF32 inside this call either way (:mod:`calopc.models.precision`).
 

@@ -219,6 +219,52 @@ def test_systematic_sample_is_a_pure_function_of_its_noise():
     assert got.tolist() == [[True, False, True, False, False]]
 
 
+def test_systematic_sample_chooses_every_pair_of_cells_together():
+    """In a fixed order, 6 cells with π = ½ and n = 3 come as (0, 2, 4) or (1, 3, 5) only; the random order makes
+    every pair possible."""
+    draws = 2000
+    pi = torch.full((draws, 6), 0.5, dtype=torch.float64)
+    chosen = systematic_sample(pi, torch.full((draws,), 3), generator=torch.Generator().manual_seed(0))
+    together = (chosen[:, :, None] & chosen[:, None, :]).double().mean(0)
+    assert float(together.min()) > 0.05, together
+
+
+def test_sampling_design_runs_in_an_onnx_graph(tmp_path):
+    """The design is a pure tensor function of (weights, n, u, order): traced once, it gives the same cells as torch
+    in onnxruntime, for other shapes too."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import warnings
+
+    class Design(torch.nn.Module):
+        def forward(self, w, n, u, order):
+            pi = inclusion_probabilities(w, n)
+            return systematic_sample(pi, n, u=u, order=order), pi
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(b: int, c: int):
+        w = torch.rand(b, 3, c, generator=gen, dtype=torch.float64) ** 6
+        w[..., c - 3:] = 0.0
+        return (w, torch.randint(0, c - 2, (b, 3), generator=gen), torch.rand(b, 3, generator=gen, dtype=torch.float64),
+                torch.rand(b, 3, c, generator=gen, dtype=torch.float64))
+
+    names = ["w", "n", "u", "order"]
+    dyn = {"w": {0: "b", 2: "c"}, "n": {0: "b"}, "u": {0: "b"}, "order": {0: "b", 2: "c"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Design(), inputs(2, 20), str(tmp_path / "design.onnx"), dynamo=False, opset_version=17,
+                          input_names=names, output_names=["chosen", "pi"], dynamic_axes=dyn)
+    sess = ort.InferenceSession(str(tmp_path / "design.onnx"))
+    for b, c in ((2, 20), (7, 45)):
+        args = inputs(b, c)
+        chosen, pi = sess.run(None, {k: v.numpy() for k, v in zip(names, args)})
+        want = Design()(*args)
+        np.testing.assert_array_equal(chosen, want[0].numpy())
+        np.testing.assert_allclose(pi, want[1].numpy(), rtol=0, atol=1e-12)
+        assert np.array_equal(chosen.sum(-1), args[1].numpy())
+
+
 def test_density_placement_includes_every_cell_with_its_probability(ds2):
     """Cell masses given (as a density model gives them): the placement draws each cell with π = min(1, λ mass)."""
     b, n = 3000, 30
