@@ -257,11 +257,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--collisions", choices=GENERATE_COLLISIONS, default="auto",
                    help="points sharing a cell: alpha-free draws the α bins of each (layer, r) ring without replacement "
                         "(models without α), nearest-free moves them to the nearest free cell, sum adds, max keeps the "
-                        "largest; auto picks alpha-free or nearest-free by the model; likelihood draws --oversample times "
-                        "more candidate points per layer and samples the layer's cells without replacement from their "
-                        "density (calopointflow II, caloclouds pointwise) (default: %(default)s)")
+                        "largest; auto picks alpha-free or nearest-free by the model; likelihood chooses each layer's "
+                        "cells with the probability that the model hits them (n_l q_c, capped at 1), q integrated from "
+                        "the model's density (calopointflow II) or estimated from --oversample candidate points "
+                        "(caloclouds pointwise) (default: %(default)s)")
     g.add_argument("--oversample", type=positive_int, default=None, metavar="K",
-                   help="--collisions likelihood: candidate points per point (default: 4)")
+                   help="--collisions likelihood: K candidate points per point estimate the cell probabilities "
+                        "(default: calopointflow II integrates its density, others 16)")
     g.add_argument("--threshold", type=threshold_arg, default=None, metavar="MEV|official",
                    help="HDF5 output: cells with less energy (MeV) are empty; 'official': the dataset's readout "
                         "threshold (1 MeV ds1, 15.15 keV ds2/3) (default: official)")

@@ -129,8 +129,10 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
 
 def likelihood_kwargs(loaded: LoadedModel, collisions: str, oversample: int | None,
                       model_kwargs: dict | None) -> dict | None:
-    """The model keywords of a generation with placement ``collisions``: ``oversample=K`` added for
-    ``"likelihood"`` (ValueError naming the model when it cannot draw candidate points)."""
+    """The model keywords of a generation with placement ``collisions``: ``oversample`` added for ``"likelihood"``:
+    ``K`` candidate points per point, or, when none is asked for, None for models that integrate their cell
+    masses from their density (``cell_masses``) and :data:`~calopc.models.cells.DEFAULT_OVERSAMPLE` for the
+    others (ValueError naming the model when it can do neither)."""
     if collisions != "likelihood":
         if oversample not in (None, 1):
             msg = f"oversample={oversample} is for --collisions likelihood, not {collisions!r}"
@@ -139,7 +141,9 @@ def likelihood_kwargs(loaded: LoadedModel, collisions: str, oversample: int | No
     import inspect
 
     k = DEFAULT_OVERSAMPLE if oversample is None else int(oversample)
-    if k < 1:
+    if oversample is None and hasattr(loaded.model, "cell_masses"):
+        k = None                                  # the model's choice: cell masses from its density where it can
+    elif k < 1:
         msg = f"oversample must be >= 1, got {oversample}"
         raise ValueError(msg)
     if "oversample" not in inspect.signature(loaded.model.generate).parameters:
@@ -324,8 +328,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         threshold: voxel threshold (MeV) for HDF5 output; default: the geometry's.
         progress: show a progress bar (on a terminal only).
         model_kwargs: keywords of the model's ``generate`` (e.g. ``{"steps": 2}``: sampler steps of CaloClouds).
-        oversample: candidate points per point of ``collisions="likelihood"`` (default
-            :data:`calopc.models.cells.DEFAULT_OVERSAMPLE`).
+        oversample: candidate points per point of ``collisions="likelihood"``; default: cell masses
+            integrated from the model's density where it has one (CaloPointFlow II with α free and no set
+            summary), else :data:`calopc.models.cells.DEFAULT_OVERSAMPLE` candidates.
         amp: bfloat16 autocast of the model's sampling on CUDA (ignored elsewhere). On CUDA float32
             matmuls use TF32 inside this call either way (:mod:`calopc.models.precision`).
 

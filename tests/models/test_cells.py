@@ -144,3 +144,15 @@ def test_cli_collision_choices_mirror_the_policies():
 
     assert GENERATE_COLLISIONS == PLACEMENT_POLICIES
     assert COLLISIONS == tuple(p for p in PLACEMENT_POLICIES if p != "likelihood")  # likelihood: generate only
+
+
+def test_cli_oversample_help_names_the_default():
+    import argparse
+
+    from calopc.models.cells import DEFAULT_OVERSAMPLE
+    from calopc.models.cli import register
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    gen = next(a for a in ap._subparsers._group_actions[0].choices["generate"]._actions if a.dest == "oversample")
+    assert f"others {DEFAULT_OVERSAMPLE})" in gen.help

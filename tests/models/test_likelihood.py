@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from calopc.geometry import Geometry
-from calopc.models.cells import GeneratedShowers, cell_tables, place, place_likelihood
+from calopc.models.cells import (GeneratedShowers, cell_tables, inclusion_probabilities, place, place_likelihood,
+                                 systematic_sample)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +94,14 @@ def test_hit_probabilities_follow_the_candidate_density(toy_geometry):
     freq = np.array([(pl.cell == c).float().mean().item() for c in cells])
     p = np.array(shares) / sum(shares)
     assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / b)), freq
-    # two points: without replacement, P(c) = p_c + sum_{j != c} p_j p_c / (1 - p_j) (successive draws)
+    # two points: π = min(1, λ q) with Σ π = 2: 2 × (0.6, 0.3, 0.1) caps the first cell at 1 and gives its
+    # excess to the others in proportion, (1, 0.75, 0.25); successive draws would give (0.92, 0.78, 0.29)
     pl = place(_one_layer(ds2, cells, [12, 6, 2], 2, b), ds2, policy="likelihood", generator=gen)
     got = np.array([(pl.cell == c).float().sum().item() / b for c in cells])
-    want = np.array([p[c] + sum(p[j] * p[c] / (1 - p[j]) for j in range(3) if j != c) for c in range(3)])
-    assert np.all(np.abs(got - want) < 4 * np.sqrt(want * (1 - want) / b)), (got, want)
-    assert np.isclose(got.sum(), 2.0)                               # two distinct cells every time
+    want = np.array([1.0, 0.75, 0.25])
+    assert got[0] == 1.0 and pl.stats["n_certain"] == b
+    assert np.all(np.abs(got[1:] - want[1:]) < 4 * np.sqrt(want[1:] * (1 - want[1:]) / b)), got
+    assert np.isclose(got.sum(), 2.0) and pl.stats["n_fallback"] == 0   # two distinct cells, both with candidates
 
 
 def test_empty_cells_complete_a_layer_next_to_the_candidates(ds2):
@@ -137,6 +140,158 @@ def test_ring_mode_spreads_a_ring_over_its_alpha_bins(toy_geometry):
     assert bool(((hist / b - p).abs() < 4 * math.sqrt(p * (1 - p) / b)).all()), hist
 
 
+# ------------------------------------------------------------------------------------------------ the sampling design
+def _iterative_cap(w: np.ndarray, n: int) -> np.ndarray:
+    """π ∝ w summing to n, capped at 1, the excess redistributed until no π exceeds 1 (the textbook loop)."""
+    pi, fixed = np.zeros_like(w), np.zeros(w.shape, dtype=bool)
+    while True:
+        free = ~fixed
+        pi[free] = (n - fixed.sum()) * w[free] / w[free].sum()
+        pi[fixed] = 1.0
+        over = free & (pi > 1)
+        if not over.any():
+            return pi
+        fixed |= over
+
+
+def test_inclusion_probabilities_cap_and_redistribute():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(300, 30, generator=g, dtype=torch.float64) ** 8          # very uneven: many capped cells
+    w[:, 25:] = 0.0                                                           # padding: never chosen
+    n = torch.randint(0, 26, (300,), generator=g)
+    pi = inclusion_probabilities(w, n)
+    want = np.stack([_iterative_cap(w[i, :25].numpy(), int(n[i])) for i in range(300)])
+    np.testing.assert_allclose(pi[:, :25].numpy(), want, rtol=0, atol=1e-12)
+    assert bool((pi[:, 25:] == 0).all())
+    torch.testing.assert_close(pi.sum(1), n.double(), rtol=0, atol=1e-9)
+    assert int((pi == 1).sum()) > 300                                          # the cap was exercised
+
+
+def _radial_layer(geo: Geometry, layer: int, scale: float) -> torch.Tensor:
+    """A layer's cells weighted by a radial profile decaying as exp(−r / scale), ``(cells,)``."""
+    cr = torch.as_tensor(np.array(geo.cell_r), dtype=torch.float64)
+    lay = torch.as_tensor(np.array(geo.cell_layer))
+    return torch.exp(-cr[lay == layer] / scale)
+
+
+def _z_scores(freq: torch.Tensor, pi: torch.Tensor, draws: int) -> torch.Tensor:
+    """(observed − π) / binomial sd per cell; a cell with π ∈ {0, 1} must match exactly (sd 0: ±inf otherwise)."""
+    sd = (pi * (1 - pi) / draws).sqrt()
+    dev = freq - pi
+    return torch.where(sd > 0, dev / sd.clamp(min=1e-300), torch.where(dev == 0, 0.0, math.inf))
+
+
+@pytest.mark.parametrize(("n", "scale"), [(12, 2.0), (40, 6.0)], ids=["uncapped", "capped"])
+def test_systematic_sample_includes_every_cell_with_its_probability(ds2, n, scale):
+    # a ds2 layer (16 α × 9 r = 144 cells) with a steep radial profile; with n = 40 the core ring is capped at
+    # π = 1 and the next one gets π = 0.81
+    w = _radial_layer(ds2, 5, scale)
+    pi = inclusion_probabilities(w, torch.tensor(n))
+    assert int((pi == 1).sum()) == (16 if n == 40 else 0) and float(pi[pi < 1].max()) > 0.6
+    draws = 4000
+    chosen = systematic_sample(pi.expand(draws, -1), torch.full((draws,), n),
+                               generator=torch.Generator().manual_seed(n))
+    assert bool((chosen.sum(1) == n).all())                                    # exactly n distinct cells
+    z = _z_scores(chosen.double().mean(0), pi, draws)
+    assert float(z.abs().max()) < 4, z
+
+
+def test_successive_sampling_does_not_include_cells_with_their_probability(ds2):
+    """The Gumbel top-k of log w (successive draws ∝ w, the placement's former design) on the same layer: its
+    inclusion probabilities are not π."""
+    n, draws = 40, 4000
+    w = _radial_layer(ds2, 5, 6.0)
+    pi = inclusion_probabilities(w, torch.tensor(n))
+    u = torch.rand(draws, w.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    keys = w.log() - (-u.log()).log()
+    top = torch.zeros(draws, w.shape[0], dtype=torch.bool).scatter_(1, keys.topk(n, dim=1).indices, True)
+    z = _z_scores(top.double().mean(0), pi, draws)
+    assert float(z.abs().max()) > 10, z
+
+
+def test_systematic_sample_is_a_pure_function_of_its_noise():
+    pi = inclusion_probabilities(torch.tensor([[4.0, 2.0, 1.0, 1.0, 0.0]]), torch.tensor([2]))
+    order, u = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]]), torch.tensor([0.3])
+    # intervals in this order: [0, 1) certain → taken; then 0.5, 0.25, 0.25 rescaled to [0, 1): u = 0.3 hits cell 1
+    got = systematic_sample(pi, torch.tensor([2]), u=u, order=order)
+    assert got.tolist() == [[True, True, False, False, False]]
+    got = systematic_sample(pi, torch.tensor([2]), u=torch.tensor([0.6]), order=order)
+    assert got.tolist() == [[True, False, True, False, False]]
+
+
+def test_systematic_sample_chooses_every_pair_of_cells_together():
+    """In a fixed order, 6 cells with π = ½ and n = 3 come as (0, 2, 4) or (1, 3, 5) only; the random order makes
+    every pair possible."""
+    draws = 2000
+    pi = torch.full((draws, 6), 0.5, dtype=torch.float64)
+    chosen = systematic_sample(pi, torch.full((draws,), 3), generator=torch.Generator().manual_seed(0))
+    together = (chosen[:, :, None] & chosen[:, None, :]).double().mean(0)
+    assert float(together.min()) > 0.05, together
+
+
+def test_sampling_design_runs_in_an_onnx_graph(tmp_path):
+    """The design is a pure tensor function of (weights, n, u, order): traced once, it gives the same cells as torch
+    in onnxruntime, for other shapes too."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import warnings
+
+    class Design(torch.nn.Module):
+        def forward(self, w, n, u, order):
+            pi = inclusion_probabilities(w, n)
+            return systematic_sample(pi, n, u=u, order=order), pi
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(b: int, c: int):
+        w = torch.rand(b, 3, c, generator=gen, dtype=torch.float64) ** 6
+        w[..., c - 3:] = 0.0
+        return (w, torch.randint(0, c - 2, (b, 3), generator=gen), torch.rand(b, 3, generator=gen, dtype=torch.float64),
+                torch.rand(b, 3, c, generator=gen, dtype=torch.float64))
+
+    names = ["w", "n", "u", "order"]
+    dyn = {"w": {0: "b", 2: "c"}, "n": {0: "b"}, "u": {0: "b"}, "order": {0: "b", 2: "c"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Design(), inputs(2, 20), str(tmp_path / "design.onnx"), dynamo=False, opset_version=17,
+                          input_names=names, output_names=["chosen", "pi"], dynamic_axes=dyn)
+    sess = ort.InferenceSession(str(tmp_path / "design.onnx"))
+    for b, c in ((2, 20), (7, 45)):
+        args = inputs(b, c)
+        chosen, pi = sess.run(None, {k: v.numpy() for k, v in zip(names, args)})
+        want = Design()(*args)
+        np.testing.assert_array_equal(chosen, want[0].numpy())
+        np.testing.assert_allclose(pi, want[1].numpy(), rtol=0, atol=1e-12)
+        assert np.array_equal(chosen.sum(-1), args[1].numpy())
+
+
+def test_density_placement_includes_every_cell_with_its_probability(ds2):
+    """Cell masses given (as a density model gives them): the placement draws each cell with π = min(1, λ mass)."""
+    b, n = 3000, 30
+    lay = torch.as_tensor(np.array(ds2.cell_layer))
+    w = _radial_layer(ds2, 5, 6.0)
+    mass = torch.zeros(b, ds2.n_voxels, dtype=torch.float64)
+    mass[:, lay == 5] = w / w.sum()
+    n_l = torch.zeros(b, ds2.n_layers, dtype=torch.int64)
+    n_l[:, 5] = n
+    r = torch.rand(b * n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 50
+    g = GeneratedShowers(torch.full((b,), n), torch.full((b * n,), 5), r, None, 1 + 1 / (1 + r),
+                         layer_counts=n_l, layer_energy=torch.full((b, ds2.n_layers), 7.0), cell_mass=mass)
+    pl = place(g, ds2, policy="likelihood", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(pl.counts, torch.full((b,), n)) and pl.stats["n_fallback"] == 0
+    freq = torch.bincount(pl.cell, minlength=ds2.n_voxels)[lay == 5].double() / b
+    z = _z_scores(freq, inclusion_probabilities(w, torch.tensor(n)), b)
+    assert float(z.abs().max()) < 4, z
+    # energies by rank: the less energetic points (larger r) go to the outer chosen rings, layer sums kept
+    cr = torch.as_tensor(np.array(ds2.cell_r), dtype=torch.float64)[pl.cell].reshape(b, n)
+    e = pl.E.reshape(b, n)
+    e_by_r = e.gather(1, torch.argsort(cr * 1e3 - e, dim=1))                  # by radius, within a ring by energy down
+    assert bool((e_by_r[:, 1:] <= e_by_r[:, :-1] + 1e-12).all())
+    torch.testing.assert_close(e.sum(1), torch.full((b,), 7.0, dtype=torch.float64))
+    per_shower = (1 + 1 / (1 + r)).reshape(b, n)
+    torch.testing.assert_close(e.sort(1).values, (per_shower * 7 / per_shower.sum(1, keepdim=True)).sort(1).values)
+
+
 class _Syncs(TorchDispatchMode):
     """Operators that make the host wait for the device on CUDA (data-dependent shapes or values)."""
 
@@ -156,12 +311,15 @@ class _Syncs(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_no_host_sync_before_the_statistics(ds2):
-    g = _candidates(ds2, 3, 3, seed=4, alpha=False)
+@pytest.mark.parametrize("mode", ["candidates", "density"])
+def test_no_host_sync_before_the_statistics(ds2, mode):
+    g = _candidates(ds2, 3, 3 if mode == "candidates" else 1, seed=4, alpha=False)
+    if mode == "density":
+        g.cell_mass = torch.rand(3, ds2.n_voxels, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     place_likelihood(g, ds2)                                     # tables cached
-    with _Syncs() as mode:
+    with _Syncs() as mode_:
         place_likelihood(g, ds2, generator=torch.Generator().manual_seed(0))
-    assert mode.found == []
+    assert mode_.found == []
 
 
 def test_errors(ds2):
@@ -169,8 +327,30 @@ def test_errors(ds2):
     with pytest.raises(ValueError, match="candidate points for the 'likelihood' placement"):
         place(g, ds2, policy="nearest-free")
     plain = GeneratedShowers(g.counts, g.layer, g.r, g.alpha, g.E)
-    with pytest.raises(ValueError, match="needs candidate points with per-layer counts"):
+    with pytest.raises(ValueError, match="needs points with per-layer counts"):
         place(plain, ds2, policy="likelihood")
+    masses = GeneratedShowers(g.counts, g.layer, g.r, g.alpha, g.E, g.layer_counts, g.layer_energy, oversample=2,
+                              cell_mass=torch.ones(2, ds2.n_voxels, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cell_mass of shape \(2, 6480\) with oversample=2"):
+        place(masses, ds2, policy="likelihood")
+
+
+@pytest.mark.parametrize("n0", [1, 12])
+def test_counts_that_do_not_match_the_candidates_are_refused(n0):
+    """One shower, 4 candidates in layer 0 of ds1-photons (8 cells), K = 2: n_0 = 1 would place 2 points for a
+    shower that has 1; n_0 = 12 asks for more points than the layer has cells."""
+    geo = Geometry.calochallenge("1-photons")
+    n_l = torch.zeros(1, geo.n_layers, dtype=torch.int64)
+    n_l[0, 0] = n0
+    r = torch.tensor([1.0, 2.0, 5.0, 20.0], dtype=torch.float64)
+    g = GeneratedShowers(torch.tensor([4]), torch.zeros(4, dtype=torch.int64), r, None,
+                         torch.ones(4, dtype=torch.float64), layer_counts=n_l, oversample=2)
+    match = "do not match layer_counts" if n0 == 1 else "more points than the layer has cells"
+    with pytest.raises(ValueError, match=match):
+        place_likelihood(g, geo, generator=torch.Generator().manual_seed(0))
+    # consistent counts pass: 2 × 2 candidates
+    n_l[0, 0] = 2
+    assert place_likelihood(g, geo).counts.tolist() == [2]
 
 
 # ------------------------------------------------------------------------------------------------ with models
@@ -248,3 +428,126 @@ def test_models_that_cannot_draw_candidates_are_refused(toy_run):
     variant_i = SimpleNamespace(layered=False, parameters=lambda: iter([torch.zeros(1)]))
     with pytest.raises(ValueError, match="variant II"):
         CaloPointFlow.generate(variant_i, np.array([1e4]), loaded.preprocessor, oversample=2)
+
+
+# ------------------------------------------------------------------------------------------------ density masses
+@pytest.fixture(scope="module")
+def free_flow(toy_geometry):
+    """A CaloPointFlow II (α free, no set summary) with random point-flow weights and a CDF preprocessing fitted
+    on uneven toy data."""
+    from calopc.models.calopointflow import CaloPointFlow, CaloPointFlowConfig
+    from calopc.models.preprocess import Preprocessor
+
+    from .conftest import TINY
+
+    geo = toy_geometry
+    rng = np.random.default_rng(0)
+    w = rng.exponential(1.0, geo.n_voxels) ** 2
+    cell = rng.choice(geo.n_voxels, 1000, p=w / w.sum())
+    e_inc = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 50))
+    prep = Preprocessor.fit(geo, cell, rng.exponential(1.0, 1000), np.full(50, 20), e_inc, variant="II",
+                            dequantisation="cdf")
+    torch.manual_seed(0)
+    model = CaloPointFlow(CaloPointFlowConfig(**{**TINY, "set_summary": False, "alpha": "free"}).with_data(prep))
+    with torch.no_grad():
+        for p in model.point_flow.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    return model.eval(), prep
+
+
+def _inputs(model, prep, b: int, n: int):
+    """Latent, condition and shower features of ``b`` showers with ``n`` points in every layer, and the points."""
+    n_l = prep.geometry.n_layers
+    torch.manual_seed(1)
+    z = torch.randn(b, model.config.latent)
+    cond = torch.randn(b, 1)
+    shower = torch.randn(b, 2 * n_l)
+    n_layer = torch.full((b, n_l), n)
+    group = torch.repeat_interleave(torch.arange(b * n_l), n)
+    x = model._point_sample(model._flat_context(z, cond, shower, group // n_l, group % n_l), None)
+    return z, cond, shower, n_layer, x, group
+
+
+def _ring_masses(mass: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """``(B, n_voxels)`` cell masses → ``(B, L, R)`` ring masses."""
+    rb = torch.as_tensor(np.array(geo.cell_r_bin))
+    lay = torch.as_tensor(np.array(geo.cell_layer))
+    out = torch.zeros(mass.shape[0], geo.n_layers * max(geo.n_r), dtype=torch.float64)
+    return out.index_add_(1, lay * max(geo.n_r) + rb, mass).reshape(mass.shape[0], geo.n_layers, -1)
+
+
+class _Gauss(torch.nn.Module):
+    """A point 'flow' whose density is known: independent normals in the standardised (y_r, y_E)."""
+
+    def __init__(self, loc: tuple[float, float], scale: tuple[float, float]) -> None:
+        super().__init__()
+        self.loc, self.scale = torch.tensor(loc), torch.tensor(scale)
+
+    def forward(self, ctx: torch.Tensor) -> torch.distributions.Distribution:
+        n = ctx.shape[0]
+        return torch.distributions.Independent(
+            torch.distributions.Normal(self.loc.expand(n, 2), self.scale.expand(n, 2)), 1)
+
+
+def test_cell_masses_integrate_a_known_density(free_flow):
+    import copy
+
+    model, prep = free_flow
+    geo = prep.geometry
+    model = copy.deepcopy(model)
+    model.point_flow = _Gauss((0.3, -0.4), (0.7, 1.3))
+    z, cond, shower, n_layer, x, group = _inputs(model, prep, 2, 6)
+    mass = model.cell_masses(z, cond, shower, n_layer, x, group, prep)
+    # the exact mass of r-bin k: Φ((y_{k+1} − 0.3) / 0.7) − Φ((y_k − 0.3) / 0.7), y_k the bin edges in the flow's
+    # coordinate (the probit of the training CDF, standardised), the energy integrating to 1
+    nd = torch.distributions.Normal(0.0, 1.0)
+    for i in range(geo.n_layers):
+        c = np.concatenate([[0.0], np.cumsum(prep.pdf_r[i])])
+        y = (nd.icdf(torch.as_tensor(c / c[-1], dtype=torch.float64)) - prep.point_mean[1]) / prep.point_std[1]
+        want = torch.diff(nd.cdf((y - 0.3) / 0.7))
+        got = _ring_masses(mass, geo)[:, i, :geo.n_r[i]]
+        torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=2e-3)
+        # the cells of a ring share its mass
+        cells = torch.as_tensor(np.flatnonzero(np.asarray(geo.cell_layer) == i))
+        torch.testing.assert_close(mass[:, cells].sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_cell_masses_agree_with_the_flow_samples(free_flow):
+    """Masses integrated from a (random) flow's density = the share of the flow's own samples in each ring."""
+    model, prep = free_flow
+    geo = prep.geometry
+    z, cond, shower, n_layer, x, group = _inputs(model, prep, 1, 4)
+    mass = _ring_masses(model.cell_masses(z, cond, shower, n_layer, x, group, prep, r_nodes=16, e_nodes=128), geo)[0]
+    m = 40_000
+    for i in range(geo.n_layers):
+        ctx = model._flat_context(z, cond, shower, torch.zeros(m, dtype=torch.int64), torch.full((m,), i))
+        y = model._point_sample(ctx, None)
+        zar, _ = prep.inverse_points_layer(torch.cat([torch.zeros(m, 1), y], 1).numpy(), np.full(m, i))
+        rb = np.clip(np.searchsorted(geo.r_edges[i], zar[:, 2], side="right") - 1, 0, geo.n_r[i] - 1)
+        freq = np.bincount(rb, minlength=geo.n_r[i]) / m
+        p = mass[i, :geo.n_r[i]].numpy()
+        assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / m) + 2e-3), (i, freq, p)
+
+
+def test_density_generation_places_the_model_points(free_flow):
+    model, prep = free_flow
+    geo = prep.geometry
+    torch.manual_seed(2)
+    g = model.generate(np.geomspace(1e3, 1e5, 6), prep, oversample=None)
+    assert g.oversample == 1 and g.cell_mass is not None and g.layer_counts is not None
+    occupied = g.layer_counts > 0
+    lay = torch.as_tensor(np.array(geo.cell_layer))
+    per_layer = torch.zeros(6, geo.n_layers, dtype=torch.float64).index_add_(1, lay, g.cell_mass)
+    torch.testing.assert_close(per_layer[occupied], torch.ones(int(occupied.sum()), dtype=torch.float64))
+    assert bool((per_layer[~occupied] == 0).all())
+    pl = place(g, geo, policy="likelihood", generator=torch.Generator().manual_seed(0))
+    cnt, e = _per_layer(pl, geo, 6)
+    assert torch.equal(cnt, g.layer_counts)
+    torch.testing.assert_close(e, g.layer_energy.to(torch.float64), rtol=1e-9, atol=1e-9)
+    # the same points placed by another policy: the masses are ignored
+    assert place(g, geo, policy="alpha-free").stats["n_points"] == g.n_points
+    # α modelled or a set summary: no density masses, candidates instead
+    with pytest.raises(ValueError, match="draw candidate points instead"):
+        from dataclasses import replace
+
+        type(model)(replace(model.config, set_summary=True)).cell_masses(*_inputs(model, prep, 1, 2), prep)
