@@ -56,14 +56,15 @@ def _load_config_file(path: Path) -> dict:
 
 
 def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(model config dict, train config dict) from defaults < the family's training defaults < --config
-    < flags < --set."""
+    """(model config dict, train config dict) from defaults < the family's training defaults (those of the
+    model's preset, e.g. ``--set model.preset=published``) < --config < flags < --set. A time limit given
+    without ``--steps`` leaves the end of the run, and its learning-rate schedule, to the clock."""
     from ..models import get_model  # no torch: get_model imports the model module only when called
-    from .train import TrainConfig
+    from .train import UNTIL_TIME_LIMIT, TrainConfig, training_defaults
 
     _, cfg_cls = get_model(args.model)
     model_cfg: dict = {}
-    train_cfg: dict = dict(getattr(cfg_cls, "TRAINING_DEFAULTS", {}))
+    train_cfg: dict = {}   # what is given; the family's defaults (for the model's preset) go under it below
     if args.config is not None:
         d = _load_config_file(args.config)
         model_cfg.update(d.get("model") or {})
@@ -91,6 +92,9 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
         raw[section][name] = value
     # every value against the field types, before any data is read (one line: key, value, expected type)
     model_cfg = typed_options(cfg_cls, model_cfg, section="model", raw=raw["model"], sizes=True)
+    if train_cfg.get("time_limit") is not None and "steps" not in train_cfg:
+        train_cfg["steps"] = UNTIL_TIME_LIMIT   # a time limit without --steps: the clock ends the run (and its schedule)
+    train_cfg = {**training_defaults(args.model, model_cfg), **train_cfg}
     train_cfg = typed_options(TrainConfig, train_cfg, section="train", raw=raw["train"])
     model_obj = cfg_cls.from_dict(model_cfg)
     train_obj = TrainConfig.from_dict(train_cfg)
