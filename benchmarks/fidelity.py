@@ -1,15 +1,18 @@
 r"""The fidelity table: every model family trained on the same synthetic showers for the same budget,
 then generated showers against held-out showers.
 
-Every entry is trained with :func:`calopc.models.train` for ``--budget`` seconds of wall clock on
+Every entry is trained with :func:`calopc.models.train` for ``--budget`` seconds (of wall clock, or with
+``--clock process`` of the process's CPU time, which a shared machine's load does not shrink) on
 the same synthetic training showers (the family's own training defaults; model sizes in
 :data:`ENTRIES`), generates one shower per held-out incident energy with
 :func:`calopc.models.generate` (official HDF5), and is evaluated with :func:`calopc.eval.evaluate`
 against the held-out showers:
 
-* AUC of the official DNN classifier on low-level (voxels) and high-level features, with the
-  official width (2,048) and ``--cls-epochs`` epochs (fewer than the official 50 on a CPU; the same
-  for every entry and written in the table);
+* AUC of the official DNN classifier on low-level (voxels) and high-level features, trained as the
+  official evaluation trains it: width 2,048, Adam 2e-4, batch 1,000, ``--cls-epochs`` epochs (default
+  the official 50; at 5,000 vs 5,000 showers the AUC keeps rising long after 10 epochs), the epoch
+  with the best test accuracy, 60/20/20 split per class below 100,000 showers per sample; every row
+  records its ``classifier_epochs`` and the table shows them;
 * FPD and KPD (×10³) with the reference floor (held-out against a second independent held-out set);
 * separation powers (E_tot/E_inc, E_layer, EC_r, width_r, sparsity: means over layers; hits);
 * response ⟨E_tot/E_inc⟩ and resolution σ/⟨E_tot/E_inc⟩ of generated and held-out showers;
@@ -30,12 +33,17 @@ Entries are named (:data:`ENTRIES`) or given as ``NAME=MODEL[:key=value,...]`` w
 * ``post_train=distill``: consistency distillation of the run (``--distill-budget`` seconds),
   generation from the student.
 
+``--snapshots 300,900`` keeps the model of every entry trained in the invocation after 300 and 900 s
+of its training (one run, whose learning-rate schedule spans ``--budget``) and evaluates each as a
+row ``NAME/300s``, ``NAME/900s`` next to the row of the whole run: quality against compute.
+
 Usage::
 
     python benchmarks/fidelity.py --entries cpf-II caloclouds --budget 300 --train-showers 50000 --n-eval 3000
     python benchmarks/fidelity.py --entries deeptree caloclouds-cm --budget 300        # merged into the same table
     python benchmarks/fidelity.py --entries cpf-II@ds3 --dataset 3 --budget 240 --train-showers 5000 --n-eval 1000
-    python benchmarks/fidelity.py --device cuda --budget 3600 --train-showers 100000 --n-eval 10000 --cls-epochs 50
+    python benchmarks/fidelity.py --entries cpf-II-thin --budget 2700 --snapshots 300,900 --clock process
+    python benchmarks/fidelity.py --device cuda --budget 3600 --train-showers 100000 --n-eval 10000
     python benchmarks/fidelity.py --table                                             # rewrite the .md from the .json
 """
 
@@ -79,6 +87,7 @@ ENTRIES: dict[str, str] = {
     "cpf-II-thin": _THIN,
     "caloclouds": "caloclouds",
     "caloclouds-cm": "caloclouds:from=caloclouds,post_train=distill",
+    "caloclouds-published": "caloclouds:preset=published",
     "deeptree": "deeptree",
     # placement policies of one trained model (no training)
     "cpf-II/likelihood": "calopointflow:from=cpf-II,gen.collisions=likelihood",
@@ -87,7 +96,12 @@ ENTRIES: dict[str, str] = {
     "cpf-II-thin/likelihood": "calopointflow:from=cpf-II-thin,gen.collisions=likelihood",
     "cpf-II-thin/nearest-free": "calopointflow:from=cpf-II-thin,gen.collisions=nearest-free",
     "caloclouds/likelihood": "caloclouds:from=caloclouds,gen.collisions=likelihood",
-    "caloclouds/nearest-free": "caloclouds:from=caloclouds,gen.collisions=nearest-free",
+    "caloclouds/merge": "caloclouds:from=caloclouds,gen.model_kwargs={\"overflow\":\"merge\"}",
+    # the published CaloClouds (α modelled) placed three ways: its nearest-free cell (the row above), α drawn per
+    # ring with a full ring's extra points merged, or moved to the next ring with room (least energetic first)
+    "caloclouds-published/alpha-free": "caloclouds:from=caloclouds-published,gen.collisions=alpha-free",
+    "caloclouds-published/energy-move": "caloclouds:from=caloclouds-published,gen.collisions=alpha-free,"
+                                        "gen.model_kwargs={\"overflow\":\"move\"}",
     "caloclouds-cm/likelihood": "caloclouds:from=caloclouds-cm,gen.collisions=likelihood",
     "cpf-II@ds3": "calopointflow",
     "cpf-II-thin@ds3": _THIN,
@@ -114,6 +128,7 @@ class Entry:
     gen: dict[str, Any] = field(default_factory=dict)
     source: str | None = None          # from=NAME: generate from that entry's run
     post_train: str | None = None
+    snapshot: dict | None = None       # a snapshot of the source's run: {"seconds", "step", "elapsed", "path"}
 
     @classmethod
     def parse(cls, spec: str) -> Entry:
@@ -267,6 +282,25 @@ def loss_curve(name: str, runs: list[tuple[str, Path]], path: Path) -> str | Non
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def _classifier_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The DNN classifier's settings of an entry (those of :class:`calopc.eval.classifier.ClassifierConfig` that
+    ``--cls-*`` does not set are its defaults: the official learning rate and batch size)."""
+    from calopc.eval.classifier import ClassifierConfig
+
+    c = ClassifierConfig()
+    return {"hidden": args.cls_hidden, "epochs": args.cls_epochs, "seeds": args.cls_seeds, "lr": c.lr,
+            "batch_size": c.batch_size, "dtype": c.dtype, "split": "60/20/20 % per class (official fixed counts "
+            "from 100,000 showers per sample)", "model_selection": "best test accuracy"}
+
+
+def snapshot_entries(entry: Entry, result: dict) -> list[Entry]:
+    """One ``from=`` entry per snapshot of ``entry``'s training run (named ``NAME/300s``), generating with
+    ``entry``'s generation options."""
+    return [Entry(f"{entry.name}/{snap['seconds']:g}s", entry.model, f"{entry.spec} (snapshot at {snap['seconds']:g} s)",
+                  gen=dict(entry.gen), source=entry.name, snapshot=snap)
+            for snap in result.get("snapshots") or []]
+
+
 def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], done: dict[str, dict]) -> dict:
     """Train (unless ``from=``), optionally distil, generate and evaluate one entry."""
     import torch
@@ -284,9 +318,9 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
         "name": entry.name, "model": entry.model, "dataset": args.dataset, "spec": entry.spec,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _git("rev-parse", "--short", "HEAD"), "machine": _machine(args.device), "device": args.device,
-        "threads": args.threads, "command": args.command, "load_start": _load(),
+        "threads": args.threads, "command": args.command, "load_start": _load(), "clock": args.clock,
         "n_train": args.train_showers, "n_eval": args.n_eval,
-        "classifier": {"hidden": args.cls_hidden, "epochs": args.cls_epochs, "seeds": args.cls_seeds},
+        "classifier": _classifier_settings(args), "classifier_epochs": None if args.no_classifier else args.cls_epochs,
         "budget_s": 0.0, "steps": None,
     }
     t0 = time.perf_counter()
@@ -302,12 +336,21 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
                        final_loss=src.get("final_loss"), distill=src.get("distill"))
             res["train_budget_s"], res["train_steps"] = src.get("train_budget_s"), src.get("train_steps")
             res["loss_curve"] = src.get("loss_curve")
+            if entry.snapshot is not None:     # one snapshot of the source's training run
+                snap = entry.snapshot
+                run = Path(snap["path"])
+                res.update(snapshot_of=entry.source, snapshot=snap, budget_s=snap["seconds"], steps=snap["step"],
+                           train_seconds=snap["elapsed"], final_loss=None, run_budget_s=src.get("train_budget_s"))
+                res["train_budget_s"], res["train_steps"] = snap["seconds"], snap["step"]
         else:
             run = work / "run"
             cfg = {**({} if args.full_size else CPU_CONFIG.get(entry.model, {})), **entry.config}
-            topts = {"steps": 10**9, "time_limit": args.budget, "device": args.device, "seed": args.seed,
-                     "progress": False, "checkpoint_every": 10**9, **entry.train}
-            r = train(entry.model, train_pq, run, model_config=cfg, config=train_config(entry.model, **topts), overwrite=True)
+            topts = {"steps": 10**9, "time_limit": args.budget, "clock": args.clock, "device": args.device,
+                     "seed": args.seed, "progress": False, "checkpoint_every": 10**9, **entry.train}
+            snaps = [x for x in args.snapshots if x < args.budget] if entry.post_train is None else []
+            r = train(entry.model, train_pq, run, model_config=cfg,
+                      config=train_config(entry.model, model_config=cfg, **topts), overwrite=True, snapshots=snaps)
+            res["snapshots"] = r.get("snapshots", [])
             opts = json.loads((run / "training_options.json").read_text()) if (run / "training_options.json").exists() \
                 else topts
             res.update(config=cfg, train_options=opts, budget_s=args.budget, steps=r["steps"],
@@ -321,7 +364,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
             from calopc.models.distill import DistillConfig, distill
 
             out = work / "run_cm"
-            dcfg = DistillConfig(steps=10**9, time_limit=args.distill_budget, lr=args.distill_lr,
+            dcfg = DistillConfig(steps=10**9, time_limit=args.distill_budget, clock=args.clock, lr=args.distill_lr,
                                  points_per_shower=256, device=args.device, seed=args.seed, progress=False)
             d = distill(run, out, data=train_pq, config=dcfg, overwrite=True)
             res["distill"] = {"budget_s": args.distill_budget, "steps": d["steps"], "seconds": d["seconds"],
@@ -341,10 +384,14 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
         gen_path = work / "gen.hdf5"
         gkw = {"seed": args.seed, "batch_size": args.gen_batch_size, "device": args.device, **entry.gen}
         policy = gkw.get("collisions", "auto")
+        alpha_free = getattr(loaded.model, "alpha_free", None) or getattr(loaded.model.config, "alpha", "") == "free"
         if policy == "auto":  # as calopc.models.cells.place resolves it: alpha-free for models without α
-            alpha_free = getattr(loaded.model, "alpha_free", None) or getattr(loaded.model.config, "alpha", "") == "free"
             policy = "alpha-free" if alpha_free else "nearest-free"
-        res["placement"] = policy
+        # what a ring with more points than α bins does: the model's overflow (asked for, or its config's when α is
+        # free); without one the placement merges them
+        overflow = (gkw.get("model_kwargs") or {}).get("overflow") or \
+            (getattr(loaded.model.config, "overflow", None) if alpha_free else None)
+        res["placement"] = f"{policy} ({overflow})" if policy == "alpha-free" and overflow else policy
         t = time.perf_counter()
         g = generate(run, energies, output=gen_path, **gkw)
         res["generate"] = {**g.as_dict(), "options": {k: v for k, v in gkw.items() if k != "device"},
@@ -471,6 +518,17 @@ def _pm(v: Any, e: Any, fmt: str) -> str:
     return s if e is None or s == "–" else f"{s}±{_f(e, fmt)}"
 
 
+def classifier_epochs(r: dict) -> int | None:
+    """The epochs of the DNN classifier behind an entry's AUCs (entries written before ``classifier_epochs`` was
+    recorded: from its classifier settings; None without AUCs)."""
+    if r.get("auc_low") is None and r.get("auc_high") is None:
+        return None
+    if r.get("classifier_epochs") is not None:
+        return int(r["classifier_epochs"])
+    ep = (r.get("classifier") or {}).get("epochs")
+    return None if ep is None else int(ep)
+
+
 def table_rows(results: list[dict]) -> list[dict[str, str]]:
     rows = []
     for r in results:
@@ -481,8 +539,10 @@ def table_rows(results: list[dict]) -> list[dict[str, str]]:
         rows.append({
             "entry": f"{r['name']}" + ("" if str(r.get("dataset", "2")) == "2" else f" (ds{r['dataset']})"),
             "model": r.get("model", ""),
-            "budget s": _f(r.get("budget_s"), ".0f") + (f" ({r.get('train_budget_s', 0):.0f}+{d['budget_s']:.0f})" if d else ""),
+            "budget s": _f(r.get("budget_s"), ".0f") + (f" ({r.get('train_budget_s', 0):.0f}+{d['budget_s']:.0f})" if d else "")
+            + (" CPU" if r.get("clock") == "process" else ""),
             "steps": str(r.get("steps") if r.get("steps") is not None else "–"),
+            "cls epochs": _f(classifier_epochs(r), "d"),
             "placement": str(r.get("placement", "–")),
             "AUC low": _pm(r.get("auc_low"), r.get("auc_low_err"), ".3f"),
             "AUC high": _pm(r.get("auc_high"), r.get("auc_high_err"), ".3f"),
@@ -512,13 +572,17 @@ def markdown(results: list[dict], notes: str = "") -> str:
              "",
              "Generated by `benchmarks/fidelity.py` (the JSON next to this file holds every figure, the "
              "configurations and the provenance). Every model family is trained on the same synthetic training "
-             "showers for the same wall-clock budget, generates one shower per held-out incident energy and is "
+             "showers for the same budget (seconds of wall clock; `CPU`: of the process's CPU time), generates "
+             "one shower per held-out incident energy and is "
              "compared with the held-out showers (a different synthetic seed). Separation powers: lower is "
              "better (0: identical histograms); E_layer, EC_r, width_r and sparsity are means over the layers. "
              "FPD/KPD ×10³ with the reference floor in brackets (the same distance between the held-out set and a second, independent synthetic set of the same size: what a perfect generator scores). "
              "Response: ⟨E_tot/E_inc⟩; resolution: σ/⟨E_tot/E_inc⟩, generated/held-out. Collisions: points "
              "that shared a cell with another; moved: points placed in a cell other than their own. "
-             "gen shw/s: generation to HDF5 (sampling, placement, writing).",
+             "gen shw/s: generation to HDF5 (sampling, placement, writing). cls epochs: the epochs of the DNN "
+             "classifier behind the row's AUCs (the official evaluation trains 50; rows read with fewer are "
+             "not comparable with them: at 5,000 vs 5,000 showers the AUCs keep rising after 10 epochs). Rows "
+             "NAME/Ss: the model of NAME's training run after S seconds of it.",
              ""]
     if rows:
         cols = list(rows[0])
@@ -532,11 +596,17 @@ def markdown(results: list[dict], notes: str = "") -> str:
         bits = [f"model `{r.get('model')}`", f"dataset {r.get('dataset', '2')}",
                 f"{r.get('n_train', '?'):,} training showers" if isinstance(r.get("n_train"), int) else "",
                 f"{r.get('n_eval', '?')} generated vs {r.get('n_eval', '?')} held-out",
-                f"DNN classifier width {cls.get('hidden')}, {cls.get('epochs')} epochs, {cls.get('seeds')} seed(s)",
+                (f"DNN classifier width {cls.get('hidden')}, {classifier_epochs(r)} epochs, {cls.get('seeds')} seed(s)"
+                 + (f", {cls['dtype']}" if cls.get("dtype") else "") if classifier_epochs(r) is not None
+                 else "no classifier"),
                 f"device {r.get('device')}, {r.get('threads')} thread(s)",
                 f"commit {r.get('commit')}", r.get("date", ""), f"load at start {r.get('load_start')}, "
                 f"at end {r.get('load_end')}", f"entry seconds {_f(r.get('seconds'), '.0f')}"]
-        if r.get("source"):
+        if r.get("snapshot"):
+            sn = r["snapshot"]
+            bits.append(f"snapshot of the run of `{r.get('snapshot_of')}` after {sn['seconds']:g} s (step {sn['step']}; "
+                        f"its learning-rate schedule spans the run's {_f(r.get('run_budget_s'), '.0f')} s)")
+        elif r.get("source"):
             bits.append(f"generated from the run of `{r['source']}`")
         if r.get("distill"):
             d = r["distill"]
@@ -554,6 +624,17 @@ def markdown(results: list[dict], notes: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seconds_list(text: str) -> list[float]:
+    """``"300,900"`` → ``[300.0, 900.0]`` (argparse type of ``--snapshots``)."""
+    try:
+        out = sorted(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, e.g. 300,900; got {text!r}") from None
+    if not out or any(not math.isfinite(x) or x <= 0 for x in out):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0 separated by commas, e.g. 300,900; got {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", nargs="+", default=None, metavar="NAME|NAME=MODEL[:K=V,...]",
@@ -568,11 +649,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-batch-size", type=int, default=500, help="showers per generation batch (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="what the budgets count: wall-clock seconds, or CPU seconds of the process (on a shared "
+                         "machine a CPU budget does not shrink with the load) (default: %(default)s)")
     ap.add_argument("--full-size", action="store_true", help="the families' default model sizes, not the CPU sizes")
-    ap.add_argument("--cls-epochs", type=int, default=10, help="classifier epochs (official 50; default: %(default)s)")
+    ap.add_argument("--cls-epochs", type=int, default=50,
+                    help="classifier epochs (official 50; the table shows each row's; default: %(default)s)")
     ap.add_argument("--cls-hidden", type=int, default=2048, help="classifier width (official 2048; default: %(default)s)")
     ap.add_argument("--cls-seeds", type=int, default=1, help="classifier trainings per AUC (default: %(default)s)")
     ap.add_argument("--no-classifier", action="store_true", help="skip the classifier AUCs")
+    ap.add_argument("--snapshots", type=_seconds_list, default=[], metavar="S1,S2,...",
+                    help="also keep the model of every trained entry at these seconds of its training (one run; "
+                         "the schedule spans --budget) and evaluate each as a row NAME/Ss (default: none)")
     ap.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity",
                     help="work folder: data, runs, generated files (default: %(default)s)")
@@ -609,10 +697,13 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(p.read_text())
             if "error" not in r:
                 done[r["name"]] = r
-    for e in entries:
+    todo = list(entries)
+    while todo:
+        e = todo.pop(0)
         r = run_entry(e, args, data, done)
         if "error" not in r:
             done[e.name] = r
+            todo[:0] = snapshot_entries(e, r)    # the snapshots of its run, evaluated next
         merge(results_json, [r])
         print(f"[{e.name}] AUC low {_f(r.get('auc_low'), '.3f')} high {_f(r.get('auc_high'), '.3f')} "
               f"FPD {_f(r.get('fpd'), '.3g')} (floor {_f(r.get('fpd_floor'), '.2g')}) -> {results_json}", flush=True)

@@ -71,8 +71,9 @@ def _load_config_file(path: Path) -> dict:
 
 
 def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(model config dict, train config dict) from defaults < the family's training defaults < --config
-    < flags < --set. A ValueError echoes long values shortened (:func:`calopc.models.guards.shorten_quoted`)."""
+    """(model config dict, train config dict) from defaults < the family's training defaults (those of the
+    model's preset, e.g. ``--set model.preset=published``) < --config < flags < --set. A time limit given
+    without ``--steps`` leaves the end of the run, and its learning-rate schedule, to the clock. A ValueError echoes long values shortened (:func:`calopc.models.guards.shorten_quoted`)."""
     from ..models.guards import shorten_quoted
 
     try:
@@ -83,11 +84,11 @@ def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
     from ..models import get_model  # no torch: get_model imports the model module only when called
-    from ..models.train import TrainConfig
+    from ..models.train import UNTIL_TIME_LIMIT, TrainConfig, training_defaults
 
     _, cfg_cls = get_model(args.model)
     model_cfg: dict = {}
-    train_cfg: dict = dict(getattr(cfg_cls, "TRAINING_DEFAULTS", {}))
+    train_cfg: dict = {}   # what is given; the family's defaults (for the model's preset) go under it below
     if args.config is not None:
         d = _load_config_file(args.config)
         model_cfg.update(d.get("model") or {})
@@ -115,6 +116,9 @@ def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
         raw[section][name] = value
     # every value against the field types, before any data is read (one line: key, value, expected type)
     model_cfg = typed_options(cfg_cls, model_cfg, section="model", raw=raw["model"], sizes=True)
+    if train_cfg.get("time_limit") is not None and "steps" not in train_cfg:
+        train_cfg["steps"] = UNTIL_TIME_LIMIT   # a time limit without --steps: the clock ends the run (and its schedule)
+    train_cfg = {**training_defaults(args.model, model_cfg), **train_cfg}
     train_cfg = typed_options(TrainConfig, train_cfg, section="train", raw=raw["train"])
     model_obj = cfg_cls.from_dict(model_cfg)
     train_obj = TrainConfig.from_dict(train_cfg)
@@ -303,12 +307,13 @@ _TRAIN_DEFAULTS = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "ema_decay": 0.9
 _DISTILL_FLAGS = {  # flag -> (DistillConfig field, type, help)
     "--steps": ("steps", int, "optimizer steps"),
     "--batch-size": ("batch_size", int, "showers per step"),
-    "--lr": ("lr", float, "learning rate (Adam, constant; 1e-3 learns much faster in budgets of minutes)"),
+    "--lr": ("lr", float, "learning rate (Adam, constant; default 1e-3; CaloClouds II used 1e-4 for 1 M steps)"),
     "--mu": ("mu", float, "EMA decay of the target network"),
     "--n-sigmas": ("n_sigmas", int, "points of the Karras discretisation"),
     "--time-limit": ("time_limit", float, "stop after this many seconds (the run is written first)"),
     "--max-showers": ("max_showers", int, "use only the first N training showers"),
-    "--points-per-shower": ("points_per_shower", int, "random points per shower in the loss (0: all)"),
+    "--points-per-shower": ("points_per_shower", int, "random points per shower in the loss (0: all; default: the "
+                            "teacher's points_per_shower_loss)"),
 }
 
 

@@ -46,29 +46,46 @@ from __future__ import annotations
 
 __all__ = ["CaloClouds", "CaloCloudsConfig"]
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .calopointflow import fit_rings
 from .cells import GeneratedShowers
 from .data import Batch
 from .diffusion import (BandTransformer, ConsistencyPrecond, EDMPrecond, PointwiseNet, consistency_sample, edm_loss,
                         sample, segment_mean)
 from .preprocess import Preprocessor
-from .shower import ShowerModel, ShowerModelConfig
+from .shower import ShowerModel, ShowerModelConfig, _prep_call, torch_preprocessor
 
 DENOISERS = ("pointwise", "transformer")
 ALPHA = ("model", "free")
+OVERFLOW = ("move", "merge")
+DEQUANTISATION = ("uniform", "cdf")
 #: what a saved config without these switches meant (run directories written before them)
-_BEFORE_SWITCHES = {"time_mlp": False, "diffuse_free_alpha": True}
+_BEFORE_SWITCHES = {"time_mlp": False, "diffuse_free_alpha": True, "overflow": "merge", "dequantisation": "uniform"}
+
+#: named configurations (``--set model.preset=NAME``): model keys and the training recipe (``train``) that
+#: ``calopc train caloclouds`` uses unless told otherwise; the keys a user gives override the preset's
+PRESETS: dict[str, dict] = {
+    # calopc's recipe for budgets of minutes to hours (a time-limited run decays its learning rate over the
+    # clock): AdamW with a cosine, a short EMA, α drawn at placement with the energy-aware ring overflow
+    "calopc": {"model": {}, "train": {}},
+    # CaloClouds II as published (FLC-QU-hep/CaloClouds-2 configs.py): α generated, RAdam 1e-4 constant,
+    # EMA warm-up to 0.9999, batch 128, clip 10; made for ~2 M steps on a GPU
+    "published": {"model": {"alpha": "model", "dequantisation": "uniform", "sigma_data": 0.5, "p_mean": -1.2,
+                            "p_std": 1.2, "steps": 13, "widths": (128, 256, 512, 256, 128)},
+                  "train": {"optimizer": "radam", "lr": 1e-4, "schedule": "constant", "warmup": 0,
+                            "ema_decay": 0.9999, "ema_warmup": "power", "batch_size": 128, "grad_clip": 10.0}},
+}
 
 
 @dataclass(frozen=True)
 class CaloCloudsConfig:
-    """Hyper-parameters of :class:`CaloClouds` (defaults: CaloClouds II's point network)."""
+    """Hyper-parameters of :class:`CaloClouds` (defaults: the ``calopc`` preset; ``preset="published"``
+    is CaloClouds II as published, see :data:`PRESETS`)."""
 
     n_layers: int = 0                                      # set from the data
     point_features: int = 3                                # set from the data: (alpha, r, E share)
@@ -93,6 +110,8 @@ class CaloCloudsConfig:
     steps: int = 13                                        # Heun steps (2 steps - 1 evaluations); student: evaluations
     consistency: bool = False                              # a consistency-distilled student (calopc distill)
     alpha: str = "model"                                   # "model": generate alpha; "free": drawn at placement
+    overflow: str = "move"                                 # α drawn at placement: a full ring's extra points "move"/"merge"
+    dequantisation: str = "uniform"                        # (α, r) in their cells: "uniform" + logit, or "cdf" + probit
     max_points: int = 500_000                              # points per sampler call at generation (memory)
     points_per_shower_loss: int = 0                        # random points per shower in the loss (0: all)
     shower_transforms: int = 4                             # shower model: autoregressive spline transforms
@@ -101,25 +120,43 @@ class CaloCloudsConfig:
     shower_passes: int | None = None                       # shower model: None autoregressive; 2 coupling (~70x faster to sample)
     time_mlp: bool = True                                  # pointwise: Linear(fourier, fourier) + LeakyReLU on the time features
     diffuse_free_alpha: bool = False                       # alpha="free": also diffuse the (unused) α column (older runs)
+    preset: str = "calopc"                                 # "calopc" or "published" (see PRESETS)
 
-    #: CaloClouds II's training recipe (RAdam 1e-4 constant, EMA warm-up to 0.9999, batch 128, clip 10);
-    #: the defaults of ``calopc train caloclouds`` before any --config, flag or --set
-    TRAINING_DEFAULTS = {"optimizer": "radam", "lr": 1e-4, "schedule": "constant", "warmup": 0,
-                         "ema_decay": 0.9999, "ema_warmup": "power", "batch_size": 128, "grad_clip": 10.0}
+    #: the training recipe of the default preset (``calopc``); :meth:`training_defaults` gives a preset's
+    TRAINING_DEFAULTS = PRESETS["calopc"]["train"]
+
+    @staticmethod
+    def training_defaults(model_config: dict | None = None) -> dict:
+        """The training options of the preset named in ``model_config`` (default ``calopc``).
+
+        Raises:
+            ValueError: an unknown preset.
+        """
+        preset = (model_config or {}).get("preset", "calopc")
+        if preset not in PRESETS:
+            msg = f"CaloClouds preset must be one of {', '.join(PRESETS)}, got {preset!r}"
+            raise ValueError(msg)
+        return dict(PRESETS[preset]["train"])
 
     def __post_init__(self) -> None:
-        if self.denoiser not in DENOISERS:
-            msg = f"CaloClouds denoiser must be one of {', '.join(DENOISERS)}, got {self.denoiser!r}"
-            raise ValueError(msg)
-        if self.alpha not in ALPHA:
-            msg = f"CaloClouds alpha must be 'model' (generate it) or 'free' (drawn at placement), got {self.alpha!r}"
-            raise ValueError(msg)
+        for name, value, allowed in (("denoiser", self.denoiser, DENOISERS), ("alpha", self.alpha, ALPHA),
+                                     ("overflow", self.overflow, OVERFLOW),
+                                     ("dequantisation", self.dequantisation, DEQUANTISATION),
+                                     ("preset", self.preset, tuple(PRESETS))):
+            if value not in allowed:
+                msg = f"CaloClouds {name} must be one of {', '.join(allowed)}, got {value!r}"
+                raise ValueError(msg)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             msg = f"CaloClouds steps must be an integer >= 1, got {self.steps!r}"
             raise ValueError(msg)
 
     @classmethod
     def from_dict(cls, d: dict) -> CaloCloudsConfig:
+        """The config of ``d``: its ``preset``'s model keys (:data:`PRESETS`), then the keys ``d`` gives.
+
+        Raises:
+            ValueError: an unknown key or preset.
+        """
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -129,11 +166,15 @@ class CaloCloudsConfig:
         if "n_layers" in d:  # a saved config: a missing switch means what the model did before it existed
             for k, v in _BEFORE_SWITCHES.items():
                 d.setdefault(k, v)
-        return cls(**d)
+        preset = d.get("preset", "calopc")
+        if preset not in PRESETS:
+            msg = f"CaloClouds preset must be one of {', '.join(PRESETS)}, got {preset!r}"
+            raise ValueError(msg)
+        return cls(**{**PRESETS[preset]["model"], **d})
 
     def preprocessing(self) -> dict:
         """Options of :meth:`Preprocessor.fit` this model needs."""
-        return {"variant": "II"}
+        return {"variant": "II", "dequantisation": self.dequantisation}
 
     def with_data(self, prep: Preprocessor) -> CaloCloudsConfig:
         """The config with the sizes that depend on the data (feature counts, layers)."""
@@ -287,19 +328,9 @@ class CaloClouds(nn.Module):
         return run(self.denoiser, latents, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho,
                    **{key: steps}, **kw)
 
-    def _inverse(self, y: Tensor, layer: Tensor, prep: Preprocessor) -> tuple[Tensor, Tensor, Tensor]:
-        """Variant-II features → ``(alpha, r, w = E/E_l)`` as tensors (the twin of ``inverse_points_layer``)."""
-        y = y.to(torch.float64) * y.new_tensor(prep.point_std, dtype=torch.float64) \
-            + y.new_tensor(prep.point_mean, dtype=torch.float64)
-        lo = y.new_tensor([e[0] for e in prep.geometry.r_edges], dtype=torch.float64)[layer]
-        hi = y.new_tensor([e[-1] for e in prep.geometry.r_edges], dtype=torch.float64)[layer]
-        alpha = torch.sigmoid(y[:, 0]) * 2 * math.pi - math.pi
-        r = lo + torch.sigmoid(y[:, 1]) * (hi - lo)
-        return alpha, r, y[:, 2].clamp(-80, 80).exp()
-
     @torch.no_grad()
     def generate(self, e_inc: np.ndarray | Tensor, prep: Preprocessor, *, steps: int | None = None,
-                 oversample: int = 1) -> GeneratedShowers:
+                 oversample: int = 1, overflow: str | None = None) -> GeneratedShowers:
         """Showers in physical units for the given incident energies.
 
         Args:
@@ -309,17 +340,31 @@ class CaloClouds(nn.Module):
             oversample: ``K > 1`` draws ``K n_l`` candidate points in every layer for the ``"likelihood"``
                 placement (:func:`calopc.models.cells.place_likelihood`; pointwise denoiser only: the
                 transformer's points attend to each other, so they are not independent given the shower).
+            overflow: ``"move"``: α is left to the placement (drawn per ``(layer, r)`` ring without
+                replacement) and a ring with more points than α bins passes its least energetic points
+                on to the next ring with room (:func:`calopc.models.calopointflow.fit_rings`), so no cell
+                gets two points; ``"merge"``: the rings stay as sampled. Defaults to ``config.overflow``
+                with ``alpha="free"``; a model of α generates α unless ``"move"`` is asked for (then its
+                α is discarded).
 
         Returns:
             A :class:`GeneratedShowers` on the model's device: per-layer point counts and
-            layer energies from the shower model, ``α`` (None with ``alpha="free"``), ``r``
-            and energies rescaled so that each layer of each shower carries its layer energy.
+            layer energies from the shower model, ``α`` (None with ``alpha="free"`` or
+            ``overflow="move"``), ``r`` and energies rescaled so that each layer of each shower
+            carries its layer energy; ``n_moved_ring`` counts the points the overflow moved.
+
+        Raises:
+            ValueError: ``oversample`` > 1 with the transformer denoiser, or an unknown ``overflow``.
 
         Shapes:
             e_inc: ``(B,)``.
         """
         cfg = self.config
         k = int(oversample)
+        if overflow is not None and overflow not in OVERFLOW:
+            msg = f"CaloClouds overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}"
+            raise ValueError(msg)
+        move = (overflow or (cfg.overflow if self.alpha_free else "merge")) == "move"
         if k < 1 or (k > 1 and cfg.denoiser != "pointwise"):
             msg = (f"oversample={oversample}: the 'likelihood' placement needs points sampled independently given "
                    f"their shower (denoiser='pointwise'), this CaloClouds has denoiser={cfg.denoiser!r}")
@@ -350,10 +395,18 @@ class CaloClouds(nn.Module):
         y = torch.cat(y_parts) if y_parts else s.new_zeros(0, len(self.point_dims))
         if self.alpha_free:  # the α column is not diffused: any value, its inverse is not used
             y = torch.cat([y.new_zeros(y.shape[0], 1), y], dim=1)
-        alpha, r, w = self._inverse(y, layer, prep)
+        p = torch_preprocessor(prep, device) or prep   # torch ops on the device; numpy when there are none
+        zar, w = _prep_call(p.inverse_points_layer, y, layer)
+        zar = torch.as_tensor(zar, dtype=torch.float64, device=device)
+        w = torch.as_tensor(w, dtype=torch.float64, device=device)
+        alpha, r = zar[:, 1], zar[:, 2]
         tot = torch.zeros(b * n_l, dtype=w.dtype, device=device).index_add_(0, group, w)
         energy = w / tot.clamp(min=1e-300)[group] * e_layer.reshape(-1).to(w.dtype)[group]
         if k > 1:
             return GeneratedShowers(counts, layer, r, None if cfg.alpha == "free" else alpha, energy,
                                     layer_counts=n_layer, layer_energy=e_layer, oversample=k)
-        return GeneratedShowers(counts, layer, r, None if cfg.alpha == "free" else alpha, energy)
+        moved: Tensor | int = 0
+        if move:   # α left to the placement; a full ring keeps its most energetic points
+            r, moved = fit_rings(prep.geometry, group, b * n_l, layer, r, energy=energy)
+        keep_alpha = cfg.alpha != "free" and not move
+        return GeneratedShowers(counts, layer, r, alpha if keep_alpha else None, energy, n_moved_ring=moved)

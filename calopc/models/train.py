@@ -27,12 +27,14 @@ turned into ``KeyboardInterrupt``) writes a checkpoint and re-raises.
 
 from __future__ import annotations
 
-__all__ = ["RUN_FILES", "TrainConfig", "TrainingDiverged", "train", "train_config", "training_defaults"]
+__all__ = ["RUN_FILES", "UNTIL_TIME_LIMIT", "TrainConfig", "TrainingDiverged", "train", "train_config",
+           "training_defaults"]
 
 import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -52,6 +54,14 @@ from .utils import EMA, resolve_device, seed_everything
 OPTIMIZERS = ("adamw", "adam", "radam")
 SCHEDULES = ("cosine", "constant")
 EMA_WARMUPS = ("linear", "power")
+#: what the seconds of ``time_limit`` (and of the schedule over it, and of snapshots) count: the wall clock, or the
+#: CPU time of the training process (on a shared machine the budget then does not shrink with the load)
+CLOCKS = ("wall", "process")
+
+#: ``steps`` of a run that its ``time_limit`` ends (``calopc train --time-limit`` without ``--steps``)
+UNTIL_TIME_LIMIT = 10**12
+#: name prefix of the snapshot folders ``train(..., snapshots=...)`` writes in the run directory
+SNAPSHOT_PREFIX = "snapshot-"
 
 #: files of a run directory that ``overwrite`` replaces
 RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.EMA_WEIGHTS, ckpt.STATE, "training_options.json", "stats.jsonl")
@@ -82,6 +92,7 @@ class TrainConfig:
     stream: bool | None = None        # stream the data through a shuffle buffer (None: when > 2 GB in memory)
     buffer_showers: int = 20_000      # showers in the shuffle buffer when streaming
     time_limit: float | None = None   # stop after this many seconds of training (checkpoint first)
+    clock: str = "wall"               # seconds of time_limit and snapshots: wall clock, or "process" CPU time
     log_every: int = 10               # steps between stats.jsonl records (and device-to-host reads)
     checkpoint_every: int = 500       # steps between checkpoints
     progress: bool = True             # progress bar (on a terminal only)
@@ -111,6 +122,7 @@ class TrainConfig:
                   ("optimizer", self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
                   ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
                   ("ema_warmup", self.ema_warmup in EMA_WARMUPS, ", ".join(EMA_WARMUPS)),
+                  ("clock", self.clock in CLOCKS, ", ".join(CLOCKS)),
                   ("pipeline", self.pipeline in ("device", "numpy"), "device or numpy"),
                   ("fast_splines", self.fast_splines in ("auto", "on", "matmul", "off"), "auto, on, matmul or off"),
                   ("time_limit", self.time_limit is None or (math.isfinite(self.time_limit) and self.time_limit > 0),
@@ -140,18 +152,29 @@ def _lr_factor(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def training_defaults(model_name: str) -> dict[str, Any]:
-    """The training options a model family trains with unless told otherwise (its config class's
-    ``TRAINING_DEFAULTS``; empty for families that use :class:`TrainConfig`'s defaults)."""
+def training_defaults(model_name: str, model_config: dict | None = None) -> dict[str, Any]:
+    """The training options a model family trains with unless told otherwise.
+
+    Its config class's ``training_defaults(model_config)`` when it has one (the recipe of the
+    preset named in ``model_config``, e.g. CaloClouds' ``calopc`` or ``published``), else its
+    ``TRAINING_DEFAULTS``; empty for families that use :class:`TrainConfig`'s defaults.
+
+    Raises:
+        ValueError: an unknown model or preset.
+    """
     from . import get_model
 
     _, cfg_cls = get_model(model_name)
+    per_preset = getattr(cfg_cls, "training_defaults", None)
+    if callable(per_preset):
+        return dict(per_preset(model_config))
     return dict(getattr(cfg_cls, "TRAINING_DEFAULTS", {}))
 
 
-def train_config(model_name: str, **overrides: Any) -> TrainConfig:
-    """:class:`TrainConfig` for a model family: its :func:`training_defaults`, then ``overrides``."""
-    return TrainConfig.from_dict({**training_defaults(model_name), **overrides})
+def train_config(model_name: str, *, model_config: dict | None = None, **overrides: Any) -> TrainConfig:
+    """:class:`TrainConfig` for a model family: its :func:`training_defaults` (for the preset of
+    ``model_config``), then ``overrides``."""
+    return TrainConfig.from_dict({**training_defaults(model_name, model_config), **overrides})
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -369,7 +392,7 @@ def _fast_matmul_on_cuda(fn: Callable) -> Callable:
     def wrapper(model_name: str, data: Any, out: Any, *, config: TrainConfig | None = None, **kw: Any) -> dict:
         from .precision import fast_matmul
 
-        dev = resolve_device((config or train_config(model_name)).device)
+        dev = resolve_device((config or train_config(model_name, model_config=kw.get("model_config"))).device)
         with fast_matmul(dev):
             return fn(model_name, data, out, config=config, **kw)
 
@@ -385,14 +408,15 @@ def rank_seed(seed: int, rank: int) -> int:
 def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
           out: str | os.PathLike, *,
           model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
-          resume: bool = False, overwrite: bool = False) -> dict:
+          resume: bool = False, overwrite: bool = False, snapshots: Sequence[float] = ()) -> dict:
     """Train a registered model and write a run directory (locked for the run: see :func:`_train`)."""
     from ..io import lock_output
 
     rank = _dist_env()[0]
     out = Path(out)
-    kw = {"model_config": model_config, "config": config, "resume": resume, "overwrite": overwrite}
-    cfg = config or train_config(model_name)
+    kw = {"model_config": model_config, "config": config, "resume": resume, "overwrite": overwrite,
+          "snapshots": snapshots}
+    cfg = config or train_config(model_name, model_config=model_config)
     if resume and (out / ckpt.STATE).exists():  # every rank decides alike (no rank waits for another)
         done = int(ckpt.load_training_state(out)["step"])
         if done >= cfg.steps:  # nothing to do: say so instead of a "final loss nan"
@@ -420,7 +444,7 @@ def train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike]
 def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike] | ShowerDataset | StreamingShowerDataset,
            out: str | os.PathLike, *,
            model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
-           resume: bool = False, overwrite: bool = False) -> dict:
+           resume: bool = False, overwrite: bool = False, snapshots: Sequence[float] = ()) -> dict:
     """Train a registered model and write a run directory.
 
     Args:
@@ -433,16 +457,22 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         resume: continue from ``out/training_state.pt`` (model config and preprocessing
             come from ``out/config.json``).
         overwrite: start afresh in a non-empty run directory (its run files are replaced).
+        snapshots: seconds of training (this call's, on ``config.clock``) at which a copy of the model is kept:
+            the first step that ends past each writes ``out/snapshot-{seconds}s/`` (``config.json``
+            and the weights, loadable like the run directory; ``train.snapshot`` in its
+            ``config.json`` holds the step and the seconds). Snapshots later than the end of the
+            run are not written.
 
     Returns:
-        A summary: ``steps``, ``final_loss``, ``seconds``, ``run_dir``, ``skipped_steps``.
+        A summary: ``steps``, ``final_loss``, ``seconds``, ``run_dir``, ``skipped_steps`` and
+        ``snapshots`` (``{"seconds", "step", "elapsed", "path"}`` per snapshot written).
 
     Raises:
         TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
     """
     from . import get_model
 
-    cfg = config or train_config(model_name)
+    cfg = config or train_config(model_name, model_config=model_config)
     cfg.validate()
     rank, world, local_rank = _dist_env()
     distributed = world > 1
@@ -527,6 +557,28 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                 raise OutputError(f"checkpoint of step {step}: {err}; {kept}") from None
             good["step"] = step
 
+    pending = sorted(float(x) for x in snapshots)
+    if any(not math.isfinite(x) or x < 0 for x in pending):
+        msg = f"snapshots {list(snapshots)}: expected seconds >= 0"
+        raise ValueError(msg)
+    written: list[dict] = []
+
+    def snapshot(at: float, elapsed: float) -> None:
+        """The model (and EMA) now, as a loadable run directory ``out/snapshot-{at}s`` (written whole, then renamed)."""
+        if rank != 0:
+            return
+        dest = out / f"{SNAPSHOT_PREFIX}{at:g}s"
+        tmp = out / f".{dest.name}.{os.getpid()}.part"
+        if tmp.exists():                   # left by a killed run of this process id
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        info = {"seconds": at, "step": step, "elapsed": round(elapsed, 3)}
+        ckpt.save(tmp, name, model, prep, ema=ema.module if ema else None, train={**train_meta, "snapshot": info})
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        written.append({**info, "path": str(dest)})
+
     if rank == 0:  # room for the first checkpoint (weights, EMA, optimizer state), before any training
         check_writable(out, folder=True, expected_bytes=ckpt.checkpoint_bytes(model, ema.module if ema else None))
         try:
@@ -537,6 +589,9 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         if overwrite and state is None:
             for f in RUN_FILES:
                 (out / f).unlink(missing_ok=True)
+            for d in out.glob(f"{SNAPSHOT_PREFIX}*s"):   # snapshots of the run being replaced
+                if d.is_dir():
+                    shutil.rmtree(d)
         if state is not None:  # records after the checkpoint are written again by this run
             _trim_stats(out / "stats.jsonl", step)
         from ..io import atomic_output
@@ -551,9 +606,18 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
     if cfg.progress and rank == 0:
         from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
-        bar = Progress(total=cfg.steps, initial=step, unit="step", desc=f"train {name}",
-                       per_unit=(cfg.batch_size * world, "showers"), time_limit=cfg.time_limit)
-    t0 = time.perf_counter()
+        bar = Progress(total=cfg.steps if cfg.steps < UNTIL_TIME_LIMIT else None, initial=step, unit="step",
+                       desc=f"train {name}", per_unit=(cfg.batch_size * world, "showers"),
+                       time_limit=cfg.time_limit if cfg.clock == "wall" else None)
+    clock = time.process_time if cfg.clock == "process" else time.perf_counter
+    t0, wall0 = clock(), time.perf_counter()
+
+    def stamp(rec: dict) -> dict:
+        """A stats record with wall seconds (and, on the process clock, the CPU seconds the budget counts)."""
+        if cfg.clock != "wall":
+            rec[f"{cfg.clock}_seconds"] = rec["seconds"]
+            rec["seconds"] = round(time.perf_counter() - wall0, 3)
+        return rec
     last = float("nan")
     if cfg.pipeline == "device":
         collate: ShowerCollate | DeviceCollate = DeviceCollate(prep, device, seed=cfg.seed * 1000 + rank,
@@ -579,12 +643,13 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                                          world_size=world, bucket=cfg.bucket):
                 if step >= cfg.steps:
                     break
-                rec = run.advance(batch, step, epoch, time.perf_counter() - t0)
+                rec = run.advance(batch, step, epoch, clock() - t0)
                 step += 1
                 if bar is not None:
                     bar.update(1)
                 if rec is not None:  # every log_every steps: the one read-back of the record
                     check_finite(rec.pop("nonfinite"))
+                    rec = stamp(rec)
                     last = rec["loss"]
                     if log is not None:
                         log.write(json.dumps(rec) + "\n")
@@ -595,7 +660,12 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                 if step % cfg.checkpoint_every == 0:
                     check_finite()
                     checkpoint()
-                stop = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
+                if pending and clock() - t0 >= pending[0]:
+                    check_finite()
+                    elapsed = clock() - t0
+                    while pending and elapsed >= pending[0]:
+                        snapshot(pending.pop(0), elapsed)
+                stop = cfg.time_limit is not None and clock() - t0 > cfg.time_limit
                 if distributed and (rec is not None or step % cfg.checkpoint_every == 0):
                     # the ranks agree on stopping where they read back anyway (not every step)
                     flag = torch.tensor([float(stop)], device=device)
@@ -612,7 +682,7 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                 break
         check_finite()
         if run.n_sum:
-            last = run.record(step, epoch, time.perf_counter() - t0)["loss"]
+            last = run.record(step, epoch, clock() - t0)["loss"]
         checkpoint()
     except KeyboardInterrupt as err:
         if rank == 0 and not run.nonfinite() and step > (good["step"] or 0):
@@ -631,8 +701,9 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                 torch.distributed.barrier()
             if own_group:
                 torch.distributed.destroy_process_group()
-    return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - t0,
-            "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped)}
+    return {"steps": step, "epochs": epoch, "final_loss": last, "seconds": time.perf_counter() - wall0,
+            "clock_seconds": clock() - t0,
+            "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped), "snapshots": written}
 
 
 def _trim_stats(path: Path, step: int) -> None:

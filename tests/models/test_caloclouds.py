@@ -65,7 +65,7 @@ def test_registry_and_config_round_trip(data):
     cfg = CaloCloudsConfig.from_dict({**TINY_CC, "denoiser": "transformer", "alpha": "free"}).with_data(prep)
     back = CaloCloudsConfig.from_dict(json.loads(json.dumps(asdict(cfg))))
     assert back == cfg and back.widths == (16, 16) and (back.n_layers, back.shower_features) == (3, 6)
-    assert cfg.preprocessing() == {"variant": "II"}
+    assert cfg.preprocessing() == {"variant": "II", "dequantisation": cfg.dequantisation}
     with pytest.raises(ValueError, match="unknown CaloClouds config keys.*valid keys"):
         CaloCloudsConfig.from_dict({"widht": 3})
     with pytest.raises(ValueError, match="denoiser must be one of pointwise, transformer"):
@@ -292,3 +292,121 @@ def test_coupling_shower_model_option(data):
     s = m.shower.sample(cond)
     assert s.shape == (4, 6) and torch.isfinite(s).all()
     assert torch.isfinite(m.shower.loss(cond, s))
+
+
+def test_presets_give_the_model_keys_and_the_training_recipe():
+    """``preset="published"`` is CaloClouds II as published (model keys and RAdam/EMA recipe); the default preset has
+    its own recipe; the keys given override the preset's; a saved config without the newer switches keeps them off."""
+    from calopc.models.caloclouds import PRESETS
+    from calopc.models.train import train_config, training_defaults
+
+    pub = CaloCloudsConfig.from_dict({"preset": "published"})
+    assert (pub.alpha, pub.dequantisation, pub.sigma_data, pub.p_mean, pub.p_std, pub.steps, pub.widths) == \
+        ("model", "uniform", 0.5, -1.2, 1.2, 13, (128, 256, 512, 256, 128))
+    t = train_config("caloclouds", model_config={"preset": "published"})
+    assert (t.optimizer, t.lr, t.schedule, t.warmup, t.ema_decay, t.ema_warmup, t.batch_size, t.grad_clip) == \
+        ("radam", 1e-4, "constant", 0, 0.9999, "power", 128, 10.0)
+    assert training_defaults("caloclouds") == PRESETS["calopc"]["train"] == training_defaults("caloclouds", {})
+    assert training_defaults("caloclouds") != training_defaults("caloclouds", {"preset": "published"})
+    mine = CaloCloudsConfig.from_dict({})
+    assert all(getattr(mine, k) == (tuple(v) if isinstance(v, list) else v) for k, v in PRESETS["calopc"]["model"].items())
+    assert CaloCloudsConfig.from_dict({"preset": "published", "widths": [32, 64]}).widths == (32, 64)   # given wins
+    with pytest.raises(ValueError, match="preset must be one of calopc, published"):
+        CaloCloudsConfig.from_dict({"preset": "fast"})
+    with pytest.raises(ValueError, match="preset must be one of calopc, published"):
+        training_defaults("caloclouds", {"preset": "fast"})
+    with pytest.raises(ValueError, match="overflow must be one of move, merge"):
+        CaloCloudsConfig(overflow="drop")
+    old = {k: v for k, v in asdict(CaloCloudsConfig(n_layers=3, shower_features=6)).items()
+           if k not in ("overflow", "dequantisation", "preset")}
+    back = CaloCloudsConfig.from_dict(old)
+    assert (back.overflow, back.dequantisation) == ("merge", "uniform")
+
+
+def _fixed_sampler(model: CaloClouds, seed: int = 1):
+    """Replace the sampler by standard normal features (radii well inside their layers), the same for a seed."""
+    def fake(cond, shower, shower_of, layer, **kw):
+        return torch.randn(shower_of.shape[0], len(model.point_dims), generator=torch.Generator().manual_seed(seed))
+
+    model.sample_points = fake
+    return model
+
+
+def test_overflow_move_fills_rings_without_a_second_point_per_cell(data):
+    """``overflow="move"``: α is left to the placement and no (layer, r) ring of a shower holds more points than
+    its α bins (the least energetic points move); the layer counts and energies are kept; ``"merge"`` keeps α."""
+    from calopc.models.cells import locate, place
+
+    _, prep, _ = data
+    geo = prep.geometry
+    model = _fixed_sampler(make(prep, alpha="model").eval())     # α modelled
+    e = np.full(6, 9e4)
+    torch.manual_seed(4)
+    kept = model.generate(e, prep, overflow="merge")
+    torch.manual_seed(4)
+    g = model.generate(e, prep, overflow="move")
+    assert kept.alpha is not None and g.alpha is None
+    torch.testing.assert_close(g.counts, kept.counts)
+    torch.testing.assert_close(g.E, kept.E)                        # same points, same energies: only radii change
+    shower = torch.repeat_interleave(torch.arange(6), g.counts)
+    inside, rb, _ = locate(geo, g.layer, g.r)
+    ring = (shower * geo.n_layers + g.layer) * max(geo.n_r) + rb
+    per_ring = torch.zeros(int(ring.max()) + 1, dtype=torch.int64).index_add_(0, ring, torch.ones_like(ring))
+    assert inside.all() and (per_ring[ring] <= torch.as_tensor(geo.n_alpha)[g.layer]).all()
+    before = locate(geo, kept.layer, kept.r)[1]
+    assert int(g.n_moved_ring) == int((rb != before).sum()) > 0
+    out = rb > before                        # the points a full ring passed outwards are its least energetic ones
+    assert out.any()
+    for key in torch.unique((ring - rb + before)[out]):
+        members = (ring - rb + before) == key
+        assert g.E[members & out].max() <= g.E[members & (rb == before)].min()
+    pl = place(g, geo, policy="alpha-free", generator=torch.Generator().manual_seed(0))
+    assert pl.stats["n_collisions"] == 0 and pl.stats["n_merged"] == 0
+    with pytest.raises(ValueError, match="overflow must be one of move, merge"):
+        model.generate(e, prep, overflow="spill")
+    free = _fixed_sampler(make(prep, alpha="free").eval())          # α free: "move" by default
+    torch.manual_seed(4)
+    assert free.generate(e, prep).alpha is None and int(free.generate(e, prep).n_moved_ring) > 0
+
+
+def test_generation_inverts_the_runs_dequantisation(toy_parquet):
+    """With ``dequantisation="cdf"`` the preprocessing is fitted with it and generation maps the sampled features
+    back through the run's own inverse (not the uniform one)."""
+    ds = ShowerDataset.from_parquet(toy_parquet)
+    cfg = CaloCloudsConfig.from_dict({**TINY_CC, "dequantisation": "cdf", "alpha": "model"})
+    prep = ds.fit_preprocessor(**cfg.preprocessing())
+    assert prep.dequantisation == "cdf"
+    torch.manual_seed(0)
+    model = CaloClouds(cfg.with_data(prep)).eval()
+    fixed = {}
+
+    def fake(cond, shower, shower_of, layer, **kw):
+        y = torch.randn(shower_of.shape[0], len(model.point_dims), generator=torch.Generator().manual_seed(1))
+        fixed["y"], fixed["layer"] = y, layer
+        return y
+
+    model.sample_points = fake
+    g = model.generate(np.array([2e4, 5e4]), prep, overflow="merge")
+    zar, _ = prep.inverse_points_layer(fixed["y"].numpy(), fixed["layer"].numpy())
+    np.testing.assert_allclose(g.r.numpy(), zar[:, 2], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g.alpha.numpy(), zar[:, 1], rtol=1e-6, atol=1e-9)
+
+
+def test_distillation_thins_the_loss_as_the_teacher_did(toy_parquet, tmp_path, monkeypatch):
+    """Without ``points_per_shower`` the student's loss samples as many points per shower as the teacher's
+    ``points_per_shower_loss`` (recorded resolved); an explicit value wins."""
+    from calopc.models.train import TrainConfig, train
+
+    run = tmp_path / "teacher"
+    train("caloclouds", toy_parquet, run, model_config={**TINY_CC, "points_per_shower_loss": 2},
+          config=TrainConfig(steps=2, batch_size=8, warmup=0, device="cpu", progress=False))
+    seen = []
+    real = CaloClouds.subsample
+    monkeypatch.setattr(CaloClouds, "subsample", staticmethod(lambda so, b, k: seen.append(k) or real(so, b, k)))
+    for given, want in ((None, 2), (0, 0)):
+        seen.clear()
+        out = tmp_path / f"cm{given}"
+        distill(run, out, config=DistillConfig(steps=2, batch_size=8, device="cpu", progress=False,
+                                               points_per_shower=given))
+        assert json.loads((out / "distill_options.json").read_text())["distill"]["points_per_shower"] == want
+        assert seen == ([2, 2] if want else [])

@@ -185,7 +185,7 @@ def test_distilled_student_is_closer_to_the_teacher_than_before(tmp_path, toy_pa
           config=TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, device="cpu", progress=False, log_every=20,
                              ema_decay=0.9))
     cm = tmp_path / "cm"
-    distill(run, cm, config=DistillConfig(steps=300, batch_size=8, lr=1e-3, device="cpu", progress=False, log_every=50))
+    distill(run, cm, config=DistillConfig(steps=300, batch_size=8, device="cpu", progress=False, log_every=50))  # default lr
     teacher = load(run).model
     student = load(cm).model
     untrained = CaloClouds(replace(teacher.config, consistency=True, steps=1))
@@ -234,31 +234,89 @@ def test_family_training_defaults_and_cli_order(tmp_path):
     import argparse
 
     from calopc.cli.models import register, resolve_train_args
+    from calopc.models.caloclouds import PRESETS
+    from calopc.models.train import UNTIL_TIME_LIMIT
 
     assert training_defaults("calopointflow") == {}
     cc = train_config("caloclouds")
-    assert (cc.optimizer, cc.lr, cc.schedule, cc.warmup, cc.ema_decay, cc.ema_warmup, cc.batch_size, cc.grad_clip) == \
-        ("radam", 1e-4, "constant", 0, 0.9999, "power", 128, 10.0)
-    pytest.importorskip("torch_geometric")
-    dt = train_config("deeptree", steps=7)
-    assert (dt.schedule, dt.warmup, dt.grad_clip, dt.ema_decay, dt.batch_size, dt.steps) == ("constant", 0, 0.0, 0.0, 40, 7)
+    assert {k: getattr(cc, k) for k in PRESETS["calopc"]["train"]} == PRESETS["calopc"]["train"]
+    pub = train_config("caloclouds", model_config={"preset": "published"})
+    assert (pub.optimizer, pub.lr, pub.schedule, pub.warmup, pub.ema_decay, pub.ema_warmup, pub.batch_size,
+            pub.grad_clip) == ("radam", 1e-4, "constant", 0, 0.9999, "power", 128, 10.0)
     p = argparse.ArgumentParser()
     register(p.add_subparsers())
     data = tmp_path / "d.parquet"
-    args = p.parse_args(["train", "caloclouds", "--data", str(data), "-o", str(tmp_path / "o"), "--lr", "3e-4",
-                         "--set", "train.grad_clip=2"])
-    _, t = resolve_train_args(args)
-    assert (t["optimizer"], t["lr"], t["grad_clip"], t["batch_size"]) == ("radam", 3e-4, 2, 128)   # flags over family
+    base = ["train", "caloclouds", "--data", str(data), "-o", str(tmp_path / "o")]
+    _, t = resolve_train_args(p.parse_args([*base, "--set", "model.preset=published", "--lr", "3e-4",
+                                            "--set", "train.grad_clip=2"]))
+    assert (t["optimizer"], t["lr"], t["grad_clip"], t["batch_size"]) == ("radam", 3e-4, 2, 128)   # flags over preset
+    _, t = resolve_train_args(p.parse_args(base))
+    assert {k: t[k] for k in PRESETS["calopc"]["train"]} == PRESETS["calopc"]["train"]           # the default recipe
+    # a time limit without --steps: the clock alone ends the run (and shapes the schedule); --steps still wins
+    _, t = resolve_train_args(p.parse_args([*base, "--time-limit", "60"]))
+    assert t["steps"] == UNTIL_TIME_LIMIT and t["time_limit"] == 60
+    _, t = resolve_train_args(p.parse_args([*base, "--time-limit", "60", "--steps", "7"]))
+    assert t["steps"] == 7
+    assert resolve_train_args(p.parse_args(base))[1]["steps"] == TrainConfig().steps
+    with pytest.raises(ValueError, match="preset must be one of"):
+        resolve_train_args(p.parse_args([*base, "--set", "model.preset=fast"]))
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="sgd").validate()
+    pytest.importorskip("torch_geometric")
+    dt = train_config("deeptree", steps=7)
+    assert (dt.schedule, dt.warmup, dt.grad_clip, dt.ema_decay, dt.batch_size, dt.steps) == ("constant", 0, 0.0, 0.0, 40, 7)
+
+
+def test_snapshots_are_loadable_runs_of_one_training(tmp_path, toy_parquet):
+    """``snapshots``: the model after the first step past each time is kept as a loadable run directory (with its
+    step); times after the end of the run are not written; ``overwrite`` removes the replaced run's snapshots."""
+    from calopc.models.checkpoint import load, read_config
+    from calopc.models.train import train
+
+    out = tmp_path / "cc"
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=0, device="cpu", progress=False, log_every=1)
+    res = train("caloclouds", toy_parquet, out, model_config=TINY_CC, config=cfg, snapshots=[1e9, 0.0])
+    assert [(s["seconds"], s["step"]) for s in res["snapshots"]] == [(0.0, 1)]
+    snap = out / "snapshot-0s"
+    assert read_config(snap)["train"]["snapshot"]["step"] == 1 and not (tmp_path / "cc" / "snapshot-1e+09s").exists()
+    first, last = load(snap).model, load(out).model
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+    (out / "snapshot-5s").mkdir()                             # a snapshot of an earlier run in the same directory
+    train("caloclouds", toy_parquet, out, model_config=TINY_CC, config=replace(cfg, steps=1), overwrite=True)
+    assert not (out / "snapshot-5s").exists() and not snap.exists()
+    with pytest.raises(ValueError, match="snapshots"):
+        train("caloclouds", toy_parquet, tmp_path / "bad", model_config=TINY_CC, config=cfg, snapshots=[-1.0])
+
+
+def test_process_clock_budgets_cpu_seconds(tmp_path, toy_parquet, monkeypatch):
+    """``clock="process"``: the time limit, the schedule over it and the snapshots count the process's CPU
+    seconds (an injected clock that advances 1 s per reading ends the run after a few steps; the wall clock
+    does not)."""
+    import time
+
+    from calopc.models.train import train
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
+    cfg = TrainConfig(steps=1000, batch_size=8, warmup=0, device="cpu", progress=False, log_every=1,
+                      time_limit=12.0, clock="process", checkpoint_every=10**6)
+    res = train("caloclouds", toy_parquet, tmp_path / "cc", model_config=TINY_CC, config=cfg, snapshots=[4.0])
+    assert res["steps"] < 12 and res["clock_seconds"] > 12
+    recs = [json.loads(line) for line in (tmp_path / "cc" / "stats.jsonl").read_text().splitlines()]
+    assert "process_seconds" in recs[-1] and recs[-1]["lr"] < recs[0]["lr"]
+    assert res["snapshots"] and res["snapshots"][0]["step"] < res["steps"]
+    with pytest.raises(ValueError, match="clock"):
+        TrainConfig(clock="gpu").validate()
 
 
 def test_radam_and_power_ema_train(tmp_path, toy_parquet):
     from calopc.models.train import train
 
     out = tmp_path / "cc"
-    res = train("caloclouds", toy_parquet, out, model_config=TINY_CC,
-                config=train_config("caloclouds", steps=3, batch_size=8, device="cpu", progress=False, log_every=1))
+    pub = {**TINY_CC, "preset": "published"}
+    res = train("caloclouds", toy_parquet, out, model_config=pub,     # the published recipe follows the preset
+                config=train_config("caloclouds", model_config=pub, steps=3, batch_size=8, device="cpu", progress=False,
+                                    log_every=1))
     assert res["steps"] == 3
     opts = json.loads((out / "training_options.json").read_text())["train"]
     assert opts["optimizer"] == "radam" and opts["ema_warmup"] == "power"

@@ -1,0 +1,66 @@
+"""The fidelity benchmark's table logic (benchmarks/fidelity.py): the classifier epochs of every row, snapshot
+rows, the options that name them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _import_fidelity():
+    """benchmarks/fidelity.py, with its ``models`` (benchmarks/models.py) rather than the tests' package of that name."""
+    saved = sys.modules.pop("models", None)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module("fidelity")
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("models", None)
+        if saved is not None:
+            sys.modules["models"] = saved
+
+
+fidelity = _import_fidelity()
+
+
+def _row(name: str, **kw) -> dict:
+    return {"name": name, "model": "calopointflow", "dataset": "2", "budget_s": 900.0, "steps": 2059,
+            "auc_low": 0.9, "auc_high": 0.7, **kw}
+
+
+def test_rows_show_the_classifier_epochs_they_were_read_with():
+    rows = fidelity.table_rows([
+        _row("old", classifier={"hidden": 2048, "epochs": 10, "seeds": 1}),                 # written before the field
+        _row("new", classifier={"hidden": 2048, "epochs": 50, "seeds": 1}, classifier_epochs=50),
+        _row("no-cls", auc_low=None, auc_high=None, classifier={"epochs": 50}, classifier_epochs=None),
+    ])
+    assert [r["cls epochs"] for r in rows] == ["10", "50", "–"]
+    md = fidelity.markdown([_row("new", classifier={"hidden": 2048, "epochs": 50, "seeds": 1}, classifier_epochs=50)])
+    assert "| cls epochs |" in md.splitlines()[4] and "50 epochs" in md
+
+
+def test_snapshot_rows_name_their_run_and_time():
+    entry = fidelity.Entry.parse("cpf-II-thin")
+    snaps = [{"seconds": 300.0, "step": 700, "elapsed": 300.4, "path": "/x/run/snapshot-300s"},
+             {"seconds": 900.0, "step": 2050, "elapsed": 900.1, "path": "/x/run/snapshot-900s"}]
+    subs = fidelity.snapshot_entries(entry, {"snapshots": snaps})
+    assert [e.name for e in subs] == ["cpf-II-thin/300s", "cpf-II-thin/900s"]
+    assert all(e.source == "cpf-II-thin" and e.model == "calopointflow" for e in subs)
+    assert subs[0].snapshot == snaps[0] and fidelity.snapshot_entries(entry, {}) == []
+    row = _row("cpf-II-thin/300s", budget_s=300.0, steps=700, snapshot_of="cpf-II-thin", snapshot=snaps[0],
+               run_budget_s=2700.0, classifier_epochs=50, clock="process")
+    t = fidelity.table_rows([row])[0]
+    assert (t["entry"], t["budget s"], t["steps"], t["cls epochs"]) == ("cpf-II-thin/300s", "300 CPU", "700", "50")
+    md = fidelity.markdown([row])
+    assert "snapshot of the run of `cpf-II-thin` after 300 s (step 700" in md and "spans the run's 2700 s" in md
+
+
+def test_snapshot_times_are_checked():
+    assert fidelity._seconds_list("900, 300") == [300.0, 900.0]
+    for bad in ("", "300,x", "0", "-5,10"):
+        with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
+            fidelity._seconds_list(bad)
