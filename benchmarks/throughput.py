@@ -23,7 +23,12 @@ synthetic data made like ``calopc synth`` + ``calopc convert`` in a temporary fo
     :mod:`calopc.models.opcount`, with the CUDA code path: no read-back to skip non-finite
     steps), of one generation batch (model sampling; placement in cells counted apart) and of
     the shower model's sampling; CPU training showers/s (:func:`~calopc.models.train.train`)
-    and end-to-end generation to HDF5 showers/s (sampling alone and the whole call);
+    and end-to-end generation to HDF5 showers/s (sampling alone and the whole call); with
+    ``--step-steps K``, the wall-clock and CPU seconds of one training step (median of K, one
+    thread) at the family's training defaults (batch size included, ``--step-batch`` to change
+    it) with the model config of ``--rev-config`` (``fidelity``: each revision's own
+    ``CPU_CONFIG`` of ``benchmarks/fidelity.py``) and ``--set``; ``--rounds R`` alternates the
+    two revisions R times (a shared CPU's load moves);
 
 at batch 128 and 512 on dataset 2 and 128 on dataset 3 (``--configs``). It also counts the
 operations of one training step with ``torch.profiler`` (a proxy of kernel launches: leaf
@@ -35,6 +40,8 @@ Usage::
     python benchmarks/throughput.py --device cpu --n-train 1024 --steps 8
     python benchmarks/throughput.py --model calopointflow --device cuda --n-train 20000 --steps 100
     python benchmarks/throughput.py --parts revs --steps 4 --n-generate 128      # old vs new: ops, syncs, rates
+    python benchmarks/throughput.py --parts revs --model deeptree --baseline main --no-rates --rev-config fidelity \
+        --step-steps 5 --rounds 3                                                 # DeepTree step time, old vs new
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -354,9 +362,19 @@ with tempfile.TemporaryDirectory() as tmpd:
     h5 = write_synthetic(tmp / "ds2.hdf5", dataset="2", n=args["n_train"], seed=0)
     pq = convert_file(h5, tmp / "ds2.parquet", progress=False)
     ds = ShowerDataset.from_parquet(pq)
+    import calopc
+    base_cfg = {}
+    if args["config_source"] == "fidelity":   # this revision's CPU sizes of the fidelity table
+        import ast
+        fid = Path(calopc.__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+        for node in ast.parse(fid.read_text()).body:   # the literal, without importing the script
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CPU_CONFIG":
+                base_cfg = ast.literal_eval(node.value)
     for name, mcfg in args["models"]:
         label = name + ("" if not mcfg else ":" + ",".join(f"{k}={v}" for k, v in mcfg.items()))
         r = out.setdefault(label, {})
+        mcfg = {**base_cfg.get(name, {}), **mcfg}
+        r["config"] = mcfg
         try:
             mc, cc = get_model(name)
             cfg = cc.from_dict(dict(mcfg))
@@ -387,6 +405,39 @@ with tempfile.TemporaryDirectory() as tmpd:
             one(0); one(1)
             c = oc.count_dispatch(lambda: one(2))
             r["train_ops"], r["train_syncs"], r["train_sync_names"] = c.ops, c.syncs, dict(c.sync_names)
+            if args["step_steps"]:
+                # one training step at the family's training defaults (batch size, optimizers, EMA), one thread
+                td = tr.training_defaults(name) if hasattr(tr, "training_defaults") else {}
+                sb = args["step_batch"] or int(td.get("batch_size", 32))
+                scfg = tr.TrainConfig.from_dict({**td, "batch_size": sb, "device": "cpu", "steps": 10**6})
+                torch.manual_seed(0)
+                sm = mc(cfg.with_data(prep)).train()
+                sbatch = next(iter(iterate_batches(ds, DeviceCollate(prep, "cpu", seed=0), sb, seed=0)))
+                tr._fast_splines(sm, "on", torch.device("cpu"))
+                sopts = dict(sm.configure_optimizers(scfg)) if custom else {"model": mk(sm, scfg)}
+                sst = tr._Stepper(sopts, scfg, torch.device("cpu"), 1)
+                sema = EMA(sm, scfg.ema_decay) if scfg.ema_decay > 0 else None
+                def sback(loss, n):
+                    sopts[n].zero_grad(set_to_none=True)
+                    loss.backward()
+                    sst.update(n)
+                def sone(i):
+                    if custom:
+                        sm.training_step(sbatch, i, sback)
+                    else:
+                        sback(sm(sbatch), "model")
+                    if sema is not None:
+                        sema.update(sm, i)
+                sone(0); sone(1)
+                walls, cpus = [], []
+                for i in range(args["step_steps"]):
+                    t, c0 = time.perf_counter(), time.process_time()
+                    sone(2 + i)
+                    walls.append(time.perf_counter() - t)
+                    cpus.append(time.process_time() - c0)
+                r.update(step_batch=sb, step_points=int(sbatch.n.sum()), step_wall_s=sorted(walls),
+                         step_cpu_s=sorted(cpus), step_params=sum(p.numel() for p in sm.parameters()))
+                del sm, sopts, sst, sema
             model.eval()
             e = np.exp(np.random.default_rng(0).uniform(math.log(1e3), math.log(1e6), args["gen_batch"]))
             with torch.no_grad():
@@ -423,31 +474,51 @@ print(json.dumps(out))
 
 def bench_revisions(baseline: str, models: list[tuple[str, dict]], *, n_train: int, steps: int, n_generate: int,
                     count_batch: int = 8, train_batch: int = 32, gen_batch: int = 4, rates: bool = True,
+                    config_source: str = "default", step_steps: int = 0, step_batch: int = 0, rounds: int = 1,
                     timeout: float = 3600) -> dict:
-    """Ops, syncs and CPU rates of the ``baseline`` git revision and of the working tree (one subprocess each)."""
+    """Ops, syncs and CPU rates of the ``baseline`` git revision and of the working tree (one subprocess each,
+    ``rounds`` times alternating; the step times of all rounds are pooled, the other figures are the last round's)."""
     import os
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     args = {"opcount": str(root / "calopc" / "models" / "opcount.py"), "n_train": n_train, "steps": steps,
             "n_generate": n_generate, "count_batch": count_batch, "train_batch": train_batch, "gen_batch": gen_batch,
-            "models": models, "rates": rates}
-    out = {}
+            "models": models, "rates": rates, "config_source": config_source, "step_steps": step_steps,
+            "step_batch": step_batch}
+    out: dict = {}
     with tempfile.TemporaryDirectory() as tmpd:
         old = Path(tmpd) / "old"
         old.mkdir()
         arch = subprocess.run(["git", "-C", str(root), "archive", baseline], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=arch, check=True)
-        for label, tree in (("old", old), ("new", root)):
-            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            print(f"-- revs: {label} ({baseline if label == 'old' else 'working tree'})", file=sys.stderr, flush=True)
-            p = subprocess.run([sys.executable, "-c", _REV_SCRIPT, json.dumps(args)], env=env, cwd=tmpd,
-                               capture_output=True, text=True, timeout=timeout)
-            if p.returncode != 0:
-                out[label] = {"error": p.stderr[-2000:]}
-                continue
-            out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+        for rnd in range(rounds):
+            for label, tree in (("old", old), ("new", root)):
+                env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                print(f"-- revs: {label} ({baseline if label == 'old' else 'working tree'}), round {rnd + 1}/{rounds}, "
+                      f"load {_load()}", file=sys.stderr, flush=True)
+                p = subprocess.run([sys.executable, "-c", _REV_SCRIPT, json.dumps(args)], env=env, cwd=tmpd,
+                                   capture_output=True, text=True, timeout=timeout)
+                if p.returncode != 0:
+                    out[label] = {"error": p.stderr[-2000:]}
+                    continue
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                for m, r in res.items():   # pool the step times over the rounds
+                    prev = out.get(label, {}).get(m, {})
+                    for k in ("step_wall_s", "step_cpu_s"):
+                        if k in r:
+                            r[k] = sorted(prev.get(k, []) + r[k])
+                out[label] = res
+    out["load"] = _load()
     return out
+
+
+def _load() -> str:
+    """The 1-, 5- and 15-minute load averages and the number of CPUs (a shared CPU's load moves the timings)."""
+    try:
+        return f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} ({os.cpu_count()} CPUs)"
+    except OSError:
+        return f"n/a ({os.cpu_count()} CPUs)"
 
 
 def _rev_table(res: dict, baseline: str) -> None:
@@ -481,6 +552,19 @@ def _rev_table(res: dict, baseline: str) -> None:
         for lab, r in (("old", a), ("new", b)):
             if "error" in r:
                 print(f"   {m} {lab}: {r['error'][:300]}")
+        if a.get("step_cpu_s") and b.get("step_cpu_s"):
+            def med(v: list) -> float:
+                return float(np.median(v))
+
+            print(f"   {m} training step (one thread; median of {len(a['step_cpu_s'])} / {len(b['step_cpu_s'])} steps), "
+                  f"batch {a['step_batch']} / {b['step_batch']} ({a['step_points']:,} / {b['step_points']:,} points): "
+                  f"wall {med(a['step_wall_s']):.3f} → {med(b['step_wall_s']):.3f} s "
+                  f"({med(a['step_wall_s']) / med(b['step_wall_s']):.2f}x), "
+                  f"CPU {med(a['step_cpu_s']):.3f} → {med(b['step_cpu_s']):.3f} s "
+                  f"({med(a['step_cpu_s']) / med(b['step_cpu_s']):.2f}x); parameters {a['step_params']:,} → "
+                  f"{b['step_params']:,}; config {a.get('config')} → {b.get('config')}")
+    if "load" in res:
+        print(f"load average after the runs: {res['load']}")
 
 
 def main() -> int:
@@ -497,6 +581,14 @@ def main() -> int:
     ap.add_argument("--baseline", default="7bfc57c~1",
                     help="revs: the git revision measured as 'old' (default: %(default)s, before the GPU-readiness change)")
     ap.add_argument("--no-rates", action="store_true", help="revs: counts only, no training/generation rates")
+    ap.add_argument("--rev-config", choices=("default", "fidelity"), default="default",
+                    help="revs: model configs, the families' defaults or each revision's CPU_CONFIG of "
+                         "benchmarks/fidelity.py (then --set) (default: %(default)s)")
+    ap.add_argument("--step-steps", type=int, default=0,
+                    help="revs: time this many training steps at the family's training defaults (default: %(default)s)")
+    ap.add_argument("--step-batch", type=int, default=0,
+                    help="revs: batch size of the timed steps (default: the family's training default)")
+    ap.add_argument("--rounds", type=int, default=1, help="revs: alternate old and new this many times (default: %(default)s)")
     ap.add_argument("--parts", default="pipeline,step,loop,generate,ops",
                     help="what to measure; ops: leaf aten ops of one step at the model's default size, first config "
                          "only; revs: ops, syncs and CPU rates of --baseline vs the working tree; place: points to voxels alone, old vs new, on random showers (BATCH showers) "
@@ -523,11 +615,12 @@ def main() -> int:
         overrides.setdefault(m, {})[key] = val
     parts = set(args.parts.split(","))
     if "revs" in parts:
-        rev_models = [(m, {}) for m in models]
+        rev_models = [(m, overrides.get(m, {})) for m in models]
         if "caloclouds" in models:
-            rev_models.append(("caloclouds", {"denoiser": "transformer"}))
+            rev_models.append(("caloclouds", {**overrides.get("caloclouds", {}), "denoiser": "transformer"}))
         res = bench_revisions(args.baseline, rev_models, n_train=max(args.n_train, 64), steps=args.steps,
-                              n_generate=args.n_generate, rates=not args.no_rates)
+                              n_generate=args.n_generate, rates=not args.no_rates, config_source=args.rev_config,
+                              step_steps=args.step_steps, step_batch=args.step_batch, rounds=args.rounds)
         _rev_table(res, args.baseline)
         if args.json is not None:
             args.json.write_text(json.dumps({"revs": res, "baseline": args.baseline}, indent=2) + "\n")

@@ -161,6 +161,98 @@ def test_training_step_updates_all_three_networks(toy):
     assert all(p.requires_grad for p in m.critic.parameters())
 
 
+@pytest.mark.parametrize("critic_steps", [1, 2])
+def test_training_step_shows_one_draw_of_showers_to_both_updates(toy, critic_steps):
+    """A step runs the generator once per critic update; the last draw (with the generator's graph) is shown to
+    the critic for its update and then, after it, for the generator's; the real batch is seen once per
+    critic update and its features there are the feature-matching target (three critic passes per step
+    with one critic update, not four)."""
+    _, prep, batch = toy
+    m = _model(prep, critic_steps=critic_steps).train()
+    opts = m.configure_optimizers(None)
+    seen, draws = [], []
+    critic_forward, points = m.critic.forward, m.generator.points
+
+    def spy_critic(x, layer, mask, cond, shower, packed=None):
+        d, f = critic_forward(x, layer, mask, cond, shower, packed)
+        seen.append(("real" if x is batch.x else "fake", packed[0].data_ptr(), f.detach().clone()))
+        return d, f
+
+    def spy_points(*a, **k):
+        out = points(*a, **k)
+        draws.append(out[0].data_ptr())
+        return out
+
+    def backward(loss, name):
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+
+    m.critic.forward, m.generator.points = spy_critic, spy_points
+    fm_targets = []
+    generator_loss = m.generator_loss
+    m.generator_loss = lambda *a: (fm_targets.append(a[3]), generator_loss(*a))[1]
+    m.training_step(batch, 0, backward)
+    assert [k for k, *_ in seen] == ["real", "fake"] * critic_steps + ["fake"]
+    assert len(draws) == critic_steps
+    assert seen[-1][1] == seen[-2][1] == draws[-1]          # the same generated points for both updates
+    assert torch.equal(fm_targets[0], seen[-3][2])            # the real features of the last critic update
+
+
+def test_packed_chunked_attention_is_the_padded_attention():
+    """Attention of shared queries to the real entries packed, in chunks that each hold one shower's entries,
+    gives the masked attention over the padded layout: values and gradients, for showers over several
+    chunks, of one entry, filling a chunk exactly, and with spare chunks."""
+    from calopc.models.deeptree.critics import _Attention, chunk_layout
+
+    torch.manual_seed(0)
+    att = _Attention(8, 2, sn=False)
+    n = torch.tensor([5, 1, 9, 4])
+    b, n_max, total = len(n), int(n.max()), int(n.sum())
+    owner, valid, src = chunk_layout(n, total, size=4)
+    assert owner.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4]      # ceil(19 / 4) + 4 = 9 chunks, 2 spare ones
+    assert valid.sum(1).tolist() == [4, 1, 1, 4, 4, 1, 4, 0, 0]
+    assert src.view(-1, 4)[valid].tolist() == list(range(total))
+    mask = torch.arange(n_max)[None] < n[:, None]
+    packed = torch.randn(total, 8, requires_grad=True)
+    padded = torch.zeros(b, n_max, 8).index_put(torch.nonzero(mask, as_tuple=True), packed)
+    seeds = torch.randn(3, 8)
+    weight = torch.randn(b, 3, 8)
+    want = att(seeds, padded, mask)
+    got = att.forward_packed(seeds, packed, (owner, valid, src), b)
+    assert torch.allclose(got, want, atol=1e-5)
+    params = [packed, *att.parameters()]
+    g_want = torch.autograd.grad((want * weight).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * weight).sum(), params, allow_unused=True)
+    for p, gw, gg in zip(params, g_want, g_got):
+        if p is att.k.bias:      # a key bias shifts every logit of a query alike: no effect, zero gradient
+            assert float(gw.abs().max()) < 1e-5 and float(gg.abs().max()) < 1e-5
+            continue
+        assert torch.allclose(gg, gw, atol=1e-5), p.shape
+
+
+def test_critic_point_embedding_is_the_first_layer_on_the_concatenated_inputs(toy):
+    """The per-point critic input (summed per (shower, layer) and gathered) is the first linear layer applied to
+    the point features, r·(cos α, sin α), layer embedding and position, the layer's shower features and the
+    condition projection."""
+    _, prep, batch = toy
+    m = _model(prep).eval()
+    inp = m.critic.inp
+    cond = m.condition(batch.cond, batch.n, batch.shower)
+    h, shower_of, idx = inp.embed(batch.x, batch.layer, batch.mask, cond, batch.shower)
+    n_l = m.config.n_layers
+    xm, lay = batch.x[batch.mask], batch.layer[batch.mask]
+    u = torch.sigmoid(xm[:, :2] * inp.std + inp.mean)
+    ang = (2 * u[:, 0] - 1) * math.pi
+    xy = torch.stack([u[:, 1] * torch.cos(ang), u[:, 1] * torch.sin(ang)], -1)
+    pos = 2 * lay.float() / (n_l - 1) - 1
+    per_layer = torch.stack([batch.shower[shower_of, lay], batch.shower[shower_of, n_l + lay]], -1)
+    first = inp.point(torch.cat([xm, xy, inp.layer_embed(lay), pos[:, None], per_layer], -1))
+    want = inp.out(torch.nn.functional.leaky_relu(first + inp.cond(cond)[shower_of], 0.2))
+    assert torch.allclose(h, want, atol=1e-5)
+    assert torch.equal(idx, batch.mask.reshape(-1).nonzero().squeeze(1))
+
+
 def test_generate_counts_layers_energies_and_rotation(toy, monkeypatch):
     ds, prep, _ = toy
     m = _model(prep).eval()

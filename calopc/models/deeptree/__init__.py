@@ -27,7 +27,12 @@ Both see the same per-point inputs: the point features, the layer of the point, 
 (count, energy) shower features and the condition. Training: hinge loss plus 0.1 feature
 matching (critic features of real and generated showers), Adam with separate learning rates
 for generator (1e-5) and critic (3e-5) and ``critic_steps`` critic updates per generator
-update, through the custom training-step interface of :mod:`.train`.
+update, through the custom training-step interface of :mod:`.train`. One draw of generated showers
+serves the last critic update and the generator update, and the critic's pass over the real batch
+gives the feature-matching target: three critic passes and one generator pass per step. The pool
+critic's first level attends to the real points only, packed in chunks of one shower each (the
+padded layout has 2.7× more slots on dataset 2); both are the same functions as the textbook
+versions (see :meth:`DeepTree.training_step` and :meth:`critics._Attention.forward_packed`).
 
 Usage::
 

@@ -20,7 +20,7 @@ def _leaves(branches: tuple[int, ...]) -> int:
 class _OncePerUpdateSpectralNorm(_SpectralNorm):
     """torch's spectral normalisation with one power iteration per weight update instead of one per forward
     pass in train mode: the first forward after :func:`_sn_weights_changed` iterates, the others reuse
-    ``u, v``. The critic runs 4 passes per training step but is updated once (same state-dict keys as
+    ``u, v``. The critic runs 3 passes per training step but is updated once (same state-dict keys as
     :func:`torch.nn.utils.parametrizations.spectral_norm`)."""
 
     def __init__(self, weight: torch.Tensor) -> None:

@@ -285,16 +285,26 @@ class DeepTree(nn.Module):
     def critic_loss(self, batch: Batch, fake: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     cond: torch.Tensor) -> torch.Tensor:
         """Hinge loss of the critic, averaged over its sub-critics."""
-        d_real, _ = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
+        return self._critic_loss(batch, fake, cond)[0]
+
+    def _critic_loss(self, batch: Batch, fake: tuple[torch.Tensor, ...], cond: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`critic_loss` and the critic features of the real showers (detached, for feature matching)."""
+        d_real, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
         d_fake, _ = self.critic(*fake[:3], cond, batch.shower, *fake[3:])
-        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean(), f_real.detach()
 
     def generator_loss(self, batch: Batch, fake: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hinge generator loss + ``feature_matching`` × feature matching; returns ``(total, feature matching)``."""
+                       cond: torch.Tensor, f_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hinge generator loss + ``feature_matching`` × feature matching; returns ``(total, feature matching)``.
+
+        ``f_real``: the critic features of the real showers, when already computed (else one more
+        critic pass over them, without gradients).
+        """
         d_fake, f_fake = self.critic(*fake[:3], cond, batch.shower, *fake[3:])
-        with torch.no_grad():
-            _, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
+        if f_real is None:
+            with torch.no_grad():
+                _, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
         fm = (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
         return -d_fake.mean() + self.config.feature_matching * fm, fm
 
@@ -331,23 +341,31 @@ class DeepTree(nn.Module):
         ``backward(loss, name)`` updates the optimizer ``name`` of :meth:`configure_optimizers`.
         Returns detached scalars; ``loss`` is the sum of the three losses (what the
         divergence guard watches).
+
+        Three critic passes per step (with ``critic_steps=1``), one generator pass: the showers
+        generated for the last critic update (with the generator's graph) are the ones the
+        generator is then trained on, shown to the updated critic (as the reference alternating
+        GAN loops do: one draw of noise per step); the feature-matching target is the mean critic
+        feature of the real batch from the critic update's own pass over it (before that update,
+        as in Salimans et al. 2016), not a fourth pass.
         """
         for _ in range(self.config.shower_steps):
             ls = self.shower_model.loss(batch.cond, batch.shower)
             backward(ls, "shower")
         cond = self.condition(batch.cond, batch.n, batch.shower)
         n_layer = self.layer_counts(batch)
-        for _ in range(self.config.critic_steps):
-            with torch.no_grad():
+        steps = self.config.critic_steps
+        for i in range(steps):
+            with torch.set_grad_enabled(i == steps - 1):
                 fake, packed = self._fake(batch, cond, n_layer)
+            shown = (*(t.detach() for t in fake), tuple(t.detach() for t in packed))
             with parametrize.cached():   # the spectral-normalised weights once for both passes
-                ld = self.critic_loss(batch, (*fake, packed), cond)
+                ld, f_real = self._critic_loss(batch, shown, cond)
             backward(ld, "critic")
         self.critic.requires_grad_(False)
         try:
-            fake, packed = self._fake(batch, cond, n_layer)
             with parametrize.cached():
-                lg, fm = self.generator_loss(batch, (*fake, packed), cond)
+                lg, fm = self.generator_loss(batch, (*fake, packed), cond, f_real)
             backward(lg, "generator")
         finally:
             self.critic.requires_grad_(True)
