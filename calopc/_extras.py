@@ -2,7 +2,7 @@ r"""Optional dependencies, imported on first use with an error that says how to 
 
 from __future__ import annotations
 
-__all__ = ["mplhep", "sklearn", "torch"]
+__all__ = ["mplhep", "pooch", "sklearn", "torch"]
 
 import importlib
 from types import ModuleType
@@ -19,6 +19,10 @@ def _need(module: str, extra: str, what: str) -> ModuleType:
 def mplhep() -> ModuleType:
     _need("matplotlib", "eval", "plotting")
     return _need("mplhep", "eval", "plotting")
+
+
+def pooch() -> ModuleType:
+    return _need("pooch", "download", "calopc download")
 
 
 def sklearn() -> ModuleType:

@@ -6,7 +6,7 @@ Layout:
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
-  :mod:`calopc.eval.cli`: ``evaluate``, ``compare``; :mod:`calopc.models.cli`: ``train``,
+  :mod:`calopc.cli.download`: ``download``; :mod:`calopc.eval.cli`: ``evaluate``, ``compare``; :mod:`calopc.models.cli`: ``train``,
   ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
   ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
@@ -62,6 +62,8 @@ from .options import (
 #: command -> (module defining ``register(subparsers)``, one-line help for ``calopc --help``).
 #: A test keeps the help texts equal to the ones the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("calopc.cli.download", "download the CaloChallenge datasets from Zenodo, verified against their "
+                                        "md5 sums"),
     "synth": ("calopc.cli.data", "write a synthetic shower file in the official CaloChallenge format"),
     "convert": ("calopc.cli.data", "CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)"),
     "voxelize": ("calopc.cli.data", "point-cloud Parquet -> CaloChallenge HDF5"),
