@@ -18,7 +18,7 @@ Sections (``--sections``, comma separated; default all):
 * ``writer``: writing ``--n-write`` ds3 showers to gzip HDF5 (``calopc.io.write_showers``, as
   ``voxelize`` and ``generate`` do), old vs new.
 * ``dask``: ``--n-dask`` ds3 showers in each of 2 files converted into a dataset folder
-  (``--workers 2``), then hits per layer of every shower through ``calopc.open_points``
+  (``--workers 2``), then hits per layer of every shower through ``calopc.open_points_lazy``
   (dask-awkward) on 1 and 2 worker processes, checked against the eager result.
 
 Usage::
@@ -176,7 +176,7 @@ def per_layer(points):
 if __name__ == "__main__":
     src, workers, scheduler, check = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     t = time.perf_counter()
-    ev = calopc.open_points(src)
+    ev = calopc.open_points_lazy(src)
     meta = ak.Array(ak.Array(np.zeros((0, 45), np.int64)).layout.to_typetracer(forget_length=True))
     hits = dak.map_partitions(per_layer, ev.points, meta=meta).compute(scheduler=scheduler, num_workers=workers)
     dt = time.perf_counter() - t

@@ -2,15 +2,16 @@ r"""calopc: calorimeter showers as point clouds and sparse data.
 
 Light at import: the standard library only (numpy on first use of the geometry). Subpackages (``calopc.converters``, ``calopc.eval``,
 ``calopc.models``) load on first use; torch is imported only when a model is used.
-``calopc.open_points(path_or_glob)``: the point clouds of one or several Parquet files as a lazy
-dask-awkward array (the ``dask`` extra).
+``calopc.open_points_lazy(path_or_glob)``: the point clouds of one or several Parquet files as a lazy
+dask-awkward array (the ``dask`` extra); ``calopc.converters.open_points`` reads them eagerly.
 """
 
 from __future__ import annotations
 
-__all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_geometry", "models", "open_points"]
+__all__ = ["DATASETS", "Geometry", "__version__", "converters", "eval", "load_geometry", "models", "open_points_lazy"]
 
 import importlib
+import warnings
 
 from ._version import __version__
 
@@ -20,7 +21,13 @@ _LAZY_ATTRS = {"DATASETS": "geometry", "Geometry": "geometry", "load_geometry": 
 
 
 def __getattr__(name: str):
-    if name == "open_points":  # lazy dask-awkward reader of point-cloud files, folders and globs
+    if name == "open_points_lazy":  # lazy dask-awkward reader of point-cloud files, folders and globs
+        from .converters.dataset import open_points_lazy
+
+        return open_points_lazy
+    if name == "open_points":  # the lazy reader's former name; calopc.converters.open_points is the eager one
+        warnings.warn("calopc.open_points is renamed calopc.open_points_lazy (a lazy dask-awkward array); "
+                      "calopc.converters.open_points opens files eagerly", DeprecationWarning, stacklevel=2)
         from .converters.dataset import open_points_lazy
 
         return open_points_lazy

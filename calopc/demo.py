@@ -16,8 +16,9 @@ import numpy as np
 def run_demo(out_dir: str | Path = "demo", *, dataset: str = "2", n: int = 1000, seed: int = 0,
              progress: bool = True) -> dict:
     """Write a synthetic file, convert it to points and back, check the round trip; return a summary."""
+    from ._safety import check_writable
     from .converters import convert_file, file_info, voxelize_file
-    from .io import check_writable, open_showers
+    from .hdf5 import open_showers
     from .synth import write_synthetic
 
     out = Path(out_dir)

@@ -1,6 +1,6 @@
 r"""One writer per output: a lock held for the writer's lifetime.
 
-Every output calopc writes (a file through :func:`calopc.io.atomic_output`, a run directory of
+Every output calopc writes (a file through :func:`calopc._safety.atomic_output`, a run directory of
 ``calopc train`` or ``calopc distill``, a report folder) is locked by :func:`output_lock` first.
 The lock is a small file beside the output, ``.NAME.calopc.lock``, that holds the writer's
 process id, host and start time, with an advisory ``flock`` on it:
@@ -43,6 +43,7 @@ class OutputLocked(ValueError):
 
 
 def _host() -> str:
+    """This host's name as lock records and temporary file names carry it: letters, digits, ``.`` and ``-`` (64 at most)."""
     return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
 
 
@@ -53,6 +54,7 @@ def lock_path(target: str | os.PathLike) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -21,7 +21,7 @@ lines. Work without a count reports its current stage: ``p.stage("FPD")`` →
 
 from __future__ import annotations
 
-__all__ = ["Progress", "format_seconds", "log_interval"]
+__all__ = ["Progress", "format_seconds", "log_interval", "progress_bar"]
 
 import math
 import os
@@ -204,3 +204,10 @@ class Progress:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+
+
+def progress_bar(total: int | None = None, desc: str = "", *, enabled: bool = True, unit: str = "shower",
+                 **kw: Any) -> Progress:
+    """:class:`Progress` with the unit ``"shower"`` by default: a tqdm bar when stderr is a terminal,
+    else a plain log line every ~30 s (never ``\\r`` lines in logs); nothing when not ``enabled``."""
+    return Progress(total, desc, unit=unit, enabled=enabled, **kw)

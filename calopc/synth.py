@@ -242,7 +242,9 @@ def write_synthetic(path: str | os.PathLike, *, dataset: str = "2", n: int = 100
 
     Ctrl-C or SIGTERM stops it within one block of showers and leaves no file behind.
     """
-    from .io import OutputError, progress_bar, shower_writer
+    from ._safety import OutputError
+    from .hdf5 import shower_writer
+    from .progress import progress_bar
 
     geometry = load_geometry(dataset)
     if isinstance(n, bool) or int(n) < 0:
@@ -271,7 +273,7 @@ def _generate_range(geometry: Geometry, i: int, j: int, seed: int) -> tuple[np.n
     """Showers ``i:j`` of the sequence that :func:`generate` makes for ``seed`` (``i`` a multiple of the block)."""
     inc = np.empty(j - i)
     out = np.empty((j - i, geometry.n_voxels))
-    from .io import check_interrupt
+    from ._safety import check_interrupt
 
     bs = block_size(geometry)
     for s in range(i, j, bs):

@@ -71,15 +71,15 @@ def _modules_after(code: str) -> set[str]:
 
 def test_root_help_imports_no_command_module():
     mods = _modules_after("main(['--help'])")
-    assert not {"numpy", "calopc.cli.data", "calopc.eval.cli", "calopc.models.cli", "calopc.io"} & mods
+    assert not {"numpy", "calopc.cli.data", "calopc.cli.eval", "calopc.cli.models", "calopc.io"} & mods
 
 
 def test_a_command_imports_only_its_own_module():
     mods = _modules_after("main(['info', '--help'])")
     assert "calopc.cli.data" in mods
-    assert not {"calopc.eval.cli", "calopc.models.cli", "torch"} & mods
+    assert not {"calopc.cli.eval", "calopc.cli.models", "torch"} & mods
     mods = _modules_after("main(['train', '--help'])")
-    assert "calopc.models.cli" in mods and not {"calopc.cli.data", "calopc.eval.cli", "torch"} & mods
+    assert "calopc.cli.models" in mods and not {"calopc.cli.data", "calopc.cli.eval", "torch"} & mods
 
 
 def test_command_table_matches_the_registered_commands():

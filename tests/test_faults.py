@@ -571,7 +571,7 @@ def test_every_help_has_an_example_and_writers_take_dash_o(capsys):
 
 
 def test_official_evaluate_command_line_is_understood(tmp_path, monkeypatch, capsys):
-    import calopc.eval.cli as ecli
+    import calopc.cli.eval as ecli
 
     seen = {}
 

@@ -6,8 +6,8 @@ Layout:
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
-  :mod:`calopc.cli.download`: ``download``; :mod:`calopc.eval.cli`: ``evaluate``, ``compare``; :mod:`calopc.models.cli`: ``train``,
-  ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
+  :mod:`calopc.cli.download`: ``download``; :mod:`calopc.cli.eval`: ``evaluate``, ``compare``;
+  :mod:`calopc.cli.models`: ``train``, ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
   ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
   and :func:`main`. It imports a command's module only when that command is run, so
@@ -69,13 +69,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "voxelize": ("calopc.cli.data", "point-cloud Parquet -> CaloChallenge HDF5"),
     "info": ("calopc.cli.data", "dataset, number of showers and hits/shower of an HDF5 or Parquet file"),
     "demo": ("calopc.cli.data", "the embedded default job: synthetic showers -> points -> voxels, with a summary"),
-    "evaluate": ("calopc.eval.cli",
+    "evaluate": ("calopc.cli.eval",
                  "compare a generated sample with a reference: CaloChallenge metrics, plots, report"),
-    "compare": ("calopc.eval.cli", "compare several generated samples with one reference: multi-class "
+    "compare": ("calopc.cli.eval", "compare several generated samples with one reference: multi-class "
                                    "log-posterior and a leaderboard"),
-    "train": ("calopc.models.cli", "train a generative model on point-cloud Parquet showers"),
-    "generate": ("calopc.models.cli", "generate showers from a trained run directory"),
-    "distill": ("calopc.models.cli", "distil a caloclouds run into a one-step consistency model"),
+    "train": ("calopc.cli.models", "train a generative model on point-cloud Parquet showers"),
+    "generate": ("calopc.cli.models", "generate showers from a trained run directory"),
+    "distill": ("calopc.cli.models", "distil a caloclouds run into a one-step consistency model"),
 }
 
 _EPILOG = """\
@@ -146,14 +146,14 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- main
 def _raise_sigterm(signum: int, frame: object) -> None:
-    from ..io import Interrupted
+    from .._safety import Interrupted
 
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc.io.Interrupted` like Ctrl-C does."""
+    """SIGTERM (Slurm, ``timeout``, ``kill``) raises :class:`~calopc._safety.Interrupted` like Ctrl-C does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -189,7 +189,7 @@ def _quiet_broken_pipe() -> int:
 
 
 def _describe(err: BaseException) -> str:
-    from ..io import OutputError
+    from .._safety import OutputError
 
     if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or err}"
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     cmd = args.command
     from ..geometry import GeometryError
-    from ..io import ShowerFileError
+    from ..hdf5 import ShowerFileError
 
     code: int
     with _sigterm_as_interrupt(), _one_line_warnings(cmd):
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(argv: Sequence[str] | None, code: int) -> int:
-    from ..io import hdf5_write_failed
+    from ..hdf5 import hdf5_write_failed
 
     if argv is None and hdf5_write_failed():
         # h5py can crash while the interpreter shuts down after a failed write (h5py issue 914):

@@ -65,23 +65,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import glob
     import os
 
     from ..converters import convert_file, convert_files
+    from ..converters.sources import expand_globs
     from ..geometry import load_geometry
 
     geometry = load_geometry(args.geometry) if args.geometry else None
     threshold = "official" if args.threshold is None else args.threshold
     kw = {"geometry": geometry, "step_size": args.step_size, "threshold": threshold, "progress": not args.no_progress,
           "energy_dtype": args.energy_dtype}
-    inputs = []
-    for s in map(str, args.input):  # quoted globs are expanded here (the shell expands unquoted ones)
-        found = sorted(glob.glob(s)) if not os.path.exists(s) and any(c in s for c in "*?[") else [s]
-        if not found:
-            msg = f"{s}: no file matches this pattern"
-            raise CLIError(msg)
-        inputs.extend(found)
+    inputs = expand_globs(args.input)  # quoted globs are expanded here (the shell expands unquoted ones)
     out = args.output
     to_folder = len(inputs) > 1 or (out is not None and (out.is_dir() or str(out).endswith(os.sep)))
     if not to_folder:
@@ -90,7 +84,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if out is None:
         msg = f"{len(inputs)} inputs: name the output folder of the dataset with -o DIR/"
         raise CLIError(msg)
-    from ..io import lock_output
+    from .._safety import lock_output
 
     with lock_output(out, "dataset folder"):  # one writer per dataset folder (each shard is locked too)
         files = convert_files(inputs, out, workers=args.workers, log=print, **kw)
@@ -120,7 +114,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     geometry = load_geometry(args.geometry) if args.geometry else None
     info = file_info(args.input, progress=not args.no_progress, geometry=geometry)
     if args.json:
-        from ..io import json_dumps
+        from .._safety import json_dumps
 
         print(json_dumps(info, indent=2))
         return 0

@@ -1,7 +1,7 @@
 r"""Option types and conventions shared by every ``calopc`` command.
 
-This module sits below every command-line module (``calopc.cli.data``, ``calopc.eval.cli``,
-``calopc.models.cli``, ...), so that the same flag means the same thing everywhere:
+This module sits below every command-line module (``calopc.cli.data``, ``calopc.cli.eval``,
+``calopc.cli.models``, ...), so that the same flag means the same thing everywhere:
 
 * ``-o/--output``: what the command writes; ``--geometry``: a dataset name or binning XML.
 * ``--threshold``: cells with less energy (MeV) are empty (the official evaluation's rule);

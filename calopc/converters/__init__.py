@@ -1,6 +1,10 @@
 r"""Voxel showers ⇄ ragged awkward point clouds, in memory and file to file.
 
-No torch here: converting files works on machines without it.
+No torch here: converting files works on machines without it. Layers, each importing only those
+below it: :mod:`.sources` (which files a path, folder or glob names) and :mod:`.core` (in memory)
+-> :mod:`.files` (one Parquet file; HDF5 -> Parquet) -> :mod:`.dataset` (several files, lazy
+dask reader) -> :mod:`.api` (any source: ``open_points``, ``read_points``, ``voxelize_file``,
+``file_info``).
 """
 
 from __future__ import annotations
@@ -25,18 +29,11 @@ __all__ = [
     "write_points",
 ]
 
-from .dataset import PointsDataset, convert_files, open_points_lazy, points_paths
+from .api import file_info, open_points, read_points, voxelize_file
 from .core import COLLISION_POLICIES, VoxelizeStats, neighbour_table, points_to_voxels, voxels_to_points
-from .files import (
-    PointsFile,
-    convert_file,
-    file_info,
-    open_points,
-    points_writer,
-    read_points,
-    voxelize_file,
-    write_points,
-)
+from .dataset import PointsDataset, convert_files, open_points_lazy
+from .files import PointsFile, convert_file, points_writer, write_points
+from .sources import points_paths
 
 
 def __dir__() -> list[str]:

@@ -4,81 +4,26 @@ r"""Point-cloud datasets of several Parquet files: a folder or a glob, read eage
 every reader of point clouds accepts such a folder, a glob (``"DIR/*.parquet"``) or a list of
 files (:func:`points_paths`). :class:`PointsDataset` reads the shards one after the other with
 the interface of :class:`~calopc.converters.PointsFile`; :func:`open_points_lazy` (exported as
-``calopc.open_points``) returns a lazy dask-awkward array with one partition per row group.
+``calopc.open_points_lazy``) returns a lazy dask-awkward array with one partition per row group.
 """
 
 from __future__ import annotations
 
-__all__ = ["PointsDataset", "convert_files", "is_points_source", "open_points_lazy", "points_paths"]
+__all__ = ["PointsDataset", "convert_files", "open_points_lazy"]
 
-import glob as _glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import awkward as ak
 import numpy as np
 
+from .._h5direct import default_threads
+from .._safety import OutputError
 from ..geometry import Geometry
-from ..io import OutputError, ShowerFileError
-
-_PARQUET_SUFFIXES = (".parquet", ".pq")
-_GLOB_CHARS = "*?["
-
-PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
-
-
-def _has_glob(s: str) -> bool:
-    return any(c in s for c in _GLOB_CHARS)
-
-
-def points_paths(source: PathsLike) -> list[Path]:
-    """The Parquet files of ``source``: a file, a folder (its ``*.parquet``/``*.pq`` files), a glob, or a list of those.
-
-    Sorted by name within a folder or glob; a list keeps its order. No file found is an error
-    naming the source.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        source = [source]
-    out: list[Path] = []
-    for item in source:
-        s = os.fspath(item)
-        p = Path(s)
-        if p.is_dir():
-            files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in _PARQUET_SUFFIXES
-                           and not q.name.startswith("."))
-            if not files:
-                msg = f"{p}: folder holds no Parquet files (*.parquet); expected a dataset written by 'calopc convert'"
-                raise FileNotFoundError(msg)
-            out.extend(files)
-        elif not p.exists() and _has_glob(s):
-            files = sorted(Path(q) for q in _glob.glob(s) if os.path.isfile(q))
-            if not files:
-                msg = f"{s}: no file matches this pattern"
-                raise FileNotFoundError(msg)
-            out.extend(files)
-        else:
-            if not p.exists():
-                msg = f"{p}: no such file"
-                raise FileNotFoundError(msg)
-            out.append(p)
-    if not out:
-        msg = "no point-cloud files given"
-        raise FileNotFoundError(msg)
-    return out
-
-
-def is_points_source(source: PathsLike) -> bool:
-    """True when ``source`` names Parquet data (a Parquet file, a folder of them, a glob or list of them)."""
-    try:
-        paths = points_paths(source)
-    except (FileNotFoundError, OSError):
-        return False
-    try:
-        with paths[0].open("rb") as fh:
-            return fh.read(4) == b"PAR1"
-    except OSError:
-        return False
+from ..hdf5 import ShowerFileError
+from .files import PointsFile, convert_file
+from .sources import MAX_OUTSIDE, PathsLike, expand_globs, points_paths
 
 
 class PointsDataset:
@@ -90,11 +35,9 @@ class PointsDataset:
 
     def __init__(self, source: PathsLike, *, geometry: Geometry | None = None, max_outside: float | None = None
                  ) -> None:
-        from .files import MAX_OUTSIDE, PointsFile
-
         self.paths = points_paths(source)
         self.path = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else self.paths[0].parent
-        self.files: list = []
+        self.files: list[PointsFile] = []
         try:
             for p in self.paths:
                 f = PointsFile(p, geometry=geometry, max_outside=MAX_OUTSIDE if max_outside is None else max_outside)
@@ -140,8 +83,6 @@ class PointsDataset:
 def _convert_one(job: tuple) -> tuple[str, float]:
     import time
 
-    from .files import convert_file
-
     src, dst, kw = job
     t = time.perf_counter()
     convert_file(src, dst, **kw)
@@ -157,19 +98,7 @@ def convert_files(inputs: PathsLike, output_dir: str | os.PathLike, *, workers: 
     threads (unless ``threads`` is given). Other keywords go to :func:`convert_file`. ``log``:
     called with one line per finished file.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    srcs: list[Path] = []
-    for item in inputs:
-        s = os.fspath(item)
-        if not os.path.exists(s) and _has_glob(s):
-            found = sorted(Path(q) for q in _glob.glob(s) if os.path.isfile(q))
-            if not found:
-                msg = f"{s}: no file matches this pattern"
-                raise FileNotFoundError(msg)
-            srcs.extend(found)
-        else:
-            srcs.append(Path(s))
+    srcs = expand_globs(inputs)
     for s in srcs:
         if not s.exists():
             msg = f"{s}: no such file"
@@ -188,8 +117,6 @@ def convert_files(inputs: PathsLike, output_dir: str | os.PathLike, *, workers: 
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(int(workers), len(srcs)))
     if workers > 1 and kw.get("threads") is None:
-        from .._h5direct import default_threads
-
         kw["threads"] = max(1, default_threads() // workers)
     jobs = [(s, out_dir / name, {**kw, "progress": progress and workers == 1}) for name, s in names.items()]
     done: list[Path] = []
@@ -227,8 +154,6 @@ class _ReadRowGroup:
         self.max_outside = max_outside
 
     def __call__(self, part: tuple[str, int]) -> ak.Array:
-        from .files import PointsFile
-
         path, group = part
         geometry = Geometry.from_json(self.geometry_json)
         with PointsFile(path, geometry=geometry, max_outside=self.max_outside) as f:
@@ -245,17 +170,15 @@ def open_points_lazy(source: PathsLike, *, geometry: Geometry | None = None, max
     or cluster. Example: hits per layer over all showers::
 
         import awkward as ak, calopc
-        ev = calopc.open_points("showers/")            # a folder written by calopc convert
+        ev = calopc.open_points_lazy("showers/")       # a folder written by calopc convert
         layer = ev.points.z                             # layer ordinal of every point
         hits = ak.sum(layer == 0, axis=1).compute()     # hits in layer 0, per shower
     """
     try:
         import dask_awkward as dak
     except ModuleNotFoundError as err:
-        msg = "calopc.open_points needs dask and dask-awkward: pip install 'calopc[dask]'"
+        msg = "calopc.open_points_lazy needs dask and dask-awkward: pip install 'calopc[dask]'"
         raise ModuleNotFoundError(msg) from err
-    from .files import MAX_OUTSIDE, PointsFile
-
     paths = points_paths(source)
     parts: list[tuple[str, int]] = []
     rows: list[int] = []

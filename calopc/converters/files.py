@@ -1,4 +1,5 @@
-r"""Point clouds on disk (awkward Parquet) and the streaming file converters."""
+r"""Point clouds on disk: one awkward Parquet file, written (:class:`PointsWriter`) and read
+(:class:`PointsFile`), and the streaming converter HDF5 voxels -> Parquet (:func:`convert_file`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ __all__ = [
     "PointsFile",
     "PointsWriter",
     "convert_file",
-    "file_info",
-    "open_points",
-    "read_points",
-    "voxelize_file",
+    "events_from_arrow",
+    "points_writer",
     "write_points",
 ]
 
@@ -17,46 +16,28 @@ import contextlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import awkward as ak
 import numpy as np
 
-from .. import __version__
+from .._safety import OutputError, atomic_output, check_interrupt, check_not_input, deferred_interrupts
+from .._version import __version__
 from ..geometry import Geometry, GeometryError, resolve_threshold
-from ..io import (
-    OutputError,
-    ShowerFileError,
-    atomic_output,
-    check_interrupt,
-    check_not_input,
-    deferred_interrupts,
-    open_showers,
-    parse_size,
-    progress_bar,
-    shower_writer,
-)
-from .core import VoxelizeStats, points_to_voxels, voxels_to_points
+from ..hdf5 import ShowerFileError, open_showers, parse_size
+from ..progress import progress_bar
+from .core import _build_events, _coordinate_tables
+from .sources import HDF5_SUFFIXES, MAX_OUTSIDE
+from .validate import check_cells, check_points_schema
 
 _META_GEOMETRY = b"calopc.geometry"
 _META_VERSION = b"calopc.version"
 _META_INFO = b"calopc.info"
 
-#: Largest share of points that may fall outside the geometry (or outside the cell their index names)
-#: before reading or voxelizing a points file is refused: more means the file's geometry is wrong.
-MAX_OUTSIDE = 0.01
 
-_HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-def _progress(total: int, desc: str, enabled: bool, unit: str = "shower"):
-    return progress_bar(total, desc, enabled=enabled, unit=unit)
-
-
-def _check_suffix(path: Path, wrong: tuple[str, ...], kind: str, hint: str) -> None:
+def check_suffix(path: Path, wrong: tuple[str, ...], kind: str, hint: str) -> None:
+    """Refuse an output name whose suffix says the other format (``wrong``): one :class:`OutputError` with ``hint``."""
     if path.suffix.lower() in wrong:
         msg = f"{path}: this writes {kind}, but the name ends in {path.suffix!r}; {hint}"
         raise OutputError(msg)
@@ -290,8 +271,6 @@ def _as_sparse(events: ak.Array, geometry: Geometry) -> tuple[np.ndarray, ...] |
     counts = np.asarray(ak.num(pts, axis=1), dtype=np.int64)
     # cells outside the geometry are kept (readers give them NaN coordinates and count them as outside)
     inside = (cell >= 0) & (cell < geometry.n_voxels)
-    from .core import _coordinate_tables
-
     tab = _coordinate_tables(geometry)
     for f in ("r", "alpha", "z"):
         if f in fields:
@@ -387,8 +366,6 @@ class PointsFile:
         if "points" not in names or "incident_energy" not in names:
             msg = f"{self.path}: expected columns 'incident_energy' and 'points', found {names}"
             raise ShowerFileError(msg)
-        from .validate import check_points_schema
-
         check_points_schema(self.path, self._pf.schema_arrow)  # column types: one rule for every reader
         #: only ``cell`` and ``E`` stored; the cell centres are added on read
         self.compact = meta.get(_META_LAYOUT) == _LAYOUT_CELL_E
@@ -510,8 +487,6 @@ class PointsFile:
                    f"shower {start + i}, E = {e[j]}); expected finite energies >= 0 MeV")
             raise ShowerFileError(msg)
         if "cell" in fields:  # one rule for every reader: a cell index outside the geometry is an error
-            from .validate import check_cells
-
             check_cells(np.asarray(ak.flatten(pts["cell"], axis=None)), counts, self.geometry.n_voxels,
                         self.geometry.name, where, start)
         if not self._checked and e.size:
@@ -587,8 +562,6 @@ def events_from_arrow(table: object, geometry: Geometry) -> ak.Array:
     inc = np.array(table.column("incident_energy").to_numpy(), dtype=np.float64)
     offsets = offsets.copy()
     del pts, values
-    from .core import _build_events, _coordinate_tables
-
     tab = _coordinate_tables(geometry)
     n_vox = geometry.n_voxels
     outside = (cell < 0) | (cell >= n_vox) if cell.size else np.zeros(0, dtype=bool)
@@ -598,26 +571,6 @@ def events_from_arrow(table: object, geometry: Geometry) -> ak.Array:
     else:
         xyz = {k: tab[k][cell] for k in ("r", "alpha", "z")}
     return _build_events(inc, offsets - p0, {**xyz, "E": e, "cell": cell})
-
-
-def open_points(path: str | os.PathLike | list, *, geometry: Geometry | None = None, max_outside: float = MAX_OUTSIDE
-                ) -> PointsFile:
-    """Open a points file (see :class:`PointsFile`), or a dataset: a folder of them, a glob or a list
-    (a :class:`~calopc.converters.dataset.PointsDataset`, same interface)."""
-    from .dataset import PointsDataset
-
-    if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
-        return PointsFile(path, geometry=geometry, max_outside=max_outside)
-    if isinstance(path, (str, os.PathLike)) and not Path(path).exists() and not any(c in os.fspath(path) for c in "*?["):
-        msg = f"{path}: no such file"
-        raise FileNotFoundError(msg)
-    return PointsDataset(path, geometry=geometry, max_outside=max_outside)
-
-
-def read_points(path: str | os.PathLike | list, *, geometry: Geometry | None = None) -> tuple[ak.Array, Geometry]:
-    """Read a whole points file (or a folder, glob or list of them): ``(events, geometry)``."""
-    with open_points(path, geometry=geometry) as f:
-        return f.read(), f.geometry
 
 
 def convert_file(
@@ -652,7 +605,7 @@ def convert_file(
         raise ValueError(msg)
     edt = _energy_dtype(energy_dtype)
     check_not_input(output, [input])
-    _check_suffix(output, _HDF5_SUFFIXES, "Parquet point clouds", "use a .parquet name (voxelize writes HDF5)")
+    check_suffix(output, HDF5_SUFFIXES, "Parquet point clouds", "use a .parquet name (voxelize writes HDF5)")
     with open_showers(input, geometry=geometry) as f:
         f.threads = threads
         store = f.dtype if edt is None else edt
@@ -663,7 +616,7 @@ def convert_file(
         expected = 0.5 * input.stat().st_size
         with points_writer(output, f.geometry, info=info, expected_bytes=expected, background=True,
                            row_group_points=row_group_points) as w, \
-                _progress(len(f), f"convert {input.name}", progress) as bar:
+                progress_bar(len(f), f"convert {input.name}", enabled=progress) as bar:
             for _, inc, counts, cell, e in f.iterate_sparse(step_size, threshold=threshold):
                 w.append_sparse(inc, counts, cell, e.astype(store, copy=False))
                 bar.update(len(inc))
@@ -681,155 +634,3 @@ def _energy_dtype(name: str | np.dtype | None) -> np.dtype | None:
         msg = f"energy dtype must be one of {', '.join(ENERGY_DTYPES)}, got {name!r}"
         raise ValueError(msg)
     return dt
-
-
-def voxelize_file(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    collisions: str = "auto",
-    threshold: float | str | None = "file",
-    step_size: int = 10_000,
-    dtype: np.dtype | type | None = None,
-    geometry: Geometry | None = None,
-    max_outside: float = MAX_OUTSIDE,
-    seed: int = 0,
-    progress: bool = True,
-) -> VoxelizeStats:
-    """Convert a point-cloud Parquet file back to the official HDF5 format, streaming in chunks.
-
-    The showers and the incident energies are written with the dtypes recorded at conversion
-    (so voxels → points → voxels is bit-exact). More than ``max_outside`` of the points
-    outside the geometry (or the file's metadata not matching its cells) is an error, as are
-    invalid energies; ``geometry`` overrides the file's metadata. ``seed``: random numbers of the
-    ``"alpha-free"`` policy.
-
-    ``threshold``: MeV, ``"official"`` (the geometry's) or ``"file"`` (default): the threshold the
-    file's metadata records (``calopc convert`` records the one it applied, so the default is
-    lossless; a file without one: 0). Cells with less energy are empty.
-    """
-    input = Path(input)
-    output = Path(output)
-    if not (0 <= max_outside <= 1):
-        msg = f"max_outside must be a fraction in [0, 1], got {max_outside}"
-        raise ValueError(msg)
-    if int(step_size) <= 0:
-        msg = f"step_size must be >= 1 showers, got {step_size}"
-        raise ValueError(msg)
-    check_not_input(output, [input] if Path(input).exists() else [])
-    _check_suffix(output, _PARQUET_SUFFIXES, "HDF5 voxels", "use a .hdf5 name (convert writes Parquet)")
-    total = VoxelizeStats()
-    rng = np.random.default_rng(seed)
-    with open_points(input, geometry=geometry, max_outside=max_outside) as f:
-        g = f.geometry
-        if isinstance(threshold, str) and threshold.strip().lower() == "file":
-            recorded = f.info.get("threshold", 0.0)
-            try:
-                threshold = resolve_threshold(0.0 if recorded is None else recorded, g)
-            except ValueError as err:
-                msg = f"{input}: metadata key 'calopc.info' records an invalid threshold: {err}"
-                raise ShowerFileError(msg) from err
-        else:
-            threshold = resolve_threshold(threshold, g)
-        if dtype is None:
-            dtype = _stored_dtype(f.info.get("dtype"), np.float64)
-        inc_dtype = _stored_dtype(f.info.get("incident_dtype"), np.float64)  # older files: float64 (lossless)
-        step = max(1, min(int(step_size), parse_size("256 MB") // (g.n_voxels * np.dtype(dtype).itemsize)))
-        in_bytes = f.size_bytes if hasattr(f, "size_bytes") else input.stat().st_size
-        with shower_writer(output, g.n_voxels, dtype=dtype, incident_dtype=inc_dtype,
-                           expected_bytes=0.3 * in_bytes) as w, \
-                _progress(len(f), f"voxelize {input.name}", progress) as bar:
-            for chunk in f.iterate(step):
-                sh, st = points_to_voxels(chunk, g, collisions=collisions, threshold=threshold, dtype=dtype,
-                                          return_stats=True, rng=rng)
-                total += st
-                if total.n_outside > max_outside * total.n_points:
-                    share = 100 * total.n_outside / total.n_points
-                    msg = (f"{input}: {total.n_outside} of {total.n_points} points ({share:.1f}%) "
-                           f"of showers 0:{total.n_showers} lie outside geometry {g.name!r} (more than "
-                           f"{100 * max_outside:g}% allowed); is it the right geometry? (--geometry, --max-outside)")
-                    raise ShowerFileError(msg)
-                w.append(np.asarray(chunk["incident_energy"]), sh)
-                bar.update(len(chunk))
-    return total
-
-
-def _stored_dtype(name: object, default: type) -> np.dtype:
-    """The dtype a file's metadata recorded, native; ``default`` when missing or not a float dtype."""
-    try:
-        dt = np.dtype(str(name)) if name else np.dtype(default)
-    except TypeError:
-        return np.dtype(default)
-    if dt.kind != "f":
-        return np.dtype(default)
-    return dt.newbyteorder("=") if dt.itemsize <= 8 else np.dtype(np.float64)
-
-
-def file_info(path: str | os.PathLike, *, step_size: int | str = "256 MB", progress: bool = False,
-              geometry: Geometry | None = None) -> dict:
-    """Dataset, number of showers and hits-per-shower statistics of an HDF5 or Parquet file."""
-    from .dataset import is_points_source
-
-    path = Path(path)
-    dataset = path.is_dir() or (not path.exists() and any(c in str(path) for c in "*?["))
-    if not path.exists() and not dataset:
-        msg = f"{path}: no such file"
-        raise FileNotFoundError(msg)
-    hits: list[np.ndarray] = []
-    inc: list[np.ndarray] = []
-    etot: list[np.ndarray] = []
-    if is_points_source(path) if dataset else _is_parquet(path):
-        with open_points(path, geometry=geometry) as f:
-            g, n = f.geometry, len(f)
-            kind = f"points (Parquet, {len(f.paths)} files)" if dataset else "points (Parquet)"
-            with _progress(n, f"info {path.name}", progress) as bar:
-                for ch in f.iterate():
-                    hits.append(np.asarray(ak.num(ch["points"], axis=1)))
-                    inc.append(np.asarray(ch["incident_energy"]))
-                    etot.append(np.asarray(ak.sum(ch["points", "E"], axis=1), dtype=np.float64))
-                    bar.update(len(ch))
-            dtype = f.info.get("dtype", "")
-    else:
-        with open_showers(path, geometry=geometry) as f:
-            g, kind, n, dtype = f.geometry, "voxels (HDF5)", len(f), str(f.dtype)
-            with _progress(n, f"info {path.name}", progress) as bar:
-                for _, e, counts, _, en in f.iterate_sparse(step_size):  # non-empty cells only, scanned in threads
-                    hits.append(counts)
-                    inc.append(e)
-                    with np.errstate(over="ignore"):
-                        etot.append(np.bincount(np.repeat(np.arange(len(counts)), counts),
-                                                weights=en.astype(np.float64), minlength=len(counts)))
-                    bar.update(len(e))
-    h = np.concatenate(hits) if hits else np.zeros(0)
-    ei = np.concatenate(inc) if inc else np.zeros(0)
-    et = np.concatenate(etot) if etot else np.zeros(0)
-    out = {
-        "file": str(path), "kind": kind, "dataset": g.name, "n_voxels": g.n_voxels, "n_showers": int(n), "dtype": dtype,
-    }
-    if n:
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # extreme values give inf/nan statistics, not warnings
-            out.update(_stats(h, ei, et, g))
-    return out
-
-
-def _stats(h: np.ndarray, ei: np.ndarray, et: np.ndarray, g: Geometry) -> dict:
-    """Hits and response statistics of a non-empty file (call with numpy warnings silenced)."""
-    ratio = et / ei
-    return {
-        "hits_mean": float(h.mean()), "hits_std": float(h.std()), "hits_min": int(h.min()),
-        "hits_median": float(np.median(h)), "hits_max": int(h.max()), "empty_showers": int((h == 0).sum()),
-        "occupancy_mean": float(h.mean() / g.n_voxels),
-        "e_inc_min": float(np.nanmin(ei)) if np.isfinite(ei).any() else float("nan"),
-        "e_inc_max": float(np.nanmax(ei)) if np.isfinite(ei).any() else float("nan"),
-        "e_dep_over_e_inc_mean": float(np.nanmean(ratio)) if np.isfinite(ratio).any() else float("nan"),
-        "e_dep_over_e_inc_std": float(np.nanstd(ratio)) if np.isfinite(ratio).any() else float("nan"),
-    }
-
-
-def _is_parquet(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(4) == b"PAR1"
-    except OSError:
-        return False

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ShowerFileError
+from ..hdf5 import ShowerFileError
 
 _NUMERIC_POINT_FIELDS = ("E", "r", "alpha", "z")
 

@@ -15,7 +15,7 @@ FPD/KPD, separation powers, point-cloud collisions), plus the generation time an
 when the file carries them (HDF5 attributes or the ``calopc.info`` Parquet metadata, keys
 :data:`TIME_KEYS` and :data:`COLLISION_KEYS`) or the caller passes them (``extra``).
 
-``calopc compare REF GEN1 GEN2 ... -o DIR`` writes ``compare.json``, ``log_posterior.png`` (heat map),
+``calopc compare REF GEN1 GEN2 ... -o DIR`` (:mod:`calopc.cli.eval`) writes ``compare.json``, ``log_posterior.png`` (heat map),
 ``report.html`` (sortable leaderboard, matrix table, links to each generator's own report) and one
 ``calopc evaluate`` folder per generator.
 """
@@ -32,10 +32,8 @@ __all__ = [
     "log_posterior_matrix",
     "multiclass_inputs",
     "parse_generated",
-    "register",
 ]
 
-import argparse
 import html
 import json
 import math
@@ -544,71 +542,14 @@ def _write_report(path: Path, res: dict) -> None:
         tmp.write_text(doc, encoding="utf-8")
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def _run(args: argparse.Namespace) -> int:
-    from ..geometry import load_geometry
+def __getattr__(name: str):
+    if name == "register":  # the command line moved to calopc.cli.eval
+        import warnings
 
-    gens = parse_generated(args.generated)
-    metrics = tuple(x.strip() for x in args.metrics.split(",") if x.strip()) if args.metrics else ()
-    res = compare(
-        args.reference, gens, args.output, runs=args.runs,
-        multiclass=MultiClassConfig(hidden=(args.hidden,) * 2, epochs=args.epochs, batch_size=args.batch_size),
-        metrics=metrics, geometry=load_geometry(args.geometry) if args.geometry else None, threshold=args.threshold,
-        max_showers=args.max_showers, collisions=args.collisions, device=args.device, seed=args.seed,
-        progress=not args.no_progress, cls_epochs=args.cls_epochs, cls_seeds=args.cls_seeds, cls_hidden=args.cls_hidden,
-        fpd_estimator=args.fpd_estimator, fpd_min_samples=args.fpd_min_samples, kpd_batch_size=args.kpd_batch_size,
-    )
-    lp = res["log_posterior"]
-    for r in res["leaderboard"]:
-        parts = [f"{r['name']:<16}"]
-        for key, label in (("auc_low", "AUC low"), ("auc_high", "AUC high"), ("fpd_x1e3", "FPD"), ("kpd_x1e3", "KPD"),
-                           ("log_p_self", "log p(self)"), ("log_p_reference", "log p(ref)")):
-            if r.get(key) is not None:
-                parts.append(f"{label} {r[key]:.4g}")
-        print("  ".join(parts))
-    if lp:
-        print(f"log-posterior matrix ({lp['n_validation']} validation showers per class, {len(lp['runs'])} runs):")
-        for j, n in enumerate(lp["names"]):
-            print(f"  {n:<16}" + " ".join(f"{v:8.3f}" for v in lp["mean"][j]))
-    print(f"wrote {Path(args.output) / 'compare.json'} and {Path(args.output) / 'report.html'}")
-    return 0
+        warnings.warn("calopc.eval.compare.register moved to calopc.cli.eval.register_compare", DeprecationWarning,
+                      stacklevel=2)
+        from ..cli.eval import register_compare
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``calopc compare`` to the CLI."""
-    from ..cli.options import COLLISIONS, positive_int, threshold_arg
-
-    p = sub.add_parser("compare", help="compare several generated samples with one reference: multi-class "
-                                       "log-posterior and a leaderboard",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  calopc compare dataset_2_2.hdf5 flow=gen_flow.hdf5 gen_gan.parquet -o cmp/ "
-                              "--runs 10 --device cuda")
-    p.add_argument("reference", type=Path, help="reference sample: voxel HDF5 or point-cloud Parquet")
-    p.add_argument("generated", nargs="+", help="generated samples, PATH or NAME=PATH (name: the file stem by default)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (compare.json, report.html, plots)")
-    p.add_argument("--runs", type=int, default=10,
-                   help="multi-class trainings for mean ± std; 0: skip (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=50, help="multi-class epochs at most (default: %(default)s)")
-    p.add_argument("--hidden", type=positive_int, default=2048,
-                   help="multi-class hidden units, two layers (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=1000, help="multi-class batch size (default: %(default)s)")
-    p.add_argument("--metrics", default=",".join(LEADERBOARD_METRICS),
-                   help="evaluate metrics per generator for the leaderboard; '' for none (default: %(default)s)")
-    p.add_argument("--cls-epochs", type=positive_int, default=50, help="binary classifier epochs (default: %(default)s)")
-    p.add_argument("--cls-seeds", type=positive_int, default=1, help="binary classifier trainings (default: %(default)s)")
-    p.add_argument("--cls-hidden", type=positive_int, default=2048, help="binary classifier hidden units (default: %(default)s)")
-    p.add_argument("--fpd-estimator", choices=("official", "calopc"), default="official",
-                   help="FPD/KPD estimator (default: %(default)s)")
-    p.add_argument("--fpd-min-samples", type=positive_int, default=10_000, help="smallest FPD batch (default: %(default)s)")
-    p.add_argument("--kpd-batch-size", type=positive_int, default=10_000, help="KPD batch size (default: %(default)s)")
-    p.add_argument("--geometry", default=None, help="dataset name or binning XML (default: detected)")
-    p.add_argument("--threshold", type=threshold_arg, default=None, metavar="MEV|official",
-                   help="cell threshold in MeV, or 'official' (default: the dataset's)")
-    p.add_argument("--max-showers", type=positive_int, default=None, help="use only the first N showers of each file")
-    p.add_argument("--collisions", choices=COLLISIONS, default="auto",
-                   help="re-voxelization policy for point-cloud inputs, as in 'calopc evaluate' "
-                        "(default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    p.set_defaults(func=_run)
+        return register_compare
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,6 +1,6 @@
 r"""Consistency distillation of a trained CaloClouds run into a one-step sampler.
 
-``calopc distill RUN -o RUN_CM`` (or :func:`distill`) trains a *student* that maps any noisy
+``calopc distill RUN -o RUN_CM`` (:mod:`calopc.cli.models`) or :func:`distill` trains a *student* that maps any noisy
 point straight to the end of the teacher's probability-flow ODE:
 
 * the student and its *target network* start from the teacher's EMA weights; the student
@@ -27,9 +27,8 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["DistillConfig", "distill", "register"]
+__all__ = ["DistillConfig", "distill"]
 
-import argparse
 import json
 import os
 import shutil
@@ -309,55 +308,14 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
             "run_dir": str(out)}
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-_FLAGS = {  # flag -> (DistillConfig field, type, help)
-    "--steps": ("steps", int, "optimizer steps"),
-    "--batch-size": ("batch_size", int, "showers per step"),
-    "--lr": ("lr", float, "learning rate (Adam, constant; 1e-3 learns much faster in budgets of minutes)"),
-    "--mu": ("mu", float, "EMA decay of the target network"),
-    "--n-sigmas": ("n_sigmas", int, "points of the Karras discretisation"),
-    "--time-limit": ("time_limit", float, "stop after this many seconds (the run is written first)"),
-    "--max-showers": ("max_showers", int, "use only the first N training showers"),
-    "--points-per-shower": ("points_per_shower", int, "random points per shower in the loss (0: all)"),
-}
+def __getattr__(name: str) -> Any:
+    if name == "register":  # the command line moved to calopc.cli.models
+        import warnings
 
+        warnings.warn("calopc.models.distill.register moved to calopc.cli.models (register adds train, generate "
+                      "and distill)", DeprecationWarning, stacklevel=2)
+        from ..cli.models import _register_distill
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    d: dict[str, Any] = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _FLAGS.items()}
-    d = {k: v for k, v in d.items() if v is not None}
-    d.update(seed=args.seed, device=args.device, progress=not args.no_progress)
-    cfg = DistillConfig.from_dict(d)
-    if not args.run_dir.is_dir():
-        msg = f"{args.run_dir}: no such run directory (train one with 'calopc train caloclouds')"
-        raise ValueError(msg)
-    if args.dry_run:
-        print(json.dumps({"run_dir": str(args.run_dir), "out": str(args.out), "data": [str(p) for p in args.data or []],
-                          "distill": asdict(cfg)}, indent=2))
-        return 0
-    res = distill(args.run_dir, args.out, data=args.data or None, config=cfg, overwrite=args.overwrite)
-    print(f"distilled {args.run_dir}: {res['steps']} steps in {res['seconds']:.1f} s, final loss "
-          f"{res['final_loss']:.4f}; one-step run directory {res['run_dir']}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``distill`` subcommand to the ``calopc`` parser."""
-    p = sub.add_parser("distill", help="distil a caloclouds run into a one-step consistency model",
-                       description="Consistency distillation: a student that samples in one network evaluation "
-                                   "('calopc generate RUN_CM'; --steps 2 for two).")
-    p.add_argument("run_dir", type=Path, help="run directory of 'calopc train caloclouds' (the teacher)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="run directory of the student (required)")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="training Parquet file(s) (default: the teacher's, from its training_options.json)")
-    defaults = {f.name: f.default for f in fields(DistillConfig)}
-    for flag, (name, typ, hlp) in _FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")
-    from ..cli.options import add_progress
-
-    add_progress(p)  # --no-progress: no bar on a terminal, no progress lines in logs
-    p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit (default: off)")
-    p.set_defaults(func=_cmd_distill)
-
+        return _register_distill
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

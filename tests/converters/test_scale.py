@@ -375,7 +375,7 @@ def test_lazy_dataset_equals_eager(folder):
     import calopc
 
     d, _, out = folder
-    lazy = calopc.open_points(d / "ds")
+    lazy = calopc.open_points_lazy(d / "ds")
     n_groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in out)
     assert lazy.npartitions == n_groups > 3
     eager, _ = read_points(d / "ds")
@@ -385,6 +385,17 @@ def test_lazy_dataset_equals_eager(folder):
     assert ak.array_equal(lazy.compute(scheduler="threads"), eager)
 
 
+def test_one_name_one_meaning_lazy_reader_is_open_points_lazy():
+    """``calopc.open_points_lazy`` is the lazy reader; the old top-level ``calopc.open_points`` still works but warns."""
+    import calopc
+    from calopc.converters import open_points, open_points_lazy
+
+    assert calopc.open_points_lazy is open_points_lazy and open_points is not open_points_lazy
+    with pytest.warns(DeprecationWarning, match=r"calopc\.open_points_lazy"):
+        assert calopc.open_points is open_points_lazy
+    assert "open_points_lazy" in dir(calopc) and "open_points" not in dir(calopc)
+
+
 def test_lazy_reader_without_dask_says_what_to_install(folder, monkeypatch):
     import sys
 
@@ -392,7 +403,7 @@ def test_lazy_reader_without_dask_says_what_to_install(folder, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "dask_awkward", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'calopc\[dask\]'"):
-        calopc.open_points(folder[0] / "ds")
+        calopc.open_points_lazy(folder[0] / "ds")
 
 
 def test_iterate_memory_stays_bounded(tmp_path, ds2):

@@ -233,7 +233,7 @@ def test_time_limited_run_ends_with_the_decayed_lr(tmp_path, toy_parquet):
 def test_family_training_defaults_and_cli_order(tmp_path):
     import argparse
 
-    from calopc.models.cli import register, resolve_train_args
+    from calopc.cli.models import register, resolve_train_args
 
     assert training_defaults("calopointflow") == {}
     cc = train_config("caloclouds")

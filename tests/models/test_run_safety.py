@@ -238,10 +238,10 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(toy, toy_parquet,
 def test_too_little_space_for_a_checkpoint_is_refused_before_training(toy, toy_parquet, tmp_path, monkeypatch):
     import collections
 
-    import calopc.io as cio
+    import calopc._safety as safety
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(cio.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
     with pytest.raises(OutputError, match=r"run: not enough free space .* 100 B are free"):
         train("toy", toy_parquet, tmp_path / "run", config=CFG)
     assert not (tmp_path / "run").exists()

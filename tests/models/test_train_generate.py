@@ -195,10 +195,10 @@ def test_cli_train_generate(toy_parquet, tmp_path, capsys):
 
 
 def test_cli_import_is_light_and_defaults_match():
-    code = ("import sys, calopc.models, calopc.models.cli\n"
+    code = ("import sys, calopc.models, calopc.cli.models\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
-    from calopc.models.cli import _TRAIN_DEFAULTS
+    from calopc.cli.models import _TRAIN_DEFAULTS
 
     cfg = TrainConfig()
     assert {k: getattr(cfg, k) for k in _TRAIN_DEFAULTS} == _TRAIN_DEFAULTS

@@ -1,0 +1,188 @@
+"""DeepTree's critics: iterative pooling (published) and mean-field attention (MDMA-style), both on the same
+per-point inputs and spectral-normalised (see :mod:`calopc.models.deeptree`)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import _linear, _mlp
+
+if TYPE_CHECKING:
+    from .model import DeepTreeConfig
+
+
+class _Attention(nn.Module):
+    """Multi-head attention of queries to a (masked) key/value set, with a residual feed-forward.
+
+    Shapes:
+        q: ``(B, M, H)`` (or ``(M, H)``, shared by the batch); kv: ``(B, N, H)``;
+        mask: ``(B, N)`` bool (True on real entries) or None; returns ``(B, M, H)``.
+    """
+
+    def __init__(self, hidden: int, heads: int, *, sn: bool = True) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (_linear(hidden, hidden, sn=sn) for _ in range(4))
+        self.ff = _mlp([hidden, hidden, hidden], sn=sn)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, h = kv.shape
+        qp = self.q(q)
+        if q.dim() == 2:  # learned seeds, shared by the batch: project once
+            q, qp = q[None].expand(b, -1, -1), qp[None].expand(b, -1, -1)
+        m = q.shape[1]
+        d = h // self.heads
+        qh = qp.reshape(b, m, self.heads, d).transpose(1, 2)
+        kh = self.k(kv).view(b, n, self.heads, d).transpose(1, 2)
+        vh = self.v(kv).view(b, n, self.heads, d).transpose(1, 2)
+        att = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=att).transpose(1, 2).reshape(b, m, h)
+        out = q + self.o(out)
+        return out + self.ff(out)
+
+
+class _PointInput(nn.Module):
+    """Per-point critic input: features, transverse position ``(r cos α, r sin α)`` (``r`` as a fraction of
+    the layer's extent), layer (embedding and position), that layer's shower features, condition.
+
+    Only the real points are embedded (the padding gets zeros); the condition enters through
+    a per-shower projection added to the first layer.
+
+    Shapes:
+        x: ``(B, N, 3)``; layer, mask: ``(B, N)``; cond: ``(B, C)``; shower: ``(B, 2L)``; returns ``(B, N, H)``.
+    """
+
+    def __init__(self, config: DeepTreeConfig, cond_features: int) -> None:
+        super().__init__()
+        cfg = config
+        self.n_layers = cfg.n_layers
+        self.register_buffer("mean", torch.tensor(cfg.point_mean[:2], dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.point_std[:2], dtype=torch.float32), persistent=False)
+        self.layer_embed = nn.Embedding(max(cfg.n_layers, 1), cfg.layer_embedding)
+        self.point = _linear(5 + cfg.layer_embedding + 3, cfg.critic_hidden, sn=True)
+        self.cond = _linear(cond_features, cfg.critic_hidden, sn=True, bias=False)
+        self.out = _linear(cfg.critic_hidden, cfg.critic_hidden, sn=True)
+
+    def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``packed``: ``(points (P, 3), layer (P,), shower (P,), position in the flattened (B, N) layout (P,))``
+        of the real points (no boolean indexing: no host sync on CUDA)."""
+        b, n = mask.shape
+        n_l = self.n_layers
+        if packed is None:
+            shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
+            lay = layer[mask]
+            xm = x[mask]
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+        else:
+            xm, lay, shower_of, idx = packed
+        pos = 2 * lay.to(xm.dtype) / max(n_l - 1, 1) - 1
+        per_layer = torch.stack([shower[shower_of, lay], shower[shower_of, n_l + lay]], -1)
+        u = torch.sigmoid(xm[:, :2] * self.std + self.mean)                              # α, r in (0, 1)
+        ang = (2 * u[:, 0] - 1) * math.pi
+        xy = torch.stack([u[:, 1] * torch.cos(ang), u[:, 1] * torch.sin(ang)], -1)
+        h = self.point(torch.cat([xm, xy, self.layer_embed(lay), pos[:, None], per_layer], -1))
+        h = self.out(F.leaky_relu(h + self.cond(cond)[shower_of], 0.2))
+        return h.new_zeros(b * n, h.shape[-1]).index_copy(0, idx, h).view(b, n, -1)
+
+
+class _SumCritic(nn.Module):
+    """Sub-critic: per-node FFN → sum over the nodes (mean over the real ones with a mask) → FFN with the
+    condition → score."""
+
+    def __init__(self, hidden: int, cond_features: int, dropout: float) -> None:
+        super().__init__()
+        self.phi = _mlp([hidden, hidden, hidden], sn=True, dropout=dropout)
+        self.rho = _mlp([hidden + cond_features, hidden, 1], sn=True, dropout=dropout)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            s = self.phi(h).sum(1)
+        else:
+            w = mask.to(h.dtype)[..., None]
+            s = (self.phi(h) * w).sum(1) / w.sum(1).clamp_min(1)
+        return self.rho(torch.cat([s, cond], -1)).squeeze(-1), s
+
+
+class PoolCritic(nn.Module):
+    r"""Iterative-pooling critic: points → ``critic_nodes`` learned nodes, one sub-critic per level.
+
+    With ``critic_point_level`` the cloud itself is a level too (a DeepSets sub-critic, mean over the
+    points; not in the published critic).
+
+    Shapes:
+        x: ``(B, N, 3)``; layer: ``(B, N)`` int64; mask: ``(B, N)``; cond: ``(B, C)``; shower: ``(B, 2L)``;
+        returns scores ``(B, levels)`` and features ``(B, levels · H)`` (for feature matching).
+    """
+
+    def __init__(self, config: DeepTreeConfig, cond_features: int) -> None:
+        super().__init__()
+        cfg = config
+        hdim = cfg.critic_hidden
+        self.inp = _PointInput(cfg, cond_features)
+        self.seeds = nn.ParameterList(nn.Parameter(torch.randn(m, hdim) / math.sqrt(hdim)) for m in cfg.critic_nodes)
+        self.pool = nn.ModuleList(_Attention(hdim, cfg.critic_heads) for _ in cfg.critic_nodes)
+        self.sub = nn.ModuleList(_SumCritic(hdim, cond_features, cfg.critic_dropout) for _ in cfg.critic_nodes)
+        self.point_sub = _SumCritic(hdim, cond_features, cfg.critic_dropout) if cfg.critic_point_level else None
+
+    def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x, layer, mask, cond, shower, packed)
+        m: torch.Tensor | None = mask
+        scores, feats = [], []
+        if self.point_sub is not None:
+            s, f = self.point_sub(h, cond, mask)
+            scores.append(s)
+            feats.append(f)
+        for seeds, pool, sub in zip(self.seeds, self.pool, self.sub):
+            h = pool(seeds, h, m)
+            m = None
+            s, f = sub(h, cond)
+            scores.append(s)
+            feats.append(f)
+        return torch.stack(scores, -1), torch.cat(feats, -1)
+
+
+class MeanFieldCritic(nn.Module):
+    r"""MDMA-style mean-field critic: ``k`` global tokens read the points, the points read the tokens (``O(N k)``).
+
+    The tokens start as learned vectors plus the mean of the embedded points; every block has
+    tokens ← points attention, a condition-gated (GLU) update of the tokens, points ← tokens
+    attention. The score and the feature-matching features come from the tokens. Unlike MDMA
+    (weight norm, WGAN-GP) it is spectral-normalised and trained with the same hinge loss as
+    :class:`PoolCritic`, so the two critics are interchangeable.
+
+    Shapes:
+        as :class:`PoolCritic`; scores ``(B, 1)``, features ``(B, H)``.
+    """
+
+    def __init__(self, config: DeepTreeConfig, cond_features: int) -> None:
+        super().__init__()
+        cfg = config
+        hdim = cfg.critic_hidden
+        self.inp = _PointInput(cfg, cond_features)
+        self.tokens = nn.Parameter(torch.randn(cfg.meanfield_tokens, hdim) / math.sqrt(hdim))
+        self.read = nn.ModuleList(_Attention(hdim, cfg.critic_heads) for _ in range(cfg.meanfield_blocks))
+        self.gate = nn.ModuleList(_linear(hdim + cond_features, 2 * hdim, sn=True) for _ in range(cfg.meanfield_blocks))
+        self.write = nn.ModuleList(_Attention(hdim, cfg.critic_heads) for _ in range(cfg.meanfield_blocks))
+        self.out = _mlp([hdim + cond_features, hdim, 1], sn=True, dropout=cfg.critic_dropout)
+
+    def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
+                shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x, layer, mask, cond, shower, packed)
+        w = mask.to(h.dtype)[..., None]
+        mean = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+        t = self.tokens[None] + mean                                                   # (B, k, H)
+        k = t.shape[1]
+        for read, gate, write in zip(self.read, self.gate, self.write):
+            t = read(t, h, mask)
+            t = t + F.glu(gate(torch.cat([t, cond[:, None, :].expand(-1, k, -1)], -1)), -1)
+            h = write(h, t)
+        f = t.mean(1)
+        return self.out(torch.cat([f, cond], -1)), f
