@@ -189,7 +189,7 @@ class _ResumableDownloader:
                 self.log(f"{self.f.name}: resuming after {_mb(have)}")
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length and length.isdigit() else self.f.size
-            from .io import check_writable
+            from ._safety import check_writable
 
             check_writable(self.target, expected_bytes=(total or 0) - have)
             done = have
@@ -210,7 +210,7 @@ class _ResumableDownloader:
                            f"{'' if total is None else ' of ' + _mb(total)} ({_reason(err)}); run the same command "
                            "again to resume it")
                     raise DownloadError(msg) from None
-                from .io import OutputError
+                from ._safety import OutputError
 
                 msg = (f"{part}: cannot write ({err.strerror or err}); what was received ({_mb(done)}) is kept there, "
                        "run the same command again to resume it")
@@ -280,7 +280,7 @@ def download(dataset: str | Sequence[str] = "2", folder: str | os.PathLike = "."
     import sys
 
     from ._extras import pooch as _pooch
-    from .io import OutputError, check_writable, lock_output
+    from ._safety import OutputError, check_writable, lock_output
 
     chosen = select_files(dataset, files)
     pooch = _pooch()

@@ -246,7 +246,7 @@ def test_second_download_of_the_same_file_is_refused(remote, tmp_path):
     url, _ = remote
     from calopc.locking import OutputLocked
 
-    holder = ("import sys; from calopc.io import lock_output\n"
+    holder = ("import sys; from calopc._safety import lock_output\n"
               "with lock_output(sys.argv[1], what='download'):\n"
               "    print('held', flush=True); sys.stdin.read()\n")
     with subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "dataset_2_1.hdf5")], stdin=subprocess.PIPE,

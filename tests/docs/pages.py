@@ -8,7 +8,10 @@ page, as a reader would type them, on small synthetic data:
 * a block preceded by ``<!-- doc-test: real-data -->`` needs the CaloChallenge files or the network:
   its ``calopc download`` lines become ``calopc synth`` lines writing files of the same names;
 * a block preceded by ``<!-- doc-test: skip REASON -->`` is not run (the reason is reported);
-* ``make`` lines are not run: they set up the virtualenv and run this suite, which CI does itself.
+* a block preceded by ``<!-- doc-test: setup COMMANDS -->`` runs the (hidden) shell ``COMMANDS`` first, for a
+  page that starts from a file its reader already has (``calopc synth ds3.hdf5 -d 3 -n 200 && ...``);
+* ``make`` and ``pip install`` lines are not run: they set up the virtualenv (with every extra) and run this
+  suite, which CI does itself.
 
 ``calopc`` and ``python`` are this interpreter with this checkout first on the path.
 """
@@ -32,9 +35,10 @@ _SKIP_DIRS = {"_build", "_generated", "generated", "examples", "_templates", "_e
 
 #: (pattern, replacement, why): applied to every line of a bash block
 SHRINK: list[tuple[str, object, str]] = [
-    (r"(?<=\s)-n (\d+)", lambda m: f"-n {min(int(m.group(1)), 200)}", "at most 200 showers per file"),
+    (r"(?<=\s)-n (\d+)", lambda m: f"-n {min(int(m.group(1)), 50)}", "at most 50 showers per file"),
     (r"--steps (\d+)", lambda m: f"--steps {min(int(m.group(1)), 2)}", "two training steps"),
-    (r"--max-showers (\d+)", lambda m: f"--max-showers {min(int(m.group(1)), 200)}", "at most 200 showers"),
+    (r"--max-showers (\d+)", lambda m: f"--max-showers {min(int(m.group(1)), 50)}", "at most 50 showers"),
+    (r"--batch-size (\d+)", lambda m: f"--batch-size {min(int(m.group(1)), 8)}", "batches of at most 8 showers"),
     (r"--cls-epochs (\d+)", "--cls-epochs 1", "classifiers train one epoch"),
     (r"--cls-hidden (\d+)", "--cls-hidden 32", "small classifiers"),
     (r"--epochs (\d+)", "--epochs 1", "one epoch of the multi-class classifier"),
@@ -42,14 +46,15 @@ SHRINK: list[tuple[str, object, str]] = [
     (r"--runs (\d+)", "--runs 1", "one multi-class training"),
     (r"--device cuda", "--device cpu", "no GPU in the tests"),
 ]
-#: options added to commands that train classifiers unless the page sets them; an evaluate or compare
+#: options added unless the page sets them: training and distillation in batches of 8 showers; an evaluate or compare
 #: without --metrics computes the histograms, FPD/KPD and the high-level classifier only (the plots, the
 #: voxel classifiers and the report are tested by tests/eval on their own; here they would take minutes)
-_QUICK = {"evaluate": ["--metrics hist,fpd,kpd,cls-high", "--cls-epochs 1", "--cls-hidden 32", "--cls-seeds 1",
+_QUICK = {"train": ["--batch-size 8"], "distill": ["--batch-size 8"],
+          "evaluate": ["--metrics hist,fpd,kpd,cls-high", "--cls-epochs 1", "--cls-hidden 32", "--cls-seeds 1",
                        "--test-permutations 19"],
           "compare": ["--metrics hist,fpd", "--cls-epochs 1", "--cls-hidden 32", "--epochs 1", "--hidden 32",
                       "--runs 1"]}
-_MARK = re.compile(r"^<!--\s*doc-test:\s*(real-data|skip)\b\s*(.*?)\s*-->\s*$")
+_MARK = re.compile(r"^<!--\s*doc-test:\s*(real-data|skip|setup)\b\s*(.*?)\s*-->\s*$")
 _FENCE = re.compile(r"^(\s*)(```+)\s*([\w+-]*)\s*$")
 
 
@@ -103,16 +108,20 @@ def _synth_for_download(line: str) -> str:
     cmds = []
     for f in select_files(dataset, names):
         seed = FILES.index(f) + 100
-        cmds.append(f"calopc synth {folder.rstrip('/')}/{f.name} -d {f.dataset} -n 200 --seed {seed} --no-progress")
+        cmds.append(f"calopc synth {folder.rstrip('/')}/{f.name} -d {f.dataset} -n 50 --seed {seed} --no-progress")
     return " && ".join(cmds)
 
 
 def shell_script(block: Block) -> str:
     """The bash text of ``block`` as the test runs it (sizes capped, downloads replaced, make lines dropped)."""
     out = []
-    for line in block.text.splitlines():
+    lines = block.text.splitlines()
+    if block.mark == "setup":
+        lines.insert(0, block.reason)
+        block.notes.append(f"set up first: {block.reason}")
+    for line in lines:
         s = line.strip()
-        if s.startswith("make "):
+        if s.startswith(("make ", "pip install ")):
             block.notes.append(f"not run: {s.split('#')[0].strip()} (sets up the virtualenv / runs this suite)")
             continue
         if block.mark == "real-data" and s.startswith("calopc download "):

@@ -25,19 +25,22 @@ def test_blocks_are_found_and_marked():
     assert real and all("calopc download" in b.text for b in real)
     script = shell_script(real[0])
     assert "calopc download" not in script
-    assert "calopc synth data/dataset_3_1.hdf5 -d 3 -n 200" in script
+    assert "calopc synth data/dataset_3_1.hdf5 -d 3 -n 50" in script
     assert "make demo" not in shell_script(bs[0])
 
 
 def test_sizes_are_capped():
     """Sizes, steps and devices of the pages are reduced before a block runs; small sizes are kept."""
     assert shell_script(Block("bash", "calopc train m --steps 20000 -n 5000 --device cuda\n", 1)) == \
-        "calopc train m --steps 2 -n 200 --device cpu\n"
+        "calopc train m --steps 2 -n 50 --device cpu --batch-size 8\n"
     assert shell_script(Block("bash", "calopc synth hg.hdf5 -n 20\n", 1)) == "calopc synth hg.hdf5 -n 20\n"
     quick = shell_script(Block("bash", "calopc evaluate g.hdf5 r.hdf5 -o rep/ --cls-epochs 10\n", 1))
     assert "--cls-epochs 1 " in quick and "--metrics hist,fpd,kpd,cls-high" in quick
     official = shell_script(Block("bash", "calopc evaluate -i g.hdf5 -r r.hdf5 -m hist -d 2\n", 1))
     assert official == "calopc evaluate -i g.hdf5 -r r.hdf5 -m hist -d 2\n"
+    assert shell_script(Block("bash", "pip install 'calopc[export]'\ncalopc info x.hdf5\n", 1)) == "calopc info x.hdf5\n"
+    setup = Block("bash", "calopc info ds3.hdf5\n", 1, mark="setup", reason="calopc synth ds3.hdf5 -d 3 -n 5000")
+    assert shell_script(setup) == "calopc synth ds3.hdf5 -d 3 -n 50\ncalopc info ds3.hdf5\n"
 
 
 def test_page_blocks_are_runnable_languages():

@@ -35,7 +35,7 @@ def test_docs_build_without_warnings(site):
     api = (site / "generated" / "calopc.download.html").read_text()
     assert "select_files" in api and "DownloadError" in api
     assert "calibrated_tests" in (site / "generated" / "calopc.eval.distances.html").read_text()
-    assert "iterate_sparse" in (site / "generated" / "calopc.io.html").read_text()
+    assert "iterate_sparse" in (site / "generated" / "calopc.hdf5.html").read_text()
 
 
 def test_cli_reference_lists_every_command(site):
