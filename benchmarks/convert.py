@@ -17,6 +17,8 @@ Sections (``--sections``, comma separated; default all):
   new file, new reader).
 * ``writer``: writing ``--n-write`` ds3 showers to gzip HDF5 (``calopc.io.write_showers``, as
   ``voxelize`` and ``generate`` do), old vs new.
+* ``read``: ``ShowerFile.read`` (dense) and ``iterate_sparse`` of a ``--n-read``-shower ds3 file, old vs new
+  (``--baseline``), alternating, ``--repeat`` times each: the reader alone, without the Parquet writer.
 * ``dask``: ``--n-dask`` ds3 showers in each of 2 files converted into a dataset folder
   (``--workers 2``), then hits per layer of every shower through ``calopc.open_points_lazy``
   (dask-awkward) on 1 and 2 worker processes, checked against the eager result.
@@ -158,6 +160,21 @@ inc, sh = generate("3", n, seed=3)
 t, c = time.perf_counter(), time.process_time()
 write_showers(sys.argv[1], inc, sh)
 print(time.perf_counter() - t, sh.nbytes, time.process_time() - c)  # wall, bytes, CPU s of all threads
+"""
+
+_READ = """
+import sys, time
+from calopc.io import open_showers
+with open_showers(sys.argv[1]) as f:
+    t, c = time.perf_counter(), time.process_time()
+    n = 0
+    for i in range(0, len(f), 500):
+        n += len(f.read(i, min(i + 500, len(f)))[0])
+    dense, dense_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
+    for _ in f.iterate_sparse("256 MB"):
+        pass
+print(dense, dense_cpu, time.perf_counter() - t, time.process_time() - c, n)
 """
 
 _DASK = """
@@ -306,6 +323,29 @@ def section_writer(args: argparse.Namespace) -> None:
         (w / f"write_{'old' if old else 'new'}.hdf5").unlink()
 
 
+def section_read(args: argparse.Namespace) -> None:
+    """The HDF5 reader alone, old vs new in alternation (the machine's load drifts less between neighbours)."""
+    w = args.workdir
+    n = args.n_read
+    src = _synth(w / f"ds3_{n}.hdf5", "3", n)
+    print(f"\n[read] {n} ds3 showers ({n * 40500 * 8 / 1e9:.2f} GB dense), dense read and sparse scan, "
+          f"{args.repeat} runs each, old = {args.baseline}; {_load()}")
+    res: dict[bool, list] = {True: [], False: []}
+    for _ in range(args.repeat):
+        for old in (True, False):
+            _, rss, txt = _run(_READ.replace("sys.argv[1]", repr(str(src))), old=old, workdir=w)
+            d, dc, sp, sc, _n = (float(x) for x in txt.split())
+            res[old].append((d, dc, sp, sc, rss))
+            print(f"  {'old' if old else 'new'}: dense {d:6.2f} s ({dc:6.2f} CPU s), sparse {sp:6.2f} s ({sc:6.2f} CPU s), "
+                  f"peak RSS {rss:.2f} GB; {_load()}", flush=True)
+    import statistics
+
+    med = {old: [statistics.median(r[k] for r in res[old]) for k in range(5)] for old in (True, False)}
+    print(f"  medians new / old: dense wall {med[False][0] / med[True][0]:.2f}, CPU {med[False][1] / med[True][1]:.2f}; "
+          f"sparse wall {med[False][2] / med[True][2]:.2f}, CPU {med[False][3] / med[True][3]:.2f}; "
+          f"peak RSS {med[False][4] / med[True][4]:.2f}")
+
+
 def section_dask(args: argparse.Namespace) -> None:
     w = args.workdir
     n = args.n_dask
@@ -334,10 +374,12 @@ def main() -> None:
     ap.add_argument("--n-small", type=int, default=3000, help="showers in the small ds3 file (default: %(default)s)")
     ap.add_argument("--n-sizes", type=int, default=1000, help="ds3 showers for the size table; ds2: 4x (default: %(default)s)")
     ap.add_argument("--n-write", type=int, default=2000, help="ds3 showers for the writer (default: %(default)s)")
+    ap.add_argument("--n-read", type=int, default=2000, help="ds3 showers for the reader alone (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of old and new each in 'read' (default: %(default)s)")
     ap.add_argument("--n-dask", type=int, default=20000, help="ds3 showers per file for dask (default: %(default)s)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"), help="where files go (default: %(default)s)")
     ap.add_argument("--baseline", default=BASELINE, help="git revision of the old code (default: %(default)s)")
-    ap.add_argument("--sections", default="convert,small,sizes,readback,writer,dask")
+    ap.add_argument("--sections", default="convert,small,sizes,readback,writer,read,dask")
     ap.add_argument("--clean", action="store_true", help="remove the large files written")
     args = ap.parse_args()
     args.sections = set(args.sections.split(","))
@@ -362,6 +404,8 @@ def main() -> None:
         section_sizes(args)
     if "writer" in args.sections:
         section_writer(args)
+    if "read" in args.sections:
+        section_read(args)
     if "dask" in args.sections:
         section_dask(args)
 

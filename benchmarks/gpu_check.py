@@ -1,4 +1,4 @@
-r"""One GPU check: every figure issue 18 asks for, in a few minutes, as one JSON file and one table.
+r"""One GPU check: every figure to measure on a GPU, in a few minutes, as one JSON file and one table.
 
 Run through ``benchmarks/gpu_check.sh`` (no network; synthetic data made on the spot):
 
@@ -6,8 +6,9 @@ Run through ``benchmarks/gpu_check.sh`` (no network; synthetic data made on the 
    fast splines, TF32) for every model at batch 128 / 512 / 2048 on dataset 2 and 128 on
    dataset 3, without and with ``--amp`` (bf16 autocast), and with ``--compile`` where the
    training supports it (the default training path; DeepTree refuses it); peak GPU memory.
-   Each measurement also records the kernel-launching operators and host syncs of one step
-   (dispatch-mode counter, :mod:`calopc.models.opcount`).
+   Each measurement also records the operators and host syncs of one step of the training loop
+   (dispatch-mode counter, :mod:`calopc.models.opcount`: CPU dispatch counts, which do not bound
+   the CUDA kernel launches).
 2. **generate**: ms/shower of :func:`calopc.models.generate.generate` to HDF5 (end to end,
    and sampling alone) at batch 100 / 1,000 / 10,000 on datasets 2 and 3 for every model,
    CaloClouds' 1-step distilled student included (untrained weights: the cost is the same).
@@ -367,40 +368,58 @@ def run_parts(args: argparse.Namespace, res: dict, clock: Clock, parts: list[str
             log(f"classifier: {r}")
 
 
-def table(res: dict) -> None:
-    def f(x, nd: int = 0) -> str:  # noqa: ANN001
-        return "-" if x is None else f"{x:,.{nd}f}"
+def _cell(text: object, limit: int = 200) -> str:
+    """``text`` as one Markdown table cell: one line, no column separator, at most about ``limit`` characters
+    (a longer text keeps its start, e.g. the exception type, and its end, e.g. a traceback's message)."""
+    t = " ".join(str(text).split()).replace("|", "\\|")
+    return t if len(t) <= limit else f"{t[: limit // 3]} ... {t[-(limit - limit // 3 - 5):]}"
 
-    print(f"# GPU check: {res['device']}, torch {res['torch']}{' (quick)' if res['quick'] else ''}, "
+
+def _status(r: object) -> str:
+    """Why an entry (or one batch size of it) has no figures: its error, why it was skipped, or what it holds."""
+    if isinstance(r, dict) and "error" in r:
+        return "error: " + _cell(r["error"])
+    if isinstance(r, dict) and "skipped" in r:
+        return "skipped: " + _cell(r["skipped"])
+    return "no result: " + _cell(r, 80)
+
+
+def table(res: dict) -> None:
+    """Print the Markdown table of a result (entries with figures, and a row saying why for every other:
+    failed, skipped for time or by ``--quick``, whole entries or single batch sizes)."""
+    def f(x, nd: int = 0) -> str:  # noqa: ANN001
+        return "-" if not isinstance(x, (int, float)) else f"{x:,.{nd}f}"
+
+    print(f"# GPU check: {res.get('device', '?')}, torch {res.get('torch', '?')}{' (quick)' if res.get('quick') else ''}, "
           f"{res.get('total_s', 0):.0f} s\n")
-    print("| training | showers/s | ms/step | ops/step | syncs/step | peak GB |")
+    print("| training | showers/s | ms/step | ops/step (CPU dispatch count) | syncs/step | peak GB |")
     print("|---|---|---|---|---|---|")
     for k, r in res.get("train", {}).items():
-        if "showers_per_s" in r:
-            print(f"| {k} | {f(r['showers_per_s'])} | {f(r['ms_per_step'], 1)} | {f(r.get('ops'))} | "
+        if isinstance(r, dict) and "showers_per_s" in r:
+            print(f"| {k} | {f(r['showers_per_s'])} | {f(r.get('ms_per_step'), 1)} | {f(r.get('ops'))} | "
                   f"{f(r.get('syncs'))} | {f(r.get('peak_gb'), 1)} |")
         else:
-            print(f"| {k} | {r.get('error') or r.get('skipped')} | | | | |")
+            print(f"| {k} | {_status(r)} | | | | |")
     print("\n| generation to HDF5 | batch | ms/shower (end to end) | ms/shower (sampling) | showers/s |")
     print("|---|---|---|---|---|")
     for k, per in res.get("generate", {}).items():
-        if "error" in per:
-            print(f"| {k} | | {per['error']} | | |")
+        if not isinstance(per, dict) or "error" in per or "skipped" in per:   # the whole entry
+            print(f"| {k} | | {_status(per)} | | |")
             continue
         for bs, r in per.items():
-            if "ms_per_shower" in r:
-                print(f"| {k} | {bs} | {f(r['ms_per_shower'], 3)} | {f(r['ms_per_shower_sampling'], 3)} | "
-                      f"{f(r['showers_per_s'], 1)} |")
+            if isinstance(r, dict) and "ms_per_shower" in r:
+                print(f"| {k} | {bs} | {f(r['ms_per_shower'], 3)} | {f(r.get('ms_per_shower_sampling'), 3)} | "
+                      f"{f(r.get('showers_per_s'), 1)} |")
             else:
-                print(f"| {k} | {bs} | {r.get('error') or r.get('skipped')} | | |")
+                print(f"| {k} | {bs} | {_status(r)} | | |")
     print("\n| other | seconds | status |")
     print("|---|---|---|")
     for k in ("sparse", "evaluate", "classifier"):
         r = res.get(k)
         if isinstance(r, dict):
-            print(f"| {k} | {f(r.get('seconds'), 1)} | {'error: ' + r['error'][-200:].strip() if 'error' in r else 'ok'} |")
+            print(f"| {k} | {f(r.get('seconds'), 1)} | {_status(r) if 'error' in r else 'ok'} |")
     cl = res.get("classifier", {})
-    if "s_per_epoch" in cl:
+    if isinstance(cl, dict) and "s_per_epoch" in cl:
         print(f"\nclassifier (low-level, {cl['showers']} vs {cl['showers']} ds2): {cl['s_per_epoch']:.2f} s/epoch")
 
 

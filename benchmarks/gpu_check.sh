@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of calopc (issue 18): training and generation throughput of every model, the sparse
+# One GPU check of calopc: training and generation throughput of every model, the sparse
 # benchmark, `calopc evaluate` 10k vs 10k and the classifier epoch time, in <= 8 minutes on one GPU,
 # without network. Writes one JSON file and prints one table (Markdown).
 #

@@ -1,21 +1,26 @@
 r"""Gzip HDF5 datasets read and written chunk by chunk, with zlib running in a thread pool.
 
 h5py inflates (and deflates) gzip chunks on one thread while holding its global lock. The
-official CaloChallenge files are plain gzip-compressed 2-d datasets, so calopc reads the raw
-chunk bytes itself (file offsets from the chunk index, ``os.pread``) and inflates them in worker
-threads (libdeflate when the ``deflate`` package is installed, else :mod:`zlib`; both release
-the GIL); writing compresses whole chunks in worker threads and stores them with
-``write_direct_chunk``. The files stay ordinary gzip HDF5 that any
-HDF5 reader opens.
+official CaloChallenge files are plain gzip-compressed 2-d datasets, so calopc asks h5py for the
+raw, still compressed chunk bytes (``read_direct_chunk``: HDF5 finds them, whatever the file
+driver or userblock) and inflates them in worker threads (libdeflate when the ``deflate``
+package is installed, else :mod:`zlib`; both release the GIL). The raw reads are about 1 % of
+the work and run under h5py's lock; the inflating runs in parallel. Writing compresses whole
+chunks in worker threads and stores them with ``write_direct_chunk``. The files stay ordinary
+gzip HDF5 that any HDF5 reader opens.
 
-Anything else (other filters such as shuffle or lzf, checksums, contiguous storage, a
-non-default file driver, more than two dimensions) is left to h5py: :func:`chunk_plan` returns
-``None`` and the caller reads the ordinary way.
+Anything else (other filters such as shuffle or lzf, checksums, contiguous storage, more than
+two dimensions) is left to h5py: :func:`chunk_plan` returns ``None`` and the caller reads the
+ordinary way.
+
+Memory: a reader keeps at most ``2 * threads + 2`` row bands in flight, fewer when the bands are
+large (:data:`INFLIGHT_BYTES`); the default thread count is capped at :data:`MAX_DEFAULT_THREADS`.
 """
 
 from __future__ import annotations
 
-__all__ = ["DeflateWriter", "RowChunks", "chunk_plan", "codec", "default_threads", "enabled"]
+__all__ = ["INFLIGHT_BYTES", "MAX_DEFAULT_THREADS", "DeflateWriter", "RowChunks", "chunk_plan", "codec",
+           "default_threads", "enabled"]
 
 import collections
 import os
@@ -27,6 +32,14 @@ from typing import Any
 import numpy as np
 
 _H5Z_FILTER_DEFLATE = 1
+
+#: Default worker threads at most (``CALOPC_IO_THREADS`` may set more): inflating saturates the memory
+#: bandwidth long before 8 cores, and every thread adds a band or two of memory.
+MAX_DEFAULT_THREADS = 8
+
+#: Dense bytes of row bands a reader keeps in flight (submitted, not yet consumed) when the bands are large;
+#: never fewer than ``threads + 1`` bands, so that every thread has work.
+INFLIGHT_BYTES = 64 << 20
 
 
 class _Codec:
@@ -81,7 +94,10 @@ def enabled() -> bool:
 
 
 def default_threads() -> int:
-    """Worker threads for inflating/deflating: the CPUs this process may use (``CALOPC_IO_THREADS`` overrides)."""
+    """Worker threads for inflating/deflating: the CPUs this process may use, at most :data:`MAX_DEFAULT_THREADS`.
+
+    ``CALOPC_IO_THREADS`` overrides it (any number >= 1).
+    """
     env = os.environ.get("CALOPC_IO_THREADS")
     if env:
         try:
@@ -92,7 +108,7 @@ def default_threads() -> int:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, n)
+    return max(1, min(n, MAX_DEFAULT_THREADS))
 
 
 def _deflate_level(ds: Any) -> int | None:
@@ -117,18 +133,18 @@ class RowChunks:
     thread pool and applies a function to each dense band there too, yielding results in order.
     """
 
-    def __init__(self, path: str, ds: Any, base: int) -> None:
-        self.path = str(path)
+    def __init__(self, ds: Any) -> None:
+        self.path = str(ds.file.filename)
+        self._dsid = ds.id
         self.shape = tuple(int(s) for s in ds.shape)
         self.chunks = tuple(int(c) for c in ds.chunks)
         self.dtype = np.dtype(ds.dtype)
         fill = ds.fillvalue
         self.fill = 0 if fill is None else fill
-        self._index: dict[tuple[int, int], tuple[int, int, int]] = {}  # (row0, col0) -> (offset, size, mask)
+        self._index: dict[tuple[int, int], int] = {}  # (row0, col0) of every stored chunk -> its size in bytes
 
         def visit(info: Any) -> None:
-            self._index[(int(info.chunk_offset[0]), int(info.chunk_offset[1]))] = (
-                int(info.byte_offset) + base, int(info.size), int(info.filter_mask))
+            self._index[(int(info.chunk_offset[0]), int(info.chunk_offset[1]))] = int(info.size)
 
         if hasattr(ds.id, "chunk_iter"):
             ds.id.chunk_iter(visit)
@@ -140,14 +156,18 @@ class RowChunks:
     def band_rows(self) -> int:
         return self.chunks[0]
 
-    def _chunk(self, fd: int, row0: int, col0: int) -> np.ndarray:
+    @property
+    def band_bytes(self) -> int:
+        """Dense bytes of one band of rows (all its chunks, inflated)."""
+        return self.chunks[0] * self.shape[1] * self.dtype.itemsize
+
+    def _chunk(self, row0: int, col0: int) -> np.ndarray:
         """One chunk, inflated: ``(chunk rows, chunk cols)`` in the file's dtype (unwritten chunks: fill value)."""
         rc, cc = self.chunks
-        entry = self._index.get((row0, col0))
-        if entry is None:
+        size = self._index.get((row0, col0))
+        if size is None:
             return np.full((rc, cc), self.fill, dtype=self.dtype)
-        offset, size, mask = entry
-        raw = os.pread(fd, size, offset)
+        mask, raw = self._dsid.read_direct_chunk((row0, col0))  # under h5py's lock; the inflating is not
         if len(raw) != size:
             msg = f"{self.path}: chunk at rows {row0}.. is truncated (file shorter than its index says)"
             raise OSError(msg)
@@ -162,16 +182,16 @@ class RowChunks:
             raise OSError(msg)
         return np.frombuffer(data, dtype=self.dtype).reshape(rc, cc)
 
-    def _band(self, fd: int, row0: int, r_lo: int, r_hi: int) -> np.ndarray:
+    def _band(self, row0: int, r_lo: int, r_hi: int) -> np.ndarray:
         """Rows ``r_lo:r_hi`` (inside the band starting at ``row0``) as a ``(rows, n_cols)`` array."""
         rc, cc = self.chunks
         n_cols = self.shape[1]
         if cc >= n_cols:
-            return self._chunk(fd, row0, 0)[r_lo - row0:r_hi - row0, :n_cols]
+            return self._chunk(row0, 0)[r_lo - row0:r_hi - row0, :n_cols]
         out = np.empty((r_hi - r_lo, n_cols), dtype=self.dtype)
         for c0 in range(0, n_cols, cc):
             c1 = min(c0 + cc, n_cols)
-            out[:, c0:c1] = self._chunk(fd, row0, c0)[r_lo - row0:r_hi - row0, :c1 - c0]
+            out[:, c0:c1] = self._chunk(row0, c0)[r_lo - row0:r_hi - row0, :c1 - c0]
         return out
 
     def map_bands(self, fn: Callable[[int, int, np.ndarray], Any], start: int, stop: int, *,
@@ -179,10 +199,15 @@ class RowChunks:
         """Yield ``(r0, r1, fn(r0, r1, band))`` for the chunk bands covering rows ``start:stop``, in order.
 
         ``fn`` runs in the worker threads on the dense band (read-only, file dtype). At most
-        ``lookahead`` bands (default: 2 per thread + 2) are in flight, which bounds memory.
+        ``lookahead`` bands are in flight (submitted and not yet consumed), which bounds memory:
+        by default 2 per thread + 2, but no more than :data:`INFLIGHT_BYTES` of dense bands
+        allow, and never fewer than ``threads + 1``. Memory is then at most ``threads`` bands being
+        inflated and scanned plus ``lookahead`` results, whatever the number of rows.
         """
         threads = default_threads() if threads is None else max(1, int(threads))
-        lookahead = 2 * threads + 2 if lookahead is None else max(1, int(lookahead))
+        if lookahead is None:
+            lookahead = min(2 * threads + 2, max(threads + 1, INFLIGHT_BYTES // max(1, self.band_bytes)))
+        lookahead = max(1, int(lookahead))
         rc = self.band_rows
         bands = []
         r = start
@@ -191,38 +216,34 @@ class RowChunks:
             r1 = min(row0 + rc, stop)
             bands.append((row0, r, r1))
             r = r1
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            def task(row0: int, r0: int, r1: int) -> Any:
-                return fn(r0, r1, self._band(fd, row0, r0, r1))
+        def task(row0: int, r0: int, r1: int) -> Any:
+            return fn(r0, r1, self._band(row0, r0, r1))
 
-            pending: collections.deque[tuple[int, int, Future]] = collections.deque()
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="calopc-inflate") as pool:
-                try:
-                    it = iter(bands)
-                    for row0, r0, r1 in it:
-                        pending.append((r0, r1, pool.submit(task, row0, r0, r1)))
-                        if len(pending) >= lookahead:
-                            break
-                    while pending:
-                        r0, r1, fut = pending.popleft()
-                        res = fut.result()
-                        nxt = next(it, None)
-                        if nxt is not None:
-                            pending.append((nxt[1], nxt[2], pool.submit(task, *nxt)))
-                        yield r0, r1, res
-                finally:
-                    for _, _, fut in pending:
-                        fut.cancel()
-        finally:
-            os.close(fd)
+        pending: collections.deque[tuple[int, int, Future]] = collections.deque()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="calopc-inflate") as pool:
+            try:
+                it = iter(bands)
+                for row0, r0, r1 in it:
+                    pending.append((r0, r1, pool.submit(task, row0, r0, r1)))
+                    if len(pending) >= lookahead:
+                        break
+                while pending:
+                    r0, r1, fut = pending.popleft()
+                    res = fut.result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append((nxt[1], nxt[2], pool.submit(task, *nxt)))
+                    yield r0, r1, res
+            finally:
+                for _, _, fut in pending:
+                    fut.cancel()
 
 
-def chunk_plan(f: Any, ds: Any) -> RowChunks | None:
-    """A :class:`RowChunks` for dataset ``ds`` of the open h5py file ``f``, or None when h5py must read it.
+def chunk_plan(ds: Any) -> RowChunks | None:
+    """A :class:`RowChunks` for the h5py dataset ``ds``, or None when h5py must read it.
 
-    Direct reading needs: a 2-d chunked dataset whose only filter is deflate (gzip), a float
-    dtype, the default (sec2) file driver, and a file name that can be opened again.
+    Direct reading needs a 2-d chunked dataset whose only filter is deflate (gzip) and a float
+    dtype; any file driver and userblock will do (h5py locates the raw chunks).
     """
     if not enabled():
         return None
@@ -231,13 +252,7 @@ def chunk_plan(f: Any, ds: Any) -> RowChunks | None:
             return None
         if _deflate_level(ds) is None or ds.external:
             return None
-        if f.driver != "sec2":
-            return None
-        base = int(f.id.get_create_plist().get_userblock())
-        path = f.filename
-        if not path or not os.path.isfile(path):
-            return None
-        return RowChunks(path, ds, base)
+        return RowChunks(ds)
     except Exception:  # anything unexpected in the chunk index: let h5py read it
         return None
 
@@ -247,7 +262,8 @@ class DeflateWriter:
 
     Rows are buffered until a chunk is full; full chunks are compressed in a thread pool
     (``zlib.compress`` at the dataset's gzip level) and stored in order with
-    ``write_direct_chunk``. :meth:`flush` writes the last, partial chunk (padded, as HDF5 stores
+    ``write_direct_chunk``. Back-pressure: at most ``2 * threads + 1`` chunks wait to be stored, so
+    memory is a few chunks per thread, whatever the number of rows. :meth:`flush` writes the last, partial chunk (padded, as HDF5 stores
     edge chunks whole) and must be called before the file is closed. The result is the same
     gzip HDF5 h5py would write.
     """
@@ -316,7 +332,12 @@ class DeflateWriter:
             self._n_buf = k
 
     def flush(self) -> None:
-        """Store every chunk, the last partial one included."""
+        """Store every chunk, the last partial one included.
+
+        A partial chunk stored here is stored again when later rows fill it; HDF5 does not reclaim the
+        first copy's space, so each flush in the middle of a stream leaves up to one chunk of unused
+        bytes in the file (:meth:`close` flushes once, at the end).
+        """
         if self._n_buf:  # stored now and again when more rows fill it (a write replaces the chunk)
             self._submit(self.n, self._buf.copy())
         while self._pending:

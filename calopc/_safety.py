@@ -25,6 +25,7 @@ __all__ = [
     "json_dumps",
     "json_safe",
     "lock_output",
+    "missing_message",
     "sweep_stale_parts",
 ]
 
@@ -36,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -149,20 +151,62 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def missing_message(path: str | os.PathLike) -> str:
+    """The one-line reason why ``path`` cannot be opened although named: no such file, a loop of links, a dangling link."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == _errno.ELOOP:
+            return f"{path}: a loop of symbolic links; expected a file or folder"
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                return f"{path}: a symbolic link to a missing file ({os.readlink(path)})"
+    return f"{path}: no such file"
+
+
+def _not_regular(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (a device, a FIFO, ...), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+
+
 def check_writable(path: str | os.PathLike, *, expected_bytes: float = 0, folder: bool = False) -> None:
     """Raise :class:`OutputError` (naming ``path``) if it cannot be written; cheap, done before any work.
 
-    Checks: ``path`` is not a folder (or, with ``folder=True``, not a file); no file sits where a
-    parent folder must be; the nearest existing parent folder is writable and on a writable file
-    system; at least ``expected_bytes`` are free there (a rough estimate of the output size).
+    Checks: ``path`` is not a folder (or, with ``folder=True``, not a file) and not a device, named
+    pipe or socket (the finished output replaces the target: ``-o /dev/null`` would replace the
+    device); not a loop of symbolic links; a file name given as a string does not end in ``/``;
+    no file sits where a parent folder must be; the nearest existing parent folder is writable
+    and on a writable file system; at least ``expected_bytes`` are free there (a rough estimate
+    of the output size).
     """
+    raw = os.fspath(path)
     path = Path(path)
+    if os.path.islink(path) and not path.exists() and "loop" in missing_message(path):
+        msg = f"{path}: a loop of symbolic links; expected a {'folder' if folder else 'file'} name for the output"
+        raise OutputError(msg)
+    special = _not_regular(path)
+    if special is not None:
+        msg = (f"{path}: exists and is {special}, not a folder; expected a folder for the output (or a new name)"
+               if folder else f"{path}: exists and is {special}, not a regular file; the finished output would "
+                              "replace it: choose a file name")
+        raise OutputError(msg)
     if folder:
         if path.exists() and not path.is_dir():
             msg = f"{path}: exists and is not a folder; expected a folder for the output (or a new name)"
             raise OutputError(msg)
     elif path.is_dir():
         msg = f"{path}: is a folder; expected a file name for the output, e.g. {path / 'out'}"
+        raise OutputError(msg)
+    elif isinstance(raw, str) and raw.endswith(("/", os.sep)):
+        msg = f"{raw}: names a folder (it ends in /); expected a file name for the output, e.g. {path / 'out'}"
         raise OutputError(msg)
     anc = path if folder else path.parent
     anc = Path(os.path.abspath(anc))
@@ -298,6 +342,10 @@ def _atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        special = _not_regular(path)
+        if special is not None:  # appeared while the output was written: never replace a device or a pipe
+            msg = f"{path}: exists and is {special}, not a regular file; the output was not written"
+            raise OutputError(msg)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):

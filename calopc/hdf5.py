@@ -16,8 +16,13 @@ __all__ = [
     "ShowerFile",
     "ShowerFileError",
     "ShowerWriter",
+    "HDF5_SUFFIXES",
+    "MAX_CELL_MEV",
+    "RESPONSE_RANGE",
+    "EnergyScale",
     "check_energies",
     "hdf5_write_failed",
+    "is_hdf5",
     "native_float_dtype",
     "open_showers",
     "parse_size",
@@ -28,6 +33,7 @@ __all__ = [
 import contextlib
 import errno as _errno
 import os
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +41,30 @@ from pathlib import Path
 import numpy as np
 
 from . import _h5direct
-from ._safety import OutputError, atomic_output, check_interrupt, deferred_interrupts
+from ._safety import OutputError, atomic_output, check_interrupt, deferred_interrupts, missing_message
 from .geometry import Geometry, GeometryError, detect_geometry
 
 INCIDENT_KEY = "incident_energies"
 SHOWERS_KEY = "showers"
+#: Names of HDF5 files
+HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether the file holds an HDF5 superblock signature (at byte 0, or 512, 1024, ... after a userblock)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = 0
+            while offset + 8 <= size:
+                fh.seek(offset)
+                if fh.read(8) == _HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else 2 * offset
+    except OSError:
+        return False
+    return False
 
 
 class ShowerFileError(ValueError):
@@ -86,6 +111,71 @@ def check_energies(values: np.ndarray, *, where: str, key: str, positive: bool =
             raise ShowerFileError(msg)
 
 
+#: Median deposited / incident energy (showers with deposits) outside this range is reported as a likely unit
+#: mistake. A calorimeter's response is of order 1 (0.3-1 for the CaloChallenge sets, sampling fraction
+#: included); a factor 1000 off (keV or GeV for MeV) gives about 800 or 0.0008.
+RESPONSE_RANGE = (1e-3, 5.0)
+#: A cell above this (MeV; 1 PeV) is reported: the highest CaloChallenge incident energy is 4.2 TeV.
+MAX_CELL_MEV = 1e9
+
+
+class EnergyScale:
+    """Warns once per file when its energies look like a unit mistake or corruption (:data:`RESPONSE_RANGE`,
+    :data:`MAX_CELL_MEV`): one line with the value and the likely cause. Such data are read anyway.
+
+    The response is judged on the first chunk holding showers with deposits; the largest cell on every
+    chunk until a warning is given.
+    """
+
+    def __init__(self, where: str | os.PathLike) -> None:
+        self.where = str(where)
+        self.ratio_checked = False
+        self.warned = False
+
+    def check(self, e_inc: np.ndarray, counts: np.ndarray, energy: np.ndarray) -> None:
+        """Showers given sparsely: incident ``(n,)`` MeV, points per shower ``(n,)``, flat point energies ``(P,)``."""
+        if self.warned or not len(energy):
+            return
+        e_dep = None
+        if not self.ratio_checked:
+            cs = np.zeros(len(energy) + 1)
+            with np.errstate(all="ignore"):  # huge cells overflow to inf: judged below, not a numpy warning
+                np.cumsum(energy, dtype=np.float64, out=cs[1:])
+                ends = np.cumsum(counts)
+                e_dep = cs[ends] - cs[ends - counts]
+        self._judge(e_inc, e_dep, float(np.max(energy)))
+
+    def check_dense(self, e_inc: np.ndarray, showers: np.ndarray) -> None:
+        """Showers given dense: incident ``(n,)`` MeV and ``(n, n_voxels)`` cells."""
+        if self.warned or not showers.size:
+            return
+        with np.errstate(all="ignore"):
+            e_dep = None if self.ratio_checked else showers.sum(axis=1, dtype=np.float64)
+        self._judge(e_inc, e_dep, float(showers.max()))
+
+    def _judge(self, e_inc: np.ndarray, e_dep: np.ndarray | None, e_max: float) -> None:
+        msg = None
+        if e_max > MAX_CELL_MEV:
+            msg = (f"a cell holds {e_max:.4g} MeV, more than {MAX_CELL_MEV:.0e} MeV (1 PeV): corrupt or wrongly scaled "
+                   "energies?")
+        elif e_dep is not None:
+            hit = e_dep > 0
+            if hit.any():
+                self.ratio_checked = True
+                with np.errstate(all="ignore"):
+                    r = float(np.median(e_dep[hit] / np.asarray(e_inc, dtype=np.float64)[hit]))
+                lo, hi = RESPONSE_RANGE
+                if r > hi:
+                    msg = (f"median deposited / incident energy is {r:.4g} (a calorimeter's is of order 1): cells in "
+                           "keV, or incident energies in GeV? Both must be in MeV")
+                elif r < lo:
+                    msg = (f"median deposited / incident energy is {r:.4g} (a calorimeter's is of order 1): cells in "
+                           "GeV, or incident energies in keV? Both must be in MeV")
+        if msg is not None:
+            self.warned = True
+            warnings.warn(f"{self.where}: {msg}", stacklevel=3)
+
+
 class ShowerFile:
     """An open, validated CaloChallenge HDF5 file; read it whole or in chunks.
 
@@ -101,13 +191,18 @@ class ShowerFile:
 
         self.path = Path(path)
         if not self.path.exists():
-            msg = f"{self.path}: no such file"
-            raise FileNotFoundError(msg)
+            raise FileNotFoundError(missing_message(self.path))
         if self.path.is_dir():
-            msg = f"{self.path}: is a folder, expected an HDF5 file"
+            h5 = sorted(q.name for q in self.path.iterdir() if q.suffix.lower() in HDF5_SUFFIXES and q.is_file())
+            msg = (f"{self.path}: is a folder of {len(h5)} HDF5 files, expected one HDF5 file (e.g. {self.path / h5[0]}); "
+                   f"'calopc convert' takes them all as a quoted glob: '{self.path / ('*' + Path(h5[0]).suffix)}'"
+                   if h5 else f"{self.path}: is a folder, expected an HDF5 file")
             raise ShowerFileError(msg)
         if not os.access(self.path, os.R_OK):
             msg = f"{self.path}: cannot read (permission denied)"
+            raise ShowerFileError(msg)
+        if self.path.stat().st_size == 0:
+            msg = f"{self.path}: is empty (0 bytes); expected an HDF5 file (an interrupted copy or download?)"
             raise ShowerFileError(msg)
         try:
             self._f = h5py.File(self.path, "r")
@@ -122,6 +217,7 @@ class ShowerFile:
         try:
             self._check_layout(geometry)
             self.validate = validate
+            self._scale = EnergyScale(self.path)
         except BaseException:
             self._f.close()
             raise
@@ -168,8 +264,8 @@ class ShowerFile:
             raise ShowerFileError(msg)
         self.geometry = geometry
         self._inc, self._sh = inc, sh
-        self._plan = _h5direct.chunk_plan(self._f, sh)  # None: h5py reads (other filters, contiguous, ...)
-        self.threads: int | None = None  # inflating threads of the direct reader (None: the usable CPUs)
+        self._plan = _h5direct.chunk_plan(sh)  # None: h5py reads (other filters, contiguous, ...)
+        self.threads: int | None = None  # inflating threads of the direct reader (None: the usable CPUs, at most 8)
 
     # ------------------------------------------------------------------ info
     def __len__(self) -> int:
@@ -225,6 +321,7 @@ class ShowerFile:
         if self.validate:
             check_energies(inc, where=f"{self.path} rows {start}:{stop}", key=INCIDENT_KEY, positive=True)
             check_energies(sh, where=f"{self.path} rows {start}:{stop}", key=SHOWERS_KEY)
+            self._scale.check_dense(inc, sh)
         return inc, sh
 
     def rows_per_step(self, step_size: int | str) -> int:
@@ -313,7 +410,10 @@ class ShowerFile:
             while last - first >= step or (item is None and last > first):  # chunks of exactly step rows
                 k = min(step, last - first)
                 p = int(counts[:k].sum())
-                yield first, self._read_incident(first, first + k), counts[:k], cell[:p], e[:p]
+                inc = self._read_incident(first, first + k)
+                if self.validate:
+                    self._scale.check(inc, counts[:k], e[:p])
+                yield first, inc, counts[:k], cell[:p], e[:p]
                 counts, cell, e = counts[k:], cell[p:], e[p:]
                 first += k
             if last > first:

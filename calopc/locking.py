@@ -9,8 +9,17 @@ process id, host and start time, with an advisory ``flock`` on it:
   (:class:`OutputLocked`: "PID 1234 on host node7 since 22:50:03 UTC");
 * a lock of a process that died (``kill -9``, a crash, a lost node) is not held any more:
   the next writer takes it over, and :func:`sweep_stale_locks` removes such files;
-* file systems without ``flock`` fall back to an exclusively created file whose process id is
-  checked for life (same host) before it is taken over.
+* file systems without ``flock`` fall back to an exclusively created file. A writer takes over
+  such a file only when its holder is provably gone: a process of this host that no longer
+  exists or started before the last boot, or an empty file (a writer killed between creating
+  and recording it) older than :data:`EMPTY_GRACE_S`. The takeover is atomic: the stale file is
+  renamed to a unique name and checked to be the one judged stale before it is removed, so two
+  writers never both hold the lock. A holder on another host cannot be checked: refused.
+
+``flock`` on some cluster file systems is local to a node (NFS mounted with ``local_lock=flock``
+or ``nolock``, Lustre with ``-o localflock``): it then excludes nothing across nodes. A writer
+that takes a lock whose previous record names another host and is younger than
+:data:`OTHER_HOST_RECENT_S` warns, because that writer may still be running.
 
 The lock is re-entrant within one process (nested writers of the same output share it) and is
 released and removed when the block ends, also on errors and interrupts.
@@ -18,7 +27,7 @@ released and removed when the block ends, also on errors and interrupts.
 
 from __future__ import annotations
 
-__all__ = ["OutputLocked", "lock_path", "output_lock", "sweep_stale_locks"]
+__all__ = ["EMPTY_GRACE_S", "OTHER_HOST_RECENT_S", "OutputLocked", "lock_path", "output_lock", "sweep_stale_locks"]
 
 import contextlib
 import errno
@@ -26,6 +35,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +46,11 @@ except ImportError:  # pragma: no cover - not POSIX
 
 SUFFIX = ".calopc.lock"
 _held: dict[str, list] = {}  # absolute lock path -> [fd, depth]
+
+#: Seconds after which an empty lock file (its writer died between creating and recording it) is stale.
+EMPTY_GRACE_S = 60.0
+#: A previous holder on another host recorded less than this many seconds ago may still be running (warned).
+OTHER_HOST_RECENT_S = 24 * 3600.0
 
 
 class OutputLocked(ValueError):
@@ -64,18 +79,63 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _parse(text: str) -> tuple[int | None, str | None, float | None, str]:
+    """(pid, host, start time, description) of a lock record ``"PID HOST TIME"``; Nones when it is not one."""
+    m = re.match(r"^(\d+) (\S+) (\d+(?:\.\d*)?)", text.strip())
+    if not m:
+        return None, None, None, "another process"
+    pid, host, since = int(m.group(1)), m.group(2), float(m.group(3))
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+    return pid, host, since, f"PID {pid} on host {host} since {when}"
+
+
 def _read_holder(path: Path) -> tuple[int | None, str | None, str]:
     """(pid, host, description) of the holder recorded in the lock file."""
     try:
-        text = path.read_text(errors="replace").strip()
+        text = path.read_text(errors="replace")
     except OSError:
         text = ""
-    m = re.match(r"^(\d+) (\S+) (\d+(?:\.\d*)?)", text)
-    if not m:
-        return None, None, "another process"
-    pid, host, since = int(m.group(1)), m.group(2), float(m.group(3))
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
-    return pid, host, f"PID {pid} on host {host} since {when}"
+    pid, host, _, desc = _parse(text)
+    return pid, host, desc
+
+
+def _snapshot(path: Path) -> tuple[tuple[int, int, int, int], str] | None:
+    """The identity (device, inode, size, mtime in ns) and text of the file at ``path``, read through one descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        text = os.read(fd, 4096).decode(errors="replace")
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), text
+
+
+def _boot_time() -> float | None:
+    """When this host booted (seconds since the epoch), or None where unknown."""
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _stale(ident: tuple[int, int, int, int], text: str) -> bool:
+    """Whether the lock file (identity, text) was left by a writer that is gone (see the module rule)."""
+    pid, host, since, _ = _parse(text)
+    if pid is None:  # empty or unreadable: a writer killed between creating and recording it, once old enough
+        return time.time() - ident[3] / 1e9 > EMPTY_GRACE_S
+    if host != _host():
+        return False
+    boot = _boot_time()
+    if boot is not None and since is not None and since < boot - 1:  # a process id of an earlier boot
+        return True
+    return not _pid_alive(pid)
 
 
 def _locked_error(target: Path, what: str, holder: str, lp: Path) -> OutputLocked:
@@ -110,6 +170,7 @@ def _acquire_flock(lp: Path, target: Path, what: str) -> int | None:
         except FileNotFoundError:
             same = False
         if same:
+            _warn_other_host(fd, target, what)
             _record(fd)
             return fd
         os.close(fd)
@@ -117,17 +178,66 @@ def _acquire_flock(lp: Path, target: Path, what: str) -> int | None:
     raise OutputLocked(msg)
 
 
+def _warn_other_host(fd: int, target: Path, what: str) -> None:
+    """Warn when the record we are about to replace names another host and is recent (see the module rule)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return
+    pid, host, since, desc = _parse(text)
+    if pid is None or host == _host() or since is None or time.time() - since > OTHER_HOST_RECENT_S:
+        return
+    warnings.warn(f"{target}: the previous writer of this {what} ran on another host ({desc}); if it still runs, "
+                  "this file system's locks do not reach across hosts (NFS local_lock, Lustre localflock) and both "
+                  "write at once: make sure it has stopped", stacklevel=4)
+
+
+def _take_over(lp: Path, ident: tuple[int, int, int, int], text: str) -> bool:
+    """Remove the stale lock file (identity, text) atomically; False when another writer got there first.
+
+    The file is renamed to a unique name first; only if the renamed file is the one judged stale
+    (same identity and text) is it removed. Otherwise a live writer's fresh lock was moved: it is
+    put back (``link``, which never replaces a file), or, if a third writer has created one in the
+    meantime, the takeover is refused.
+    """
+    aside = lp.with_name(f"{lp.name}.{os.getpid()}.{time.monotonic_ns()}.stale")
+    try:
+        os.rename(lp, aside)
+    except FileNotFoundError:
+        return False
+    moved = _snapshot(aside)
+    if moved is not None and moved == (ident, text):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        return True
+    try:
+        os.link(aside, lp)
+    except FileExistsError:
+        msg = f"{lp}: several writers are taking over this lock at once; try again"
+        raise OutputLocked(msg) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+    return False
+
+
 def _acquire_exclusive(lp: Path, target: Path, what: str) -> int:
-    """Fallback without flock: create the lock file exclusively; take over the file of a dead process."""
+    """Fallback without flock: create the lock file exclusively; take over the file of a writer that is gone."""
     for _ in range(50):
         try:
             fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            pid, host, desc = _read_holder(lp)
-            if pid is not None and host == _host() and not _pid_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lp)
+            snap = _snapshot(lp)
+            if snap is None:  # removed meanwhile: try again
                 continue
+            ident, text = snap
+            if _stale(ident, text):
+                _take_over(lp, ident, text)
+                continue
+            desc = _parse(text)[3]
+            if desc == "another process":
+                desc = "another process that is creating it"
             raise _locked_error(target, what, desc, lp) from None
         _record(fd)
         return fd

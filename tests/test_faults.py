@@ -1,8 +1,7 @@
 """Faults and user mistakes: every case gives one line (or a clean exit code), nothing is lost or left behind.
 
-One test (or parametrised case) per DEFECT row of the reliability audit that concerns the data
-layer and the command line: bad and foreign inputs, outputs that would replace an input,
-file-system errors, interrupts, silent wrong results, option checks, CLI consistency.
+Covered: bad and foreign inputs, outputs that would replace an input or a device, file-system
+errors, interrupts, silent wrong results, option checks and the consistency of the command line.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,10 +143,12 @@ def test_info_prints_no_raw_runtime_warning(tmp_path):
     sh[2, 5] = 1e308
     sh[3, 5:8] = 1e308  # the sum overflows
     write_showers(tmp_path / "x.hdf5", inc, sh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         info = file_info(tmp_path / "x.hdf5")
     assert info["n_showers"] == 5
+    assert [str(w.message) for w in seen] == [f"{tmp_path / 'x.hdf5'}: a cell holds 1e+308 MeV, more than 1e+09 MeV "
+                                              "(1 PeV): corrupt or wrongly scaled energies?"]
 
 
 # ============================================================================ Parquet inputs
@@ -280,6 +283,85 @@ def test_bad_point_values_name_the_file(tmp_path, ds2, capsys, case):
     assert not (tmp_path / "v.hdf5").exists()
 
 
+def _warning_lines(err: str, cmd: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith(f"calopc {cmd}: warning: ")]
+
+
+def test_implausible_energies_warn_once_in_every_reader(tmp_path, ds2, capsys):
+    """Cells in keV (x1000), incident energies in GeV (/1000) or a 1e30 MeV cell: one warning line naming the file,
+    the value and the likely cause, in info, convert, evaluate's and train's readers; plausible files stay silent."""
+    h5, pqf, inc, sh = ds2
+    kev = tmp_path / "kev.hdf5"
+    write_showers(kev, inc, sh * 1000)
+    gev = tmp_path / "gev.parquet"
+    with pytest.warns(UserWarning, match="cells in keV"):
+        convert_file(kev, tmp_path / "kev.parquet", progress=False)
+    events = read_points(pqf)[0]
+    write_points(gev, ak.zip({"incident_energy": events.incident_energy / 1000, "points": events.points},
+                             depth_limit=1), Geometry.calochallenge("2"))
+    huge_sh = sh.copy()
+    huge_sh[3, 17] = 1e30
+    write_showers(tmp_path / "huge.hdf5", inc, huge_sh)
+    capsys.readouterr()
+    cases = [(["info", kev], r"kev.hdf5: median deposited / incident energy is 7\d\d(\.\d*)? .*: cells in keV, or "
+                             r"incident energies in GeV\? Both must be in MeV"),
+             (["convert", kev, "-o", tmp_path / "k2.parquet"], "kev.hdf5: median deposited / incident energy is 7"),
+             (["info", tmp_path / "kev.parquet"], "kev.parquet: median deposited / incident energy is 7"),
+             (["info", gev], r"gev.parquet: median deposited / incident energy is 7\d\d"),
+             (["info", tmp_path / "huge.hdf5"], r"huge.hdf5: a cell holds 1e\+30 MeV, more than 1e\+09 MeV \(1 PeV\)"),
+             (["info", h5], None), (["info", pqf], None)]
+    for argv, match in cases:
+        assert main([str(a) for a in argv] + ["--no-progress"]) == 0, argv
+        lines = _warning_lines(capsys.readouterr().err, argv[0])
+        if match is None:
+            assert lines == [], lines
+        else:
+            assert len(lines) == 1 and re.search(match, lines[0]), lines
+    from calopc.eval.samples import load_sample
+
+    with pytest.warns(UserWarning, match="kev.hdf5: median deposited / incident energy is 7"):
+        load_sample(kev, keep_voxels=False)
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from calopc.models.data import _Sources
+
+    src = _Sources(gev)
+    with pytest.warns(UserWarning, match=r"gev.parquet: median deposited / incident energy is 7\d\d"):
+        src.read_block(0)
+
+
+def test_damaged_page_bytes_are_a_read_error_not_changed_energies(tmp_path, ds2, capsys):
+    """Every data page carries a CRC32 that the readers verify: zeroed bytes inside the energies' page are one
+    error line naming the file in info, voxelize, read_points and the training reader, not silently other values."""
+    _, pqf, *_ = ds2
+    bad = tmp_path / "zeroed.parquet"
+    md = pq.ParquetFile(pqf).metadata
+    col = next(md.row_group(0).column(i) for i in range(md.num_columns)
+               if md.row_group(0).column(i).path_in_schema.endswith(".E"))
+    assert col.total_compressed_size > 600
+    data = bytearray(pqf.read_bytes())
+    start = col.data_page_offset + col.total_compressed_size // 2
+    data[start:start + 200] = bytes(200)  # inside the page's data, the page header untouched
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShowerFileError, match=r"zeroed.parquet: failed to read .*CRC checksum verification failed"):
+        read_points(bad)
+    for argv in (["info", bad], ["voxelize", bad, "-o", tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "zeroed.parquet: failed to read row group 0 (corrupt or truncated file?)" in line and "CRC" in line
+    pytest.importorskip("torch")
+    from calopc.models.data import _Sources
+
+    with pytest.raises(ShowerFileError, match="zeroed.parquet: failed to read row group 0 .*CRC"):
+        _Sources(bad).read_block(0)
+
+
+def test_files_without_page_checksums_still_read(tmp_path, ds2):
+    _, pqf, *_ = ds2
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(pqf), plain, write_page_checksum=False)
+    assert ak.array_equal(read_points(plain)[0], read_points(pqf)[0])
+
+
 def test_hdf5_writer_refuses_invalid_incident_energies(tmp_path):
     out = tmp_path / "x.hdf5"
     match = r"x.hdf5: refusing to write showers 0:3: dataset 'incident_energies' holds non-finite"
@@ -330,6 +412,82 @@ def test_output_is_a_folder_or_under_a_file(tmp_path, ds2, capsys):
     assert "exists and is not a folder" in _one_line(capsys.readouterr().err, "evaluate")
     assert main(["demo", "-o", str(tmp_path / "f"), "-n", "2"]) == 2
     assert "exists and is not a folder" in _one_line(capsys.readouterr().err, "demo")
+
+
+def _specials(tmp_path: Path) -> list[Path]:
+    """A named pipe, and a private character device (a copy of /dev/null) where this process may create one."""
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = [fifo]
+    try:
+        os.mknod(tmp_path / "chardev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        out.append(tmp_path / "chardev")
+    except (PermissionError, OSError):
+        pass  # mknod not permitted here: the FIFO case alone
+    return out
+
+
+def test_no_writer_replaces_a_device_or_a_named_pipe(tmp_path, ds2, capsys):
+    """Every output is renamed over its target when complete: a device node or a FIFO target is refused first."""
+    import stat
+
+    h5, pqf, inc, sh = ds2
+    for target in _specials(tmp_path):
+        mode = os.stat(target).st_mode
+        for argv in (["convert", h5, "-o", target], ["voxelize", pqf, "-o", target], ["synth", target, "-n", "2"],
+                     ["demo", "-o", target, "-n", "2"]):
+            assert main([str(a) for a in argv]) == 2, argv
+            line = _one_line(capsys.readouterr().err, argv[0])
+            assert f"{target}: exists and is a " in line and ("not a regular file" in line or "not a folder" in line)
+        with pytest.raises(OutputError, match="exists and is a .*, not a regular file"):
+            write_showers(target, inc[:2], sh[:2])
+        with pytest.raises(OutputError, match="not a regular file"):
+            write_points(target, read_points(pqf)[0][:2], Geometry.calochallenge("2"))
+        assert os.stat(target).st_mode == mode and not stat.S_ISREG(mode)  # still the device / pipe
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_device_appearing_while_the_output_is_written_is_not_replaced(tmp_path):
+    """The last check before the rename: a FIFO created at the target meanwhile stays, the output is dropped."""
+    from calopc._safety import atomic_output
+
+    target = tmp_path / "o.bin"
+    with pytest.raises(OutputError, match=r"o.bin: exists and is a named pipe \(FIFO\), not a regular file; the "
+                                          r"output was not written"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"x")
+            os.mkfifo(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.bin"]
+
+
+def test_an_output_name_ending_in_slash_is_a_folder_or_refused(tmp_path, ds2, capsys):
+    """convert -o NEW/ writes a dataset folder; synth and voxelize write one file and refuse a folder name."""
+    h5, pqf, *_ = ds2
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'newdir'}/", "--no-progress"]) == 0
+    assert (tmp_path / "newdir").is_dir() and (tmp_path / "newdir" / "ds2.parquet").is_file()
+    capsys.readouterr()
+    for argv in (["voxelize", str(pqf), "-o", f"{tmp_path / 'vdir'}/"], ["synth", f"{tmp_path / 'sdir'}/", "-n", "2"],
+                 ["synth", "-o", f"{tmp_path / 'sdir'}/", "-n", "2"]):
+        assert main(argv) == 2, argv
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert "names a folder (it ends in /)" in line and "give a file name" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newdir"]
+    with pytest.raises(OutputError, match=r"names a folder \(it ends in /\)"):
+        write_showers(f"{tmp_path / 'apidir'}/", *ds2[2:])
+
+
+def test_a_folder_holding_other_shards_is_named_when_converting_into_it(tmp_path, ds2, capsys):
+    """Readers of a dataset folder include every shard in it: converting into one with older shards warns."""
+    h5, pqf, *_ = ds2
+    (tmp_path / "out").mkdir()
+    shutil.copy(pqf, tmp_path / "out" / "old_run.parquet")
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'out'}/", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "also holds 1 other Parquet file(s) (old_run.parquet); every reader" in err
+    assert main(["convert", str(h5), "-o", f"{tmp_path / 'fresh'}/", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @contextlib.contextmanager
@@ -401,22 +559,42 @@ def test_check_writable_free_space(tmp_path):
 
 
 # ============================================================================ interrupts
-def _interrupt(argv: list, part_dir: Path, sig: int, delay: float) -> subprocess.CompletedProcess:
+def _interrupt(argv: list, part_dir: Path, sig: int, delay: float) -> subprocess.CompletedProcess | None:
+    """Run ``calopc argv``, send ``sig`` ``delay`` s after its temporary file appears; None if it ended before that.
+
+    The process is checked to be still running just before the signal (a machine fast enough to finish
+    the work first gives None, and the caller retries with more work or skips), so a completed run is
+    never mistaken for an ignored signal.
+    """
     p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, argv)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    t = time.time()
-    while not _parts(part_dir) and p.poll() is None and time.time() - t < 60:
+    deadline = time.monotonic() + 120
+    while not _parts(part_dir) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(delay)
+    if p.poll() is not None:  # finished (or failed) before the signal
+        p.communicate()
+        return None
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=120)
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def _clear(folder: Path) -> None:
+    for q in folder.iterdir():
+        shutil.rmtree(q) if q.is_dir() else q.unlink()
 
 
 @pytest.mark.parametrize(("sig", "code", "delay"), [(signal.SIGINT, 130, 0.3), (signal.SIGTERM, 143, 0.1)])
 def test_interrupted_hdf5_writer_leaves_nothing(tmp_path, sig, code, delay):
     out = tmp_path / "s.hdf5"
-    r = _interrupt(["synth", out, "-n", "4000"], tmp_path, sig, delay)
+    for n in (20_000, 80_000):  # enough work to outlast the delay; more if this machine was faster still
+        r = _interrupt(["synth", out, "-n", n, "--no-progress"], tmp_path, sig, delay)
+        if r is not None:
+            break
+        _clear(tmp_path)
+    else:
+        pytest.skip("synth finished before it could be interrupted")
     assert r.returncode == code, r.stderr
     assert "interrupted" in _one_line(r.stderr, "synth")
     assert list(tmp_path.iterdir()) == []
@@ -424,11 +602,19 @@ def test_interrupted_hdf5_writer_leaves_nothing(tmp_path, sig, code, delay):
 
 def test_sigterm_during_convert_leaves_nothing(tmp_path):
     inc, sh = generate("2", 600, seed=0)
-    write_showers(tmp_path / "in.hdf5", inc, sh)
-    out = tmp_path / "out" / "o.parquet"
-    out.parent.mkdir()
-    r = _interrupt(["convert", tmp_path / "in.hdf5", "-o", out, "--step-size", "0.2 MB"], out.parent,
-                   signal.SIGTERM, 0.05)
+    for copies in (4, 16):  # the input's showers repeated: enough work to outlast the delay
+        with shower_writer(tmp_path / "in.hdf5", sh.shape[1]) as w:
+            for _ in range(copies):
+                w.append(inc, sh)
+        out = tmp_path / "out" / "o.parquet"
+        out.parent.mkdir(exist_ok=True)
+        r = _interrupt(["convert", tmp_path / "in.hdf5", "-o", out, "--step-size", "0.2 MB", "--no-progress"],
+                       out.parent, signal.SIGTERM, 0.05)
+        if r is not None:
+            break
+        _clear(out.parent)
+    else:
+        pytest.skip("convert finished before it could be interrupted")
     assert r.returncode == 143 and "interrupted (SIGTERM)" in _one_line(r.stderr, "convert")
     assert list(out.parent.iterdir()) == []
 
@@ -708,7 +894,7 @@ def test_generate_reports_the_resolved_device(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluate_reused_report_folder_drops_stale_plots(tmp_path, ds2):
-    """Audit N-6/N-72: the figures of an earlier (or killed) report are removed; other files stay."""
+    """A report folder written again: the figures of an earlier (or killed) report are removed; other files stay."""
     rep = tmp_path / "rep"
     rep.mkdir()
     for name in ("EC_x_layers_0-8.png", "hits.pdf", "average_shower_ratio.svg", "custom_plot.png", "notes.png",
@@ -721,7 +907,7 @@ def test_evaluate_reused_report_folder_drops_stale_plots(tmp_path, ds2):
 
 
 def test_evaluate_geometry_reads_parquet_without_metadata(tmp_path, ds2, capsys):
-    """Audit N-34: evaluate --geometry reads a Parquet file without calopc metadata (it asked for the flag)."""
+    """evaluate --geometry reads a Parquet file without calopc metadata; without the flag the refusal names it."""
     nometa = _rewrite_parquet(ds2[1], tmp_path / "nometa.parquet", drop_meta=(b"calopc.geometry",))
     args = ["evaluate", str(nometa), str(ds2[0]), "--metrics", "hist", "--no-progress", "--test-permutations", "19"]
     assert main([*args, "-o", str(tmp_path / "a")]) == 2
@@ -732,7 +918,7 @@ def test_evaluate_geometry_reads_parquet_without_metadata(tmp_path, ds2, capsys)
     assert max(v for v in m["separation"].values() if v is not None) == 0.0  # the same showers as the reference
 
 
-# ============================================================================ issue 21: user errors, not internal ones
+# ============================================================================ user errors, not internal ones
 def test_a_symlink_loop_is_a_one_line_user_error(tmp_path, ds2, capsys):
     (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
     (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
@@ -742,6 +928,46 @@ def test_a_symlink_loop_is_a_one_line_user_error(tmp_path, ds2, capsys):
         assert main([str(a) for a in argv]) == 2
         line = _one_line(capsys.readouterr().err, argv[0])
         assert "a loop of symbolic links" in line and "internal error" not in line, line
+
+
+def test_readers_and_synth_name_a_symlink_loop(tmp_path, ds2, capsys):
+    """info and voxelize say 'a loop of symbolic links', not 'no such file'; synth does not replace the link."""
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    for argv in (["info", tmp_path / "loopA"], ["voxelize", tmp_path / "loopA", "-o", tmp_path / "v.hdf5"],
+                 ["synth", tmp_path / "loopA", "-n", "2"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "loopA: a loop of symbolic links" in _one_line(capsys.readouterr().err, argv[0])
+    assert (tmp_path / "loopA").is_symlink() and os.readlink(tmp_path / "loopA") == str(tmp_path / "loopB")
+
+
+def test_empty_files_and_files_of_the_other_format_say_so(tmp_path, ds2, capsys):
+    """A 0-byte file is called empty, whatever its name; an HDF5 voxel file given where Parquet is read says
+    to convert it first; a folder of HDF5 files points to the quoted glob."""
+    h5, pqf, *_ = ds2
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "empty.hdf5").write_bytes(b"")
+    for name in ("empty.parquet", "empty.hdf5"):
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert f"{name}: is empty (0 bytes)" in _one_line(capsys.readouterr().err, "info")
+    assert main(["voxelize", str(tmp_path / "empty.parquet"), "-o", str(tmp_path / "v.hdf5")]) == 2
+    assert "empty.parquet: is empty (0 bytes); expected a Parquet file" in _one_line(capsys.readouterr().err,
+                                                                                     "voxelize")
+    shutil.copy(h5, tmp_path / "h_as.parquet")
+    for argv in (["voxelize", h5, "-o", tmp_path / "v.hdf5"], ["voxelize", tmp_path / "h_as.parquet", "-o",
+                                                                tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, "voxelize")
+        assert "this is an HDF5 file (CaloChallenge voxels?), not point clouds in Parquet; run 'calopc convert " in line
+    with pytest.raises(ShowerFileError, match="this is an HDF5 file"):
+        read_points(h5)
+    (tmp_path / "h5dir").mkdir()
+    shutil.copy(h5, tmp_path / "h5dir" / "a.hdf5")
+    for argv in (["info", tmp_path / "h5dir"], ["convert", tmp_path / "h5dir", "-o", tmp_path / "x.parquet"],
+                 ["voxelize", tmp_path / "h5dir", "-o", tmp_path / "v.hdf5"]):
+        assert main([str(a) for a in argv]) == 2
+        line = _one_line(capsys.readouterr().err, argv[0])
+        assert f"'{tmp_path / 'h5dir' / '*.hdf5'}'" in line, line
 
 
 def test_an_hdf5_file_locked_by_its_writer_is_not_called_truncated(tmp_path, ds2):
@@ -782,7 +1008,7 @@ def test_a_second_evaluate_into_one_report_folder_is_refused(tmp_path, ds2, caps
     ("E", "string; expected numbers (energies in MeV"),
 ])
 def test_evaluate_follows_the_rule_for_questionable_points(tmp_path, ds2, capsys, column, match):
-    """Audit N-26/N-28 as evaluate reads them (either sample): the readers' one-line error, no report left."""
+    """Columns of the wrong type in either sample of evaluate: the readers' one-line error, no report left."""
     _, pqf, *_ = ds2
     ev = ak.from_parquet(pqf)
     flat = ak.to_numpy(ak.flatten(ev.points[column]))

@@ -78,6 +78,17 @@ def test_json_roundtrip():
         assert Geometry.from_json(g.to_json()) == g
 
 
+def test_a_shipped_geometry_read_back_is_the_one_instance():
+    """Files carry their geometry as JSON; a shipped one read back is the cached instance (cell tables built once)."""
+    import dataclasses
+
+    for g in (Geometry.calochallenge("3"), Geometry.high_granularity()):
+        assert Geometry.from_json(g.to_json()) is g
+    changed = dataclasses.replace(Geometry.calochallenge("2"), threshold=1.0)
+    back = Geometry.from_json(changed.to_json())
+    assert back == changed and back is not Geometry.calochallenge("2")
+
+
 def test_errors(tmp_path):
     with pytest.raises(GeometryError, match="known: 368"):
         detect_geometry(1234)

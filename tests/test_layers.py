@@ -11,10 +11,10 @@ ROOT = Path(calopc.__file__).parent
 
 #: lowest first; a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"_version", "_extras", "locking", "progress", "geometry", "_h5direct", "converters.sources"},
+    {"_version", "_extras", "locking", "progress", "geometry", "_h5direct"},
     {"_safety"},
     {"hdf5"},
-    {"synth", "converters.core", "converters.validate"},
+    {"synth", "converters.sources", "converters.core", "converters.validate"},
     {"converters.files"},
     {"converters.dataset"},
     {"converters.api"},

@@ -7,8 +7,8 @@ Layout:
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
   :mod:`calopc.cli.download`: ``download``; :mod:`calopc.cli.eval`: ``evaluate``, ``compare``;
-  :mod:`calopc.cli.models`: ``train``, ``generate``, ``distill``. Each defines ``register(subparsers)``; the handler is stored as
-  ``func`` and returns an exit code;
+  :mod:`calopc.cli.models`: ``train``, ``generate``, ``distill``; :mod:`calopc.cli.export`: ``export``.
+  Each defines ``register(subparsers)``; the handler is stored as ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
   and :func:`main`. It imports a command's module only when that command is run, so
   ``calopc --help`` imports none of them (nor numpy).
@@ -76,6 +76,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("calopc.cli.models", "train a generative model on point-cloud Parquet showers"),
     "generate": ("calopc.cli.models", "generate showers from a trained run directory"),
     "distill": ("calopc.cli.models", "distil a caloclouds run into a one-step consistency model"),
+    "export": ("calopc.cli.export", "export a trained run as an ONNX graph (Geant4 Par04 or padded points)"),
 }
 
 _EPILOG = """\
@@ -86,6 +87,7 @@ workflow:
   calopc generate run/ --energies showers.hdf5 -o gen.hdf5
   calopc evaluate gen.hdf5 showers.hdf5 -o report/
   calopc voxelize gen.parquet -o gen.hdf5                # point clouds -> voxels
+  calopc export run/ -o model.onnx                       # the run as an ONNX graph for Geant4 (Par04)
 
 'calopc COMMAND --help' shows each command's options and an example.
 """

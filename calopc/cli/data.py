@@ -24,6 +24,7 @@ from .options import (
     fraction,
     one_output,
     positive_int,
+    refuse_folder_name,
 )
 
 
@@ -65,8 +66,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import os
-
     from ..converters import convert_file, convert_files
     from ..converters.sources import expand_globs
     from ..geometry import load_geometry
@@ -77,7 +76,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
           "energy_dtype": args.energy_dtype}
     inputs = expand_globs(args.input)  # quoted globs are expanded here (the shell expands unquoted ones)
     out = args.output
-    to_folder = len(inputs) > 1 or (out is not None and (out.is_dir() or str(out).endswith(os.sep)))
+    to_folder = len(inputs) > 1 or (out is not None and (out.is_dir() or args.output_slash))
     if not to_folder:
         print(f"wrote {convert_file(inputs[0], out, **kw)}")
         return 0
@@ -96,6 +95,8 @@ def _cmd_voxelize(args: argparse.Namespace) -> int:
     from ..converters import voxelize_file
     from ..geometry import load_geometry
 
+    if args.output_slash:
+        refuse_folder_name(f"{args.output}/", "voxelize", "voxels.hdf5")
     geometry = load_geometry(args.geometry) if args.geometry else None
     stats = voxelize_file(args.input, args.output, collisions=args.collisions,
                           threshold="official" if args.threshold is None else args.threshold, geometry=geometry,
@@ -141,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=FORMATTER,
                        epilog="examples:\n  calopc synth showers.hdf5 -n 2000 --geometry 2 --seed 1\n"
                               "  calopc synth hg.hdf5 -n 100 --geometry hg          # high granularity, 648k cells")
-    p.add_argument("output_pos", nargs="?", type=Path, default=None, metavar="OUTPUT", help="output HDF5 file")
+    p.add_argument("output_pos", nargs="?", type=str, default=None, metavar="OUTPUT", help="output HDF5 file")
     add_output(p, "output HDF5 file (instead of the positional OUTPUT)")
     _add_synth_options(p)
     p.set_defaults(func=_cmd_synth)
@@ -155,7 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="input HDF5 file(s) (incident_energies, showers), or a quoted glob; several inputs write a "
                         "dataset folder of Parquet files (-o DIR/)")
     add_output(p, "output Parquet file (default: INPUT.parquet), or the dataset folder for several inputs (a name "
-                  "ending in / or an existing folder)")
+                  "ending in / or an existing folder; other Parquet files already in it are named in a warning: "
+                  "readers of the folder include them)")
     add_geometry(p, "dataset name or binning XML (default: detected from the voxel count)")
     p.add_argument("--step-size", default="256 MB", help="dense input per chunk (default: %(default)s)")
     add_threshold(p, 0.0, "; 0 keeps every non-zero cell (lossless)")

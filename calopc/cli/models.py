@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .options import GENERATE_COLLISIONS, add_progress, fraction, positive_float, positive_int, threshold_arg
+from .options import FORMATTER, GENERATE_COLLISIONS, add_progress, fraction, positive_float, positive_int, threshold_arg
 
 _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--steps": ("steps", positive_int, "optimizer steps in total"),
@@ -47,9 +47,23 @@ def _load_config_file(path: Path) -> dict:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        d = yaml.safe_load(text) or {}
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:  # one line: the file, where, what the parser found
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+            what = " ".join(str(getattr(err, "problem", None) or err).split())
+            ctx, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+            if ctx and cmark is not None:  # e.g. "while parsing a flow sequence" and where it began
+                what += f" ({ctx} from line {cmark.line + 1}, column {cmark.column + 1})"
+            msg = f"--config {path}: not valid YAML at {where}: {what}"
+            raise ValueError(msg) from None
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            msg = f"--config {path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+            raise ValueError(msg) from None
     if not isinstance(d, dict) or set(d) - {"model", "train"}:
         msg = f"--config {path}: expected a mapping with keys 'model' and/or 'train', got {list(d) if isinstance(d, dict) else type(d).__name__}"
         raise ValueError(msg)
@@ -58,7 +72,16 @@ def _load_config_file(path: Path) -> dict:
 
 def resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
     """(model config dict, train config dict) from defaults < the family's training defaults < --config
-    < flags < --set."""
+    < flags < --set. A ValueError echoes long values shortened (:func:`calopc.models.guards.shorten_quoted`)."""
+    from ..models.guards import shorten_quoted
+
+    try:
+        return _resolve_train_args(args)
+    except ValueError as err:
+        raise ValueError(shorten_quoted(str(err))) from None
+
+
+def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, dict]:
     from ..models import get_model  # no torch: get_model imports the model module only when called
     from ..models.train import TrainConfig
 
@@ -190,8 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``generate`` subcommands to the ``calopc`` parser."""
     t = sub.add_parser("train", help="train a generative model on point-cloud Parquet showers",
                        description="Train a model. Several GPUs: torchrun --nproc-per-node K $(which calopc) train ...",
-                       epilog="example: calopc train calopointflow --data train.parquet -o runs/cpf --steps 20000 "
-                              "--batch-size 128 --device cuda")
+                       epilog="example:\n  calopc train calopointflow --data train.parquet -o runs/cpf \\\n"
+                              "      --steps 20000 --batch-size 128 --device cuda",
+                       formatter_class=FORMATTER)
     from ..models import available  # the registry (no torch import)
 
     t.add_argument("model", choices=available(), help="model to train")
@@ -221,7 +245,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="generate showers from a trained run directory",
-                       epilog="example: calopc generate runs/cpf --energies reference.hdf5 -o generated.hdf5 --device cuda")
+                       epilog="example:\n  calopc generate runs/cpf --energies reference.hdf5 -o generated.hdf5 \\\n"
+                              "      --device cuda",
+                       formatter_class=FORMATTER)
     g.add_argument("run_dir", type=Path, help="run directory written by 'calopc train'")
     g.add_argument("-n", type=positive_int, default=None, help="number of showers (default: all energies of --energies)")
     g.add_argument("--energies", required=True,

@@ -32,6 +32,7 @@ __all__ = [
     "nonneg_float",
     "nonneg_int",
     "one_output",
+    "refuse_folder_name",
     "positive_float",
     "positive_int",
     "threshold_arg",
@@ -39,6 +40,7 @@ __all__ = [
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -99,10 +101,35 @@ file_threshold_arg.__name__ = "threshold"
 
 
 # ----------------------------------------------------------------------------- shared options
+class _OutputAction(argparse.Action):
+    """Stores ``-o`` as a :class:`~pathlib.Path` and whether it was written with a trailing ``/`` (``output_slash``),
+    which ``Path`` drops: ``-o newdir/`` names a folder."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, Path(str(values)))
+        namespace.output_slash = _ends_in_slash(str(values))
+
+
+def _ends_in_slash(s: str) -> bool:
+    return len(s) > 1 and s.endswith(("/", os.sep))
+
+
 def add_output(p: argparse.ArgumentParser, help: str, *, required: bool = False, default: Path | None = None,
                aliases: Sequence[str] = ()) -> None:
-    """The ``-o/--output`` option (plus old spellings in ``aliases``, e.g. ``--out``)."""
-    p.add_argument("-o", "--output", *aliases, dest="output", type=Path, required=required, default=default, help=help)
+    """The ``-o/--output`` option (plus old spellings in ``aliases``, e.g. ``--out``); ``args.output_slash`` says
+    whether it ended in ``/``."""
+    p.add_argument("-o", "--output", *aliases, dest="output", action=_OutputAction, required=required, default=default,
+                   help=help)
+    p.set_defaults(output_slash=False)
+
+
+def refuse_folder_name(raw: str | os.PathLike, cmd: str, example: str) -> None:
+    """:class:`CLIError` when the file output ``raw`` ends in ``/`` (a folder name): ``cmd`` writes one file."""
+    if _ends_in_slash(os.fspath(raw)):
+        msg = (f"{os.fspath(raw)}: names a folder (it ends in /); {cmd} writes one file: give a file name, e.g. "
+               f"{Path(raw) / example}")
+        raise CLIError(msg)
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:
@@ -149,4 +176,5 @@ def one_output(args: argparse.Namespace, cmd: str) -> Path:
     if pos is None and opt is None:
         msg = f"no output file; e.g. 'calopc {cmd} showers.hdf5' or 'calopc {cmd} -o showers.hdf5'"
         raise CLIError(msg)
+    refuse_folder_name(pos if pos is not None else (f"{opt}/" if args.output_slash else opt), cmd, "showers.hdf5")
     return Path(pos if pos is not None else opt)

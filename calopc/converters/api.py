@@ -17,7 +17,7 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 
-from .._safety import check_not_input
+from .._safety import check_not_input, missing_message
 from ..geometry import Geometry, resolve_threshold
 from ..hdf5 import ShowerFileError, open_showers, parse_size, shower_writer
 from ..progress import progress_bar
@@ -34,8 +34,7 @@ def open_points(path: str | os.PathLike | list, *, geometry: Geometry | None = N
     if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
         return PointsFile(path, geometry=geometry, max_outside=max_outside)
     if isinstance(path, (str, os.PathLike)) and not Path(path).exists() and not has_glob(path):
-        msg = f"{path}: no such file"
-        raise FileNotFoundError(msg)
+        raise FileNotFoundError(missing_message(path))
     return PointsDataset(path, geometry=geometry, max_outside=max_outside)
 
 
@@ -133,8 +132,10 @@ def file_info(path: str | os.PathLike, *, step_size: int | str = "256 MB", progr
     path = Path(path)
     dataset = path.is_dir() or (not path.exists() and has_glob(path))
     if not path.exists() and not dataset:
-        msg = f"{path}: no such file"
-        raise FileNotFoundError(msg)
+        raise FileNotFoundError(missing_message(path))
+    if not dataset and path.stat().st_size == 0:
+        msg = f"{path}: is empty (0 bytes); expected an HDF5 or Parquet file (an interrupted copy or download?)"
+        raise ShowerFileError(msg)
     hits: list[np.ndarray] = []
     inc: list[np.ndarray] = []
     etot: list[np.ndarray] = []

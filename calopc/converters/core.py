@@ -48,6 +48,11 @@ def voxels_to_points(
         rad, layer ordinal), ``E`` (MeV, the dtype of ``showers`` so the inverse is
         bit-exact) and ``cell`` (int32 flat voxel index).
 
+    Raises:
+        ValueError: a cell holds NaN, an infinite or a negative energy, or an incident energy
+            is not finite and > 0 (the rule of every file reader); the message names the first
+            shower, cell and value. Nothing is dropped silently.
+
     Example:
         >>> import numpy as np
         >>> from calopc.converters import voxels_to_points, points_to_voxels
@@ -78,8 +83,21 @@ def voxels_to_points(
         if inc.shape[0] != n:
             msg = f"incident_energies has {inc.shape[0]} entries but showers has {n} rows"
             raise ValueError(msg)
+        bad = ~np.isfinite(inc) | (inc <= 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            msg = (f"incident_energies: {int(bad.sum())} of {n} are NaN, infinite or <= 0 (first: shower {i}, {inc[i]}); "
+                   "expected finite energies > 0 MeV")
+            raise ValueError(msg)
 
     flat = showers.reshape(-1)
+    if flat.size and not (flat.min() >= 0 and np.isfinite(flat.max())):  # NaN fails >= too: two passes, no copies
+        bad = ~np.isfinite(flat) | (flat < 0)
+        j = int(np.flatnonzero(bad)[0])
+        what = "negative" if np.isfinite(flat[j]) else "non-finite"
+        msg = (f"showers: {int(bad.sum())} cells hold NaN, infinite or negative energies (first: shower {j // n_vox}, "
+               f"cell {j % n_vox}, {what} value {flat[j]}); expected finite energies >= 0 MeV")
+        raise ValueError(msg)
     mask = flat > 0 if threshold <= 0 else flat >= threshold
     counts = np.count_nonzero(mask.reshape(n, n_vox), axis=1)
     nz = np.flatnonzero(mask)

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = ["PointsDataset", "convert_files", "open_points_lazy"]
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,11 @@ import awkward as ak
 import numpy as np
 
 from .._h5direct import default_threads
-from .._safety import OutputError
+from .._safety import OutputError, missing_message
 from ..geometry import Geometry
 from ..hdf5 import ShowerFileError
 from .files import PointsFile, convert_file
-from .sources import MAX_OUTSIDE, PathsLike, expand_globs, points_paths
+from .sources import MAX_OUTSIDE, PARQUET_SUFFIXES, PathsLike, expand_globs, points_paths
 
 
 class PointsDataset:
@@ -97,12 +98,14 @@ def convert_files(inputs: PathsLike, output_dir: str | os.PathLike, *, workers: 
     ``workers`` processes convert files in parallel, each with ``cpus // workers`` inflating
     threads (unless ``threads`` is given). Other keywords go to :func:`convert_file`. ``log``:
     called with one line per finished file.
+
+    A folder that already holds other Parquet files (earlier shards) is written into with a
+    warning naming them: every reader of the folder includes them.
     """
     srcs = expand_globs(inputs)
     for s in srcs:
         if not s.exists():
-            msg = f"{s}: no such file"
-            raise FileNotFoundError(msg)
+            raise FileNotFoundError(missing_message(s))
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         msg = f"{out_dir}: exists and is not a folder; several inputs need an output folder (-o DIR/)"
@@ -115,6 +118,12 @@ def convert_files(inputs: PathsLike, output_dir: str | os.PathLike, *, workers: 
             raise OutputError(msg)
         names[name] = s
     out_dir.mkdir(parents=True, exist_ok=True)
+    others = sorted(q.name for q in out_dir.iterdir() if q.is_file() and q.suffix.lower() in PARQUET_SUFFIXES
+                    and not q.name.startswith(".") and q.name not in names)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        warnings.warn(f"{out_dir}/ also holds {len(others)} other Parquet file(s) ({listed}); every reader of the "
+                      "folder includes them: remove them or convert into another folder", stacklevel=2)
     workers = max(1, min(int(workers), len(srcs)))
     if workers > 1 and kw.get("threads") is None:
         kw["threads"] = max(1, default_threads() // workers)

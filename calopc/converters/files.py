@@ -8,6 +8,7 @@ __all__ = [
     "PointsWriter",
     "convert_file",
     "events_from_arrow",
+    "open_parquet",
     "points_writer",
     "write_points",
 ]
@@ -22,10 +23,17 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 
-from .._safety import OutputError, atomic_output, check_interrupt, check_not_input, deferred_interrupts
+from .._safety import (
+    OutputError,
+    atomic_output,
+    check_interrupt,
+    check_not_input,
+    deferred_interrupts,
+    missing_message,
+)
 from .._version import __version__
 from ..geometry import Geometry, GeometryError, resolve_threshold
-from ..hdf5 import ShowerFileError, open_showers, parse_size
+from ..hdf5 import EnergyScale, ShowerFileError, is_hdf5, open_showers, parse_size
 from ..progress import progress_bar
 from .core import _build_events, _coordinate_tables
 from .sources import HDF5_SUFFIXES, MAX_OUTSIDE
@@ -68,8 +76,21 @@ def _column_options(compression: str) -> dict:
     }
 
 
+def open_parquet(path: str | os.PathLike) -> object:
+    """``pyarrow.parquet.ParquetFile`` that verifies the page checksums (CRC32) where the file has them.
+
+    calopc writes a checksum for every data page, so damaged bytes inside a page are a read
+    error instead of silently changed energies; files without checksums read as before.
+    """
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, page_checksum_verification=True)
+
+
 class PointsWriter:
     """Append event chunks to a Parquet file; the geometry goes into the schema metadata.
+
+    Every data page carries a CRC32 checksum, which the readers verify (:func:`open_parquet`).
 
     Points in cells (a ``cell`` field, and ``r``, ``alpha``, ``z`` absent or the cell centres) are
     stored compactly: ``cell`` (sorted within a shower, delta encoded) and ``E`` (byte-stream
@@ -129,7 +150,7 @@ class PointsWriter:
 
         if self._writer is None:
             kw = _column_options(self.compression) if self._compact else {"compression": self.compression}
-            self._writer = pq.ParquetWriter(self.path, table.schema, **kw)
+            self._writer = pq.ParquetWriter(self.path, table.schema, write_page_checksum=True, **kw)
         self._writer.write_table(table, row_group_size=max(1, table.num_rows))
 
     def _emit(self, table: object) -> None:
@@ -323,23 +344,26 @@ class PointsFile:
 
     def __init__(self, path: str | os.PathLike, *, geometry: Geometry | None = None,
                  max_outside: float = MAX_OUTSIDE) -> None:
-        import pyarrow.parquet as pq
-
         self.path = Path(path)
         self.max_outside = float(max_outside)
         if not self.path.exists():
-            msg = f"{self.path}: no such file"
-            raise FileNotFoundError(msg)
+            raise FileNotFoundError(missing_message(self.path))
         if self.path.is_dir():
             msg = f"{self.path}: is a folder, expected a Parquet file"
             raise ShowerFileError(msg)
         try:
-            self._pf = pq.ParquetFile(self.path)
+            self._pf = open_parquet(self.path)
         except PermissionError as err:
             msg = f"{self.path}: cannot read ({err.strerror or 'permission denied'})"
             raise ShowerFileError(msg) from err
         except Exception as err:  # pyarrow raises several types for corrupt files
-            msg = f"{self.path}: cannot open as Parquet (truncated or not a Parquet file?): {err}"
+            if self.path.stat().st_size == 0:
+                msg = f"{self.path}: is empty (0 bytes); expected a Parquet file (an interrupted copy or download?)"
+            elif is_hdf5(self.path):
+                msg = (f"{self.path}: this is an HDF5 file (CaloChallenge voxels?), not point clouds in Parquet; "
+                       f"run 'calopc convert {self.path}' first")
+            else:
+                msg = f"{self.path}: cannot open as Parquet (truncated or not a Parquet file?): {err}"
             raise ShowerFileError(msg) from err
         meta = self._pf.schema_arrow.metadata or {}
         key = _META_GEOMETRY.decode()
@@ -378,6 +402,7 @@ class PointsFile:
                 msg = f"{self.path}: the points of a 'cell-E' file need 'cell' and 'E' fields; found {sub}"
                 raise ShowerFileError(msg)
         self._checked = False
+        self._scale = EnergyScale(self.path)
 
     def __len__(self) -> int:
         return int(self._pf.metadata.num_rows)
@@ -486,6 +511,7 @@ class PointsFile:
             msg = (f"{where}: {int(bad.sum())} of {e.size} points have a NaN, infinite or negative energy E (first: "
                    f"shower {start + i}, E = {e[j]}); expected finite energies >= 0 MeV")
             raise ShowerFileError(msg)
+        self._scale.check(inc, counts, e)
         if "cell" in fields:  # one rule for every reader: a cell index outside the geometry is an error
             check_cells(np.asarray(ak.flatten(pts["cell"], axis=None)), counts, self.geometry.n_voxels,
                         self.geometry.name, where, start)
@@ -588,7 +614,7 @@ def convert_file(
     """Convert a CaloChallenge HDF5 file to a point-cloud Parquet file, streaming in chunks.
 
     Gzip chunks are inflated, scanned for non-empty cells and validated in ``threads`` worker
-    threads (default: the usable CPUs), while another thread compresses and writes the Parquet
+    threads (default: the usable CPUs, at most 8), while another thread compresses and writes the Parquet
     row groups. Memory is bounded by the points of ``step_size`` of dense input plus a few HDF5
     chunks. Returns the output path (default: the input with suffix ``.parquet``).
 

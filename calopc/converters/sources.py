@@ -1,24 +1,28 @@
 r"""Which files a source names: a file, a folder of Parquet shards, a glob, or a list of those.
 
 The path rules every reader and converter shares; nothing here opens a file beyond its first
-bytes, and nothing here imports the rest of the package.
+bytes, and nothing here imports the converters (only the path messages of :mod:`calopc._safety`
+and the HDF5 file names of :mod:`calopc.hdf5`).
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_OUTSIDE", "PathsLike", "expand_globs", "has_glob", "is_parquet", "is_points_source", "points_paths"]
+__all__ = ["HDF5_SUFFIXES", "MAX_OUTSIDE", "PARQUET_SUFFIXES", "PathsLike", "expand_globs", "has_glob", "is_hdf5",
+           "is_parquet", "is_points_source", "points_paths"]
 
 import glob as _glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._safety import missing_message
+from ..hdf5 import HDF5_SUFFIXES, is_hdf5
+
 #: Largest share of points that may fall outside the geometry (or outside the cell their index names)
 #: before reading or voxelizing a points file is refused: more means the file's geometry is wrong.
 MAX_OUTSIDE = 0.01
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
 _GLOB_CHARS = "*?["
 
 PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
@@ -63,13 +67,16 @@ def points_paths(source: PathsLike) -> list[Path]:
             files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in PARQUET_SUFFIXES
                            and not q.name.startswith("."))
             if not files:
-                msg = f"{p}: folder holds no Parquet files (*.parquet); expected a dataset written by 'calopc convert'"
+                h5 = sorted(q.name for q in p.iterdir() if q.is_file() and q.suffix.lower() in HDF5_SUFFIXES)
+                hint = (f"; it holds {len(h5)} HDF5 files: convert them first, e.g. calopc convert "
+                        f"'{p / ('*' + Path(h5[0]).suffix)}' -o DIR/" if h5 else "")
+                msg = (f"{p}: folder holds no Parquet files (*.parquet); expected a dataset written by 'calopc convert'"
+                       f"{hint}")
                 raise FileNotFoundError(msg)
             out.extend(files)
         else:
             if not p.exists():
-                msg = f"{p}: no such file"
-                raise FileNotFoundError(msg)
+                raise FileNotFoundError(missing_message(p))
             out.append(p)
     if not out:
         msg = "no point-cloud files given"

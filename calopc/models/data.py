@@ -215,6 +215,9 @@ class _Sources:
                     self.n_points += meta.row_group(g).column(cell_col).num_values
                     n += rows
         self.n_showers = n
+        from ..hdf5 import EnergyScale
+
+        self._scale = [EnergyScale(p) for p in self.paths]
         if n == 0:
             msg = f"{', '.join(map(str, self.paths))}: no showers to train on"
             raise ValueError(msg)
@@ -222,11 +225,12 @@ class _Sources:
     def read_block(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Block ``k`` as ``(cell int32 (P,), E float32 (P,), counts int64 (B,), e_inc float64 (B,))``."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
+
+        from ..converters.files import open_parquet
 
         fi, g, rows = self.blocks[k]
         try:
-            with pq.ParquetFile(self.paths[fi]) as pf:
+            with open_parquet(self.paths[fi]) as pf:  # page checksums verified
                 t = pf.read_row_group(g, columns=self._columns[fi])
         except Exception as err:  # corrupt pages: pyarrow's own error types, without the file name
             from ..io import ShowerFileError
@@ -245,6 +249,7 @@ class _Sources:
         counts = np.diff(offsets[:rows + 1])
         validate_showers(cell, energy, counts, e_inc, self.geometry, where=str(self.paths[fi]),
                          first_shower=self._first_row[k])
+        self._scale[fi].check(e_inc, counts, energy)  # one warning per file for a likely unit mistake
         return cell, energy, counts, e_inc
 
 

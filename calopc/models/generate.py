@@ -88,6 +88,9 @@ def parse_energies(spec: str, n: int | None = None, *, seed: int = 0) -> np.ndar
             msg = f"-n {n}: --energies {spec} holds only {e.shape[0]} incident energies"
             raise ValueError(msg)
         e = e[:n] if n is not None else e
+        if e.shape[0] == 0:
+            msg = f"--energies {spec}: holds no showers (0 incident energies); expected at least one"
+            raise ValueError(msg)
         bad = np.flatnonzero(~np.isfinite(e) | (e <= 0))
         if bad.size:
             msg = (f"--energies {spec}: incident energy {bad[0]} is {e[bad[0]]} ({bad.size} such); "
@@ -166,6 +169,32 @@ def sample_showers(loaded: LoadedModel, e_inc: np.ndarray, device: torch.device,
         return out.to(device)
     counts, zar, energy = out
     return GeneratedShowers.from_numpy(counts, zar, energy, device)
+
+
+class _CallCounter:
+    """Progress inside a batch: counts the calls of the model's parts (the sampler's network evaluations) and
+    reports them with :meth:`calopc.progress.Progress.substep`; from the second batch on, as a share of the
+    first batch's calls."""
+
+    def __init__(self, model: torch.nn.Module, bar: Any, batch_size: int, n: int) -> None:
+        self.bar, self.n_batches = bar, -(-n // batch_size)
+        self.calls, self.per_batch, self.batch, self.size = 0, None, 0, 0
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in model.children()]
+
+    def start(self, batch: int, size: int) -> None:
+        if batch == 1:
+            self.per_batch = max(1, self.calls)
+        self.calls, self.batch, self.size = 0, batch, size
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.calls += 1
+        of = f"/{self.per_batch}" if self.per_batch else ""
+        done = self.size * min(1.0, self.calls / self.per_batch) if self.per_batch else 0.0
+        self.bar.substep(f"batch {self.batch + 1}/{self.n_batches}: network call {self.calls}{of}", done)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -320,6 +349,9 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}"
         raise ValueError(msg)
+    if np.size(energies) == 0:  # before anything is loaded or written
+        msg = "no incident energies: nothing to generate (expected at least one)"
+        raise ValueError(msg)
     dev = resolve_device(device)
     loaded = load(run_dir, ema=ema, device=dev)
     model_kwargs = likelihood_kwargs(loaded, collisions, oversample, model_kwargs)
@@ -343,6 +375,7 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
         from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
         bar = Progress(total=energies.shape[0], unit="shower", desc="generate")
+    calls = _CallCounter(loaded.model, bar, batch_size, energies.shape[0]) if bar is not None else None
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -360,6 +393,8 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                 e = energies[i:i + batch_size]
                 sync()
                 t = time.perf_counter()
+                if calls is not None:
+                    calls.start(i // batch_size, e.shape[0])
                 with fast_matmul(dev), autocast(dev, amp):
                     g = sample_showers(loaded, e, dev, model_kwargs)
                 sync()
@@ -414,6 +449,8 @@ def generate(run_dir: str | os.PathLike, energies: np.ndarray, *, output: str | 
                              "collision_rate": stats.get("n_collisions", 0) / inside if inside else 0.0,
                              "moved_ring_rate": stats.get("n_moved_ring", 0) / inside if inside else 0.0})
     finally:
+        if calls is not None:
+            calls.remove()
         if bar is not None:
             bar.close()
     inside = stats.get("n_points", 0) - stats.get("n_outside", 0)

@@ -16,7 +16,7 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 __all__ = ["add_interrupt_checks", "check_energy_range", "count_over_incident", "dataset_energy_range", "energy_range",
-           "interruptible", "read_incident_energies", "typed_options"]
+           "interruptible", "read_incident_energies", "shorten_quoted", "typed_options"]
 
 import contextlib
 import math
@@ -36,6 +36,19 @@ RANGE_MARGIN = 0.1
 def _short(v: Any) -> str:
     s = repr(v) if not isinstance(v, str) else v
     return s if len(s) <= _MAX_SHOWN else f"{s[:_MAX_SHOWN]}... ({len(s)} characters)"
+
+
+def shorten_quoted(msg: str, limit: int = 80) -> str:
+    """``msg`` with every quoted value longer than ``limit`` characters cut to its first
+    :data:`_MAX_SHOWN` characters, an ellipsis and its length (an error that echoes a 100,000-character
+    option value stays one readable line)."""
+    import re
+
+    def cut(m: re.Match) -> str:
+        q, body = m.group(1), m.group(2)
+        return f"{q}{body[:_MAX_SHOWN]}...{q} ({len(body):,} characters)"
+
+    return re.sub(r"(['\"])((?:(?!\1).){%d,})\1" % (limit + 1), cut, msg)
 
 
 # ----------------------------------------------------------------------------- typed options
@@ -259,4 +272,5 @@ def read_incident_energies(path: str | Any) -> np.ndarray:
         except Exception as err:
             msg = f"--energies {path}: failed to read the incident energies (corrupt or truncated file?): {err}"
             raise ShowerFileError(msg) from None
-    return np.asarray(col.to_numpy(), dtype=np.float64).reshape(-1)
+    # a copy: arrow's zero-copy view is read-only, and torch warns when it wraps a read-only array
+    return np.array(col.to_numpy(), dtype=np.float64).reshape(-1)

@@ -1,22 +1,27 @@
-r"""Count kernel-launching operators and host-device syncs of a piece of torch code, on any device.
+r"""Count the dispatched operators and the host reads of a piece of torch code (CPU dispatch counts).
 
 A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen operator that
 reaches a backend kernel (after autograd, composite operators already decomposed), forward
 and backward. :func:`count_dispatch` counts
 
-* ``ops``: operators that launch a kernel on a GPU: everything except views, metadata and
+* ``ops``: operators that would launch a kernel: everything except views, metadata and
   allocation-only operators (``empty``, ``detach``, ``view``, …) and the syncs below.
-  A multi-tensor (``_foreach_*``) or fused (``_fused_adam_``) operator counts once, as it
-  launches one kernel per chunk of tensors on CUDA;
-* ``syncs``: operators that, on CUDA, make the host wait for the device: reading a value
+  A multi-tensor (``_foreach_*``) or fused (``_fused_adam_``) operator counts once;
+* ``syncs``: operators that make the host wait for a value of the device: reading a value
   (``.item()``, ``float(t)``, ``bool(t)``, ``if t:`` → ``_local_scalar_dense``), and
   operators whose output size depends on the data (boolean-mask indexing, ``nonzero``,
   ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``,
-  ``torch.equal``, …).
+  ``torch.equal``, …). ``Tensor.tolist()``, ``.numpy()`` and ``.cpu()`` are no operators on the
+  CPU; they are counted as syncs too while counting (a copy to the host on CUDA).
 
-On the CPU the same code path runs, so the counts a CPU test asserts are the launches and
-syncs the code would make on CUDA. ``Tensor.tolist()``, ``.numpy()`` and ``.cpu()`` are no
-operators on the CPU; they are counted as syncs too while counting (a copy to the host on CUDA).
+What the counts mean off the CPU: they are **CPU dispatch counts**. A read-back counted here is
+one on CUDA too wherever the code takes the same path on both devices (the training loop's
+CUDA path can be chosen on the CPU: :func:`training_step`); a read of a tensor that lives on the
+host on CUDA as well is counted although the device is not waited for. The operator count is
+no bound on CUDA kernel launches: some operators decompose differently there (scaled dot-product
+attention is one fused kernel on CUDA and a math decomposition on the CPU; fused and multi-tensor
+optimizers launch one kernel per chunk of tensors; ``grouped_mm``), and the counts change with
+the torch version.
 
 Example:
     >>> import torch
@@ -135,7 +140,8 @@ def _host_read(name: str, method: Callable) -> Callable:
 
 
 def count_dispatch(fn: Callable[[], Any], *, repeat: int = 1) -> DispatchCount:
-    """Run ``fn()`` ``repeat`` times and count its kernel launches and host syncs (per call, rounded down)."""
+    """Run ``fn()`` ``repeat`` times and count its dispatched operators and host reads (CPU dispatch counts;
+    per call, rounded down)."""
     r = DispatchCount()
     counter = _Counter(r)
     _ACTIVE.append(counter)
@@ -157,53 +163,37 @@ def count_dispatch(fn: Callable[[], Any], *, repeat: int = 1) -> DispatchCount:
 
 
 def training_step(model: torch.nn.Module, batch: Any, *, device: torch.device | str = "cpu",
-                  fast_splines: str = "on", ema: bool = True) -> Callable[[int], Any]:
-    """``one(i)``: one step of :func:`calopc.models.train.train`'s device pipeline on ``batch``: the
-    loss (or the model's ``training_step``), backward, clip, non-finite skip, the optimizers and the EMA.
+                  fast_splines: str = "on", ema: bool | None = None, log_every: int | None = None,
+                  **train_options: Any) -> Callable[[int], dict | None]:
+    """``one(i)``: step ``i + 1`` of :func:`calopc.models.train.train` on ``batch``, as the training loop
+    runs it (:meth:`calopc.models.train._TrainStep.advance`): learning-rate schedule, forward (or the
+    model's ``training_step``), backward, clip, non-finite skip, the optimizers, the EMA, the running
+    sums and, every ``log_every`` steps, the one read-back of the record (returned; else None).
 
-    Models train in place. Used by the GPU-readiness tests and ``benchmarks/throughput.py``.
+    The options are the model family's (:func:`calopc.models.train.train_config`) with
+    ``train_options`` and ``log_every`` on top; ``ema`` True/False forces the EMA on (decay 0.999) or off.
+    The non-finite handling takes CUDA's sync-free path on every device. Models train in place.
+    Used by the GPU-readiness tests and ``benchmarks/throughput.py``.
     """
     from dataclasses import replace
 
-    from .train import TrainConfig, _fast_splines, _optimizer, _Stepper, train_config
-    from .utils import EMA
+    from . import available, get_model
+    from .train import TrainConfig, _ema, _fast_splines, _optimizers, _TrainStep, train_config
 
     dev = torch.device(device)
-    from . import available, get_model
-
     name = next((n for n in available() if get_model(n)[0] is type(model)), None)
     cfg = train_config(name) if name else TrainConfig()
-    cfg = replace(cfg, batch_size=len(batch), device=str(dev), steps=10 ** 6, warmup=0)
+    over: dict[str, Any] = {"batch_size": len(batch), "device": str(dev), "steps": 10 ** 6, **train_options}
+    if log_every is not None:
+        over["log_every"] = log_every
+    if ema is not None:
+        over["ema_decay"] = 0.999 if ema else 0.0
+    cfg = replace(cfg, **over)
+    cfg.validate()
     _fast_splines(model, fast_splines, dev)
-    avg = EMA(model, 0.999) if ema else None
-    custom = callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
-    opts = dict(model.configure_optimizers(cfg)) if custom else {"model": _optimizer(model, cfg)}
-    for o in opts.values():
-        o.step = _host_scalar_step(o.step)
-    stepper = _Stepper(opts, cfg, dev, 1)
-    stepper.exact_skip = False   # the CUDA path (no read-back to skip a non-finite step), on every device
+    run = _TrainStep(model, _optimizers(model, cfg), cfg, dev, ema=_ema(model, cfg), cuda_path=True)
 
-    def backward(loss: torch.Tensor, name: str) -> None:
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        stepper.update(name)
-
-    def one(i: int) -> torch.Tensor:
-        if custom:
-            loss = model.training_step(batch, i, backward)["loss"]
-        else:
-            loss = model(batch)
-            backward(loss, "model")
-        if avg is not None:
-            avg.update(model, i)
-        return loss.detach()
+    def one(i: int) -> dict | None:
+        return run.advance(batch, i, 0, 0.0)
 
     return one
-
-
-def _host_scalar_step(step: Callable) -> Callable:
-    def wrapped(*a: Any, **k: Any) -> Any:
-        with host_scalars():
-            return step(*a, **k)
-
-    return wrapped

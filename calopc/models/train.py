@@ -251,6 +251,116 @@ class _Stepper:
         opt.step()
 
 
+class _TrainStep:
+    """The body of :func:`train`'s loop, shared with the operator counter (:func:`calopc.models.opcount.training_step`).
+
+    :meth:`advance` runs one step: learning rate, forward, backward, gradient average over ranks,
+    clip, non-finite skip, optimizer step(s), EMA and the running sums on the device; every
+    ``log_every`` steps (and at the last step) it reads everything the record needs back to the host
+    in one transfer and returns the record. Nothing else is read back.
+
+    Args:
+        model: the model (unwrapped); ``loss_fn``: what computes its loss (the DDP wrapper or the
+            compiled model; default ``model``).
+        opts: the optimizers by name (:func:`_optimizers`).
+        cfg: the training options; ``device``: where the model lives; ``world``: processes.
+        ema: the weights' moving average, or None.
+        cuda_path: take CUDA's sync-free path for non-finite gradients on any device
+            (default: on CUDA only; on the CPU a non-finite step is skipped exactly).
+    """
+
+    def __init__(self, model: torch.nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: TrainConfig,
+                 device: torch.device, *, loss_fn: Callable | None = None, world: int = 1, ema: EMA | None = None,
+                 cuda_path: bool | None = None) -> None:
+        self.model, self.opts, self.cfg, self.device, self.ema = model, opts, cfg, device, ema
+        self.loss_fn = model if loss_fn is None else loss_fn
+        self.custom = _has_own_step(model)
+        self.stepper = _Stepper(opts, cfg, device, world if self.custom else 1)
+        if cuda_path is not None:
+            self.stepper.exact_skip = not cuda_path
+        self.amp = cfg.amp and device.type == "cuda"
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.extra_sums: dict[str, torch.Tensor] = {}
+        self.n_sum = 0
+
+    def backward(self, loss: torch.Tensor, opt_name: str) -> None:
+        """Zero the gradients of optimizer ``opt_name``, back-propagate ``loss``, then update (the custom-step
+        contract)."""
+        if opt_name not in self.opts:
+            msg = f"backward(loss, {opt_name!r}): no such optimizer; configure_optimizers returned {sorted(self.opts)}"
+            raise KeyError(msg)
+        self.opts[opt_name].zero_grad(set_to_none=True)
+        loss.backward()
+        self.stepper.update(opt_name)
+
+    def advance(self, batch: Any, step: int, epoch: int, elapsed: float) -> dict | None:
+        """Train on ``batch`` as step ``step + 1``; the record when that step is a logged one (else None).
+
+        ``elapsed``: seconds of training so far (the schedule of a time-limited run). The record
+        holds ``nonfinite`` (a non-finite loss was seen) besides what ``stats.jsonl`` gets.
+        """
+        self.stepper.set_lr(step, elapsed)
+        batch = batch.to(self.device)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        if self.custom:
+            with ctx:
+                terms = self.model.training_step(batch, step, self.backward)
+            loss = terms["loss"].detach()
+            for k, v in terms.items():
+                if k != "loss":
+                    self.extra_sums[k] = self.extra_sums.get(k, 0) + v.detach().double()
+        else:
+            with ctx:
+                loss = self.loss_fn(batch)
+            self.backward(loss, "model")
+            loss = loss.detach()
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        self.bad |= ~torch.isfinite(loss)
+        self.loss_sum += loss.double()
+        self.n_sum += 1
+        step += 1
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            return self.record(step, epoch, elapsed)
+        return None
+
+    def record(self, step: int, epoch: int, elapsed: float) -> dict:
+        """The statistics since the last record, read back in one transfer; the sums restart."""
+        names = sorted(self.extra_sums)
+        vals = torch.stack([self.bad.double(), self.loss_sum, self.stepper.grad_norm.double(),
+                            self.stepper.skipped.double(), *(self.extra_sums[k] for k in names)]).tolist()
+        n = max(self.n_sum, 1)
+        rec = {"step": step, "epoch": epoch, "loss": vals[1] / n, "grad_norm": vals[2],
+               "lr": next(iter(self.opts.values())).param_groups[0]["lr"], "skipped_steps": int(vals[3]),
+               "seconds": round(elapsed, 3), **{k: v / n for k, v in zip(names, vals[4:])}, "nonfinite": bool(vals[0])}
+        self.loss_sum.zero_()
+        self.n_sum = 0
+        self.extra_sums = {}
+        return rec
+
+    def nonfinite(self) -> bool:
+        """Whether a non-finite loss was seen in any step so far (one read-back)."""
+        return bool(self.bad)
+
+
+def _has_own_step(model: torch.nn.Module) -> bool:
+    """Whether ``model`` trains through its own ``training_step`` and ``configure_optimizers`` (GANs)."""
+    return callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
+
+
+def _optimizers(model: torch.nn.Module, cfg: TrainConfig, name: str = "") -> dict[str, torch.optim.Optimizer]:
+    """The optimizers of ``model`` by name: its ``configure_optimizers`` or ``{"model": cfg.optimizer}``."""
+    if not _has_own_step(model):
+        return {"model": _optimizer(model, cfg)}
+    opts = dict(model.configure_optimizers(cfg))
+    if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
+        msg = (f"{name or type(model).__name__}.configure_optimizers must return a non-empty dict of torch "
+               f"optimizers, got {opts!r}")
+        raise TypeError(msg)
+    return opts
+
+
 def _fast_matmul_on_cuda(fn: Callable) -> Callable:
     """Run ``train`` with TF32 matmuls when it trains on CUDA (scoped: the caller's settings come back)."""
     import functools
@@ -379,23 +489,16 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
     _fast_splines(model, cfg.fast_splines, device)
     if distributed:  # the model was built under the common seed; each rank then draws its own model noise
         seed_everything(rank_seed(cfg.seed, rank))
-    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    ema = _ema(model, cfg)
     if state is not None and ema is not None and (out / ckpt.EMA_WEIGHTS).exists():
         ema.module.load_state_dict(ckpt.load(out, ema=True).model.state_dict())
     if ema is not None:
         ema.module.to(device)
-    custom = callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
+    custom = _has_own_step(model)
     net: Any = model
     if distributed and not custom:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if custom:
-        opts = dict(model.configure_optimizers(cfg))
-        if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
-            msg = f"{model_name}.configure_optimizers must return a non-empty dict of torch optimizers, got {opts!r}"
-            raise TypeError(msg)
-    else:
-        opts = {"model": _optimizer(model, cfg)}
-    stepper = _Stepper(opts, cfg, device, world if custom else 1)
+    opts = _optimizers(model, cfg, model_name)
     step, epoch = 0, 0
     if state is not None:
         _load_optimizers(out, opts, state)
@@ -434,6 +537,8 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         if overwrite and state is None:
             for f in RUN_FILES:
                 (out / f).unlink(missing_ok=True)
+        if state is not None:  # records after the checkpoint are written again by this run
+            _trim_stats(out / "stats.jsonl", step)
         from ..io import atomic_output
 
         with atomic_output(out / "training_options.json") as tmp:
@@ -447,8 +552,7 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
         from ..progress import Progress  # a bar on a terminal, a log line every ~30 s elsewhere
 
         bar = Progress(total=cfg.steps, initial=step, unit="step", desc=f"train {name}",
-                       per_unit=(cfg.batch_size * world, "showers"))
-    amp = cfg.amp and device.type == "cuda"
+                       per_unit=(cfg.batch_size * world, "showers"), time_limit=cfg.time_limit)
     t0 = time.perf_counter()
     last = float("nan")
     if cfg.pipeline == "device":
@@ -456,29 +560,18 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                                                                pad_multiple=32 if cfg.bucket else 1)
     else:
         collate = ShowerCollate(prep, seed=cfg.seed * 1000 + rank)
-    # running sums on the device, read back every log_every steps
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n_sum = 0
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    extra_sums: dict[str, torch.Tensor] = {}
+    run = _TrainStep(model, opts, cfg, device, loss_fn=loss_fn, world=world, ema=ema)
+    stepper = run.stepper
     since = step
 
-    def check_finite() -> None:
-        """Raise TrainingDiverged when a non-finite loss was seen since the last check (one read-back)."""
-        if bool(bad):
+    def check_finite(nonfinite: bool | None = None) -> None:
+        """Raise TrainingDiverged when a non-finite loss was seen (``None``: read it back now)."""
+        if run.nonfinite() if nonfinite is None else nonfinite:
             where = f"the last good checkpoint (step {good['step']}) is kept in {out}" if good["step"] is not None \
                 else f"no checkpoint was written to {out}"
             msg = (f"training stopped: non-finite loss between steps {since + 1} and {step}; {where}. "
                    "Lower the learning rate (--lr), check the data or resume from the checkpoint")
             raise TrainingDiverged(msg)
-
-    def backward(loss: torch.Tensor, opt_name: str) -> None:
-        if opt_name not in opts:
-            msg = f"backward(loss, {opt_name!r}): no such optimizer; configure_optimizers returned {sorted(opts)}"
-            raise KeyError(msg)
-        opts[opt_name].zero_grad(set_to_none=True)
-        loss.backward()
-        stepper.update(opt_name)
 
     try:
         while step < cfg.steps:
@@ -486,52 +579,30 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
                                          world_size=world, bucket=cfg.bucket):
                 if step >= cfg.steps:
                     break
-                stepper.set_lr(step, time.perf_counter() - t0)
-                batch = batch.to(device)
-                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-                if custom:
-                    with ctx:
-                        terms = model.training_step(batch, step, backward)
-                    loss = terms["loss"].detach()
-                    for k, v in terms.items():
-                        if k != "loss":
-                            extra_sums[k] = extra_sums.get(k, 0) + v.detach().double()
-                else:
-                    with ctx:
-                        loss = loss_fn(batch)
-                    backward(loss, "model")
-                    loss = loss.detach()
-                if ema is not None:
-                    ema.update(model, step)
-                bad |= ~torch.isfinite(loss)
-                loss_sum += loss.double()
-                n_sum += 1
+                rec = run.advance(batch, step, epoch, time.perf_counter() - t0)
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    check_finite()
-                    last = float(loss_sum) / max(n_sum, 1)
-                    rec = {"step": step, "epoch": epoch, "loss": last, "grad_norm": float(stepper.grad_norm),
-                           "lr": next(iter(opts.values())).param_groups[0]["lr"],
-                           "skipped_steps": int(stepper.skipped), "seconds": round(time.perf_counter() - t0, 3)}
-                    rec.update({k: float(v) / max(n_sum, 1) for k, v in extra_sums.items()})
+                if rec is not None:  # every log_every steps: the one read-back of the record
+                    check_finite(rec.pop("nonfinite"))
+                    last = rec["loss"]
                     if log is not None:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     if bar is not None:
                         bar.set_postfix(loss=last)
-                    loss_sum.zero_()
-                    n_sum, since = 0, step
-                    extra_sums = {}
+                    since = step
                 if step % cfg.checkpoint_every == 0:
                     check_finite()
                     checkpoint()
                 stop = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
-                if distributed:
+                if distributed and (rec is not None or step % cfg.checkpoint_every == 0):
+                    # the ranks agree on stopping where they read back anyway (not every step)
                     flag = torch.tensor([float(stop)], device=device)
                     torch.distributed.all_reduce(flag)
                     stop = bool(flag.item())
+                elif distributed:
+                    stop = False
                 if stop:
                     break
             else:
@@ -540,11 +611,11 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
             if cfg.time_limit is not None and step < cfg.steps:
                 break
         check_finite()
-        if n_sum:
-            last = float(loss_sum) / n_sum
+        if run.n_sum:
+            last = run.record(step, epoch, time.perf_counter() - t0)["loss"]
         checkpoint()
     except KeyboardInterrupt as err:
-        if rank == 0 and not bool(bad) and step > (good["step"] or 0):
+        if rank == 0 and not run.nonfinite() and step > (good["step"] or 0):
             checkpoint()
         # one line from the command line: what the run directory holds now
         detail = "" if good["step"] is None else \
@@ -564,24 +635,54 @@ def _train(model_name: str, data: str | os.PathLike | Sequence[str | os.PathLike
             "run_dir": str(out), "world_size": world, "skipped_steps": int(stepper.skipped)}
 
 
+def _trim_stats(path: Path, step: int) -> None:
+    """Drop from ``stats.jsonl`` the records of steps after ``step`` (the checkpoint a resumed run starts
+    from: a crash or a full disk stopped the run after writing them) and lines a crash cut short; the
+    file is replaced atomically, and left alone when there is nothing to drop."""
+    if not path.exists():
+        return
+    from ..io import atomic_output
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep == lines:
+        return
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(keep))
+
+
+def _ema(model: torch.nn.Module, cfg: TrainConfig) -> EMA | None:
+    """The moving average of the weights that ``cfg`` asks for (None: ``ema_decay`` 0)."""
+    return EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer of the default path: ``cfg.optimizer`` over all parameters (AdamW: see :func:`_adamw`;
-    RAdam and Adam: multi-tensor)."""
-    if cfg.optimizer == "adamw":
-        return _adamw(model, cfg)
+    """The optimizer of the default path: ``cfg.optimizer`` over all parameters. None of them reads a
+    value back to the host in its step: AdamW and Adam fused where torch supports it (:func:`_adamw`),
+    RAdam with host-side step counts (:class:`calopc.models.optim.RAdam`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.optimizer == "radam":
+        from .optim import RAdam
+
+        return RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return _adamw(model, cfg, torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)
 
 
-def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over all parameters: fused (one kernel per step, skips non-finite steps on the device) where
-    torch supports it for the parameters, else the multi-tensor (foreach) implementation."""
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, cls: type = torch.optim.AdamW) -> torch.optim.Optimizer:
+    """AdamW (or Adam: ``cls``) over all parameters: fused (one kernel per step, skips non-finite steps on
+    the device) where torch supports it for the parameters, else the multi-tensor (foreach) implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
     if all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params):
         with contextlib.suppress(RuntimeError, ValueError):
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def _load_optimizers(out: Path, opts: dict[str, torch.optim.Optimizer], state: dict) -> None:

@@ -47,8 +47,14 @@ CHUNK_ELEMS = 1 << 24
 #:   multiplied as zero rows (wasted work of ``1 − fill``);
 #: * ``"auto"`` (default): ``"loop"`` on the CPU (measured fastest there: ``benchmarks/sparse.py --schedules``),
 #:   ``"grouped"`` on CUDA (one kernel for all offsets instead of one launch per offset; not measured here).
+#:
+#: When ``"grouped"`` raises (a GPU or torch build without a working ``grouped_mm``), the convolution is
+#: computed with the measured schedule instead (``"batched"`` on CUDA, ``"loop"`` elsewhere), one warning
+#: says so, and the process keeps that schedule for every later convolution (:data:`GROUPED_FAILED`).
 EXECUTION = "auto"
 SCHEDULES = ("auto", "loop", "batched", "grouped", "gather")
+#: why the ``"grouped"`` schedule failed in this process (None: it has not failed); then it is not tried again
+GROUPED_FAILED: str | None = None
 
 
 def _grouped_ok(feats: torch.Tensor, c_in: int, c_out: int) -> bool:
@@ -68,9 +74,28 @@ def schedule(kmap: KernelMap, feats: torch.Tensor, c_in: int, c_out: int, transp
         mode = "grouped" if feats.device.type == "cuda" else "loop"
     if mode == "gather" and (transpose):
         mode = "loop"
-    if mode == "grouped" and not _grouped_ok(feats, c_in, c_out):
-        mode = "batched" if feats.device.type == "cuda" else "loop"
+    if mode == "grouped" and (GROUPED_FAILED is not None or not _grouped_ok(feats, c_in, c_out)):
+        mode = _measured(feats)
     return mode
+
+
+def _measured(feats: torch.Tensor) -> str:
+    """The schedule used where ``"grouped"`` cannot run: ``"batched"`` on CUDA, ``"loop"`` elsewhere."""
+    return "batched" if feats.device.type == "cuda" else "loop"
+
+
+def _grouped_failed(err: Exception, feats: torch.Tensor) -> str:
+    """Remember that ``"grouped"`` failed (once per process, with one warning); the schedule to use instead."""
+    global GROUPED_FAILED  # one decision per process
+    fallback = _measured(feats)
+    if GROUPED_FAILED is None:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        GROUPED_FAILED = f"{type(err).__name__}: {first}"
+        import warnings
+
+        warnings.warn(f"sparse convolution: the grouped_mm schedule failed on {feats.device.type} ({GROUPED_FAILED}); "
+                      f"using the {fallback} schedule from now on", RuntimeWarning, stacklevel=2)
+    return fallback
 
 
 def _rows_per_chunk(k: int, c: int) -> int:
@@ -93,12 +118,14 @@ class _GatherGemmScatter(torch.autograd.Function):
         ctx.kmap, ctx.transpose, ctx.mode = kmap, transpose, mode
         if mode == "gather":
             return _gather_forward(feats, weight, kmap)
-        out = feats.new_zeros(n_dst + 1, c_out)
         if mode == "grouped":
-            src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
-            y = F.grouped_mm(feats.index_select(0, src), weight, offs=kmap.offs())
-            out.index_add_(0, dst.long(), y)
-            return out[:n_dst]
+            try:
+                src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
+                y = F.grouped_mm(feats.index_select(0, src), weight, offs=kmap.offs())
+                return feats.new_zeros(n_dst + 1, c_out).index_add_(0, dst.long(), y)[:n_dst]
+            except Exception as err:  # noqa: BLE001 - any failure of the unmeasured schedule: the measured one
+                mode = ctx.mode = _grouped_failed(err, feats)
+        out = feats.new_zeros(n_dst + 1, c_out)
         if kmap.identity is not None:
             out[:n_dst] += feats @ weight[kmap.identity]
         if mode == "batched":
@@ -129,16 +156,21 @@ class _GatherGemmScatter(torch.autograd.Function):
             return gx, gw, None, None
         n_src = kmap.n_out if transpose else kmap.n_in
         c_in, c_out = weight.shape[1], weight.shape[2]
+        if mode == "grouped":
+            try:
+                src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
+                g = grad.index_select(0, dst)
+                gx = gw = None
+                if need_x:
+                    gx = feats.new_zeros(n_src + 1, c_in).index_add_(
+                        0, src.long(), F.grouped_mm(g, weight.transpose(1, 2), offs=kmap.offs()))[:n_src]
+                if need_w:
+                    gw = F.grouped_mm(feats.index_select(0, src).T, g, offs=kmap.offs())
+                return gx, gw, None, None
+            except Exception as err:  # noqa: BLE001 - as in the forward pass
+                mode = _grouped_failed(err, feats)
         gx = feats.new_zeros(n_src + 1, c_in) if need_x else None
         gw = torch.zeros_like(weight) if need_w else None
-        if mode == "grouped":
-            src, dst = (kmap.out_idx, kmap.in_idx) if transpose else (kmap.in_idx, kmap.out_idx)
-            g = grad.index_select(0, dst)
-            if need_x:
-                gx.index_add_(0, src.long(), F.grouped_mm(g, weight.transpose(1, 2), offs=kmap.offs()))
-            if need_w:
-                gw = F.grouped_mm(feats.index_select(0, src).T, g, offs=kmap.offs())
-            return (gx[:n_src] if need_x else None), gw, None, None
         if kmap.identity is not None:
             if need_x:
                 gx[:n_src] += grad @ weight[kmap.identity].T

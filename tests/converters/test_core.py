@@ -171,3 +171,22 @@ def test_neighbour_table_is_same_layer_and_sorted():
     # layer with 5 cells: 4 neighbours, rest padded
     last = g.offsets[-2]
     assert (nbr[last] >= 0).sum() == 4
+
+
+@pytest.mark.parametrize(("value", "what"), [(np.nan, "non-finite value nan"), (-4.0, "negative value -4.0"),
+                                             (np.inf, "non-finite value inf")])
+def test_bad_cells_are_refused_not_dropped(toy_geometry, value, what):
+    """NaN, infinite and negative cells are an error naming the first shower, cell and value, as in every reader."""
+    v = np.zeros((3, toy_geometry.n_voxels))
+    v[0, 1] = 2.0
+    v[2, 5] = value
+    v[2, 7] = -1.0
+    with pytest.raises(ValueError, match=rf"showers: 2 cells hold NaN, infinite or negative energies \(first: shower 2, "
+                                         rf"cell 5, {what}\); expected finite energies >= 0 MeV"):
+        voxels_to_points(v, toy_geometry, incident_energies=[1e3, 1e3, 1e3])
+
+
+def test_bad_incident_energies_are_refused(toy_geometry):
+    v = np.zeros((2, toy_geometry.n_voxels))
+    with pytest.raises(ValueError, match=r"incident_energies: 1 of 2 .* \(first: shower 1, 0.0\)"):
+        voxels_to_points(v, toy_geometry, incident_energies=[1e3, 0.0])

@@ -77,17 +77,52 @@ def test_direct_reader_equals_h5py(tmp_path, ds2, chunks, dtype):
     assert np.array_equal(back, x[2:].astype(back.dtype))
 
 
-def test_unwritten_chunks_read_as_fill_value(tmp_path):
+@pytest.mark.parametrize("fill", [0.0, 2.5])
+def test_unwritten_chunks_read_as_fill_value(tmp_path, fill):
+    """Chunks never written hold the dataset's fill value, zero or not, in the dense and the sparse reader."""
     p = tmp_path / "holes.hdf5"
     with h5py.File(p, "w") as f:
-        ds = f.create_dataset("showers", shape=(40, 368), chunks=(10, 368), compression="gzip", fillvalue=0.0,
+        ds = f.create_dataset("showers", shape=(40, 368), chunks=(10, 368), compression="gzip", fillvalue=fill,
                                dtype="f8")
         ds[10:20] = 1.5  # chunks 0, 2 and 3 never written
         f["incident_energies"] = np.ones((40, 1))
+        ref = ds[:]
     with open_showers(p) as f:
         assert f._plan is not None and len(f._plan._index) == 1
         _, s = f.read()
-    assert s[10:20].min() == 1.5 and s[:10].max() == 0 and s[20:].max() == 0
+        parts = list(f.iterate_sparse(15))
+    assert np.array_equal(s, ref) and s[10:20].min() == 1.5 and (s[:10] == fill).all() and (s[20:] == fill).all()
+    assert np.array_equal(np.concatenate([_dense(c, cl, e, 368) for _, _, c, cl, e in parts]), ref)
+
+
+def test_a_file_with_a_userblock_reads_directly_and_correctly(tmp_path):
+    """HDF5 locates the raw chunks itself: a userblock before the HDF5 data shifts nothing."""
+    x = np.random.default_rng(1).random((50, 368))
+    p = tmp_path / "ub.hdf5"
+    with h5py.File(p, "w", userblock_size=512) as f:
+        f.create_dataset("showers", data=x, chunks=(10, 368), compression="gzip")
+        f["incident_energies"] = np.ones((50, 1))
+    with open_showers(p) as f:
+        assert f._plan is not None
+        _, s = f.read()
+        parts = list(f.iterate_sparse(7))
+    assert np.array_equal(s, x)
+    assert np.array_equal(np.concatenate([_dense(c, cl, e, 368) for _, _, c, cl, e in parts]), x)
+
+
+def test_other_file_drivers_read_directly(tmp_path, ds2):
+    """The direct reader asks h5py for the raw chunks: a file opened with another driver reads the same."""
+    from calopc._h5direct import chunk_plan
+
+    _, inc, sh = ds2
+    p = _h5(tmp_path / "d.hdf5", sh, inc, chunks=(16, 6480), compression="gzip")
+    out = np.full_like(sh, -1.0)
+    with h5py.File(p, "r", driver="stdio") as f:
+        plan = chunk_plan(f["showers"])
+        assert plan is not None
+        for _ in plan.map_bands(lambda r0, r1, band: out.__setitem__(slice(r0, r1), band), 0, len(sh), threads=2):
+            pass
+    assert np.array_equal(out, sh)
 
 
 @pytest.mark.parametrize("kw", [{"compression": "gzip", "shuffle": True}, {"compression": "lzf"}, {},
@@ -124,8 +159,9 @@ def test_sparse_scan_validates_every_value(tmp_path, value, match):
 def test_corrupt_chunk_is_one_clear_error(tmp_path, ds2):
     p = tmp_path / "corrupt.hdf5"
     shutil.copy(ds2[0], p)
-    with open_showers(p) as f:
-        offset, size, _ = f._plan._index[(0, 0)]
+    with h5py.File(p) as f:
+        info = f["showers"].id.get_chunk_info_by_coord((0, 0))
+        offset, size = info.byte_offset, info.size
     with p.open("r+b") as fh:
         fh.seek(offset + size // 2)
         fh.write(b"\xff" * 64)
@@ -162,6 +198,110 @@ def test_deflate_writer_writes_plain_gzip_hdf5(tmp_path, ds2):
         ds = f["showers"]
         assert ds.compression == "gzip" and ds.shape == (230, 6480)
         assert np.array_equal(ds[:], sh.astype(np.float32))
+
+
+def test_deflate_writer_memory_grows_with_threads_not_with_rows(tmp_path):
+    """Back-pressure: at most 2 chunks per thread + 1 wait to be stored, so the peak is a + T*b chunks, not N.
+
+    Incompressible rows (random floats), 48 chunks appended one at a time. Per thread: the chunk being
+    compressed, libdeflate's output buffer and two queued chunks (block or compressed bytes): 4 chunks; plus
+    the partial-chunk buffer, the chunk being stored and one more queued: 4 chunks.
+    """
+    import tracemalloc
+
+    rows, cols, n_chunks = 8, 4096, 48
+    chunk = rows * cols * 8
+    rng = np.random.default_rng(0)
+    buf = np.empty((rows, cols))
+    for threads in (1, 2, 4):
+        with h5py.File(tmp_path / f"w{threads}.hdf5", "w") as f:
+            ds = f.create_dataset("x", shape=(0, cols), maxshape=(None, cols), chunks=(rows, cols),
+                                  compression="gzip", compression_opts=1, dtype="f8")
+            tracemalloc.start()
+            try:
+                w = DeflateWriter(ds, threads=threads)
+                for _ in range(n_chunks):
+                    rng.random(out=buf)
+                    w.append(buf)
+                w.close()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert ds.shape == (rows * n_chunks, cols)
+        assert peak <= (4 + 4 * threads) * chunk, (threads, peak / chunk)
+
+
+def test_reader_memory_grows_with_threads_not_with_rows(tmp_path, monkeypatch):
+    """peak(T) <= a + T*b bands for T = 1, 2, 4 inflating threads, with a consumer slower than the readers.
+
+    Every cell is non-zero, so a band's sparse result (int32 cell + float64 E) is 1.5 bands. The consumer
+    stops at the first step until the readers make no more progress. Per thread: the raw and the inflated
+    chunk, the scan's temporaries (index, energies, shower offsets: about 5 bands) and two results in the
+    lookahead (3 bands): 11 bands; plus the two extra lookahead results and the step being consumed: 6 bands.
+    Without a lookahead bound every band of the file would be read ahead (96 bands, 144 in results).
+    """
+    import threading
+    import time
+    import tracemalloc
+
+    from calopc._h5direct import RowChunks
+
+    rows, n_bands = 5, 96
+    band = rows * 6480 * 8
+    x = np.random.default_rng(2).random((rows * n_bands, 6480)) + 0.5
+    p = _h5(tmp_path / "dense.hdf5", x, chunks=(rows, 6480), compression="gzip", compression_opts=1)
+    done = [0]
+    lock = threading.Lock()
+    real = RowChunks._band
+
+    def counted(self, *a):
+        out = real(self, *a)
+        with lock:
+            done[0] += 1
+        return out
+
+    monkeypatch.setattr(RowChunks, "_band", counted)
+
+    def readers_idle() -> None:  # the first step waits here: the readers run ahead as far as they may
+        deadline, last, since = time.monotonic() + 30, -1, time.monotonic()
+        while time.monotonic() < deadline and done[0] < n_bands:
+            if done[0] != last:
+                last, since = done[0], time.monotonic()
+            elif time.monotonic() - since > 0.2:
+                return
+            time.sleep(0.005)
+
+    for threads in (1, 2, 4):
+        done[0] = 0
+        with open_showers(p) as f:
+            f.threads = threads
+            tracemalloc.start()
+            try:
+                n = 0
+                for i, (_, inc, counts, cell, e) in enumerate(f.iterate_sparse(rows)):
+                    if i == 0:
+                        readers_idle()
+                    n += len(inc)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        assert n == rows * n_bands
+        assert peak <= (6 + 11 * threads) * band, (threads, peak / band)
+
+
+def test_default_threads_are_capped(monkeypatch):
+    """The default inflating threads: the usable CPUs, at most 8; CALOPC_IO_THREADS may ask for more."""
+    import os
+
+    from calopc import _h5direct
+
+    monkeypatch.delenv("CALOPC_IO_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _h5direct.default_threads() == _h5direct.MAX_DEFAULT_THREADS == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert _h5direct.default_threads() == 2
+    monkeypatch.setenv("CALOPC_IO_THREADS", "16")
+    assert _h5direct.default_threads() == 16
 
 
 def test_shower_writer_uses_direct_chunks_and_stays_readable(tmp_path, ds2, monkeypatch):

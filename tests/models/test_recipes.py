@@ -1,4 +1,4 @@
-"""The training recipes and the properties the review found unpinned: each test fails when the property breaks
+"""The training recipes and their properties, each pinned by a test that fails when the property breaks
 (critic hinge signs, spectral norm, EMA weight, one σ per shower, what distillation buys, the schedule of
 time-limited runs, per-family defaults, presets, the empty-layer representation)."""
 

@@ -1,5 +1,5 @@
 """Run directories and generation that physicists can trust: locks, typed options, the training energy range,
-full disks during checkpoints, interrupts that are honoured at once and say what they kept (issue 21)."""
+full disks during checkpoints, interrupts that are honoured at once and say what they kept, resumed runs."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _one_line(err: str, cmd: str) -> str:
 class ToyConfig:
     features: int = 3
     interrupt_at: int = 0      # KeyboardInterrupt at this call (0: never)
+    crash_at: int = 0          # RuntimeError at this call (0: never): a crash that writes no checkpoint
 
     @classmethod
     def from_dict(cls, d: dict) -> ToyConfig:
@@ -67,6 +68,8 @@ class Toy(nn.Module):
         self.calls += 1
         if self.config.interrupt_at and self.calls == self.config.interrupt_at:
             raise KeyboardInterrupt
+        if self.config.crash_at and self.calls == self.config.crash_at:
+            raise RuntimeError("crash")
         return ((batch.x[batch.mask] - self.a) ** 2).mean()
 
 
@@ -256,6 +259,22 @@ def test_interrupt_before_the_first_step_leaves_no_half_run_directory(toy, toy_p
     assert not run.exists()
     train("toy", toy_parquet, run, config=CFG)  # the same command again works (no --resume/--overwrite loop)
     assert load_training_state(run)["step"] == 4
+
+
+def test_resuming_after_a_crash_keeps_one_record_per_step(toy, toy_parquet, tmp_path):
+    """Records written after the last checkpoint (and a line cut short by the crash) are dropped on resume."""
+    import json
+
+    run = tmp_path / "run"
+    cfg = replace(CFG, steps=20, checkpoint_every=10, log_every=5)
+    with pytest.raises(RuntimeError, match="crash"):
+        train("toy", toy_parquet, run, model_config={"crash_at": 17}, config=cfg)
+    stats = run / "stats.jsonl"
+    with open(stats, "a") as f:
+        f.write('{"step": 16, "lo')                         # a record torn by a kill
+    assert load_training_state(run)["step"] == 10
+    train("toy", toy_parquet, run, config=cfg, resume=True)
+    assert [json.loads(x)["step"] for x in stats.read_text().splitlines()] == [5, 10, 15, 20]
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(toy_run, toy_parquet, tmp_path, capsys):
