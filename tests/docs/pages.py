@@ -46,10 +46,10 @@ SHRINK: list[tuple[str, object, str]] = [
     (r"--runs (\d+)", "--runs 1", "one multi-class training"),
     (r"--device cuda", "--device cpu", "no GPU in the tests"),
 ]
-#: options added unless the page sets them: training and distillation in batches of 8 showers; an evaluate or compare
+#: options added unless the page sets them: two training or distillation steps in batches of 8 showers; an evaluate or compare
 #: without --metrics computes the histograms, FPD/KPD and the high-level classifier only (the plots, the
 #: voxel classifiers and the report are tested by tests/eval on their own; here they would take minutes)
-_QUICK = {"train": ["--batch-size 8"], "distill": ["--batch-size 8"],
+_QUICK = {"train": ["--steps 2", "--batch-size 8"], "distill": ["--steps 2", "--batch-size 8"],
           "evaluate": ["--metrics hist,fpd,kpd,cls-high", "--cls-epochs 1", "--cls-hidden 32", "--cls-seeds 1",
                        "--test-permutations 19"],
           "compare": ["--metrics hist,fpd", "--cls-epochs 1", "--cls-hidden 32", "--epochs 1", "--hidden 32",

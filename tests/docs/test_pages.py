@@ -33,6 +33,8 @@ def test_sizes_are_capped():
     """Sizes, steps and devices of the pages are reduced before a block runs; small sizes are kept."""
     assert shell_script(Block("bash", "calopc train m --steps 20000 -n 5000 --device cuda\n", 1)) == \
         "calopc train m --steps 2 -n 50 --device cpu --batch-size 8\n"
+    assert shell_script(Block("bash", "calopc distill runs/cc -o runs/cm\n", 1)) == \
+        "calopc distill runs/cc -o runs/cm --steps 2 --batch-size 8\n"
     assert shell_script(Block("bash", "calopc synth hg.hdf5 -n 20\n", 1)) == "calopc synth hg.hdf5 -n 20\n"
     quick = shell_script(Block("bash", "calopc evaluate g.hdf5 r.hdf5 -o rep/ --cls-epochs 10\n", 1))
     assert "--cls-epochs 1 " in quick and "--metrics hist,fpd,kpd,cls-high" in quick
