@@ -18,6 +18,7 @@ __all__ = [
     "Interrupted",
     "OutputError",
     "atomic_output",
+    "atomic_writer",
     "check_interrupt",
     "check_not_input",
     "check_writable",
@@ -40,7 +41,7 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +311,29 @@ def atomic_output(path: str | os.PathLike, *, expected_bytes: float = 0) -> Iter
     check_writable(path, expected_bytes=expected_bytes)
     with lock_output(path), _atomic_output(path) as tmp:
         yield tmp
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, open_writer: Callable[[Path], Any], *, expected_bytes: float = 0
+                  ) -> Iterator[Any]:
+    """A chunk writer of ``path`` under :func:`atomic_output`: ``open_writer(temporary path)`` gives an object
+    with ``close()`` (the file is complete) and ``abort()`` (it is about to be removed).
+
+    Ctrl-C and SIGTERM are deferred (:func:`deferred_interrupts`) to the writer's next
+    :func:`check_interrupt` and to the end of the block; the temporary file is then removed.
+    """
+    with deferred_interrupts(), atomic_output(path, expected_bytes=expected_bytes) as tmp:
+        w = open_writer(tmp)
+        ok = False
+        try:
+            yield w
+            ok = True
+        finally:
+            if ok:
+                w.close()
+            else:
+                w.abort()
+        check_interrupt()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ LAYERS = [
     {"converters.files"},
     {"converters.dataset"},
     {"converters.api"},
+    {"converters.showerdata"},
     {"converters", "io"},
     {"demo"},
 ]

@@ -5,8 +5,9 @@ Layout:
 * :mod:`calopc.cli.options`: the option types and conventions every command shares
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
-* :mod:`calopc.cli.data`: ``synth``, ``convert``, ``voxelize``, ``info``, ``demo``;
-  :mod:`calopc.cli.download`: ``download``; :mod:`calopc.cli.eval`: ``evaluate``, ``compare``;
+* :mod:`calopc.cli.data`: ``synth``, ``convert`` (with :mod:`calopc.cli.interop`: ``--to``/``--from
+  showerdata``), ``voxelize``, ``info``, ``demo``; :mod:`calopc.cli.download`: ``download``;
+  :mod:`calopc.cli.display`: ``show``; :mod:`calopc.cli.eval`: ``evaluate``, ``compare``;
   :mod:`calopc.cli.models`: ``train``, ``generate``, ``distill``; :mod:`calopc.cli.export`: ``export``.
   Each defines ``register(subparsers)``; the handler is stored as ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
@@ -68,6 +69,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("calopc.cli.data", "CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)"),
     "voxelize": ("calopc.cli.data", "point-cloud Parquet -> CaloChallenge HDF5"),
     "info": ("calopc.cli.data", "dataset, number of showers and hits/shower of an HDF5 or Parquet file"),
+    "show": ("calopc.cli.display", "draw showers in 3-D: an interactive HTML page (offline), files side by side"),
     "demo": ("calopc.cli.data", "the embedded default job: synthetic showers -> points -> voxels, with a summary"),
     "evaluate": ("calopc.cli.eval",
                  "compare a generated sample with a reference: CaloChallenge metrics, plots, report"),
@@ -86,6 +88,7 @@ workflow:
   calopc train calopointflow --data train.parquet -o run/
   calopc generate run/ --energies showers.hdf5 -o gen.hdf5
   calopc evaluate gen.hdf5 showers.hdf5 -o report/
+  calopc show showers.hdf5 gen.hdf5 --index 0 1 2        # 3-D displays, side by side (showers.html)
   calopc voxelize gen.parquet -o gen.hdf5                # point clouds -> voxels
   calopc export run/ -o model.onnx                       # the run as an ONNX graph for Geant4 (Par04)
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import interop
 from .options import (
     FORMATTER,
     CLIError,
@@ -66,6 +67,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from .interop import run_convert
+
+    code = run_convert(args)  # --to / --from showerdata (None: calopc's own formats)
+    if code is not None:
+        return code
     from ..converters import convert_file, convert_files
     from ..converters.sources import expand_globs
     from ..geometry import load_geometry
@@ -151,7 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=FORMATTER,
                        epilog="examples:\n  calopc convert dataset_2_1.hdf5 -o train.parquet --step-size '512 MB'\n"
                               "  calopc convert dataset_3_*.hdf5 -o ds3/ --workers 2     # a dataset folder\n"
-                              "  calopc convert dataset_3_1.hdf5 --energy-dtype float32   # half the size")
+                              "  calopc convert dataset_3_1.hdf5 --energy-dtype float32   # half the size\n"
+                              + interop.EPILOG)
     p.add_argument("input", type=Path, nargs="+",
                    help="input HDF5 file(s) (incident_energies, showers), or a quoted glob; several inputs write a "
                         "dataset folder of Parquet files (-o DIR/)")
@@ -166,6 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "exact for float32 input) and halves the file (default: the input's dtype, lossless)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="convert several inputs in parallel processes (default: %(default)s)")
+    interop.add_convert_options(p)
     add_progress(p)
     p.set_defaults(func=_cmd_convert)
 

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 _METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "cls-cnn", "cls-sparse", "fpd", "kpd", "prdc", "pointcloud",
-            "plots")
+            "plots", "displays")
 _DEFAULT = "hist,cls-low,cls-high,fpd,kpd,pointcloud,plots"
 
 
@@ -211,7 +211,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             namespace.metrics, namespace.metrics_given = values, True
 
     p.add_argument("--metrics", type=_metrics, default=_metrics(_DEFAULT), action=_Metrics,
-                   help=f"comma-separated subset of {','.join(_METRICS)} (default: {_DEFAULT})")
+                   help=f"comma-separated subset of {','.join(_METRICS)} (default: {_DEFAULT}; displays: a page of "
+                        "3-D shower displays, displays.html, needs plotly: pip install 'calopc[display]')")
     p.set_defaults(metrics_given=False)
     p.add_argument("-m", "--mode", choices=tuple(_OFFICIAL_MODES), default=None,
                    help="official evaluate.py mode instead of --metrics (all = the default metrics)")

@@ -25,10 +25,9 @@ import numpy as np
 
 from .._safety import (
     OutputError,
-    atomic_output,
+    atomic_writer,
     check_interrupt,
     check_not_input,
-    deferred_interrupts,
     missing_message,
 )
 from .._version import __version__
@@ -309,18 +308,8 @@ def points_writer(path: str | os.PathLike, geometry: Geometry, **kw: object) -> 
     removed). ``expected_bytes`` (keyword): rough output size for the free-space check.
     """
     expected = float(kw.pop("expected_bytes", 0) or 0)
-    with deferred_interrupts(), atomic_output(path, expected_bytes=expected) as tmp:
-        w = PointsWriter(tmp, geometry, **kw)
-        ok = False
-        try:
-            yield w
-            ok = True
-        finally:
-            if ok:
-                w.close()
-            else:
-                w.abort()
-        check_interrupt()
+    with atomic_writer(path, lambda tmp: PointsWriter(tmp, geometry, **kw), expected_bytes=expected) as w:
+        yield w
 
 
 def write_points(path: str | os.PathLike, events: ak.Array, geometry: Geometry, *, info: dict | None = None) -> None:

@@ -30,7 +30,7 @@ from .samples import Sample, load_sample
 
 #: metric groups that ``evaluate(metrics=...)`` accepts
 METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "cls-cnn", "cls-sparse", "fpd", "kpd", "prdc", "pointcloud",
-           "plots")
+           "plots", "displays")
 DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd", "pointcloud", "plots")
 #: test entries in the units of the value (x1e3)
 _SCALED = ("observed", "null_mean", "null_sd", "excess")
@@ -331,6 +331,13 @@ def evaluate(
             timings["plots"] = time.perf_counter() - t
             timings["plots_cpu"] = pstats.get("cpu_s", 0.0)  # CPU seconds summed over the drawing processes
             res["plot_workers"] = pstats.get("workers", 1)
+        if "displays" in metrics:  # displays.html: 3-D views of the first showers, reference beside generated
+            stage("shower displays")
+            t = time.perf_counter()
+            res["displays"] = _displays(out, g_s, r_s, geo, threshold=thr, collisions=collisions)
+            timings["displays"] = time.perf_counter() - t
+        elif (out / DISPLAY_PAGE).is_file():  # a page of an earlier run, which this report would not link
+            (out / DISPLAY_PAGE).unlink()
         timings["total"] = time.perf_counter() - t0
         res["timings_s"] = timings
         res["plots"] = plots
@@ -353,6 +360,23 @@ def evaluate(
         write_metrics(out / "metrics.json", res)
         write_report(out / "report.html", res)
         return res
+
+
+#: the page of shower displays beside report.html (metric "displays"), and how many showers of each sample it shows
+DISPLAY_PAGE = "displays.html"
+DISPLAY_SHOWERS = 3
+
+
+def _displays(out: Path, g_s: Sample, r_s: Sample, geo: Geometry, *, threshold: float, collisions: str) -> dict:
+    """Write :data:`DISPLAY_PAGE`: the first :data:`DISPLAY_SHOWERS` showers of the reference and of the generated
+    sample, side by side; returns what :func:`calopc.display.write_display` reports, the page relative to ``out``."""
+    from ..display import write_display
+
+    n = min(DISPLAY_SHOWERS, len(g_s), len(r_s))
+    info = write_display(out / DISPLAY_PAGE, [r_s.path, g_s.path], indices=list(range(max(1, n))),
+                         labels=["reference", "generated"], geometry=geo, threshold=threshold, collisions=collisions,
+                         title=f"calopc evaluation: showers of {_dataset_text(geo)}")
+    return {**info, "path": DISPLAY_PAGE}
 
 
 def one_blas_thread():

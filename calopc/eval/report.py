@@ -254,6 +254,18 @@ def _page_of(res: dict) -> dict[str, str]:
     return {name: f"fig-{stem}" for name, stem in res.get("plot_index", {}).items() if stem in plots}
 
 
+def _section_displays(res: dict) -> list[str]:
+    """A link to the page of 3-D shower displays (metric ``displays``)."""
+    d = res.get("displays")
+    if not d:
+        return []
+    shown = ", ".join(str(i) for i in d.get("indices", []))
+    return [f"<h2>Shower displays</h2><p><a href='{_e(d.get('path', 'displays.html'))}'>3-D displays</a> of showers "
+            f"{_e(shown)} of the reference and the generated sample, side by side (an interactive page, "
+            f"{d.get('bytes', 0) / 1e6:.1f} MB, that opens offline: drag to turn both views, the slider picks the "
+            "shower; colour: log<sub>10</sub>(E / MeV)).</p>"]
+
+
 def _img(stem: str, files: list[str], alt: str, *, anchor: bool = True) -> str:
     png = next((f for f in files if f.endswith(".png")), None)
     other = [f for f in files if not f.endswith(".png")]
@@ -507,6 +519,8 @@ def write_report(path: str | os.PathLike, res: dict) -> None:
         add("<h2>Average showers per layer</h2>")
         for s in polar:
             add(_img(s, plots[s], _CAPTIONS[s]))
+
+    rows += _section_displays(res)
 
     # ---- all separation powers
     if sep:
