@@ -28,9 +28,9 @@ def site(tmp_path_factory):
 
 def test_docs_build_without_warnings(site):
     """Every page is built, with the API reference of the public modules generated from the docstrings."""
-    for name in ("index", "getting-started", "data", "evaluation", "sparse", "geant4", "cli", "api", "changelog",
-                 "citing", "development", "benchmarks", "models/index", "models/calopointflow", "models/caloclouds",
-                 "models/deeptree", "models/fidelity"):
+    for name in ("index", "getting-started", "data", "interop", "evaluation", "display", "sparse", "geant4", "cli",
+                 "api", "changelog", "citing", "development", "benchmarks", "models/index", "models/calopointflow",
+                 "models/caloclouds", "models/deeptree", "models/fidelity"):
         assert (site / f"{name}.html").exists(), name
     api = (site / "generated" / "calopc.download.html").read_text()
     assert "select_files" in api and "DownloadError" in api
