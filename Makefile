@@ -6,11 +6,11 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.calopc-installed
 
-.PHONY: setup demo test bench clean minkowski
+.PHONY: setup demo test docs bench clean minkowski
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[all,test]"
+	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[all,test,docs]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +22,11 @@ demo: setup
 TEST_ARGS ?=
 test: setup
 	MPLBACKEND=Agg $(BIN)/python -m pytest -q $(TEST_ARGS)
+
+# the documentation site in docs/_build/html (opens offline), warnings are errors; the example notebooks run once
+# (on synthetic data) and are cached in docs/_build/.jupyter_cache, so a rebuild re-runs only those that changed
+docs: setup
+	MPLBACKEND=Agg $(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 bench: setup
 	$(BIN)/python benchmarks/convert.py
@@ -36,4 +41,4 @@ minkowski: setup
 	VENV="$(VENV)" ME_VERSION="$(ME_VERSION)" TORCH="$(TORCH)" WHEEL_CACHE="$(WHEEL_CACHE)" bash .ci/minkowski.sh
 
 clean:
-	rm -rf demo bench-out .pytest_cache
+	rm -rf demo bench-out .pytest_cache docs/_build docs/generated docs/_generated docs/examples

@@ -2,7 +2,7 @@ r"""Optional dependencies, imported on first use with an error that says how to 
 
 from __future__ import annotations
 
-__all__ = ["mplhep", "plotly_io", "sklearn", "torch"]
+__all__ = ["mplhep", "plotly_io", "pooch", "sklearn", "torch"]
 
 import importlib
 from types import ModuleType
@@ -24,6 +24,11 @@ def mplhep() -> ModuleType:
 def plotly_io() -> ModuleType:
     """``plotly.io`` (the ``display`` extra: 3-D shower displays)."""
     return _need("plotly.io", "display", "the 3-D shower display")
+
+
+def pooch() -> ModuleType:
+    """pooch (the ``download`` extra: ``calopc download``)."""
+    return _need("pooch", "download", "calopc download")
 
 
 def sklearn() -> ModuleType:

@@ -6,10 +6,10 @@ Layout:
   (``positive_int``, ``threshold_arg``, ``add_output``, :data:`COLLISIONS`, :class:`CLIError`, ...);
   it sits below every command-line module;
 * :mod:`calopc.cli.data`: ``synth``, ``convert`` (with :mod:`calopc.cli.interop`: ``--to``/``--from
-  showerdata``), ``voxelize``, ``info``, ``demo``; :mod:`calopc.cli.display`: ``show``;
-  :mod:`calopc.cli.eval`: ``evaluate``, ``compare``; :mod:`calopc.cli.models`: ``train``,
-  ``generate``, ``distill``; :mod:`calopc.cli.export`: ``export``. Each defines
-  ``register(subparsers)``; the handler is stored as ``func`` and returns an exit code;
+  showerdata``), ``voxelize``, ``info``, ``demo``; :mod:`calopc.cli.download`: ``download``;
+  :mod:`calopc.cli.display`: ``show``; :mod:`calopc.cli.eval`: ``evaluate``, ``compare``;
+  :mod:`calopc.cli.models`: ``train``, ``generate``, ``distill``; :mod:`calopc.cli.export`: ``export``.
+  Each defines ``register(subparsers)``; the handler is stored as ``func`` and returns an exit code;
 * this root: :data:`COMMANDS` (a static table of command names, their module and one-line help)
   and :func:`main`. It imports a command's module only when that command is run, so
   ``calopc --help`` imports none of them (nor numpy).
@@ -63,6 +63,8 @@ from .options import (
 #: command -> (module defining ``register(subparsers)``, one-line help for ``calopc --help``).
 #: A test keeps the help texts equal to the ones the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("calopc.cli.download", "download the CaloChallenge datasets from Zenodo, verified against their "
+                                        "md5 sums"),
     "synth": ("calopc.cli.data", "write a synthetic shower file in the official CaloChallenge format"),
     "convert": ("calopc.cli.data", "CaloChallenge HDF5 -> point-cloud Parquet (streams in chunks)"),
     "voxelize": ("calopc.cli.data", "point-cloud Parquet -> CaloChallenge HDF5"),
