@@ -92,6 +92,7 @@ def evaluate(
     cls_seeds: int = 3,
     cls_hidden: int = 2048,
     cls_batch_size: int = 1000,
+    cls_dtype: str = "float64",
     cnn_options: dict | None = None,
     fpd_min_samples: int = 10_000,
     kpd_batch_size: int = 10_000,
@@ -122,6 +123,8 @@ def evaluate(
         max_showers: use only the first ``max_showers`` showers of each file.
         cls_epochs, cls_seeds, cls_hidden, cls_batch_size: classifier settings (defaults are the
             official ones; ``cls_seeds`` trainings give mean ± standard deviation).
+        cls_dtype: the DNN classifiers' precision: ``"float64"`` (official) or ``"float32"`` (about half
+            the CPU time; a readout labelled with it in ``metrics.json``).
         cnn_options: further :class:`calopc.eval.cnn.CNNConfig` fields for ``cls-cnn`` / ``cls-sparse``
             (e.g. ``{"widths": (8, 16, 16, 32)}``); epochs and batch size come from ``cls_epochs``, ``cls_batch_size``.
         fpd_min_samples, kpd_batch_size: FPD/KPD batch sizes (official: 10,000).
@@ -154,6 +157,9 @@ def evaluate(
         raise ValueError(msg)
     if low_normed not in ("official", "calopc"):
         msg = f"low_normed must be 'official' or 'calopc', got {low_normed!r}"
+        raise ValueError(msg)
+    if cls_dtype not in ("float64", "float32"):
+        msg = f"cls_dtype must be float64 (official) or float32, got {cls_dtype!r}"
         raise ValueError(msg)
     if geometry is not None:
         official = match_official(geometry)
@@ -239,7 +245,8 @@ def evaluate(
             res["classifier_sizes_note"] = note
             warnings.warn(note, UserWarning, stacklevel=2)
 
-        cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size)
+        cls_cfg = ClassifierConfig(hidden=cls_hidden, epochs=cls_epochs, batch_size=cls_batch_size,
+                                   dtype=cls_dtype)
         for kind in ("low", "low-normed", "high"):
             if f"cls-{kind}" not in metrics:
                 continue
@@ -396,6 +403,7 @@ def evaluate(
                    "fpd_kpd": 42 + seed if {"fpd", "kpd"} & set(metrics) else None},
             options={"metrics": list(metrics), "threshold_mev": thr, "max_showers": max_showers, "cls_epochs": cls_epochs,
                      "cls_seeds": cls_seeds, "cls_hidden": cls_hidden, "cls_batch_size": cls_batch_size,
+                     "cls_dtype": cls_dtype,
                      "fpd_min_samples": fpd_min_samples, "kpd_batch_size": kpd_batch_size, "fpd_estimator": fpd_estimator,
                      "low_normed": low_normed, "prdc_k": prdc_k, "cnn_options": cnn_options or {}, "collisions": collisions,
                      "device": device, "formats": list(formats)},
