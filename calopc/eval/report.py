@@ -120,21 +120,26 @@ def provenance(inputs: dict[str, str | os.PathLike], *, command: str | None = No
 #: file names of the figures ``calopc evaluate`` draws (``<stem>.<png|pdf|svg>``)
 _PLOT_FILE = re.compile(r"^(?:E_ratio|E_ratio_per_energy|voxel_spectrum|n_hits|longitudinal_profile|radial_profile|"
                         r"response|hits|average_shower_(?:energy_bins|reference|generated|ratio)|"
-                        r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$")
+                        r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$|^displays\.html$")
 
 
 def stale_plots(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
     """Names of figures of an earlier report in ``folder`` that are not in ``keep``.
 
-    A file counts if the folder's ``metrics.json`` lists it or its name is one calopc gives a figure
-    (a run killed before writing ``metrics.json`` leaves such files). Other files are not figures.
+    A file counts if the folder's ``metrics.json`` lists it (its plots, or its page of 3-D displays)
+    or its name is one calopc gives a figure (a run killed before writing ``metrics.json`` leaves such
+    files). Other files are not figures.
     """
     folder = Path(folder)
     keep = {Path(f).name for f in keep}
     listed: set[str] = set()
     try:
-        old = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("plots") or {}
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        old = metrics.get("plots") or {}
         listed = {Path(f).name for files in old.values() for f in files if isinstance(f, str)}
+        page = (metrics.get("displays") or {}).get("path")
+        if isinstance(page, str):
+            listed.add(Path(page).name)
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     out = []

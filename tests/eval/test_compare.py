@@ -141,7 +141,16 @@ def test_an_interrupted_compare_leaves_the_folder_as_it_was(tmp_path, monkeypatc
 
 
 def test_compare_names_itself_in_its_log_and_labels_the_matrix(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("CALOPC_LOG_INTERVAL", "0.05")
+    import calopc.progress
+
+    class FiresAtOnce:  # every Progress writes its first log line when it starts: no race with a fast run
+        def __init__(self, tick, interval, stop):
+            tick()
+
+        def join(self, timeout=None):
+            pass
+
+    monkeypatch.setattr(calopc.progress, "_ThreadTimer", FiresAtOnce)
     out = tmp_path / "cmp"
     assert main([*_tiny(tmp_path), "-o", str(out)]) == 0
     cap = capsys.readouterr()

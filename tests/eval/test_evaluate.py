@@ -322,7 +322,8 @@ def test_classifiers_take_equal_sizes_from_samples_of_different_sizes(tmp_path, 
 
 
 def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, capfd):
-    """A shower with a 1e308 MeV cell: its features overflow float64. One warning names the file and the shower;
+    """A shower with a 1e308 MeV cell: its features overflow float64. Two warnings name the file (the reader's
+    scale check, then the shower that every metric leaves out);
     no numpy warning reaches the user (plots drawn by worker processes included); every metric uses the others."""
     g = Geometry.calochallenge("1-photons")
     inc, sh = generate(g, 120, seed=3)
@@ -336,7 +337,9 @@ def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, ca
             "--no-progress", "--plot-workers", "2"]
     assert main(args) == 0
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == [(f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: 1 of 120 generated showers (first: shower 7) "
+    assert err == [(f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: a cell holds 1e+308 MeV, more than 1e+09 MeV "
+                    "(1 PeV): corrupt or wrongly scaled energies?"),
+                   (f"calopc evaluate: warning: {tmp_path / 'huge.hdf5'}: 1 of 120 generated showers (first: shower 7) "
                     "hold cell energies (up to 1e+308 MeV) that overflow the features' float64 sums or the classifiers' "
                     "float32 inputs; every metric uses the other 119")]
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -345,9 +348,10 @@ def test_overflowing_cell_energies_give_one_line_not_numpy_warnings(tmp_path, ca
     n_val = 119 - int(119 * 0.6) - int(119 * 0.2)  # the 60/20/20 split of the 119 usable showers
     assert m["fpd_x1e3"]["test"]["n_gen"] == 119 and m["classifier"]["high"]["test"]["n_validation_per_class"] == n_val
     assert m["fpd_x1e3"]["value"] is not None and m["classifier"]["low"]["auc"] is not None
-    with warnings.catch_warnings(record=True) as seen:  # the library: one UserWarning, nothing from numpy
+    with warnings.catch_warnings(record=True) as seen:  # the library: two UserWarnings, nothing from numpy
         warnings.simplefilter("always")
         evaluate(tmp_path / "ref.hdf5", tmp_path / "huge.hdf5", tmp_path / "s", metrics=("hist", "kpd", "plots"),
                  kpd_batch_size=100, progress=False, test_permutations=19, plot_workers=1)
     assert [(w.category, "1 of 120 reference showers (first: shower 7)" in str(w.message)) for w in seen] == [
-        (UserWarning, True)]
+        (UserWarning, False), (UserWarning, True)]
+    assert "a cell holds 1e+308 MeV" in str(seen[0].message)
