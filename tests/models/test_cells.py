@@ -150,7 +150,7 @@ def test_cli_oversample_help_names_the_default():
     import argparse
 
     from calopc.models.cells import DEFAULT_OVERSAMPLE
-    from calopc.models.cli import register
+    from calopc.cli.models import register
 
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers())

@@ -59,4 +59,5 @@ from .critics import MeanFieldCritic, PoolCritic
 from .generator import TreeGenerator
 # building blocks other modules and tests import from here (as from the former single module)
 from .layers import _OncePerUpdateSpectralNorm, _sn_weights_changed, spectral_norm  # noqa: F401
-from .model import ALPHA_MODES, CRITICS, PRESET_SIZES, PRESETS, DeepTree, DeepTreeConfig, _adam  # noqa: F401
+from .config import ALPHA_MODES, CRITICS, PRESET_SIZES, PRESETS, DeepTreeConfig  # noqa: F401
+from .model import DeepTree, _adam  # noqa: F401

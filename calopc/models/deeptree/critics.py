@@ -13,7 +13,7 @@ from torch import nn
 from .layers import _linear, _mlp
 
 if TYPE_CHECKING:
-    from .model import DeepTreeConfig
+    from .config import DeepTreeConfig
 
 
 class _Attention(nn.Module):

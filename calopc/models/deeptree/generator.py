@@ -18,7 +18,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
 from .layers import _leaves, _mlp
 
 if TYPE_CHECKING:
-    from .model import DeepTreeConfig
+    from .config import DeepTreeConfig
 
 
 def _group_log_normalise(logw: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...geometry import Geometry
+from ._constants import _DELTA, _EPS, _U_EPS
 
 if TYPE_CHECKING:
     import torch
 
     from .torch import TorchPreprocessor
 
-_EPS = 1e-6  # logit clipping
-_DELTA = 1e-9  # energy-fraction floor of the layer energies (variant II, empty_energy="floor")
 VARIANTS = ("I", "II")
 EMPTY_ENERGY = ("floor", "occupied")
 
@@ -37,7 +36,6 @@ def _sigmoid(y: np.ndarray) -> np.ndarray:
 
 
 DEQUANTISATIONS = ("uniform", "cdf")
-_U_EPS = 1e-12  # probit clipping of the CDF dequantisation
 
 
 def _ndtri(u: np.ndarray) -> np.ndarray:

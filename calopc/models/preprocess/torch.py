@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .numpy import _DELTA, _EPS, _U_EPS, Preprocessor
+from ._constants import _DELTA, _EPS, _U_EPS
 
 if TYPE_CHECKING:
     import torch
+
+    from .numpy import Preprocessor
 
 
 def _cdf_forward_t(t: dict, v: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
