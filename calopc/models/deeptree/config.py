@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .layers import _leaves
+
 if TYPE_CHECKING:
     from ..preprocess import Preprocessor
 
