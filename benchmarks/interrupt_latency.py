@@ -1,8 +1,8 @@
 """How long `calopc generate` takes to stop after SIGTERM / Ctrl-C in the middle of one large batch.
 
 With the interrupt checks in every model call (calopc.models.guards.add_interrupt_checks) against the same
-command without them (the checks patched out in the child: the behaviour before issue 21, where the signal
-waited for the end of the batch, capped here at --cap seconds). A tiny CaloPointFlow is trained on synthetic
+command without them (the checks patched out in the child: the signal then waits for the end of the batch,
+capped here at --cap seconds). A tiny CaloPointFlow is trained on synthetic
 dataset-1-photons showers first. Prints one line per trial and the medians.
 
     python benchmarks/interrupt_latency.py [--trials 3] [--showers 100000] [--cap 60]

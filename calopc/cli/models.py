@@ -263,11 +263,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(models without α), nearest-free moves them to the nearest free cell, sum adds, max keeps the "
                         "largest; auto picks alpha-free or nearest-free by the model; likelihood chooses each layer's "
                         "cells with the probability that the model hits them (n_l q_c, capped at 1), q integrated from "
-                        "the model's density (calopointflow II) or estimated from --oversample candidate points "
-                        "(caloclouds pointwise) (default: %(default)s)")
+                        "the model's density (calopointflow II with alpha=free and set_summary=false) or estimated from "
+                        "--oversample candidate points (the others: caloclouds pointwise, calopointflow II) (default: "
+                        "%(default)s)")
     g.add_argument("--oversample", type=positive_int, default=None, metavar="K",
                    help="--collisions likelihood: K candidate points per point estimate the cell probabilities "
-                        "(default: calopointflow II integrates its density, others 16)")
+                        "(default: calopointflow II with alpha=free and set_summary=false integrates its density, others 16)")
     g.add_argument("--threshold", type=threshold_arg, default=None, metavar="MEV|official",
                    help="HDF5 output: cells with less energy (MeV) are empty; 'official': the dataset's readout "
                         "threshold (1 MeV ds1, 15.15 keV ds2/3) (default: official)")

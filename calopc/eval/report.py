@@ -1,10 +1,12 @@
 r"""``report.html`` and ``metrics.json`` from the metrics dict, with provenance.
 
-The report is one HTML file with the images linked beside it (no network, plain HTML/JS): the
-samples, a summary table that says how to read each number (and when a value is compatible with
-zero or with the reference-vs-reference floor), the 10 histograms that separate the samples most,
-the first-look plots, per-layer pages with a layer selector, the average showers, all separation
-powers, and the provenance (calopc version, command line, seeds, input file fingerprints, date).
+The report is one HTML file with the images linked beside it (no network, plain HTML/JS), built from
+the sections of :data:`SECTIONS` in order: the samples, a summary table with every number and its
+calibrated reading ("differs" / "no difference found", :func:`calopc.eval.permutation.reading`), PRDC,
+the 10 histograms that separate the samples most (ranked by the standardised excess of their
+permutation tests), the separation per feature, the point-cloud view, the plots (per-layer pages with
+a layer selector, the average showers), a link to the 3-D shower displays, all separation powers, and
+the provenance (calopc version, command line, seeds, input file fingerprints, date).
 """
 
 from __future__ import annotations
