@@ -272,8 +272,10 @@ class ShowerSampler(nn.Module):
         self.tp = self.prep.to_torch("cpu")
         self.n_layers = self.geometry.n_layers
         self.extra = int(cfg.latent) if self.name == "calopointflow" else 0
-        if self.name == "calopointflow" and self.prep.dequantisation == "cdf":
+        if self.prep.dequantisation == "cdf":
             self._cdf_rows()
+        # overflow="move" (both families' default with α free): a full ring passes its least energetic points on
+        self.move = self.alpha_free and getattr(cfg, "overflow", "merge") == "move"
 
     # -------------------------------------------------------------------------------- noise sizes
     @property
@@ -342,9 +344,7 @@ class ShowerSampler(nn.Module):
             y = x * sig[0]
             for i in range(self.steps):
                 y = heun_step(m.denoiser, y, sig[i], sig[i + 1], **kw)
-        if m.alpha_free:
-            y = torch.cat([y.new_zeros(y.shape[0], 1), y], dim=1)
-        alpha, r, w = m._inverse(y, layer, self.prep)
+        alpha, r, w = self._physical(y, layer)
         return (None if cfg.alpha == "free" else alpha), r, w
 
     def _cpf_points(self, cond: Tensor, s: Tensor, z_extra: Tensor, shower: Tensor, layer: Tensor, keys: Tensor,
@@ -360,7 +360,13 @@ class ShowerSampler(nn.Module):
         else:
             for c in reversed(m.point_flow.couplings):
                 x = c.inverse(x, pc, sets)
-        if m.alpha_free:
+        alpha, r, w = self._physical(x, layer)
+        return (None if m.alpha_free else alpha), r, w
+
+    def _physical(self, x: Tensor, layer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The point model's standardised features (without α for an α-free model) → ``(alpha, r, w)`` in
+        physical units, the twin of the preprocessor's ``inverse_points_layer`` for either dequantisation."""
+        if self.alpha_free:  # the α column is not modelled: any value, its inverse is not used
             x = torch.cat([x.new_zeros(x.shape[0], 1), x], dim=1)
         y = x.to(torch.float64) * self.tp.point_std + self.tp.point_mean
         if self.prep.dequantisation == "cdf":
@@ -370,7 +376,7 @@ class ShowerSampler(nn.Module):
             alpha = torch.sigmoid(y[:, 0]) * 2 * math.pi - math.pi
             r = self.tables.r_lo[layer] + torch.sigmoid(y[:, 1]) * (self.tables.r_hi[layer] - self.tables.r_lo[layer])
         w = torch.exp(y[:, 2].clamp(-80, 80))
-        return (None if m.alpha_free else alpha), r, w
+        return alpha, r, w
 
     def _cdf_rows(self) -> None:
         """Per-layer rows of the CDF tables (padded), for searches against the point's own layer."""
@@ -402,7 +408,7 @@ class ShowerSampler(nn.Module):
 
     def fit_rings(self, shower: Tensor, layer: Tensor, r: Tensor, energy: Tensor, n_layer: Tensor, keys: Tensor,
                   index: Tensor) -> Tensor:
-        """CaloPointFlow's ``overflow="move"`` (:func:`calopc.models.calopointflow.fit_rings` with energies):
+        """``overflow="move"`` (:func:`calopc.models.calopointflow.fit_rings` with energies):
         the new radius of every point, a full ring passing its least energetic points on."""
         t = self.tables
         b, n_l = n_layer.shape
@@ -456,7 +462,7 @@ class ShowerSampler(nn.Module):
         w = w.to(torch.float64)
         tot = _group_sum(w, group, b * n_l)
         energy = w / tot.clamp(min=1e-300)[group] * e_layer.reshape(-1).to(torch.float64)[group]
-        if self.name == "calopointflow" and self.alpha_free and self.model.config.overflow == "move":
+        if self.move:
             r = self.fit_rings(shower, layer, r, energy, n_layer, pk, index)
         dense = place_dense(self.tables, self.policy, b, shower, layer, r, alpha, energy, p - rank, shower_key, index)
         return dense_cells(dense, self.threshold).reshape(b, self.geometry.n_voxels)
