@@ -21,9 +21,11 @@ torch 2.13), ONNX opset :data:`OPSET` (``BitwiseXor``/``BitwiseAnd`` of the nois
 older TorchScript-based exporter (``dynamo=False``) has no translation of ``bitwise_xor`` at opset 18.
 Two things of the exporter shape the sampler's code: the number of points comes from one ``nonzero``
 (a data-dependent size the exporter carries symbolically), and integer floor division is translated
-through float32, so the noise shifts its 32-bit integers with exact float64 products instead. The
-export time grows with the graph: an autoregressive shower model (``shower_passes`` unset) unrolls
-``2 L`` flow passes (90 for dataset 3), a coupling one (``shower_passes=2``) two.
+through float32, so the noise shifts its 32-bit integers with exact float64 products instead. A fully
+autoregressive flow (the default shower model, ``shower_passes`` unset: ``2 L`` passes, 90 for dataset 3;
+CaloPointFlow's latent flow) is inverted in one ONNX ``Loop`` per transform (:mod:`.flows`), so the graph
+and the export time do not grow with its passes; a coupling flow (``shower_passes=2``) keeps zuko's two
+passes.
 """
 
 from __future__ import annotations

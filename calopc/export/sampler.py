@@ -270,6 +270,10 @@ class ShowerSampler(nn.Module):
         self.max_points = max_points
         self.tables = _Tables(self.geometry)
         self.tp = self.prep.to_torch("cpu")
+        from .flows import FlowInverse
+
+        self.shower_inverse = FlowInverse((self.model.shower if self.name == "caloclouds" else self.model.shower_flow).flow)
+        self.latent_inverse = FlowInverse(self.model.latent_flow) if self.name == "calopointflow" else None
         self.n_layers = self.geometry.n_layers
         self.extra = int(cfg.latent) if self.name == "calopointflow" else 0
         if self.prep.dequantisation == "cdf":
@@ -298,8 +302,7 @@ class ShowerSampler(nn.Module):
         """``(cond, s, n_layer, e_layer)``: standardised ``log E_inc`` ``(B, 1)``, shower features ``(B, 2L)``,
         points ``(B, L)`` int64 and energy ``(B, L)`` MeV of every layer."""
         cond = self.tp.forward_cond(e)
-        shower_model = self.model.shower if self.name == "caloclouds" else self.model.shower_flow
-        s = shower_model.flow(cond).transform.inv(z_shower.to(cond.dtype))
+        s = self.shower_inverse(cond, z_shower.to(cond.dtype))
         n_layer, e_layer = self.tp.inverse_layers(s, e)
         if self.max_points is not None:
             # cut from the last layer backwards: the points beyond max_points in layer order
@@ -351,7 +354,7 @@ class ShowerSampler(nn.Module):
                     index: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         m = self.model
         b = cond.shape[0]
-        z = m.latent_flow(torch.cat([cond, s], dim=-1)).transform.inv(z_extra.to(cond.dtype))
+        z = self.latent_inverse(torch.cat([cond, s], dim=-1), z_extra.to(cond.dtype))
         pc = m._flat_context(z, cond, s, shower, layer)
         x = self.point_noise(keys, index, m.flow_features).to(pc.dtype)
         sets = m._sets(shower, layer, b, pc.dtype)

@@ -56,6 +56,19 @@ def test_student_graph_passes_the_checker_with_one_input(student_onnx):
     _check_graph(student_onnx[0], 93)
 
 
+def test_student_graph_inverts_the_autoregressive_shower_flow_in_loops(student_run, student_onnx):
+    """The run's default shower flow (autoregressive: 2 transforms of 90 features) is in the graph as one ONNX Loop
+    per transform, not 90 unrolled copies of its network per transform."""
+    import onnx
+
+    from calopc.models import load
+
+    cfg = load(student_run).model.config
+    assert cfg.shower_passes is None and cfg.shower_transforms == 2
+    m = onnx.load(str(student_onnx[0]))
+    assert sum(n.op_type == "Loop" for n in m.graph.node) == 2
+
+
 def test_student_onnx_equals_torch_cell_for_cell(student_run, student_onnx):
     """ONNX Runtime, fed as Par04 feeds it, gives the torch module's cells for the same latent vectors."""
     _onnx_equals_torch(student_run, student_onnx[0])
