@@ -103,7 +103,8 @@ def _candidates(loaded, s: torch.Tensor, cond: torch.Tensor, n_layer: torch.Tens
     y = model.sample_points(cond.repeat(reps, 1), s.repeat(reps, 1), shower_of, layer)
     if model.alpha_free:
         y = torch.cat([y.new_zeros(y.shape[0], 1), y], dim=1)
-    alpha, r, w = model._inverse(y, layer, prep)
+    zar, w = prep.to_torch("cpu").inverse_points_layer(y, layer)
+    alpha, r = zar[:, 1], zar[:, 2]
     el = e_layer.repeat(reps, 1).reshape(-1).to(w.dtype)
     tot = torch.zeros(reps * b * n_l, dtype=w.dtype).index_add_(0, group, w)
     energy = w / tot.clamp(min=1e-300)[group] * el[group]

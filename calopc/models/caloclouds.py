@@ -71,7 +71,8 @@ _BEFORE_SWITCHES = {"time_mlp": False, "diffuse_free_alpha": True, "overflow": "
 #: ``calopc train caloclouds`` uses unless told otherwise; the keys a user gives override the preset's
 PRESETS: dict[str, dict] = {
     # calopc's recipe for budgets of minutes to hours (a time-limited run decays its learning rate over the
-    # clock): AdamW with a cosine, a short EMA, α drawn at placement with the energy-aware ring overflow
+    # clock): AdamW with a cosine, a short EMA; α generated (model.alpha=free draws it at placement, with the
+    # energy-aware ring overflow)
     "calopc": {"model": {}, "train": {}},
     # CaloClouds II as published (FLC-QU-hep/CaloClouds-2 configs.py): α generated, RAdam 1e-4 constant,
     # EMA warm-up to 0.9999, batch 128, clip 10; made for ~2 M steps on a GPU
