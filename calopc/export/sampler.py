@@ -118,7 +118,7 @@ class _Tables(nn.Module):
             a = torch.remainder(torch.where(ok, a64, torch.zeros_like(a64)) + math.pi, 2 * math.pi)
             ab = torch.minimum(torch.floor(a * (na.to(torch.float64) / (2 * math.pi))).to(torch.int64), na - 1)
             ab = ab.clamp(min=0)
-        rb = rb.clamp(min=0)
+        rb = torch.minimum(rb.clamp(min=0), nr - 1)   # outside points: any cell of their layer (they carry no energy)
         cell = self.offsets[layer] + ab * nr + rb
         return ok, rb, cell
 

@@ -61,6 +61,16 @@ def cpf_run(tmp_path_factory, ds3_parquet):
 
 
 @pytest.fixture(scope="session")
+def cc_free_run(tmp_path_factory, ds3_parquet):
+    """A CaloClouds teacher with α free (placed per ring, overflow moved by energy) and two Heun steps on ds3.
+
+    σ_max 2: the untrained denoiser's features stay O(1); from σ_max 80 they come out O(100), where the sigmoid of
+    the uniform dequantisation saturates and float32 rounding decides whether a point lies on a ring's outer edge."""
+    return _train("caloclouds", ds3_parquet, tmp_path_factory.mktemp("runs") / "cc-free",
+                  {**CC, "alpha": "free", "steps": 2, "sigma_max": 2.0}, 4)
+
+
+@pytest.fixture(scope="session")
 def student_onnx(tmp_path_factory, student_run):
     """``calopc export`` of the student for Par04: (path, printed output)."""
     import contextlib
