@@ -7,6 +7,7 @@ model, point model, placement in cells, readout threshold) as one ONNX graph:
   that runs a graph as Par04 does (numpy and onnxruntime only);
 * :mod:`.noise`: counter-based random numbers, identical in torch and in the graph;
 * :mod:`.sampler`: the traceable sampler that reuses the run's modules and weights;
+* :mod:`.flows`: flow inversions that export small (a fully autoregressive transform in one loop);
 * :mod:`.graph`: the two targets (``par04``, ``points``) and the export itself.
 
 Importing this package imports neither torch nor onnx.
