@@ -388,8 +388,6 @@ def evaluate(
             t = time.perf_counter()
             res["displays"] = _displays(out, g_s, r_s, geo, threshold=thr, collisions=collisions)
             timings["displays"] = time.perf_counter() - t
-        elif (out / DISPLAY_PAGE).is_file():  # a page of an earlier run, which this report would not link
-            (out / DISPLAY_PAGE).unlink()
         timings["total"] = time.perf_counter() - t0
         res["timings_s"] = timings
         res["plots"] = plots
@@ -414,15 +412,15 @@ def evaluate(
         return res
 
 
-#: the page of shower displays beside report.html (metric "displays"), and how many showers of each sample it shows
-DISPLAY_PAGE = "displays.html"
+#: how many showers of each sample the page of shower displays (metric "displays") shows
 DISPLAY_SHOWERS = 3
 
 
 def _displays(out: Path, g_s: Sample, r_s: Sample, geo: Geometry, *, threshold: float, collisions: str) -> dict:
-    """Write :data:`DISPLAY_PAGE`: the first :data:`DISPLAY_SHOWERS` showers of the reference and of the generated
+    """Write :data:`calopc.eval.report.DISPLAY_PAGE`: the first :data:`DISPLAY_SHOWERS` showers of the reference and of the generated
     sample, side by side; returns what :func:`calopc.display.write_display` reports, the page relative to ``out``."""
     from ..display import write_display
+    from .report import DISPLAY_PAGE
 
     n = min(DISPLAY_SHOWERS, len(g_s), len(r_s))
     info = write_display(out / DISPLAY_PAGE, [r_s.path, g_s.path], indices=list(range(max(1, n))),

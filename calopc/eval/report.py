@@ -122,15 +122,17 @@ def provenance(inputs: dict[str, str | os.PathLike], *, command: str | None = No
 #: file names of the figures ``calopc evaluate`` draws (``<stem>.<png|pdf|svg>``)
 _PLOT_FILE = re.compile(r"^(?:E_ratio|E_ratio_per_energy|voxel_spectrum|n_hits|longitudinal_profile|radial_profile|"
                         r"response|hits|average_shower_(?:energy_bins|reference|generated|ratio)|"
-                        r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$|^displays\.html$")
+                        r"[A-Za-z_]+_layers_-?\d+--?\d+)\.(?:png|pdf|svg)$")
+#: the page of 3-D shower displays ``calopc evaluate --metrics ...,displays`` writes beside ``report.html``
+DISPLAY_PAGE = "displays.html"
 
 
 def stale_plots(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
     """Names of figures of an earlier report in ``folder`` that are not in ``keep``.
 
     A file counts if the folder's ``metrics.json`` lists it (its plots, or its page of 3-D displays)
-    or its name is one calopc gives a figure (a run killed before writing ``metrics.json`` leaves such
-    files). Other files are not figures.
+    or its name is one calopc gives a figure or the display page (a run killed before writing
+    ``metrics.json`` leaves such files). Other files are not figures.
     """
     folder = Path(folder)
     keep = {Path(f).name for f in keep}
@@ -146,7 +148,7 @@ def stale_plots(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
         pass
     out = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if p.name in keep or not (p.name in listed or _PLOT_FILE.match(p.name)):
+        if p.name in keep or not (p.name in listed or p.name == DISPLAY_PAGE or _PLOT_FILE.match(p.name)):
             continue
         if p.is_file() or p.is_symlink():
             out.append(p.name)
@@ -307,7 +309,7 @@ def _section_displays(res: dict) -> list[str]:
     if not d:
         return []
     shown = ", ".join(str(i) for i in d.get("indices", []))
-    return [f"<h2>Shower displays</h2><p><a href='{_e(d.get('path', 'displays.html'))}'>3-D displays</a> of showers "
+    return [f"<h2>Shower displays</h2><p><a href='{_e(d.get('path', DISPLAY_PAGE))}'>3-D displays</a> of showers "
             f"{_e(shown)} of the reference and the generated sample, side by side (an interactive page, "
             f"{d.get('bytes', 0) / 1e6:.1f} MB, that opens offline: drag to turn both views, the slider picks the "
             "shower; colour: log<sub>10</sub>(E / MeV)).</p>"]
