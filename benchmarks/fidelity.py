@@ -103,6 +103,11 @@ ENTRIES: dict[str, str] = {
     "caloclouds-published/energy-move": "caloclouds:from=caloclouds-published,gen.collisions=alpha-free,"
                                         "gen.model_kwargs={\"overflow\":\"move\"}",
     "caloclouds-cm/likelihood": "caloclouds:from=caloclouds-cm,gen.collisions=likelihood",
+    # the distilled student's α discarded and drawn per ring, a full ring's least energetic points moved outwards
+    "caloclouds-cm/energy-move": "caloclouds:from=caloclouds-cm,gen.collisions=alpha-free,"
+                                 "gen.model_kwargs={\"overflow\":\"move\"}",
+    # CaloClouds trained without α (drawn per ring at placement, energy-aware overflow), distilled to one step
+    "caloclouds-free-cm": "caloclouds:alpha=free,post_train=distill",
     "cpf-II@ds3": "calopointflow",
     "cpf-II-thin@ds3": _THIN,
     "caloclouds-cm@ds3": "caloclouds:post_train=distill",     # trains its own teacher, then distils
