@@ -231,6 +231,48 @@ def test_packed_chunked_attention_is_the_padded_attention():
         assert torch.allclose(gg, gw, atol=1e-5), p.shape
 
 
+def test_packed_attention_folds_a_linear_layer_before_keys_and_values():
+    """``forward_packed(..., pre=layer)`` on the layer's input is the attention to the layer's output: values and
+    gradients of the entries and of every weight (the folded layer's included)."""
+    from calopc.models.deeptree.critics import _Attention, chunk_layout
+
+    torch.manual_seed(1)
+    att = _Attention(8, 2, sn=False)
+    pre = torch.nn.Linear(8, 8)
+    n = torch.tensor([3, 7, 1])
+    chunks = chunk_layout(n, int(n.sum()), size=4)
+    x = torch.randn(int(n.sum()), 8, requires_grad=True)
+    seeds = torch.randn(5, 8)
+    weight = torch.randn(len(n), 5, 8)
+    want = att.forward_packed(seeds, pre(x), chunks, len(n))
+    got = att.forward_packed(seeds, x, chunks, len(n), pre)
+    assert torch.allclose(got, want, atol=1e-5)
+    params = [x, *att.parameters(), *pre.parameters()]
+    g_want = torch.autograd.grad((want * weight).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * weight).sum(), params, allow_unused=True)
+    for p, gw, gg in zip(params, g_want, g_got):
+        if p is att.k.bias:
+            continue
+        assert gg is not None and torch.allclose(gg, gw, atol=1e-5), p.shape
+
+
+def test_pool_critic_folds_the_point_output_layer(toy):
+    """The pool critic with the points' output layer folded into the first level's keys and values scores as the
+    critic that embeds the points first (the point-level sub-critic, which needs them, turns the fold off)."""
+    from calopc.models.deeptree.critics import chunk_layout
+
+    _, prep, batch = toy
+    m = _model(prep).eval()
+    crit = m.critic
+    cond = m.condition(batch.cond, batch.n, batch.shower)
+    scores, feats = crit(batch.x, batch.layer, batch.mask, cond, batch.shower)
+    h, _, _ = crit.inp.embed(batch.x, batch.layer, batch.mask, cond, batch.shower)       # with the output layer
+    first = crit.pool[0].forward_packed(crit.seeds[0], h, chunk_layout(batch.mask.sum(1), h.shape[0]), len(batch.n))
+    s0, f0 = crit.sub[0](first, cond)
+    assert torch.allclose(scores[:, 0], s0, atol=1e-5)
+    assert torch.allclose(feats[:, :f0.shape[1]], f0, atol=1e-5)
+
+
 def test_critic_point_embedding_is_the_first_layer_on_the_concatenated_inputs(toy):
     """The per-point critic input (summed per (shower, layer) and gathered) is the first linear layer applied to
     the point features, r·(cos α, sin α), layer embedding and position, the layer's shower features and the

@@ -46,8 +46,12 @@ class _Attention(nn.Module):
         return out + self.ff(out)
 
     def forward_packed(self, q: torch.Tensor, kv: torch.Tensor, chunks: tuple[torch.Tensor, ...], b: int,
-                       ) -> torch.Tensor:
+                       pre: nn.Module | None = None) -> torch.Tensor:
         """:meth:`forward` with queries shared by the batch and the key/value set given packed: the same function.
+
+        ``pre``: a linear layer the key/value set still has to pass (``kv`` is its input): it is folded
+        into the key and value projections, ``k(pre(x)) = x (W_k W_pre)ᵀ + (W_k b_pre + b_k)``, so the
+        ``P`` entries take one ``H → 2H`` product instead of three ``H → H`` ones (the same function).
 
         :meth:`forward` projects and attends to all ``B · N`` slots of the padded layout: 2.7×
         the real points on dataset 2, whose batches' largest shower has 2.7× the mean number of
@@ -57,7 +61,8 @@ class _Attention(nn.Module):
         entries of a shower: the shower's largest logit (over its chunks) is subtracted as a
         constant (exact in value and gradient), then one batched product per chunk gives the
         exponential-weighted values and, through a column of ones, the sum of the weights;
-        both are summed over the chunks of each shower.
+        both are summed over the chunks of each shower. Keys, values and the ones come out of one
+        product with the entries (:meth:`_packed_weights`).
 
         Shapes:
             q: ``(M, H)``; kv: ``(P, H)``; chunks: :func:`chunk_layout`; returns ``(B, M, H)``.
@@ -67,9 +72,10 @@ class _Attention(nn.Module):
         m, h = q.shape
         heads, d = self.heads, h // self.heads
         qh = self.q(q).view(m, heads, d).transpose(0, 1).expand(k_max, -1, -1, -1).reshape(k_max * heads, m, d)
-        kc = self.k(kv).index_select(0, src).view(k_max, size, heads, d).permute(0, 2, 3, 1).reshape(-1, d, size)
-        vc = self.v(kv).index_select(0, src).view(k_max, size, heads, d).transpose(1, 2)
-        vc = torch.cat([vc, vc.new_ones(k_max, heads, size, 1)], -1).reshape(-1, size, d + 1)
+        kvp = F.linear(kv, *self._packed_weights(pre)).index_select(0, src)     # (K · size, H + heads (d + 1))
+        kc, vc = kvp.split([h, heads * (d + 1)], -1)
+        kc = kc.reshape(k_max, size, heads, d).permute(0, 2, 3, 1).reshape(-1, d, size)
+        vc = vc.reshape(k_max, size, heads, d + 1).transpose(1, 2).reshape(-1, size, d + 1)
         pad = torch.zeros(valid.shape, dtype=kv.dtype, device=kv.device).masked_fill_(~valid, -torch.inf)
         logits = torch.baddbmm(pad.repeat_interleave(heads, 0)[:, None, :], qh, kc, alpha=1 / math.sqrt(d))
         top = logits.detach().amax(-1).view(k_max, heads, m)
@@ -82,6 +88,18 @@ class _Attention(nn.Module):
         out = acc[..., :d] / acc[..., d:].clamp_min(torch.finfo(acc.dtype).tiny)       # (B, heads, M, d)
         out = q[None].expand(b, -1, -1) + self.o(out.transpose(1, 2).reshape(b, m, h))
         return out + self.ff(out)
+
+
+    def _packed_weights(self, pre: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of one linear map giving, per entry, the keys ``(H)`` then each head's values followed
+        by a constant 1 ``(heads · (d + 1))``, after the linear layer ``pre`` if given (folded in)."""
+        wk, bk, wv, bv = self.k.weight, self.k.bias, self.v.weight, self.v.bias
+        heads, d = self.heads, wv.shape[0] // self.heads
+        w = torch.cat([wk, torch.cat([wv.view(heads, d, -1), wv.new_zeros(heads, 1, wv.shape[1])], 1).flatten(0, 1)])
+        bias = torch.cat([bk, torch.cat([bv.view(heads, d), bv.new_ones(heads, 1)], 1).flatten()])
+        if pre is None:
+            return w, bias
+        return w @ pre.weight, torch.addmv(bias, w, pre.bias)
 
 
 #: slots per chunk of :meth:`_Attention.forward_packed` (a shower of n points takes ceil(n / CHUNK) chunks); 64 was
@@ -148,9 +166,12 @@ class _PointInput(nn.Module):
         return h.new_zeros(b * n, h.shape[-1]).index_copy(0, idx, h).view(b, n, -1)
 
     def embed(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
-              shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None,
+              shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None, *, last: bool = True,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The embedded real points, packed: ``(h (P, H), shower (P,), position in the (B, N) layout (P,))``.
+
+        ``last=False``: ``h`` before the output layer ``self.out`` (for a caller that folds that
+        linear layer into its own, see :meth:`_Attention.forward_packed`).
 
         Everything the first linear layer sees besides the point's own five features (layer
         embedding and position, the layer's two shower features, the condition projection and
@@ -176,7 +197,8 @@ class _PointInput(nn.Module):
         per_shower = self.cond(cond) + self.point.bias                                            # (B, H)
         table = shower.view(b, 2, n_l).transpose(1, 2) @ w[:, 6 + e:].T + per_layer + per_shower[:, None]
         h = torch.addmm(table.reshape(b * n_l, -1)[shower_of * n_l + lay], feats, w[:, :5].T)
-        return self.out(F.leaky_relu(h, 0.2)), shower_of, idx
+        h = F.leaky_relu(h, 0.2)
+        return (self.out(h) if last else h), shower_of, idx
 
 
 class _SumCritic(nn.Module):
@@ -221,7 +243,10 @@ class PoolCritic(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
                 shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h, _, idx = self.inp.embed(x, layer, mask, cond, shower, packed)
+        # the points' output layer is folded into the first level's keys and values unless a point-level
+        # sub-critic needs the embedded points themselves
+        fold = self.point_sub is None
+        h, _, idx = self.inp.embed(x, layer, mask, cond, shower, packed, last=not fold)
         b, n = mask.shape
         chunks = chunk_layout(mask.sum(1), h.shape[0])
         scores, feats = [], []
@@ -230,7 +255,7 @@ class PoolCritic(nn.Module):
             scores.append(s)
             feats.append(f)
         for i, (seeds, pool, sub) in enumerate(zip(self.seeds, self.pool, self.sub)):
-            h = pool.forward_packed(seeds, h, chunks, b) if i == 0 else pool(seeds, h)
+            h = pool.forward_packed(seeds, h, chunks, b, self.inp.out if fold else None) if i == 0 else pool(seeds, h)
             s, f = sub(h, cond)
             scores.append(s)
             feats.append(f)
