@@ -46,12 +46,14 @@ class _Attention(nn.Module):
         return out + self.ff(out)
 
     def forward_packed(self, q: torch.Tensor, kv: torch.Tensor, chunks: tuple[torch.Tensor, ...], b: int,
-                       pre: nn.Module | None = None) -> torch.Tensor:
+                       pre: nn.Module | None = None, *, slots: bool = False) -> torch.Tensor:
         """:meth:`forward` with queries shared by the batch and the key/value set given packed: the same function.
 
         ``pre``: a linear layer the key/value set still has to pass (``kv`` is its input): it is folded
         into the key and value projections, ``k(pre(x)) = x (W_k W_pre)ᵀ + (W_k b_pre + b_k)``, so the
         ``P`` entries take one ``H → 2H`` product instead of three ``H → H`` ones (the same function).
+        ``slots``: ``kv`` is already laid out in the chunks' slots (``(K · size, H)``, row ``i`` the entry
+        ``src[i]``), as :meth:`_PointInput.embed` gives it with ``order=src``: no gather here.
 
         :meth:`forward` projects and attends to all ``B · N`` slots of the padded layout: 2.7×
         the real points on dataset 2, whose batches' largest shower has 2.7× the mean number of
@@ -72,7 +74,9 @@ class _Attention(nn.Module):
         m, h = q.shape
         heads, d = self.heads, h // self.heads
         qh = self.q(q).view(m, heads, d).transpose(0, 1).expand(k_max, -1, -1, -1).reshape(k_max * heads, m, d)
-        kvp = F.linear(kv, *self._packed_weights(pre)).index_select(0, src)     # (K · size, H + heads (d + 1))
+        kvp = F.linear(kv, *self._packed_weights(pre))               # keys, then per head values and a one
+        if not slots:
+            kvp = kvp.index_select(0, src)                          # (K · size, H + heads (d + 1))
         kc, vc = kvp.split([h, heads * (d + 1)], -1)
         kc = kc.reshape(k_max, size, heads, d).permute(0, 2, 3, 1).reshape(-1, d, size)
         vc = vc.reshape(k_max, size, heads, d + 1).transpose(1, 2).reshape(-1, size, d + 1)
@@ -167,11 +171,13 @@ class _PointInput(nn.Module):
 
     def embed(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
               shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None, *, last: bool = True,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The embedded real points, packed: ``(h (P, H), shower (P,), position in the (B, N) layout (P,))``.
 
         ``last=False``: ``h`` before the output layer ``self.out`` (for a caller that folds that
-        linear layer into its own, see :meth:`_Attention.forward_packed`).
+        linear layer into its own, see :meth:`_Attention.forward_packed`). ``order``: the real points
+        taken in this order (indices into the packed points, repeats allowed), e.g. the slots of
+        :func:`chunk_layout`: the rows come out laid out as the caller needs them.
 
         Everything the first linear layer sees besides the point's own five features (layer
         embedding and position, the layer's two shower features, the condition projection and
@@ -187,6 +193,8 @@ class _PointInput(nn.Module):
             idx = mask.reshape(-1).nonzero().squeeze(1)
         else:
             xm, lay, shower_of, idx = packed
+        if order is not None:
+            xm, lay, shower_of, idx = (t.index_select(0, order) for t in (xm, lay, shower_of, idx))
         u = torch.sigmoid(xm[:, :2] * self.std + self.mean)                              # α, r in (0, 1)
         ang = (2 * u[:, 0] - 1) * math.pi
         feats = torch.cat([xm, u[:, 1:] * torch.cos(ang)[:, None], u[:, 1:] * torch.sin(ang)[:, None]], -1)
@@ -245,17 +253,20 @@ class PoolCritic(nn.Module):
                 shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # the points' output layer is folded into the first level's keys and values unless a point-level
         # sub-critic needs the embedded points themselves
+        # and the points are embedded straight into the first level's chunk layout (no gather of their keys and values)
         fold = self.point_sub is None
-        h, _, idx = self.inp.embed(x, layer, mask, cond, shower, packed, last=not fold)
         b, n = mask.shape
-        chunks = chunk_layout(mask.sum(1), h.shape[0])
+        chunks = chunk_layout(mask.sum(1), packed[0].shape[0] if packed is not None else int(mask.sum()))
+        h, _, idx = self.inp.embed(x, layer, mask, cond, shower, packed, last=not fold,
+                                   order=chunks[2] if fold else None)
         scores, feats = [], []
         if self.point_sub is not None:
             s, f = self.point_sub(h.new_zeros(b * n, h.shape[-1]).index_copy(0, idx, h).view(b, n, -1), cond, mask)
             scores.append(s)
             feats.append(f)
         for i, (seeds, pool, sub) in enumerate(zip(self.seeds, self.pool, self.sub)):
-            h = pool.forward_packed(seeds, h, chunks, b, self.inp.out if fold else None) if i == 0 else pool(seeds, h)
+            h = pool.forward_packed(seeds, h, chunks, b, self.inp.out if fold else None, slots=fold) if i == 0 \
+                else pool(seeds, h)
             s, f = sub(h, cond)
             scores.append(s)
             feats.append(f)
