@@ -102,9 +102,19 @@ def test_tiny_training_lowers_the_loss(data, denoiser):
     assert set(terms) == {"loss", "shower", "points"} and torch.isfinite(terms["loss"])
 
 
+def test_default_preset_draws_alpha_at_placement(data):
+    """The ``calopc`` preset (the default) leaves α to the placement; the published one and run directories saved
+    without the key model it."""
+    assert CaloCloudsConfig.from_dict({}).alpha == CaloCloudsConfig().alpha == "free"
+    assert CaloCloudsConfig.from_dict({"preset": "published"}).alpha == "model"
+    saved = asdict(CaloCloudsConfig.from_dict({}).with_data(data[1]))
+    del saved["alpha"]
+    assert CaloCloudsConfig.from_dict(saved).alpha == "model"
+
+
 def test_generation_follows_the_shower_model(data):
     _, prep, _ = data
-    model = make(prep).eval()
+    model = make(prep, alpha="model").eval()
     e = np.array([2e3, 5e4, 1e4, 9e4])
     torch.manual_seed(1)
     _, n_layer, e_layer = model.shower.sample_layers(e, prep)
