@@ -417,8 +417,9 @@ DISPLAY_SHOWERS = 3
 
 
 def _displays(out: Path, g_s: Sample, r_s: Sample, geo: Geometry, *, threshold: float, collisions: str) -> dict:
-    """Write :data:`calopc.eval.report.DISPLAY_PAGE`: the first :data:`DISPLAY_SHOWERS` showers of the reference and of the generated
-    sample, side by side; returns what :func:`calopc.display.write_display` reports, the page relative to ``out``."""
+    """Write :data:`calopc.eval.report.DISPLAY_PAGE`: the first :data:`DISPLAY_SHOWERS` showers of the reference
+    and of the generated sample, side by side; returns what :func:`calopc.display.write_display` reports, the page
+    relative to ``out``."""
     from ..display import write_display
     from .report import DISPLAY_PAGE
 

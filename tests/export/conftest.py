@@ -9,9 +9,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-#: tiny networks; CaloClouds with α modelled (nearest-free placement) and the default autoregressive shower flow (90
-#: features: one loop per transform in the graph), CaloPointFlow with a coupling shower flow (2 passes, zuko's inversion) and its autoregressive latent flow
-CC = {"alpha": "model", "widths": [32, 32], "fourier": 16, "layer_embedding": 4, "shower_transforms": 2, "shower_hidden": [32]}
+#: tiny networks; CaloClouds with α modelled (nearest-free placement) and the default autoregressive shower flow
+#: (90 features: one loop per transform in the graph), CaloPointFlow with a coupling shower flow (2 passes, zuko's
+#: inversion) and its autoregressive latent flow
+CC = {"alpha": "model", "widths": [32, 32], "fourier": 16, "layer_embedding": 4, "shower_transforms": 2,
+      "shower_hidden": [32]}
 CPF = {"latent": 4, "encoder_hidden": 16, "point_transforms": 2, "point_hidden": [16, 16], "point_bins": 4,
        "set_hidden": 16, "set_features": 8, "latent_transforms": 1, "latent_hidden": [16], "shower_transforms": 1,
        "shower_hidden": [16], "shower_passes": 2}

@@ -93,7 +93,6 @@ class _Attention(nn.Module):
         out = q[None].expand(b, -1, -1) + self.o(out.transpose(1, 2).reshape(b, m, h))
         return out + self.ff(out)
 
-
     def _packed_weights(self, pre: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias of one linear map giving, per entry, the keys ``(H)`` then each head's values followed
         by a constant 1 ``(heads · (d + 1))``, after the linear layer ``pre`` if given (folded in)."""
@@ -251,9 +250,8 @@ class PoolCritic(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor,
                 shower: torch.Tensor, packed: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # the points' output layer is folded into the first level's keys and values unless a point-level
-        # sub-critic needs the embedded points themselves
-        # and the points are embedded straight into the first level's chunk layout (no gather of their keys and values)
+        # unless a point-level sub-critic needs the embedded points themselves, the points are embedded straight
+        # into the first level's chunk layout and their output layer is folded into its keys and values
         fold = self.point_sub is None
         b, n = mask.shape
         chunks = chunk_layout(mask.sum(1), packed[0].shape[0] if packed is not None else int(mask.sum()))
