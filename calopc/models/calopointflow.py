@@ -54,6 +54,7 @@ import zuko
 from torch import Tensor, nn
 
 from ..geometry import Geometry
+from ..sparse.functional import segment_max
 from .cells import DEFAULT_OVERSAMPLE, GeneratedShowers, cell_tables, locate
 from .data import Batch
 from .preprocess import Preprocessor
@@ -71,7 +72,8 @@ def _scale_groups(w: np.ndarray, group: np.ndarray, target: np.ndarray) -> np.nd
 
 
 #: what a saved config without the CaloPointFlow II switches meant (run directories written before them)
-_BEFORE_SWITCHES = {"alpha": "model", "set_summary": False, "dequantisation": "uniform", "overflow": "merge"}
+_BEFORE_SWITCHES = {"alpha": "model", "set_summary": False, "dequantisation": "uniform", "overflow": "merge",
+                    "thin_encoder": False}
 
 
 def _as_bool(v: object, key: str) -> bool:
@@ -245,6 +247,7 @@ class CaloPointFlowConfig:
     shower_passes: int | None = None              # shower flow: None autoregressive, 2 coupling (faster sampling)
     kl_weight: float = 1.0                        # weight of the latent (prior − entropy) term
     points_per_shower_loss: int = 0               # random points per shower in the point likelihood (0: all)
+    thin_encoder: bool = True                     # with points_per_shower_loss: the encoder reads those points only
     alpha: str = "free"                           # II: "free" (α drawn per ring at placement) or "model"
     set_summary: bool = True                      # DeepSetFlow: couplings see a summary of the shower's points
     set_hidden: int = 64                          # width of the per-point set-summary network
@@ -275,8 +278,9 @@ class CaloPointFlowConfig:
             # a saved config (or variant I): a missing switch means what the model did before the switch existed
             for k, v in _BEFORE_SWITCHES.items():
                 d.setdefault(k, v)
-        if "set_summary" in d:
-            d["set_summary"] = _as_bool(d["set_summary"], "set_summary")
+        for key in ("set_summary", "thin_encoder"):
+            if key in d:
+                d[key] = _as_bool(d[key], key)
         if d.get("alpha", "free") not in ("free", "model"):
             msg = f"CaloPointFlow config 'alpha' must be 'free' or 'model', got {d['alpha']!r}"
             raise ValueError(msg)
@@ -480,7 +484,7 @@ class DeepSetsEncoder(nn.Module):
         h = self.phi(torch.cat([pts, context[idx]], dim=-1))                        # only real points, no padding
         n = mask.sum(1).clamp(min=1).to(h.dtype)[:, None]
         mean = h.new_zeros(b, h.shape[1]).index_add_(0, idx, h) / n
-        mx = h.new_zeros(b, h.shape[1]).scatter_reduce_(0, idx[:, None].expand_as(h), h, "amax", include_self=False)
+        mx = segment_max(h, idx, b)
         mu, log_var = self.rho(torch.cat([mean, mx, context], dim=-1)).chunk(2, dim=-1)
         return mu, log_var.clamp(-12, 6)
 
@@ -576,8 +580,17 @@ class CaloPointFlow(nn.Module):
         shower_nll = self.shower_flow.loss(cond, s)                                        # per feature
         x_all = batch.x[..., self.point_dims]
         k = cfg.points_per_shower_loss
+        thin = bool(k) and batch.mask.shape[1] > k
         packed = batch.points is not None and batch.point_shower is not None and batch.point_layer is not None
-        if packed:  # the collate's packed layout: no boolean indexing (no host sync on CUDA)
+        keep = weight = None
+        if thin and cfg.thin_encoder:  # the loss's points, drawn first: the encoder reads them only
+            keep, weight = self._thin(batch.mask, k, batch.x.dtype)
+            b, n_max = keep.shape
+            shower_of = torch.arange(b, device=keep.device)[:, None].expand(b, n_max)[keep]
+            lay, xs = batch.layer[keep], x_all[keep]
+            enc_p = torch.cat([xs, self._layer_pos(lay, xs.dtype)], -1) if self.layered else xs
+            mu, log_var = self.encoder(batch.x, keep, ctx, packed=(enc_p, shower_of))
+        elif packed:  # the collate's packed layout: no boolean indexing (no host sync on CUDA)
             xp = batch.points[:, self.point_dims]
             enc_p = torch.cat([xp, self._layer_pos(batch.point_layer, xp.dtype)], -1) if self.layered else xp
             mu, log_var = self.encoder(batch.x, batch.mask, ctx, packed=(enc_p, batch.point_shower))
@@ -587,21 +600,14 @@ class CaloPointFlow(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         prior = -self.latent_flow(ctx).log_prob(z)                                         # (B,)
         entropy = 0.5 * (log_var + 1 + math.log(2 * math.pi)).sum(-1)                        # (B,)
-        mask = batch.mask
-        weight = None
-        if packed and not (k and mask.shape[1] > k):
-            b = mask.shape[0]
+        if keep is None and packed and not thin:
+            b = batch.mask.shape[0]
             shower_of, lay, xs = batch.point_shower, batch.point_layer, xp
-        elif k and mask.shape[1] > k:
-            # a random subset of k points per shower; weight n/k keeps the estimate unbiased
-            score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
-            keep = torch.zeros_like(mask)
-            keep.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
-            keep &= mask
-            n = mask.sum(1)
-            weight = (n / keep.sum(1).clamp(min=1)).to(mu.dtype)[:, None].expand_as(mask)[keep]
-            mask = keep
-        if weight is not None or not packed:
+        elif keep is None:  # (with the thinned encoder, shower_of, lay and xs are the points it read)
+            mask = batch.mask
+            if thin:
+                keep, weight = self._thin(mask, k, mu.dtype)
+                mask = keep
             b, n_max = mask.shape
             shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
             lay, xs = batch.layer[mask], x_all[mask]
@@ -619,6 +625,17 @@ class CaloPointFlow(nn.Module):
             points = (per / cnt.clamp(min=1e-12)).mean() / self.flow_features
             kl = (prior - entropy).mean() / cfg.latent
         return {"loss": shower_nll + points + cfg.kl_weight * kl, "shower": shower_nll, "points": points, "kl": kl}
+
+    @staticmethod
+    def _thin(mask: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A random subset of ``k`` real points per shower and the weight ``n / k`` of each kept point (which keeps
+        the point likelihood unbiased). Shapes: mask ``(B, N)``; returns ``(B, N)`` bool and ``(P_kept,)``."""
+        score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
+        keep = torch.zeros_like(mask)
+        keep.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+        keep &= mask
+        n = mask.sum(1)
+        return keep, (n / keep.sum(1).clamp(min=1)).to(dtype)[:, None].expand_as(mask)[keep]
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss of a batch (lower is better)."""
