@@ -72,8 +72,7 @@ def _scale_groups(w: np.ndarray, group: np.ndarray, target: np.ndarray) -> np.nd
 
 
 #: what a saved config without the CaloPointFlow II switches meant (run directories written before them)
-_BEFORE_SWITCHES = {"alpha": "model", "set_summary": False, "dequantisation": "uniform", "overflow": "merge",
-                    "thin_encoder": False}
+_BEFORE_SWITCHES = {"alpha": "model", "set_summary": False, "dequantisation": "uniform", "overflow": "merge"}
 
 
 def _as_bool(v: object, key: str) -> bool:
@@ -278,6 +277,8 @@ class CaloPointFlowConfig:
             # a saved config (or variant I): a missing switch means what the model did before the switch existed
             for k, v in _BEFORE_SWITCHES.items():
                 d.setdefault(k, v)
+        if "n_layers" in d or "point_features" in d:  # a saved run without the key: its encoder read every point
+            d.setdefault("thin_encoder", False)
         for key in ("set_summary", "thin_encoder"):
             if key in d:
                 d[key] = _as_bool(d[key], key)

@@ -85,12 +85,31 @@ def test_point_subsampling_estimates_the_same_loss(setup, batch, tiny_model):
     model = tiny_model()
     torch.manual_seed(1)
     full = model.loss_terms(batch)["points"].item()
-    model_sub = tiny_model(points_per_shower_loss=3)
+    model_sub = tiny_model(points_per_shower_loss=3, thin_encoder=False)   # the same posterior as the full loss
     vals = []
     for s in range(30):
         torch.manual_seed(s)
         vals.append(model_sub.loss_terms(batch)["points"].item())
     assert abs(sum(vals) / len(vals) - full) < 0.25 * abs(full) + 0.5
+
+
+def test_thinned_encoder_reads_the_points_of_the_loss_only(setup, batch, tiny_model):
+    if CaloPointFlowConfig.from_dict(setup[0].switches).set_summary:
+        return                                        # no thinned loss with the set summary (refused above)
+    k = 3
+    n = batch.mask.sum(1)
+    for thin, expected in ((True, int(n.clamp(max=k).sum())), (False, int(n.sum()))):
+        model = tiny_model(points_per_shower_loss=k, thin_encoder=thin)
+        seen, scored = [], []
+        model.encoder.phi[0].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+        log_prob = model._point_log_prob
+        model._point_log_prob = lambda x, ctx, sets: (scored.append(x.detach()), log_prob(x, ctx, sets))[1]
+        torch.manual_seed(5)
+        model.loss(batch).backward()
+        assert seen[0].shape[0] == expected
+        assert scored[0].shape[0] == int(n.clamp(max=k).sum())
+        if thin:  # the same points, in the same order: the encoder's input starts with the flow's features
+            torch.testing.assert_close(seen[0][:, :model.flow_features], scored[0], rtol=0, atol=0)
 
 
 def test_one_training_step_lowers_the_loss(batch, tiny_model):
@@ -224,8 +243,14 @@ def test_switches_and_old_configs():
     assert (old.alpha, old.set_summary, old.dequantisation, old.overflow) == ("model", False, "uniform", "merge")
     assert old.preprocessing() == {"variant": "II"}
     assert CaloPointFlowConfig.from_dict({"set_summary": "false"}).set_summary is False
+    # the thinned encoder: on for new configs (variant I too), off for a saved run that predates it
+    assert CaloPointFlowConfig.from_dict({}).thin_encoder is True
+    assert CaloPointFlowConfig.from_dict({"variant": "I"}).thin_encoder is True
+    assert old.thin_encoder is False
+    assert CaloPointFlowConfig.from_dict({"thin_encoder": "false"}).thin_encoder is False
     assert CaloPointFlowConfig.from_dict({"variant": "I"}).alpha == "model"
     for bad, match in (({"alpha": "x"}, "'alpha' must be"), ({"set_summary": "maybe"}, "true or false"),
+                       ({"thin_encoder": 2}, "'thin_encoder' must be true or false"),
                        ({"dequantisation": "x"}, "'dequantisation' must be"), ({"overflow": "x"}, "'overflow' must be"),
                        ({"preset": "x"}, "preset must be one of"), ({"loss_weighting": "x"}, "'loss_weighting' must be")):
         with pytest.raises(ValueError, match=match):

@@ -221,3 +221,24 @@ def test_odd_alpha_grid(sparse_factory, backend, kernel, stride, padding):
     xp = x.replace(x.feats.abs())
     dp = Fs.dense_pool3d(xp.to_dense(), "max", kernel=pool.kernel, stride=pool.stride, padding=pool.padding)
     torch.testing.assert_close(pool(xp).feats, _dense_at(dp, pool(xp).coords))
+
+
+def test_segment_max_equals_scatter_reduce_with_ties_and_empty_segments():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    index = torch.randint(0, 7, (40,), generator=g)
+    index[index == 4] = 5                                 # segment 4 empty: 0, no gradient anywhere
+    feats[[1, 2]] = 9.0                                   # a tie for the maximum (split evenly by the reference)
+    index[[1, 2]] = 3
+    grad = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    ours, ref = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    out = Fs.segment_max(ours, index, 7)
+    want = ref.new_zeros(7, 5).scatter_reduce(0, index[:, None].expand(-1, 5), ref, "amax", include_self=False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(out[4], torch.zeros(5, dtype=out.dtype))
+    out.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ours.grad[1], grad[3] / 2, rtol=0, atol=0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: Fs.segment_max(x, index[:12], 7), (x,))
