@@ -586,9 +586,7 @@ class CaloPointFlow(nn.Module):
         keep = weight = None
         if thin and cfg.thin_encoder:  # the loss's points, drawn first: the encoder reads them only
             keep, weight = self._thin(batch.mask, k, batch.x.dtype)
-            b, n_max = keep.shape
-            shower_of = torch.arange(b, device=keep.device)[:, None].expand(b, n_max)[keep]
-            lay, xs = batch.layer[keep], x_all[keep]
+            b, shower_of, lay, xs = self._flat_points(keep, batch.layer, x_all)
             enc_p = torch.cat([xs, self._layer_pos(lay, xs.dtype)], -1) if self.layered else xs
             mu, log_var = self.encoder(batch.x, keep, ctx, packed=(enc_p, shower_of))
         elif packed:  # the collate's packed layout: no boolean indexing (no host sync on CUDA)
@@ -601,7 +599,7 @@ class CaloPointFlow(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         prior = -self.latent_flow(ctx).log_prob(z)                                         # (B,)
         entropy = 0.5 * (log_var + 1 + math.log(2 * math.pi)).sum(-1)                        # (B,)
-        if keep is None and packed and not thin:
+        if packed and not thin:
             b = batch.mask.shape[0]
             shower_of, lay, xs = batch.point_shower, batch.point_layer, xp
         elif keep is None:  # (with the thinned encoder, shower_of, lay and xs are the points it read)
@@ -609,9 +607,7 @@ class CaloPointFlow(nn.Module):
             if thin:
                 keep, weight = self._thin(mask, k, mu.dtype)
                 mask = keep
-            b, n_max = mask.shape
-            shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
-            lay, xs = batch.layer[mask], x_all[mask]
+            b, shower_of, lay, xs = self._flat_points(mask, batch.layer, x_all)
         pc = self._flat_context(z, cond, s, shower_of, lay)
         nll = -self._point_log_prob(xs, pc, self._sets(shower_of, lay, b, pc.dtype))   # (P,)
         if weight is not None:
@@ -626,6 +622,15 @@ class CaloPointFlow(nn.Module):
             points = (per / cnt.clamp(min=1e-12)).mean() / self.flow_features
             kl = (prior - entropy).mean() / cfg.latent
         return {"loss": shower_nll + points + cfg.kl_weight * kl, "shower": shower_nll, "points": points, "kl": kl}
+
+    @staticmethod
+    def _flat_points(mask: Tensor, layer: Tensor, x: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
+        """The points of a padded batch where ``mask`` is set, flat: the number of showers, and each point's
+        shower, layer and features. Shapes: mask, layer ``(B, N)``; x ``(B, N, F)``; returns ``B``, ``(P,)`` twice
+        and ``(P, F)``."""
+        b, n_max = mask.shape
+        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
+        return b, shower_of, layer[mask], x[mask]
 
     @staticmethod
     def _thin(mask: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
