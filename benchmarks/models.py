@@ -52,9 +52,9 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     # the published ds2 tree; for a budget of minutes (as the fidelity table's CPU_CONFIG): 4 critic heads instead
     # of 16, 16-4-1 critic pooling nodes instead of 30-6-1, no critic dropout (0.5 published) and learning rates 10x
     # the published 1e-5 / 3e-5 (those are for millions of steps); the shower model as CaloPointFlow's, with 2
-    # updates per (slower) GAN step
+    # updates per (slower) GAN step, the per-layer radial moments matched (moment_matching)
     "deeptree": {"critic_heads": 4, "critic_nodes": [16, 4, 1], "critic_dropout": 0.0, "lr_generator": 1e-4,
-                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2},
+                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 1.0},
 }
 
 #: training options every entry starts from; ``train.KEY=VALUE`` overrides

@@ -190,8 +190,8 @@ def test_training_step_shows_one_draw_of_showers_to_both_updates(toy, critic_ste
 
     m.critic.forward, m.generator.points = spy_critic, spy_points
     fm_targets = []
-    generator_loss = m.generator_loss
-    m.generator_loss = lambda *a: (fm_targets.append(a[3]), generator_loss(*a))[1]
+    generator_loss = m._generator_loss
+    m._generator_loss = lambda *a: (fm_targets.append(a[3]), generator_loss(*a))[1]
     m.training_step(batch, 0, backward)
     assert [k for k, *_ in seen] == ["real", "fake"] * critic_steps + ["fake"]
     assert len(draws) == critic_steps
@@ -358,6 +358,77 @@ def test_generated_files_have_one_point_per_cell(toy, tmp_path):
         assert (vox > 0).sum(1).tolist() == [len(c) for c in ev["points"]["cell"].to_list()]
 
 
+def test_layer_moments_are_the_energy_weighted_radial_centre_and_width(toy):
+    _, prep, batch = toy
+    m = _model(prep)
+    cfg = m.config
+    x, layer, shower_of = batch.points, batch.point_layer, batch.point_shower
+    b, n_l = batch.mask.shape[0], prep.geometry.n_layers
+    mom, occ = m.layer_moments(x, layer, shower_of, b)
+    assert mom.shape == (b, n_l, 2) and occ.shape == (b, n_l)
+    y = x.double().numpy() * np.asarray(cfg.point_std) + np.asarray(cfg.point_mean)
+    u, w = 1 / (1 + np.exp(-y[:, 1])), np.exp(y[:, 2])
+    for s in range(b):
+        for lay in range(n_l):
+            sel = (shower_of.numpy() == s) & (layer.numpy() == lay)
+            assert bool(occ[s, lay]) == bool(sel.any())
+            if not sel.any():
+                continue
+            c = np.average(u[sel], weights=w[sel])
+            width = math.sqrt(max(np.average((u[sel] - c) ** 2, weights=w[sel]), 1e-8))
+            assert mom[s, lay, 0].item() == pytest.approx(c, rel=1e-4, abs=1e-6)
+            assert mom[s, lay, 1].item() == pytest.approx(width, rel=1e-3, abs=1e-4)
+    # the shares need not sum to one: scaling every energy of a (shower, layer) changes nothing
+    x2 = x.clone()
+    x2[:, 2] += 0.7 / cfg.point_std[2]
+    assert torch.allclose(m.layer_moments(x2, layer, shower_of, b)[0], mom, atol=1e-5)
+
+
+def test_moment_loss_is_zero_on_the_real_showers_and_pulls_the_radii_towards_them(toy):
+    _, prep, batch = toy
+    m = _model(prep, moment_matching=1.0)
+    packed = m._real(batch)
+    assert m.moment_loss(batch, (None, None, None, packed)).item() == pytest.approx(0.0, abs=1e-5)
+    # every generated point 0.5 standard units further out (or only the widths changed): the loss sees it
+    x = packed[0].clone()
+    x[:, 1] += 0.5
+    out = x.clone().requires_grad_(True)
+    loss = m.moment_loss(batch, (None, None, None, (out, *packed[1:])))
+    assert loss.item() > 0.05
+    loss.backward()
+    # the gradient moves the points back inwards (a descent step lowers the loss)
+    assert out.grad[:, 1].sum() > 0
+    stepped = (out - 0.05 * out.grad / out.grad.abs().max()).detach()
+    assert m.moment_loss(batch, (None, None, None, (stepped, *packed[1:]))).item() < loss.item()
+    # the same from the padded layout (a batch without the packed points)
+    padded = type(batch)(x=batch.x, mask=batch.mask, shower=batch.shower, cond=batch.cond, n=batch.n,
+                         layer=batch.layer)
+    assert m.moment_loss(padded, (None, None, None, packed)).item() == pytest.approx(0.0, abs=1e-5)
+    assert m.moment_loss(padded, (None, None, None, (x, *packed[1:]))).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_training_step_with_moment_matching_adds_the_term_to_the_generator_loss(toy):
+    _, prep, batch = toy
+    losses = {}
+    for weight in (0.0, 2.0):
+        m = _model(prep, moment_matching=weight).train()
+        opts = m.configure_optimizers(None)
+
+        def backward(loss, name, opts=opts):
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+
+        torch.manual_seed(3)
+        losses[weight] = m.training_step(batch, 0, backward)
+    assert "moment_matching" not in losses[0.0]
+    mm = losses[2.0]["moment_matching"]
+    assert mm.item() > 0
+    # the same draw of showers (same seeds): the generator loss differs by exactly the weighted term
+    assert losses[2.0]["generator"].item() == pytest.approx(losses[0.0]["generator"].item() + 2.0 * mm.item(),
+                                                            rel=1e-4, abs=1e-5)
+
+
 def test_bad_configs_give_one_line_errors(toy):
     _, prep, _ = toy
     with pytest.raises(ValueError, match=r"critic must be one of pool, meanfield; got 'transformer'") as e:
@@ -373,6 +444,8 @@ def test_bad_configs_give_one_line_errors(toy):
         DeepTreeConfig.from_dict({"preset": "ds1"})
     with pytest.raises(ValueError, match="alpha must be one of model, free"):
         DeepTreeConfig.from_dict({"alpha": "random"})
+    with pytest.raises(ValueError, match=r"moment_matching must be >= 0; got 0.1, -1"):
+        DeepTreeConfig.from_dict({"moment_matching": -1})
 
 
 def test_presets_follow_the_geometry():

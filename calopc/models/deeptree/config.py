@@ -52,6 +52,8 @@ class DeepTreeConfig:
     critic_steps: int = 1                         # critic updates per generator update
     shower_steps: int = 1                         # shower-model updates per training step (on the same batch)
     feature_matching: float = 0.1                 # weight of the feature-matching term of the generator loss
+    moment_matching: float = 0.0                  # weight of the layer-moment term of the generator loss (0: off;
+                                                  # the batch's mean and spread of each layer's radial centre, width)
     lr_generator: float = 1e-5                    # Adam learning rate of the generator
     lr_critic: float = 3e-5                       # Adam learning rate of the critic
     lr_shower: float | None = None                # Adam learning rate of the shower model (None: the training lr)
@@ -111,6 +113,10 @@ class DeepTreeConfig:
             raise ValueError(msg)
         if self.critic_hidden % self.critic_heads:
             msg = f"DeepTree critic_hidden ({self.critic_hidden}) must be a multiple of critic_heads ({self.critic_heads})"
+            raise ValueError(msg)
+        if self.moment_matching < 0 or self.feature_matching < 0:
+            msg = (f"DeepTree feature_matching and moment_matching must be >= 0; got {self.feature_matching}, "
+                   f"{self.moment_matching}")
             raise ValueError(msg)
         if self.critic_steps < 1 or self.shower_steps < 1:
             msg = f"DeepTree critic_steps and shower_steps must be >= 1; got {self.critic_steps}, {self.shower_steps}"

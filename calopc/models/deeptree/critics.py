@@ -50,21 +50,23 @@ class _Attention(nn.Module):
         """:meth:`forward` with queries shared by the batch and the key/value set given packed: the same function.
 
         ``pre``: a linear layer the key/value set still has to pass (``kv`` is its input): it is folded
-        into the key and value projections, ``k(pre(x)) = x (W_k W_pre)ᵀ + (W_k b_pre + b_k)``, so the
-        ``P`` entries take one ``H → 2H`` product instead of three ``H → H`` ones (the same function).
+        into the projection, ``k(pre(x)) = x (W_k W_pre)ᵀ + (W_k b_pre + b_k)``, so the ``P`` entries
+        take one product instead of three ``H → H`` ones (the same function).
         ``slots``: ``kv`` is already laid out in the chunks' slots (``(K · size, H)``, row ``i`` the entry
         ``src[i]``), as :meth:`_PointInput.embed` gives it with ``order=src``: no gather here.
 
         :meth:`forward` projects and attends to all ``B · N`` slots of the padded layout: 2.7×
         the real points on dataset 2, whose batches' largest shower has 2.7× the mean number of
-        points. Here keys and values are projected on the ``P`` real entries only and the
-        attention runs over chunks of :data:`CHUNK` slots that each hold entries of one shower
-        (:func:`chunk_layout`: ``P`` plus fewer than ``B · CHUNK`` slots). The softmax over all
-        entries of a shower: the shower's largest logit (over its chunks) is subtracted as a
-        constant (exact in value and gradient), then one batched product per chunk gives the
-        exponential-weighted values and, through a column of ones, the sum of the weights;
-        both are summed over the chunks of each shower. Keys, values and the ones come out of one
-        product with the entries (:meth:`_packed_weights`).
+        points. Here the attention runs over chunks of :data:`CHUNK` slots that each hold entries
+        of one shower (:func:`chunk_layout`: ``P`` plus fewer than ``B · CHUNK`` slots). The
+        queries are the same for every shower, so they are folded into the key projection
+        (``q_h · k_h(x) = x · (W_k,hᵀ q_h) + b_k,h · q_h``): one product of the entries gives every
+        head's logits, laid out head by head (no keys are formed, no per-chunk logit products
+        run), and one more the values, without their bias (the weights of a softmax sum to 1, so
+        ``b_v`` is added to the result). The softmax over all entries of a shower: the shower's
+        largest logit (over its chunks) is subtracted as a constant (exact in value and
+        gradient); per head, one batched product gives each chunk's exponential-weighted values,
+        a sum its weights; both are summed over the chunks of each shower.
 
         Shapes:
             q: ``(M, H)``; kv: ``(P, H)``; chunks: :func:`chunk_layout`; returns ``(B, M, H)``.
@@ -73,36 +75,31 @@ class _Attention(nn.Module):
         k_max, size = valid.shape
         m, h = q.shape
         heads, d = self.heads, h // self.heads
-        qh = self.q(q).view(m, heads, d).transpose(0, 1).expand(k_max, -1, -1, -1).reshape(k_max * heads, m, d)
-        kvp = F.linear(kv, *self._packed_weights(pre))               # keys, then per head values and a one
+        wk, bk, wv, bv = self.k.weight, self.k.bias, self.v.weight, self.v.bias
+        if pre is not None:
+            wk, bk, wv, bv = wk @ pre.weight, torch.addmv(bk, wk, pre.bias), wv @ pre.weight, torch.addmv(bv, wv, pre.bias)
+        qh = self.q(q).view(m, heads, d).transpose(0, 1) * (1 / math.sqrt(d))          # (heads, M, d)
+        w_logit = torch.bmm(qh, wk.view(heads, d, -1)).flatten(0, 1)                    # (heads · M, H_in)
+        b_logit = torch.bmm(qh, bk.view(heads, d, 1)).flatten(0, 1)                     # (heads · M, 1)
         if not slots:
-            kvp = kvp.index_select(0, src)                          # (K · size, H + heads (d + 1))
-        kc, vc = kvp.split([h, heads * (d + 1)], -1)
-        kc = kc.reshape(k_max, size, heads, d).permute(0, 2, 3, 1).reshape(-1, d, size)
-        vc = vc.reshape(k_max, size, heads, d + 1).transpose(1, 2).reshape(-1, size, d + 1)
+            kv = kv.index_select(0, src)
         pad = torch.zeros(valid.shape, dtype=kv.dtype, device=kv.device).masked_fill_(~valid, -torch.inf)
-        logits = torch.baddbmm(pad.repeat_interleave(heads, 0)[:, None, :], qh, kc, alpha=1 / math.sqrt(d))
-        top = logits.detach().amax(-1).view(k_max, heads, m)
-        top = top.new_full((b + 1, heads, m), -torch.inf).scatter_reduce(
-            0, owner[:, None, None].expand_as(top), top, "amax", include_self=True)
+        # out of place first: an in-place update of the product's view would copy the whole product in backward
+        logits = ((w_logit @ kv.T).view(heads * m, k_max, size) + b_logit[..., None]).add_(pad)  # (heads · M, K, size)
+        top = logits.detach().amax(-1)                                                   # (heads · M, K)
+        top = top.new_full((heads * m, b + 1), -torch.inf).scatter_reduce(
+            1, owner[None].expand_as(top), top, "amax", include_self=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))    # spare chunks (owner b), empty showers
-        e = logits.sub_(top[owner].view(-1, m, 1)).exp_()       # in place: no gradient needs the logits themselves
-        part = torch.bmm(e, vc).view(k_max, heads, m, d + 1)
-        acc = part.new_zeros(b + 1, heads, m, d + 1).index_add(0, owner, part)[:b]
-        out = acc[..., :d] / acc[..., d:].clamp_min(torch.finfo(acc.dtype).tiny)       # (B, heads, M, d)
+        e = logits.sub_(top[:, owner, None]).exp_()     # in place: no gradient needs the logits themselves
+        values = (kv @ wv.T).view(k_max, size, heads, d)
+        per_head = zip(e.view(heads, m, k_max, size).unbind(0), values.unbind(2))
+        part = torch.stack([torch.bmm(eh.transpose(0, 1), vh) for eh, vh in per_head], 1)   # (K, heads, M, d)
+        acc = part.new_zeros(b + 1, heads, m, d).index_add(0, owner, part)[:b]
+        weight = e.sum(-1)                                                               # (heads · M, K)
+        total = weight.new_zeros(heads * m, b + 1).index_add(1, owner, weight)[:, :b]
+        out = acc / total.T.reshape(b, heads, m, 1).clamp_min(torch.finfo(acc.dtype).tiny) + bv.view(heads, 1, d)
         out = q[None].expand(b, -1, -1) + self.o(out.transpose(1, 2).reshape(b, m, h))
         return out + self.ff(out)
-
-    def _packed_weights(self, pre: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of one linear map giving, per entry, the keys ``(H)`` then each head's values followed
-        by a constant 1 ``(heads · (d + 1))``, after the linear layer ``pre`` if given (folded in)."""
-        wk, bk, wv, bv = self.k.weight, self.k.bias, self.v.weight, self.v.bias
-        heads, d = self.heads, wv.shape[0] // self.heads
-        w = torch.cat([wk, torch.cat([wv.view(heads, d, -1), wv.new_zeros(heads, 1, wv.shape[1])], 1).flatten(0, 1)])
-        bias = torch.cat([bk, torch.cat([bv.view(heads, d), bv.new_ones(heads, 1)], 1).flatten()])
-        if pre is None:
-            return w, bias
-        return w @ pre.weight, torch.addmv(bias, w, pre.bias)
 
 
 #: slots per chunk of :meth:`_Attention.forward_packed` (a shower of n points takes ceil(n / CHUNK) chunks); 64 was

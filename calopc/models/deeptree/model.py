@@ -146,17 +146,97 @@ class DeepTree(nn.Module):
 
     def generator_loss(self, batch: Batch, fake: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                        cond: torch.Tensor, f_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hinge generator loss + ``feature_matching`` × feature matching; returns ``(total, feature matching)``.
+        """Hinge generator loss + ``feature_matching`` × feature matching + ``moment_matching`` × layer-moment
+        matching (:meth:`moment_loss`, when the weight is not 0); returns ``(total, feature matching)``.
 
         ``f_real``: the critic features of the real showers, when already computed (else one more
         critic pass over them, without gradients).
         """
+        return self._generator_loss(batch, fake, cond, f_real)[:2]
+
+    def _generator_loss(self, batch: Batch, fake: tuple[torch.Tensor, ...], cond: torch.Tensor,
+                        f_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`generator_loss` and the layer-moment term (None when its weight is 0)."""
+        cfg = self.config
         d_fake, f_fake = self.critic(*fake[:3], cond, batch.shower, *fake[3:])
         if f_real is None:
             with torch.no_grad():
                 _, f_real = self.critic(batch.x, batch.layer, batch.mask, cond, batch.shower, self._real(batch))
         fm = (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
-        return -d_fake.mean() + self.config.feature_matching * fm, fm
+        total = -d_fake.mean() + cfg.feature_matching * fm
+        mm = None
+        if cfg.moment_matching > 0:
+            mm = self.moment_loss(batch, fake)
+            total = total + cfg.moment_matching * mm
+        return total, fm, mm
+
+    def layer_moments(self, x: torch.Tensor, layer: torch.Tensor, shower_of: torch.Tensor, b: int,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energy-weighted radial centre and width of every layer of every shower, from packed variant-II points.
+
+        ``r`` is taken as the fraction of its layer's radial extent (what the model generates), the
+        weights are the points' energy shares of their layer (normalised here, so the shares of
+        generated points need not sum to 1): per (shower, layer), centre ``c = Σ w u / Σ w`` and
+        width ``sqrt(Σ w u² / Σ w − c²)``: the EC_r and width_r of the CaloChallenge features, up to
+        the layer's extent. Differentiable in ``x``.
+
+        Shapes:
+            x: ``(P, 3)`` standardised variant-II features; layer, shower_of: ``(P,)``; returns
+            moments ``(B, L, 2)`` (centre, width; 0 for empty layers) and occupied ``(B, L)`` bool.
+        """
+        cfg = self.config
+        n_l = cfg.n_layers
+        u = torch.sigmoid(x[:, 1] * cfg.point_std[1] + cfg.point_mean[1])
+        w = torch.exp((x[:, 2] * cfg.point_std[2] + cfg.point_mean[2]).clamp(-80, 80))
+        g = shower_of * n_l + layer
+        zero = w.new_zeros(b * n_l)
+        sw = zero.index_add(0, g, w)
+        den = sw.clamp_min(torch.finfo(w.dtype).tiny)
+        centre = zero.index_add(0, g, w * u) / den
+        var = zero.index_add(0, g, w * u * u) / den - centre * centre
+        width = torch.sqrt(var.clamp_min(1e-8))
+        occupied = zero.index_add(0, g, torch.ones_like(w)) > 0
+        return torch.stack([centre, width], -1).view(b, n_l, 2), occupied.view(b, n_l)
+
+    def moment_loss(self, batch: Batch, fake: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Layer-moment matching: for every layer, the batch mean and standard deviation (over the showers with
+        points in that layer) of the radial centre and width (:meth:`layer_moments`), generated against real.
+
+        Squared differences, in units of the real batch's spread of each moment over all occupied
+        (shower, layer) pairs, summed over the two moments and both statistics, averaged over the
+        layers occupied in both batches. A distribution-level term (batch statistics, not shower
+        pairs): it gives the generator a direct gradient on the radial profile that the critic
+        learns only slowly. 0 when generated and real batches have the same per-layer moments.
+
+        ``fake``: as :meth:`generator_loss` gets it, with the packed fakes ``(x, layer, shower, idx)``
+        as its fourth entry.
+        """
+        b = batch.mask.shape[0]
+        x, layer, shower_of = fake[3][:3]
+        m_fake, occ_fake = self.layer_moments(x, layer, shower_of, b)
+        real = self._real(batch)
+        with torch.no_grad():
+            if real is None:
+                shower = torch.arange(b, device=batch.mask.device)[:, None].expand_as(batch.mask)[batch.mask]
+                m_real, occ_real = self.layer_moments(batch.x[batch.mask], batch.layer[batch.mask], shower, b)
+            else:
+                m_real, occ_real = self.layer_moments(real[0], real[1], real[2], b)
+        occ = (occ_fake & occ_real).to(x.dtype)[..., None]                    # (B, L, 1)
+        count = occ.sum(0)                                                      # (L, 1)
+        per = count.clamp_min(1)
+
+        def stats(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mean = (m * occ).sum(0) / per
+            return mean, torch.sqrt(((m - mean) ** 2 * occ).sum(0) / per + 1e-8)
+
+        mu_f, sd_f = stats(m_fake)
+        mu_r, sd_r = stats(m_real)
+        all_occ = occ.sum().clamp_min(1)
+        pooled = (m_real * occ).sum((0, 1)) / all_occ
+        scale = ((m_real - pooled) ** 2 * occ).sum((0, 1)) / all_occ + 1e-6     # (2,)
+        per_layer = (((mu_f - mu_r) ** 2 + (sd_f - sd_r) ** 2) / scale).sum(-1)  # (L,)
+        used = (count[:, 0] > 0).to(x.dtype)
+        return (per_layer * used).sum() / used.sum().clamp_min(1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Same as :meth:`loss`."""
@@ -215,11 +295,13 @@ class DeepTree(nn.Module):
         self.critic.requires_grad_(False)
         try:
             with parametrize.cached():
-                lg, fm = self.generator_loss(batch, (*fake, packed), cond, f_real)
+                lg, fm, mm = self._generator_loss(batch, (*fake, packed), cond, f_real)
             backward(lg, "generator")
         finally:
             self.critic.requires_grad_(True)
         out = {"shower": ls, "critic": ld, "generator": lg, "feature_matching": fm}
+        if mm is not None:
+            out["moment_matching"] = mm
         out = {k: v.detach().float() for k, v in out.items()}
         out["loss"] = out["shower"] + out["critic"] + out["generator"]
         return out
