@@ -54,7 +54,7 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     # the published 1e-5 / 3e-5 (those are for millions of steps); the shower model as CaloPointFlow's, with 2
     # updates per (slower) GAN step, the per-layer radial moments matched (moment_matching)
     "deeptree": {"critic_heads": 4, "critic_nodes": [16, 4, 1], "critic_dropout": 0.0, "lr_generator": 1e-4,
-                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 1.0},
+                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 3.0},
 }
 
 #: training options every entry starts from; ``train.KEY=VALUE`` overrides
