@@ -231,6 +231,23 @@ def test_packed_chunked_attention_is_the_padded_attention():
         assert torch.allclose(gg, gw, atol=1e-5), p.shape
 
 
+def test_packed_attention_gives_an_empty_shower_nothing_to_attend_to():
+    """A shower without entries attends to nothing: its attended values are 0 (no value bias), as the padded
+    attention's masked sum gives, whatever the other showers hold."""
+    torch.manual_seed(0)
+    from calopc.models.deeptree.critics import _Attention, chunk_layout
+
+    att = _Attention(16, 4)
+    with torch.no_grad():
+        att.v.bias.fill_(0.7)
+    n = torch.tensor([5, 0, 70])
+    q, kv = torch.randn(3, 16), torch.randn(int(n.sum()), 16)
+    out = att.forward_packed(q, kv, chunk_layout(n, int(n.sum())), 3)
+    h = q + att.o(torch.zeros(3, 16))
+    assert torch.allclose(out[1], h + att.ff(h), atol=1e-6)
+    assert not torch.allclose(out[0], h + att.ff(h), atol=1e-3)
+
+
 def test_packed_attention_folds_a_linear_layer_before_keys_and_values():
     """``forward_packed(..., pre=layer)`` on the layer's input is the attention to the layer's output: values and
     gradients of the entries and of every weight (the folded layer's included)."""

@@ -97,7 +97,8 @@ class _Attention(nn.Module):
         acc = part.new_zeros(b + 1, heads, m, d).index_add(0, owner, part)[:b]
         weight = e.sum(-1)                                                               # (heads · M, K)
         total = weight.new_zeros(heads * m, b + 1).index_add(1, owner, weight)[:, :b]
-        out = acc / total.T.reshape(b, heads, m, 1).clamp_min(torch.finfo(acc.dtype).tiny) + bv.view(heads, 1, d)
+        total = total.T.reshape(b, heads, m, 1)                  # Σ e (v + b_v) = acc + total b_v: 0 for empty showers
+        out = (acc + total * bv.view(heads, 1, d)) / total.clamp_min(torch.finfo(acc.dtype).tiny)
         out = q[None].expand(b, -1, -1) + self.o(out.transpose(1, 2).reshape(b, m, h))
         return out + self.ff(out)
 
