@@ -31,7 +31,8 @@ Entries are named (:data:`ENTRIES`) or given as ``NAME=MODEL[:key=value,...]`` w
 * ``from=NAME``: no training, generate from entry NAME's run directory (placement policies,
   sampler steps of one trained model);
 * ``post_train=distill``: consistency distillation of the run (``--distill-budget`` seconds),
-  generation from the student.
+  generation from the student; ``distill.KEY=VALUE`` sets an option of
+  :class:`~calopc.models.distill.DistillConfig` (e.g. ``distill.moment_matching=0.1``).
 
 ``--snapshots 300,900`` keeps the model of every entry trained in the invocation after 300 and 900 s
 of its training (one run, whose learning-rate schedule spans ``--budget``) and evaluates each as a
@@ -142,6 +143,7 @@ class Entry:
     source: str | None = None          # from=NAME: generate from that entry's run
     post_train: str | None = None
     snapshot: dict | None = None       # a snapshot of the source's run: {"seconds", "step", "elapsed", "path"}
+    distill: dict[str, Any] = field(default_factory=dict)   # distill.KEY: DistillConfig options of post_train=distill
 
     @classmethod
     def parse(cls, spec: str) -> Entry:
@@ -153,10 +155,14 @@ class Entry:
         name, _, rest = spec.partition("=")
         model, _, opts = rest.partition(":")
         sp, cfg, tr, gen = sort_options(spec, opts, special=("from", "post_train"))
+        dist = {k[8:]: cfg.pop(k) for k in list(cfg) if k.startswith("distill.")}
+        if dist and sp.get("post_train") != "distill":
+            msg = f"--entries {spec!r}: distill.KEY options need post_train=distill"
+            raise ValueError(msg)
         if sp.get("post_train", "distill") != "distill":
             msg = f"--entries {spec!r}: post_train must be distill, got {sp['post_train']!r}"
             raise ValueError(msg)
-        return cls(name, model.strip().lower(), spec, cfg, tr, gen, sp.get("from"), sp.get("post_train"))
+        return cls(name, model.strip().lower(), spec, cfg, tr, gen, sp.get("from"), sp.get("post_train"), distill=dist)
 
 
 # --------------------------------------------------------------------------------------------- provenance
@@ -314,6 +320,14 @@ def snapshot_entries(entry: Entry, result: dict) -> list[Entry]:
             for snap in result.get("snapshots") or []]
 
 
+def teacher_run(src: dict) -> Path:
+    """The training run of finished entry ``src`` (for a distilled entry: its teacher, not the student that
+    generated), so that ``from=NAME,post_train=distill`` distils NAME's teacher again."""
+    if src.get("train_run_dir"):
+        return Path(src["train_run_dir"])
+    return Path(src["run_dir"]).parent / "run" if src.get("distill") else Path(src["run_dir"])
+
+
 def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], done: dict[str, dict]) -> dict:
     """Train (unless ``from=``), optionally distil, generate and evaluate one entry."""
     import torch
@@ -349,6 +363,9 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
                        final_loss=src.get("final_loss"), distill=src.get("distill"))
             res["train_budget_s"], res["train_steps"] = src.get("train_budget_s"), src.get("train_steps")
             res["loss_curve"] = src.get("loss_curve")
+            if entry.post_train == "distill" and src.get("distill"):   # distil the source's teacher again
+                run = teacher_run(src)
+                res.update(budget_s=src.get("train_budget_s"), steps=src.get("train_steps"), distill=None)
             if entry.snapshot is not None:     # one snapshot of the source's training run
                 snap = entry.snapshot
                 run = Path(snap["path"])
@@ -378,10 +395,11 @@ def run_entry(entry: Entry, args: argparse.Namespace, data: tuple[Path, Path], d
 
             out = work / "run_cm"
             dcfg = DistillConfig(steps=10**9, time_limit=args.distill_budget, clock=args.clock, lr=args.distill_lr,
-                                 points_per_shower=256, device=args.device, seed=args.seed, progress=False)
+                                 points_per_shower=256, device=args.device, seed=args.seed, progress=False,
+                                 **entry.distill)
             d = distill(run, out, data=train_pq, config=dcfg, overwrite=True)
             res["distill"] = {"budget_s": args.distill_budget, "steps": d["steps"], "seconds": d["seconds"],
-                              "final_loss": d["final_loss"], "lr": args.distill_lr}
+                              "final_loss": d["final_loss"], "lr": args.distill_lr, **entry.distill}
             res["budget_s"] = (res["budget_s"] or 0) + args.distill_budget
             res["steps"] = f"{res['train_steps']}+{d['steps']}"
             print(f"[{entry.name}] distilled: {d['steps']} steps in {d['seconds']:.0f} s", flush=True)

@@ -64,3 +64,18 @@ def test_snapshot_times_are_checked():
     for bad in ("", "300,x", "0", "-5,10"):
         with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
             fidelity._seconds_list(bad)
+
+
+def test_distill_options_of_an_entry():
+    """``distill.KEY=VALUE`` goes to the distillation (not the model config), needs ``post_train=distill``; a
+    ``from=`` entry distils its source's teacher, not the student that generated it."""
+    e = fidelity.Entry.parse("cc-mm=caloclouds:from=caloclouds-free-cm,post_train=distill,distill.moment_matching=0.1")
+    assert (e.source, e.post_train, e.distill, e.config) == ("caloclouds-free-cm", "distill",
+                                                             {"moment_matching": 0.1}, {})
+    assert fidelity.Entry.parse("caloclouds-free-cm").distill == {}
+    with pytest.raises(ValueError, match="distill.KEY options need post_train=distill"):
+        fidelity.Entry.parse("x=caloclouds:distill.moment_matching=1")
+    student = {"run_dir": "w/cc/run_cm", "train_run_dir": "w/cc/run", "distill": {"steps": 5}}
+    assert fidelity.teacher_run(student) == Path("w/cc/run")
+    assert fidelity.teacher_run({"run_dir": "w/cc/run_cm", "distill": {"steps": 5}}) == Path("w/cc/run")
+    assert fidelity.teacher_run({"run_dir": "w/cc/run"}) == Path("w/cc/run")

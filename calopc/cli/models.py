@@ -315,6 +315,8 @@ _DISTILL_FLAGS = {  # flag -> (DistillConfig field, type, help)
     "--max-showers": ("max_showers", int, "use only the first N training showers"),
     "--points-per-shower": ("points_per_shower", int, "random points per shower in the loss (0: all; default: the "
                             "teacher's points_per_shower_loss)"),
+    "--moment-matching": ("moment_matching", float, "weight of the layer-moment term: the student's one-step showers' "
+                          "per-layer radial centre and width against the batch's (0: off)"),
 }
 
 

@@ -250,12 +250,7 @@ class CaloClouds(nn.Module):
     def flatten(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """The real points of a padded batch: ``(x (P, F), shower_of (P,), layer (P,))`` (the collate's
         packed layout when the batch has it: no boolean indexing, no host sync on CUDA)."""
-        if batch.points is not None and batch.point_shower is not None and batch.point_layer is not None:
-            return batch.points, batch.point_shower, batch.point_layer
-        mask = batch.mask
-        b, n = mask.shape
-        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
-        return batch.x[mask], shower_of, batch.layer[mask]
+        return batch.flat()
 
     @staticmethod
     def subsample(shower_of: Tensor, n_showers: int, k: int) -> Tensor:

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from ..geometry import Geometry
 from ..sparse.functional import segment_max
 from .cells import DEFAULT_OVERSAMPLE, GeneratedShowers, cell_tables, locate
-from .data import Batch
+from .data import Batch, pack
 from .preprocess import Preprocessor
 from .shower import ShowerModel, ShowerModelConfig, _as_tensor, _prep_call, torch_preprocessor
 
@@ -478,8 +478,7 @@ class DeepSetsEncoder(nn.Module):
         """``packed``: the real points ``(P, F)`` and their shower ``(P,)`` (then ``x`` is not read; no host sync)."""
         b = mask.shape[0]
         if packed is None:
-            idx = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]  # (P,) shower of each real point
-            pts = x[mask]
+            idx, pts = pack(mask, x)                  # only the real points and their shower
         else:
             pts, idx = packed
         h = self.phi(torch.cat([pts, context[idx]], dim=-1))                        # only real points, no padding
@@ -628,9 +627,7 @@ class CaloPointFlow(nn.Module):
         """The points of a padded batch where ``mask`` is set, flat: the number of showers, and each point's
         shower, layer and features. Shapes: mask, layer ``(B, N)``; x ``(B, N, F)``; returns ``B``, ``(P,)`` twice
         and ``(P, F)``."""
-        b, n_max = mask.shape
-        shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n_max)[mask]
-        return b, shower_of, layer[mask], x[mask]
+        return (mask.shape[0], *pack(mask, layer, x))
 
     @staticmethod
     def _thin(mask: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -695,7 +692,7 @@ class CaloPointFlow(nn.Module):
         b = n.shape[0]
         n_max = int(n.max()) if n.numel() else 0
         mask = torch.arange(n_max, device=n.device)[None, :] < n[:, None]
-        shower_of = torch.arange(b, device=n.device)[:, None].expand(b, n_max)[mask]
+        (shower_of,) = pack(mask)
         lay = layer[mask] if layer is not None else torch.zeros_like(shower_of)
         x = torch.zeros(b, n_max, self.flow_features, device=cond.device, dtype=cond.dtype)
         x[mask] = self.sample_points(cond, shower, shower_of, lay)

@@ -26,7 +26,7 @@ size ("sortish" windows), so padded shapes repeat.
 from __future__ import annotations
 
 __all__ = ["Batch", "DeviceCollate", "ShowerCollate", "ShowerDataset", "StreamingShowerDataset", "iterate_batches",
-           "open_dataset", "validate_showers"]
+           "open_dataset", "pack", "validate_showers"]
 
 import os
 from collections.abc import Iterator, Sequence
@@ -68,6 +68,14 @@ class Batch:
     point_shower: torch.Tensor | None = None
     point_layer: torch.Tensor | None = None
 
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The real points, flat: ``(x (P, F), shower (P,), layer (P,))``, from the packed layout when the batch
+        has it (no boolean indexing, no host read on CUDA), else from the padded one (:func:`pack`)."""
+        if self.points is not None and self.point_shower is not None and self.point_layer is not None:
+            return self.points, self.point_shower, self.point_layer
+        shower_of, x, layer = pack(self.mask, self.x, self.layer)
+        return x, shower_of, layer
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True)
                        for t in (self.x, self.mask, self.shower, self.cond, self.n, self.layer, self.points,
@@ -75,6 +83,18 @@ class Batch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+def pack(mask: torch.Tensor, *padded: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The entries of padded per-point tensors where ``mask`` is set, flat, after the shower of each entry:
+    ``(shower (P,), *(t[mask] for t in padded))``, in row-major order (shower by shower).
+
+    Shapes:
+        mask: ``(B, N)`` bool; each of ``padded``: ``(B, N, ...)``; returns ``(P,)`` int64, then ``(P, ...)``.
+    """
+    b, n = mask.shape
+    shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
+    return (shower_of, *(t[mask] for t in padded))
 
 
 class ShowerDataset(torch.utils.data.Dataset):

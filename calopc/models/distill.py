@@ -10,7 +10,11 @@ point straight to the end of the teacher's probability-flow ODE:
   ``N = 18`` point Karras grid, noises the training points to ``σ_n``, lets the teacher take
   one Heun step to ``σ_{n+1}`` and pulls the student's output at ``σ_n`` towards the target
   network's output at ``σ_{n+1}`` (L2);
-* the target network follows the student as an EMA with ``μ = 0.95``.
+* the target network follows the student as an EMA with ``μ = 0.95``;
+* with ``moment_matching > 0`` the student also samples the batch's points in one step from
+  pure noise (the same showers, layers and point counts) and the loss adds that weight times the
+  layer-moment matching term (:func:`calopc.models.moments.moment_loss`): per layer, the batch
+  mean and spread of the energy-weighted radial centre and width, generated against real.
 
 Only the point model is trained; the shower model is the teacher's. The run directory is
 written to a temporary directory next to ``RUN_CM`` and renamed when complete; it holds the
@@ -56,6 +60,7 @@ class DistillConfig:
     max_showers: int | None = None    # use only the first N training showers
     points_per_shower: int | None = None  # random points per shower in the loss (0: all; None: the teacher's
                                           # points_per_shower_loss)
+    moment_matching: float = 0.0      # weight of the layer-moment term on the student's one-step showers (0: off)
     seed: int = 0
     device: str = "auto"              # auto, cpu, cuda
     log_every: int = 10               # steps between stats.jsonl records
@@ -75,6 +80,9 @@ class DistillConfig:
             raise ValueError(msg)
         if self.clock not in ("wall", "process"):
             msg = f"distill clock must be wall or process, got {self.clock!r}"
+            raise ValueError(msg)
+        if not self.moment_matching >= 0:
+            msg = f"distill moment_matching must be >= 0, got {self.moment_matching}"
             raise ValueError(msg)
         if self.time_limit is not None and self.time_limit <= 0:
             msg = f"distill time_limit must be > 0 seconds, got {self.time_limit}"
@@ -145,6 +153,7 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     from .caloclouds import CaloClouds
     from .data import DeviceCollate, ShowerDataset, StreamingShowerDataset, iterate_batches, open_dataset
     from .diffusion import consistency_loss, karras_sigmas
+    from .moments import layer_moments, moment_loss, radial_share
     from .utils import resolve_device, seed_everything
 
     cfg = config or DistillConfig()
@@ -188,6 +197,10 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
 
     if cfg.points_per_shower is None:   # the teacher's loss thinning (recorded resolved in the options)
         cfg = replace(cfg, points_per_shower=teacher.config.points_per_shower_loss)
+    if cfg.moment_matching and prep.dequantisation != "uniform":
+        msg = (f"{run}: distill moment_matching reads radii through the logit of the uniform dequantisation; "
+               f"the teacher's preprocessing uses dequantisation={prep.dequantisation!r}")
+        raise ValueError(msg)
     student = CaloClouds(replace(teacher.config, consistency=True, steps=1)).to(device)
     student.load_state_dict(teacher.state_dict())
     for p in student.shower.parameters():
@@ -205,6 +218,15 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     stepper = _Stepper({"student": opt}, TrainConfig(grad_clip=cfg.grad_clip), device, 1)
     target_params = list(target.parameters())
     student_params = list(student.parameters())
+    # the columns of the radius and the log energy share among the diffused features (α may be left out)
+    r_col, e_col = student.point_dims.index(1), student.point_dims.index(2)
+    p_mean, p_std = [float(v) for v in prep.point_mean[1:3]], [float(v) for v in prep.point_std[1:3]]
+    n_layers = student.config.n_layers
+
+    def moments(y: Any, so: Any, lay: Any, b: int) -> Any:
+        u, w = radial_share(y[:, r_col], y[:, e_col], p_mean, p_std)
+        return layer_moments(u, w, lay, so, b, n_layers)
+
     sigmas = karras_sigmas(cfg.n_sigmas, student.config.sigma_min, student.config.sigma_max, student.config.rho,
                            device=device)
 
@@ -265,6 +287,14 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                 n = torch.zeros(b, dtype=loss.dtype, device=device).index_add_(0, shower_of, torch.ones_like(per_point))
                 has = (n > 0).to(loss.dtype)           # mean over the showers with points, no boolean indexing
                 loss = (loss / n.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+                mm = None
+                if cfg.moment_matching:   # one-step showers from pure noise against the batch, layer by layer
+                    s_max = x.new_full((x.shape[0],), student.config.sigma_max)
+                    fake = bind(student)(torch.randn_like(x) * s_max[:, None], s_max)
+                    with torch.no_grad():
+                        real = moments(x, shower_of, layer, b)
+                    mm = moment_loss(moments(fake, shower_of, layer, b), real)
+                    loss = loss + cfg.moment_matching * mm
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 stepper.update("student")
@@ -278,8 +308,11 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                     last = float(loss.detach())
                     if bar is not None:
                         bar.set_postfix(loss=last)
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": last, "grad_norm": float(gn),
-                                          "seconds": round(time.perf_counter() - wall0, 3)}) + "\n")
+                    rec = {"step": step, "epoch": epoch, "loss": last, "grad_norm": float(gn),
+                           "seconds": round(time.perf_counter() - wall0, 3)}
+                    if mm is not None:
+                        rec["moment_matching"] = float(mm.detach())
+                    log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if step >= cfg.steps or (cfg.time_limit is not None and clock() - t0 > cfg.time_limit):
                     break

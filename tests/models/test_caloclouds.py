@@ -420,3 +420,57 @@ def test_distillation_thins_the_loss_as_the_teacher_did(toy_parquet, tmp_path, m
                                                points_per_shower=given))
         assert json.loads((out / "distill_options.json").read_text())["distill"]["points_per_shower"] == want
         assert seen == ([2, 2] if want else [])
+
+
+@pytest.mark.parametrize("alpha", ["free", "model"])
+def test_distill_moment_matching_adds_the_layer_moment_term_of_one_step_showers(toy_parquet, tmp_path, monkeypatch,
+                                                                                alpha):
+    """``moment_matching``: the student's one-step showers (same showers, layers and counts, from pure noise)
+    against the batch; the real side reads the radius and energy-share columns whether or not α is diffused,
+    the logged loss grows by exactly weight × the logged term, and the gradient reaches the student."""
+    import calopc.models.moments as moments
+    from calopc.models.train import TrainConfig, train
+
+    run = tmp_path / "teacher"
+    train("caloclouds", toy_parquet, run, model_config={**TINY_CC, "alpha": alpha},
+          config=TrainConfig(steps=2, batch_size=8, warmup=0, device="cpu", progress=False))
+    prep = load(run).preprocessor
+    flat, calls = [], []
+    real_flatten, real_moments = CaloClouds.flatten, moments.layer_moments
+    monkeypatch.setattr(CaloClouds, "flatten", staticmethod(lambda b: flat.append(real_flatten(b)) or flat[-1]))
+    monkeypatch.setattr(moments, "layer_moments", lambda u, w, *a: calls.append((u, w, *a)) or real_moments(u, w, *a))
+    logs = {}
+    for weight in (0.0, 2.0):
+        flat.clear(), calls.clear()
+        out = tmp_path / f"cm{weight}"
+        distill(run, out, config=DistillConfig(steps=1, batch_size=8, device="cpu", progress=False, log_every=1,
+                                               points_per_shower=0, moment_matching=weight))
+        logs[weight] = json.loads((out / "stats.jsonl").read_text().splitlines()[0])
+    assert "moment_matching" not in logs[0.0]
+    assert logs[2.0]["loss"] == pytest.approx(logs[0.0]["loss"] + 2.0 * logs[2.0]["moment_matching"], rel=1e-5)
+    assert logs[2.0]["moment_matching"] > 0
+    assert json.loads((tmp_path / "cm2.0" / "distill_options.json").read_text())["distill"]["moment_matching"] == 2.0
+    # two calls: the real points (no gradient) and the student's (gradient), same layers and showers
+    (u_r, w_r, lay, so, b, n_l), (u_f, w_f, *rest) = calls
+    assert not u_r.requires_grad and u_f.requires_grad and w_f.requires_grad
+    assert all(torch.equal(p, q) for p, q in zip(rest[:2], (lay, so))) and rest[2:] == [b, n_l]
+    x, shower_of, layer = flat[0]
+    assert torch.equal(layer, lay) and torch.equal(shower_of, so)
+    y = x.double() * torch.as_tensor(prep.point_std) + torch.as_tensor(prep.point_mean)
+    assert torch.allclose(u_r.double(), torch.sigmoid(y[:, 1]), atol=1e-6)          # the radius column
+    share = torch.zeros(b * n_l, dtype=torch.float64).index_add_(0, so * n_l + lay, w_r.double())
+    assert torch.allclose(share[share > 0], torch.ones((), dtype=torch.float64), atol=1e-3)   # shares of a layer
+    with pytest.raises(ValueError, match="moment_matching must be >= 0"):
+        DistillConfig(moment_matching=-1.0)
+
+
+def test_distill_moment_matching_needs_the_uniform_dequantisation(toy_parquet, tmp_path):
+    from calopc.models.train import TrainConfig, train
+
+    run = tmp_path / "teacher"
+    train("caloclouds", toy_parquet, run, model_config={**TINY_CC, "dequantisation": "cdf"},
+          config=TrainConfig(steps=1, batch_size=8, warmup=0, device="cpu", progress=False))
+    with pytest.raises(ValueError, match="moment_matching reads radii .* dequantisation='cdf'"):
+        distill(run, tmp_path / "cm", config=DistillConfig(steps=1, batch_size=8, device="cpu", progress=False,
+                                                          moment_matching=1.0))
+    assert not (tmp_path / "cm").exists()

@@ -13,7 +13,8 @@ from torch import nn
 
 from calopc.models import MODELS
 from calopc.models.checkpoint import CheckpointError, load, load_training_state
-from calopc.models.data import DeviceCollate, ShowerCollate, ShowerDataset, StreamingShowerDataset, iterate_batches
+from calopc.models.data import (Batch, DeviceCollate, ShowerCollate, ShowerDataset, StreamingShowerDataset,
+                               iterate_batches, pack)
 from calopc.models.train import TrainConfig, TrainingDiverged, train
 
 CFG = TrainConfig(steps=4, batch_size=8, warmup=1, log_every=1, checkpoint_every=2, device="cpu", progress=False,
@@ -222,6 +223,11 @@ def test_device_batches_equal_the_numpy_collate(toy_parquet, variant):
         # the packed layout is the padded one without the padding
         assert torch.equal(y.points, y.x[y.mask]) and torch.equal(y.point_layer, y.layer[y.mask])
         assert torch.equal(y.point_shower, torch.repeat_interleave(torch.arange(len(y)), y.n))
+        # Batch.flat: the packed layout when given, the same points derived from the padding when not
+        assert all(u is v for u, v in zip(y.flat(), (y.points, y.point_shower, y.point_layer)))
+        bare = Batch(x=y.x, mask=y.mask, shower=y.shower, cond=y.cond, n=y.n, layer=y.layer)
+        assert all(torch.equal(u, v) for u, v in zip(bare.flat(), y.flat()))
+        assert torch.equal(pack(y.mask)[0], y.point_shower)
     # the torch noise: same structure, reproducible with the seed, points stay in their cells
     c1 = list(iterate_batches(ds, DeviceCollate(prep, seed=3, noise="torch"), 8, seed=1))
     c2 = list(iterate_batches(ds, DeviceCollate(prep, seed=3, noise="torch"), 8, seed=1))

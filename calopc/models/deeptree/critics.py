@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import pack
 from .layers import _linear, _mlp
 
 if TYPE_CHECKING:
@@ -184,9 +185,7 @@ class _PointInput(nn.Module):
         b, n = mask.shape
         n_l = self.n_layers
         if packed is None:
-            shower_of = torch.arange(b, device=mask.device)[:, None].expand(b, n)[mask]
-            lay = layer[mask]
-            xm = x[mask]
+            shower_of, lay, xm = pack(mask, layer, x)
             idx = mask.reshape(-1).nonzero().squeeze(1)
         else:
             xm, lay, shower_of, idx = packed

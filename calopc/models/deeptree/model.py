@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from ..data import Batch
 from ..preprocess import Preprocessor
 from ..shower import ShowerModel, ShowerModelConfig
+from ..moments import layer_moments, moment_loss, radial_share
 from .config import ALPHA_MODES, CRITICS, PRESET_SIZES, PRESETS, DeepTreeConfig  # noqa: F401
 from .critics import MeanFieldCritic, PoolCritic
 from .generator import TreeGenerator
@@ -185,18 +186,8 @@ class DeepTree(nn.Module):
             moments ``(B, L, 2)`` (centre, width; 0 for empty layers) and occupied ``(B, L)`` bool.
         """
         cfg = self.config
-        n_l = cfg.n_layers
-        u = torch.sigmoid(x[:, 1] * cfg.point_std[1] + cfg.point_mean[1])
-        w = torch.exp((x[:, 2] * cfg.point_std[2] + cfg.point_mean[2]).clamp(-80, 80))
-        g = shower_of * n_l + layer
-        zero = w.new_zeros(b * n_l)
-        sw = zero.index_add(0, g, w)
-        den = sw.clamp_min(torch.finfo(w.dtype).tiny)
-        centre = zero.index_add(0, g, w * u) / den
-        var = zero.index_add(0, g, w * u * u) / den - centre * centre
-        width = torch.sqrt(var.clamp_min(1e-8))
-        occupied = zero.index_add(0, g, torch.ones_like(w)) > 0
-        return torch.stack([centre, width], -1).view(b, n_l, 2), occupied.view(b, n_l)
+        u, w = radial_share(x[:, 1], x[:, 2], cfg.point_mean[1:], cfg.point_std[1:])
+        return layer_moments(u, w, layer, shower_of, b, cfg.n_layers)
 
     def moment_loss(self, batch: Batch, fake: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Layer-moment matching: for every layer, the batch mean and standard deviation (over the showers with
@@ -204,7 +195,8 @@ class DeepTree(nn.Module):
 
         Squared differences, in units of the real batch's spread of each moment over all occupied
         (shower, layer) pairs, summed over the two moments and both statistics, averaged over the
-        layers occupied in both batches. A distribution-level term (batch statistics, not shower
+        layers occupied in both batches (:func:`calopc.models.moments.moment_loss`, which the
+        distilled CaloClouds student shares). A distribution-level term (batch statistics, not shower
         pairs): it gives the generator a direct gradient on the radial profile that the critic
         learns only slowly. 0 when generated and real batches have the same per-layer moments.
 
@@ -213,30 +205,14 @@ class DeepTree(nn.Module):
         """
         b = batch.mask.shape[0]
         x, layer, shower_of = fake[3][:3]
-        m_fake, occ_fake = self.layer_moments(x, layer, shower_of, b)
         real = self._real(batch)
         with torch.no_grad():
             if real is None:
-                shower = torch.arange(b, device=batch.mask.device)[:, None].expand_as(batch.mask)[batch.mask]
-                m_real, occ_real = self.layer_moments(batch.x[batch.mask], batch.layer[batch.mask], shower, b)
+                xr, shower, lay = batch.flat()
+                m_real = self.layer_moments(xr, lay, shower, b)
             else:
-                m_real, occ_real = self.layer_moments(real[0], real[1], real[2], b)
-        occ = (occ_fake & occ_real).to(x.dtype)[..., None]                    # (B, L, 1)
-        count = occ.sum(0)                                                      # (L, 1)
-        per = count.clamp_min(1)
-
-        def stats(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mean = (m * occ).sum(0) / per
-            return mean, torch.sqrt(((m - mean) ** 2 * occ).sum(0) / per + 1e-8)
-
-        mu_f, sd_f = stats(m_fake)
-        mu_r, sd_r = stats(m_real)
-        all_occ = occ.sum().clamp_min(1)
-        pooled = (m_real * occ).sum((0, 1)) / all_occ
-        scale = ((m_real - pooled) ** 2 * occ).sum((0, 1)) / all_occ + 1e-6     # (2,)
-        per_layer = (((mu_f - mu_r) ** 2 + (sd_f - sd_r) ** 2) / scale).sum(-1)  # (L,)
-        used = (count[:, 0] > 0).to(x.dtype)
-        return (per_layer * used).sum() / used.sum().clamp_min(1)
+                m_real = self.layer_moments(real[0], real[1], real[2], b)
+        return moment_loss(self.layer_moments(x, layer, shower_of, b), m_real)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Same as :meth:`loss`."""
