@@ -59,7 +59,7 @@ def layer_moments(u: Tensor, w: Tensor, layer: Tensor, shower_of: Tensor, n_show
     return torch.stack([centre, width], -1).view(n_showers, n_layers, 2), occupied.view(n_showers, n_layers)
 
 
-def moment_loss(fake: tuple[Tensor, Tensor], real: tuple[Tensor, Tensor]) -> Tensor:
+def moment_loss(fake: tuple[Tensor, Tensor], real: tuple[Tensor, Tensor], cond: Tensor | None = None) -> Tensor:
     """Layer-moment matching loss of generated against real :func:`layer_moments` of the same showers.
 
     For every layer, the batch mean and standard deviation (over the showers with points in that
@@ -68,8 +68,15 @@ def moment_loss(fake: tuple[Tensor, Tensor], real: tuple[Tensor, Tensor]) -> Ten
     moments and both statistics, averaged over the layers occupied in both batches. 0 when both
     batches have the same per-layer moments. Gradients flow into ``fake`` only.
 
+    With ``cond`` (one condition per shower, e.g. the standardised ``log E_inc``; the generated
+    shower ``b`` must have the real shower ``b``'s condition) it also compares, per layer, each
+    moment's covariance with the condition (how the moment moves with the condition: a generator
+    can match the pooled mean and spread of a layer's radial centre with its energy dependence
+    reversed), in units of the moment's pooled spread times the condition's.
+
     Args:
         fake, real: ``(moments (B, L, 2), occupied (B, L))``.
+        cond: ``(B,)``, or None for the pooled statistics only.
     """
     m_fake, occ_fake = fake
     m_real, occ_real = real[0].detach(), real[1]
@@ -87,5 +94,15 @@ def moment_loss(fake: tuple[Tensor, Tensor], real: tuple[Tensor, Tensor]) -> Ten
     pooled = (m_real * occ).sum((0, 1)) / all_occ
     scale = ((m_real - pooled) ** 2 * occ).sum((0, 1)) / all_occ + 1e-6      # (2,)
     per_layer = (((mu_f - mu_r) ** 2 + (sd_f - sd_r) ** 2) / scale).sum(-1)  # (L,)
+    if cond is not None:
+        c = cond.to(m_fake.dtype).reshape(-1, 1, 1)                          # (B, 1, 1)
+        c_mean = (c * occ).sum(0) / per                                      # (L, 1), over each layer's showers
+        dc = (c - c_mean) * occ
+        c_var = (dc**2).sum() / all_occ + 1e-6
+
+        def cov(m: Tensor, mean: Tensor) -> Tensor:
+            return ((m - mean) * dc).sum(0) / per                              # (L, 2)
+
+        per_layer = per_layer + ((cov(m_fake, mu_f) - cov(m_real, mu_r)) ** 2 / (scale * c_var)).sum(-1)
     used = (count[:, 0] > 0).to(m_fake.dtype)
     return (per_layer * used).sum() / used.sum().clamp_min(1)

@@ -543,3 +543,33 @@ def test_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(toy_par
 def test_coupling_shower_model_option(toy):
     _, prep, _ = toy
     assert _model(prep, shower_passes=2).shower_model.flow.transform.transforms[0].passes == 2
+
+
+def test_moment_condition_sees_a_reversed_energy_dependence(toy):
+    """With ``moment_condition`` the term compares each layer moment's covariance with log E_inc: fakes whose
+    radial centres move against the energy, with the pooled mean and spread of the real ones, are seen only then."""
+    from calopc.models.moments import moment_loss
+
+    _, prep, batch = toy
+    m = _model(prep, moment_matching=1.0, moment_condition=True)
+    packed = m._real(batch)
+    b = batch.mask.shape[0]
+    real = m.layer_moments(*packed[:3], b)
+    cond = batch.cond[:, 0]
+    assert m.moment_loss(batch, (None, None, None, packed)).item() == pytest.approx(0.0, abs=1e-5)
+    # showers relabelled in reverse order of their condition: the same set of moments, the trend reversed
+    order = torch.argsort(cond)
+    flip = torch.empty_like(order)
+    flip[order] = order.flip(0)
+    moments, occ = real
+    occ = occ & occ.all(0, keepdim=True)        # the layers every shower reaches: permuting keeps their statistics
+    assert occ.any()
+    real, fake = (moments, occ), (moments[flip], occ)
+    with_cond, without = moment_loss(fake, real, cond).item(), moment_loss(fake, real).item()
+    assert without == pytest.approx(0.0, abs=1e-4) and with_cond > 0.1
+    # the real showers' own moments: 0 with and without the condition; the padded layout agrees
+    assert moment_loss(real, real, cond).item() == pytest.approx(0.0, abs=1e-6)
+    x = packed[0].clone()
+    x[:, 1] += 0.3 * cond[packed[2]]            # radii pushed outwards with the energy: a trend, seen as such
+    shifted = m.moment_loss(batch, (None, None, None, (x, *packed[1:])))
+    assert shifted.item() > _model(prep, moment_matching=1.0).moment_loss(batch, (None, None, None, (x, *packed[1:])))

@@ -54,6 +54,8 @@ class DeepTreeConfig:
     feature_matching: float = 0.1                 # weight of the feature-matching term of the generator loss
     moment_matching: float = 0.0                  # weight of the layer-moment term of the generator loss (0: off;
                                                   # the batch's mean and spread of each layer's radial centre, width)
+    moment_condition: bool = False                # the layer-moment term also matches each moment's covariance with
+                                                  # log E_inc (how the radial profile moves with the energy)
     lr_generator: float = 1e-5                    # Adam learning rate of the generator
     lr_critic: float = 3e-5                       # Adam learning rate of the critic
     lr_shower: float | None = None                # Adam learning rate of the shower model (None: the training lr)

@@ -196,7 +196,8 @@ class DeepTree(nn.Module):
         Squared differences, in units of the real batch's spread of each moment over all occupied
         (shower, layer) pairs, summed over the two moments and both statistics, averaged over the
         layers occupied in both batches (:func:`calopc.models.moments.moment_loss`, which the
-        distilled CaloClouds student shares). A distribution-level term (batch statistics, not shower
+        distilled CaloClouds student shares); with ``moment_condition``, also each moment's covariance
+        with the showers' ``log E_inc``. A distribution-level term (batch statistics, not shower
         pairs): it gives the generator a direct gradient on the radial profile that the critic
         learns only slowly. 0 when generated and real batches have the same per-layer moments.
 
@@ -212,7 +213,8 @@ class DeepTree(nn.Module):
                 m_real = self.layer_moments(xr, lay, shower, b)
             else:
                 m_real = self.layer_moments(real[0], real[1], real[2], b)
-        return moment_loss(self.layer_moments(x, layer, shower_of, b), m_real)
+        cond = batch.cond[:, 0] if self.config.moment_condition else None
+        return moment_loss(self.layer_moments(x, layer, shower_of, b), m_real, cond)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Same as :meth:`loss`."""
