@@ -8,6 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -79,3 +80,35 @@ def test_distill_options_of_an_entry():
     assert fidelity.teacher_run(student) == Path("w/cc/run")
     assert fidelity.teacher_run({"run_dir": "w/cc/run_cm", "distill": {"steps": 5}}) == Path("w/cc/run")
     assert fidelity.teacher_run({"run_dir": "w/cc/run"}) == Path("w/cc/run")
+
+
+def _import_benchmark(name: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_ring_profile_counts_hits_shares_and_energy_order():
+    """benchmarks/ring_profile.py on hand-made dataset-2 showers: a full, ordered innermost ring and one that is
+    neither."""
+    from calopc.geometry import Geometry
+
+    rp = _import_benchmark("ring_profile")
+    g = Geometry.calochallenge("2")
+    lay, rb = np.asarray(g.cell_layer), np.asarray(g.cell_r_bin)
+    ring0, ring1 = np.flatnonzero((lay == 3) & (rb == 0)), np.flatnonzero((lay == 3) & (rb == 1))
+    s = np.zeros((2, g.n_voxels))
+    s[0, ring0] = 10.0                         # shower 0: ring 0 full (16 cells x 10), two ring-1 cells at 5
+    s[0, ring1[:2]] = 5.0
+    s[1, ring0[:4]] = [10.0, 10.0, 1.0, 1.0]   # shower 1: 4 hits, a ring-1 cell above the weakest ring-0 cell
+    s[1, ring1[:1]] = 2.0
+    e = np.array([1e4, 1e5])
+    (row,) = rp.ring_profile(e, s, g, [3], np.array([0.0, 1e6]))[3]
+    assert row["n"] == 2 and row["hits"] == [pytest.approx(10.0), pytest.approx(1.5)]
+    assert row["full0"] == 0.5 and row["order"] == 0.5
+    assert row["share"][0] == pytest.approx((160 / 170 + 22 / 24) / 2)
+    assert row["share"][1] == pytest.approx((10 / 170 + 2 / 24) / 2)
+    with pytest.raises(ValueError, match="layer 45: the geometry"):
+        rp.ring_profile(e, s, g, [45], np.array([0.0, 1e6]))
