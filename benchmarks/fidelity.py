@@ -75,9 +75,9 @@ CPU_CONFIG: dict[str, dict[str, Any]] = {
     # the set summary (DeepSetFlow) needs all points of a shower in the loss (points_per_shower_loss=0)
     "calopointflow": {"point_hidden": [96, 96], "point_transforms": 5, "points_per_shower_loss": 0},
     "caloclouds": {"widths": [32, 64, 128, 64, 32], "points_per_shower_loss": 256},
-    # as benchmarks/models.py: 4 critic heads, 16-4-1 pooling nodes (published 30-6-1: 16 % more CPU per step), no
-    # critic dropout, learning rates 10x the published 1e-5 / 3e-5 (made for millions of GPU steps); the shower model
-    # updated twice per GAN step (4: 10 % more CPU per step); the generator also matches the batch's per-layer
+    # DeepTree (benchmarks/models.py reads this literal too): 4 critic heads, 16-4-1 pooling nodes (published 30-6-1:
+    # 16 % more CPU per step), no critic dropout, learning rates 10x the published 1e-5 / 3e-5 (made for millions of
+    # GPU steps); the shower model updated twice per GAN step (4: 10 % more CPU per step); the generator also matches the batch's per-layer
     # radial moments (30 CPU-minutes, 50-epoch readout: weight 3 AUC 0.974 / 0.961, FPD 753; 1: 0.987 / 0.977, 1,490;
     # without: 0.996 / 0.999, 7,345)
     "deeptree": {"critic_heads": 4, "critic_nodes": [16, 4, 1], "critic_dropout": 0.0, "lr_generator": 1e-4,

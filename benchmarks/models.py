@@ -49,13 +49,23 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     # the CaloClouds3 width of the pointwise net (32-64-128-64-32; CaloClouds II is 128-...-128) so that
     # 25 evaluations of ~1700 points per dataset-2 shower fit a CPU budget; 256 random points per shower in the loss
     "caloclouds": {"widths": [32, 64, 128, 64, 32], "points_per_shower_loss": 256, "dim": 32, "heads": 2, "mlp": 64},
-    # the published ds2 tree; for a budget of minutes (as the fidelity table's CPU_CONFIG): 4 critic heads instead
-    # of 16, 16-4-1 critic pooling nodes instead of 30-6-1, no critic dropout (0.5 published) and learning rates 10x
-    # the published 1e-5 / 3e-5 (those are for millions of steps); the shower model as CaloPointFlow's, with 2
-    # updates per (slower) GAN step, the per-layer radial moments matched (moment_matching)
-    "deeptree": {"critic_heads": 4, "critic_nodes": [16, 4, 1], "critic_dropout": 0.0, "lr_generator": 1e-4,
-                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 3.0},
+    # DeepTree: the fidelity table's CPU recipe (CPU_CONFIG of benchmarks/fidelity.py, read below: one literal)
 }
+
+
+def fidelity_cpu_config() -> dict[str, dict[str, Any]]:
+    """``CPU_CONFIG`` of ``benchmarks/fidelity.py``, read as a literal (that script imports this module)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent / "fidelity.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CPU_CONFIG":
+            return ast.literal_eval(node.value)
+    msg = "benchmarks/fidelity.py: no CPU_CONFIG literal"
+    raise RuntimeError(msg)
+
+
+BASE_CONFIG["deeptree"] = fidelity_cpu_config()["deeptree"]
 
 #: training options every entry starts from; ``train.KEY=VALUE`` overrides
 BASE_TRAIN: dict[str, Any] = {"batch_size": 32, "lr": 1e-3, "steps": 1_000_000, "checkpoint_every": 1_000_000,

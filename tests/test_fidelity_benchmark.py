@@ -112,3 +112,19 @@ def test_ring_profile_counts_hits_shares_and_energy_order():
     assert row["share"][1] == pytest.approx((10 / 170 + 2 / 24) / 2)
     with pytest.raises(ValueError, match="layer 45: the geometry"):
         rp.ring_profile(e, s, g, [45], np.array([0.0, 1e6]))
+
+
+def test_deeptree_cpu_recipe_is_one_literal():
+    """benchmarks/models.py starts DeepTree entries from the fidelity table's CPU_CONFIG (one literal, read)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_models"] = mod           # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules["bench_models"]
+    assert mod.BASE_CONFIG["deeptree"] == fidelity.CPU_CONFIG["deeptree"]
+    assert mod.fidelity_cpu_config() == fidelity.CPU_CONFIG
