@@ -77,11 +77,13 @@ CPU_CONFIG: dict[str, dict[str, Any]] = {
     "caloclouds": {"widths": [32, 64, 128, 64, 32], "points_per_shower_loss": 256},
     # DeepTree (benchmarks/models.py reads this literal too): 4 critic heads, 16-4-1 pooling nodes (published 30-6-1:
     # 16 % more CPU per step), no critic dropout, learning rates 10x the published 1e-5 / 3e-5 (made for millions of
-    # GPU steps); the shower model updated twice per GAN step (4: 10 % more CPU per step); the generator also matches the batch's per-layer
-    # radial moments (30 CPU-minutes, 50-epoch readout: weight 3 AUC 0.974 / 0.961, FPD 753; 1: 0.987 / 0.977, 1,490;
-    # without: 0.996 / 0.999, 7,345)
+    # GPU steps); the shower model updated twice per GAN step (4: 10 % more CPU per step); the generator also matches
+    # the batch's per-layer radial moments and their covariance with log E_inc (30 CPU-minutes, 50-epoch readout:
+    # AUC 0.923 / 0.910, FPD 480; without the covariance 0.974 / 0.961, 753; weight 10: 0.988 / 0.983; no moments:
+    # 0.996 / 0.999, 7,345)
     "deeptree": {"critic_heads": 4, "critic_nodes": [16, 4, 1], "critic_dropout": 0.0, "lr_generator": 1e-4,
-                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 3.0},
+                 "lr_critic": 3e-4, "shower_hidden": [256, 256], "shower_steps": 2, "moment_matching": 3.0,
+                 "moment_condition": True},
 }
 
 #: CaloPointFlow II's CPU recipe: no set summary, so the loss can sample 256 points per shower (a step ~10x cheaper)
