@@ -318,6 +318,10 @@ _DISTILL_FLAGS = {  # flag -> (DistillConfig field, type, help)
     "--moment-matching": ("moment_matching", float, "weight of the layer-moment term: the student's one-step showers' "
                           "per-layer radial centre and width against the batch's (0: off)"),
 }
+_DISTILL_SWITCHES = {  # flag -> (DistillConfig field, help)
+    "--moment-condition": ("moment_condition", "the layer-moment term also matches each moment's covariance with "
+                           "log E_inc"),
+}
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -325,6 +329,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     d: dict[str, Any] = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _DISTILL_FLAGS.items()}
     d = {k: v for k, v in d.items() if v is not None}
+    d.update({name: True for flag, (name, _) in _DISTILL_SWITCHES.items() if getattr(args, flag[2:].replace("-", "_"))})
     d.update(seed=args.seed, device=args.device, progress=not args.no_progress)
     cfg = DistillConfig.from_dict(d)
     if not args.run_dir.is_dir():
@@ -356,6 +361,8 @@ def _register_distill(sub: argparse._SubParsersAction) -> None:
     defaults = {f.name: f.default for f in fields(DistillConfig)}
     for flag, (name, typ, hlp) in _DISTILL_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=f"{hlp} (default: {defaults[name]})")
+    for flag, (_, hlp) in _DISTILL_SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=f"{hlp} (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (default: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: %(default)s)")

@@ -14,7 +14,8 @@ point straight to the end of the teacher's probability-flow ODE:
 * with ``moment_matching > 0`` the student also samples the batch's points in one step from
   pure noise (the same showers, layers and point counts) and the loss adds that weight times the
   layer-moment matching term (:func:`calopc.models.moments.moment_loss`): per layer, the batch
-  mean and spread of the energy-weighted radial centre and width, generated against real.
+  mean and spread of the energy-weighted radial centre and width, generated against real (with
+  ``moment_condition``, also their covariance with ``log E_inc``).
 
 Only the point model is trained; the shower model is the teacher's. The run directory is
 written to a temporary directory next to ``RUN_CM`` and renamed when complete; it holds the
@@ -61,6 +62,7 @@ class DistillConfig:
     points_per_shower: int | None = None  # random points per shower in the loss (0: all; None: the teacher's
                                           # points_per_shower_loss)
     moment_matching: float = 0.0      # weight of the layer-moment term on the student's one-step showers (0: off)
+    moment_condition: bool = False    # the term also matches each moment's covariance with log E_inc
     seed: int = 0
     device: str = "auto"              # auto, cpu, cuda
     log_every: int = 10               # steps between stats.jsonl records
@@ -293,7 +295,8 @@ def _distill(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                     fake = bind(student)(torch.randn_like(x) * s_max[:, None], s_max)
                     with torch.no_grad():
                         real = moments(x, shower_of, layer, b)
-                    mm = moment_loss(moments(fake, shower_of, layer, b), real)
+                    mm = moment_loss(moments(fake, shower_of, layer, b), real,
+                                     batch.cond[:, 0] if cfg.moment_condition else None)
                     loss = loss + cfg.moment_matching * mm
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

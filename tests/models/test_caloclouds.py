@@ -462,6 +462,25 @@ def test_distill_moment_matching_adds_the_layer_moment_term_of_one_step_showers(
     assert torch.allclose(share[share > 0], torch.ones((), dtype=torch.float64), atol=1e-3)   # shares of a layer
     with pytest.raises(ValueError, match="moment_matching must be >= 0"):
         DistillConfig(moment_matching=-1.0)
+    # moment_condition: the same first step plus the moments' covariance with log E_inc (a non-negative part)
+    out = tmp_path / "cm-cond"
+    distill(run, out, config=DistillConfig(steps=1, batch_size=8, device="cpu", progress=False, log_every=1,
+                                           points_per_shower=0, moment_matching=2.0, moment_condition=True))
+    cond_log = json.loads((out / "stats.jsonl").read_text().splitlines()[0])
+    assert cond_log["moment_matching"] > logs[2.0]["moment_matching"]
+    assert cond_log["loss"] == pytest.approx(logs[0.0]["loss"] + 2.0 * cond_log["moment_matching"], rel=1e-5)
+
+
+def test_distill_cli_moment_options(cc_run, capsys):
+    from calopc.cli import main
+
+    args = ["distill", str(cc_run), "-o", "x", "--dry-run"]
+    assert main([*args, "--moment-matching", "0.5", "--moment-condition"]) == 0
+    d = json.loads(capsys.readouterr().out)["distill"]
+    assert (d["moment_matching"], d["moment_condition"]) == (0.5, True)
+    assert main(args) == 0
+    d = json.loads(capsys.readouterr().out)["distill"]
+    assert (d["moment_matching"], d["moment_condition"]) == (0.0, False)
 
 
 def test_distill_moment_matching_needs_the_uniform_dequantisation(toy_parquet, tmp_path):
